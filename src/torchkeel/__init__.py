@@ -1,0 +1,24 @@
+"""torchkeel: a complete, correct and fast PyTorch training loop, from one CPU to many machines."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from torchkeel.accumulate import GradientAccumulator
+from torchkeel.callbacks import Callback, EarlyStopping, LRScheduler, Stateful
+from torchkeel.loop import AdvancedTrainer, History, State
+from torchkeel.resume import EXIT_PREEMPTED, Preempted
+
+__all__ = [
+    "EXIT_PREEMPTED",
+    "AdvancedTrainer",
+    "Callback",
+    "EarlyStopping",
+    "GradientAccumulator",
+    "History",
+    "LRScheduler",
+    "Preempted",
+    "State",
+    "Stateful",
+    "__version__",
+]

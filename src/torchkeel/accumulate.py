@@ -1,0 +1,187 @@
+"""GradientAccumulator: the optimizer step, shared by AdvancedTrainer and hand-written loops.
+
+One optimizer step, in this order (DESIGN.md):
+
+1. each micro-batch: forward and backward under ``no_sync`` except the window's last micro-batch;
+   the loss is weighted by its samples relative to the first micro-batch (``n_i / n_ref``);
+2. at the window's end, one all-reduce agrees on the window's global sample count ``N``, whether
+   any rank saw a non-finite loss, and the caller's flags (stop, save, signal);
+3. gradients are scaled by ``world * n_ref / N`` (skipped when it is 1), so k micro-batches on
+   W ranks equal one batch of the same total size, a short last window included;
+4. ``scaler.unscale_`` -> clip once -> ``scaler.step`` -> ``scaler.update`` -> zero grads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class GradientAccumulator:
+    """Accumulate gradients over micro-batches and step the optimizer once per window.
+
+    Args:
+        model: the model being trained (plain, DataParallel or DistributedDataParallel).
+        optimizer: its optimizer.
+        accumulation_steps: micro-batches per optimizer step (>= 1).
+        max_grad_norm: clip the global gradient norm to this value once per step.
+        gradient_clip_value: clip every gradient element to ``[-value, value]``.
+        scaler: a ``torch.amp.GradScaler`` for float16; ``None`` means no scaling.
+
+    Example:
+        >>> acc = GradientAccumulator(model, optimizer, accumulation_steps=4, max_grad_norm=1.0)
+        >>> for x, y in loader:
+        ...     with acc.no_sync():
+        ...         acc.backward(criterion(model(x), y), num_samples=len(x))
+        ...     if acc.step():
+        ...         scheduler.step()
+        >>> acc.flush()                      # steps a short last window
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        gradient_clip_value: float | None = None,
+    ) -> None:
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
+                or accumulation_steps < 1:
+            raise ValueError(
+                f"GradientAccumulator(accumulation_steps={accumulation_steps!r}): "
+                "accumulation_steps must be an int >= 1."
+            )
+        for name, value in (("max_grad_norm", max_grad_norm), ("gradient_clip_value", gradient_clip_value)):
+            if value is not None and not value > 0:
+                raise ValueError(f"GradientAccumulator({name}={value!r}): must be > 0, or None to disable.")
+        self.model = model
+        self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.gradient_clip_value = gradient_clip_value
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self._world = dist.get_world_size() if self._ddp else 1
+        self._n_ref: int | None = None
+        self._micro = 0            # micro-batches in the current window
+        self._window_n = 0         # local samples in the current window
+        self._window_loss: torch.Tensor | None = None
+        self._unsynced = False     # last backward ran under no_sync
+        self.window_loss: torch.Tensor | None = None   # sum of loss_i * n_i / n_ref, last window
+        self.window_samples = 0    # global samples in the last window
+        self.grad_norm: torch.Tensor | None = None     # before clipping, last step
+        self.nonfinite = False     # the last window had a non-finite loss on some rank
+        self.scaler_skipped = False
+        self.flags: list[float] = []
+
+    @property
+    def pending(self) -> bool:
+        """True when micro-batches have been accumulated since the last step."""
+        return self._micro > 0
+
+    @property
+    def window_full(self) -> bool:
+        """True when the window holds ``accumulation_steps`` micro-batches: ``step()`` will step."""
+        return self._micro >= self.accumulation_steps
+
+    @property
+    def is_last_micro_batch(self) -> bool:
+        """True when the next backward completes the window."""
+        return self._micro + 1 == self.accumulation_steps
+
+    @contextmanager
+    def no_sync(self, last: bool = False) -> Iterator[None]:
+        """Skip DDP's gradient all-reduce unless this micro-batch ends the window (or ``last``)."""
+        if self._ddp and not (last or self.is_last_micro_batch):
+            with self.model.no_sync():  # type: ignore[operator]
+                self._unsynced = True
+                yield
+        else:
+            self._unsynced = False
+            yield
+
+    def backward(self, loss: torch.Tensor, num_samples: int | None = None) -> None:
+        """Backpropagate ``loss`` (the micro-batch mean) weighted by its share of the window."""
+        n = 1 if num_samples is None else int(num_samples)
+        if self._n_ref is None:
+            self._n_ref = n
+        scaled = loss if n == self._n_ref else loss * (n / self._n_ref)
+        self.scaler.scale(scaled).backward()
+        detached = scaled.detach()
+        self._window_loss = detached if self._window_loss is None else self._window_loss + detached
+        self._window_n += n
+        self._micro += 1
+
+    def step(self, flags: Sequence[float] = ()) -> bool:
+        """Step once the window is full; return True when the optimizer stepped."""
+        if self._micro < self.accumulation_steps:
+            return False
+        return self._finish(flags)
+
+    def flush(self, flags: Sequence[float] = ()) -> bool:
+        """Step a short last window, if any; return True when the optimizer stepped."""
+        if self._micro == 0:
+            return False
+        if self._unsynced:
+            self._all_reduce_grads()
+        return self._finish(flags)
+
+    def _agree(self, flags: Sequence[float]) -> tuple[int, bool, list[float]]:
+        assert self._window_loss is not None
+        bad = ~torch.isfinite(self._window_loss)
+        if not self._ddp:
+            return self._window_n, bool(bad), [float(f) for f in flags]
+        t = torch.tensor([self._window_n, 0.0, *flags], dtype=torch.float64, device=bad.device)
+        t[1] = bad
+        dist.all_reduce(t)
+        n, nonfinite, *agreed = t.tolist()
+        return int(n), nonfinite > 0, agreed
+
+    def _finish(self, flags: Sequence[float]) -> bool:
+        n_global, self.nonfinite, self.flags = self._agree(flags)
+        self.window_loss, self.window_samples = self._window_loss, n_global
+        self._micro, self._window_n, self._window_loss = 0, 0, None
+        self.scaler_skipped = False
+        if self.nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        grads = [p.grad for p in self._params if p.grad is not None]
+        self.scaler.unscale_(self.optimizer)
+        assert self._n_ref is not None
+        factor = self._world * self._n_ref / n_global
+        if factor != 1.0:
+            torch._foreach_mul_(grads, factor)
+        if self.max_grad_norm is not None:
+            self.grad_norm = nn.utils.clip_grad_norm_(self._params, self.max_grad_norm, foreach=True)
+        if self.gradient_clip_value is not None:
+            nn.utils.clip_grad_value_(self._params, self.gradient_clip_value, foreach=True)
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scaler_skipped = self.scaler.get_scale() < scale
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return not self.scaler_skipped
+
+    def _all_reduce_grads(self) -> None:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        for g in grads:
+            dist.all_reduce(g)
+        torch._foreach_div_(grads, self._world)
+        self._unsynced = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_ref": self._n_ref}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._n_ref = state_dict["n_ref"]

@@ -1,0 +1,281 @@
+"""Callbacks: observe the loop and decide (stop, save, log). They never reorder its mechanics.
+
+The hook order, once, as a sketch of ``AdvancedTrainer.fit``::
+
+    on_fit_begin(trainer)                      # after resume, before the first batch
+    for epoch in range(state.epoch, epochs):
+        on_epoch_begin(trainer)
+        for batch in train_loader:
+            if trainer._step(batch):           # True once the optimizer stepped
+                on_step_end(trainer)           # once per real optimizer step
+            if state.should_stop: break
+        state.metrics |= validate(val_loader)  # reduced across ranks
+        on_epoch_end(trainer)                  # fresh metrics; EarlyStopping, ModelCheckpoint
+        if state.should_stop: break
+    on_fit_end(trainer)
+    # any exception inside fit: on_exception(trainer, exc), then it propagates
+
+Only hooks a callback overrides are called: ``fit`` builds one list per hook.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from torchkeel.loop import AdvancedTrainer
+
+log = logging.getLogger("torchkeel")
+
+HOOKS = ("on_fit_begin", "on_epoch_begin", "on_step_end", "on_epoch_end", "on_fit_end", "on_exception")
+
+Mode = Literal["min", "max", "auto"]
+_MAX_WORDS = ("acc", "f1", "auc", "precision", "recall", "iou", "dice", "score", "map", "r2", "bleu")
+_MIN_WORDS = ("loss", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl")
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything whose training-time state round-trips through a plain dict."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class Callback:
+    """Base class: override only the hooks you need; each receives the trainer.
+
+    Example:
+        >>> class PrintLR(Callback):
+        ...     def on_epoch_end(self, trainer):
+        ...         print(trainer.optimizer.param_groups[0]["lr"])
+    """
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in a checkpoint; tells two instances apart."""
+        return type(self).__name__
+
+    def on_fit_begin(self, trainer: AdvancedTrainer) -> None: ...
+    def on_epoch_begin(self, trainer: AdvancedTrainer) -> None: ...
+    def on_step_end(self, trainer: AdvancedTrainer) -> None: ...
+    def on_epoch_end(self, trainer: AdvancedTrainer) -> None: ...
+    def on_fit_end(self, trainer: AdvancedTrainer) -> None: ...
+    def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None
+
+
+def overrides(cb: Callback, hook: str) -> bool:
+    """True when ``cb`` defines ``hook`` itself rather than inheriting the no-op."""
+    return getattr(type(cb), hook) is not getattr(Callback, hook)
+
+
+def infer_mode(monitor: str, mode: Mode, owner: str) -> Literal["min", "max"]:
+    """Resolve ``mode='auto'`` from the metric name; validate the others."""
+    if mode in ("min", "max"):
+        return mode
+    if mode != "auto":
+        raise ValueError(f"{owner}: mode={mode!r} is not one of 'min', 'max', 'auto'.")
+    name = monitor.lower()
+    if any(w in name for w in _MIN_WORDS):
+        chosen: Literal["min", "max"] = "min"
+    elif any(w in name for w in _MAX_WORDS):
+        chosen = "max"
+    else:
+        raise ValueError(
+            f"{owner}: mode='auto' cannot tell from monitor={monitor!r} whether higher is better. "
+            "Pass mode='min' or mode='max'."
+        )
+    log.info("%s: mode='auto' chose mode=%r for monitor=%r.", owner, chosen, monitor)
+    return chosen
+
+
+def is_improvement(value: float, best: float, mode: str, min_delta: float) -> bool:
+    """Strictly better than ``best`` by more than ``min_delta``; NaN never improves."""
+    if math.isnan(value):
+        return False
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class EarlyStopping(Callback):
+    """Stop training when a monitored metric stops improving.
+
+    Args:
+        monitor: metric name in ``trainer.state.metrics`` (default ``'val_loss'``).
+        mode: ``'min'``, ``'max'`` or ``'auto'`` (inferred from the name: loss -> min, acc -> max).
+        patience: epochs without improvement before stopping.
+        min_delta: smallest change that counts as an improvement.
+        baseline: stop if the metric has not beaten this after ``patience`` epochs.
+        check_finite: stop at once when the metric is NaN or infinite.
+        stopping_threshold: stop as soon as the metric reaches this value.
+        divergence_threshold: stop as soon as the metric is worse than this value.
+        restore_best_weights: load the best epoch's weights into the model when stopping.
+        start_from_epoch: epochs to wait before monitoring starts.
+        verbose: log each decision.
+
+    Example:
+        >>> early = EarlyStopping(patience=5, mode="min")       # monitors val_loss
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        mode: Mode = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        baseline: float | None = None,
+        check_finite: bool = True,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        restore_best_weights: bool = False,
+        start_from_epoch: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(f"EarlyStopping: monitor={monitor!r} must be a metric name such as 'val_loss'.")
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"EarlyStopping(patience={patience!r}): patience must be an int >= 0.")
+        if min_delta < 0:
+            raise ValueError(f"EarlyStopping(min_delta={min_delta!r}): min_delta must be >= 0.")
+        if start_from_epoch < 0:
+            raise ValueError(f"EarlyStopping(start_from_epoch={start_from_epoch!r}): must be >= 0.")
+        self.monitor = monitor
+        self.mode = infer_mode(monitor, mode, "EarlyStopping")
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.baseline = baseline
+        self.check_finite = check_finite
+        self.stopping_threshold = stopping_threshold
+        self.divergence_threshold = divergence_threshold
+        self.restore_best_weights = restore_best_weights
+        self.start_from_epoch = start_from_epoch
+        self.verbose = verbose
+        self.wait = 0
+        self.best = math.inf if self.mode == "min" else -math.inf
+        if baseline is not None:
+            self.best = float(baseline)
+        self.best_epoch = -1
+        self.stopped_epoch = -1
+        self.stopping_reason: str | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"EarlyStopping[{self.monitor},{self.mode}]"
+
+    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+        state = trainer.state
+        if state.epoch < self.start_from_epoch:
+            return
+        if self.monitor not in state.metrics:
+            raise ValueError(
+                f"EarlyStopping: monitor={self.monitor!r} is not in this epoch's metrics "
+                f"({', '.join(map(repr, sorted(state.metrics)))}). Pass one of those."
+            )
+        value = float(state.metrics[self.monitor])
+        reason = self._decide(value, state.epoch, trainer)
+        if reason is not None:
+            self.stopping_reason = reason
+            self.stopped_epoch = state.epoch
+            state.should_stop = True
+            if self.restore_best_weights and self.best_weights is not None:
+                trainer.unwrapped_model.load_state_dict(self.best_weights)
+                reason += f" Restored the weights of epoch {self.best_epoch}."
+                self.stopping_reason = reason
+            log.info("EarlyStopping: %s", reason)
+
+    def _decide(self, value: float, epoch: int, trainer: AdvancedTrainer) -> str | None:
+        better = "<" if self.mode == "min" else ">"
+        if self.check_finite and not math.isfinite(value):
+            return f"{self.monitor}={value} is not finite at epoch {epoch}."
+        if self.stopping_threshold is not None and not math.isnan(value):
+            reached = value <= self.stopping_threshold if self.mode == "min" else value >= self.stopping_threshold
+            if reached:
+                return f"{self.monitor}={value:.6g} reached stopping_threshold={self.stopping_threshold}."
+        if self.divergence_threshold is not None and not math.isnan(value):
+            diverged = value > self.divergence_threshold if self.mode == "min" else value < self.divergence_threshold
+            if diverged:
+                return f"{self.monitor}={value:.6g} diverged past divergence_threshold={self.divergence_threshold}."
+        if is_improvement(value, self.best, self.mode, self.min_delta):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                model_state = trainer.unwrapped_model.state_dict()
+                self.best_weights = {k: v.detach().clone() for k, v in model_state.items()}
+            if self.verbose:
+                log.info("EarlyStopping: %s improved to %.6g at epoch %d.", self.monitor, value, epoch)
+            return None
+        self.wait += 1
+        if self.verbose:
+            log.info("EarlyStopping: %s=%.6g, no improvement for %d/%d epochs.",
+                     self.monitor, value, self.wait, self.patience)
+        if self.wait >= self.patience:
+            return (f"{self.monitor} did not improve ({better} {self.best:.6g} by more than "
+                    f"min_delta={self.min_delta}) for {self.wait} epochs (patience={self.patience}).")
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"wait": self.wait, "best": self.best, "best_epoch": self.best_epoch,
+                               "stopped_epoch": self.stopped_epoch, "stopping_reason": self.stopping_reason}
+        if self.best_weights is not None:
+            out["best_weights"] = self.best_weights
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.wait = int(state_dict["wait"])
+        self.best = float(state_dict["best"])
+        self.best_epoch = int(state_dict["best_epoch"])
+        self.stopped_epoch = int(state_dict["stopped_epoch"])
+        self.stopping_reason = state_dict["stopping_reason"]
+        weights = state_dict.get("best_weights")
+        self.best_weights = copy.copy(weights) if weights is not None else None
+
+
+class LRScheduler(Callback):
+    """Step an LR scheduler once per optimizer step (``'step'``) or per epoch (``'epoch'``).
+
+    ``ReduceLROnPlateau`` is stepped with ``trainer.state.metrics[monitor]`` at each epoch's end.
+    The scheduler's own state is saved by the trainer under ``"scheduler"``.
+
+    Args:
+        scheduler: a ``torch.optim.lr_scheduler`` instance.
+        interval: ``'epoch'`` or ``'step'``.
+        monitor: the metric a ``ReduceLROnPlateau`` watches.
+
+    Example:
+        >>> AdvancedTrainer(..., scheduler=OneCycleLR(opt, 0.1, total_steps=1000), scheduler_interval="step")
+    """
+
+    def __init__(self, scheduler: Any, interval: Literal["epoch", "step"] = "epoch",
+                 monitor: str = "val_loss") -> None:
+        if not hasattr(scheduler, "step") or not hasattr(scheduler, "state_dict"):
+            raise TypeError(f"AdvancedTrainer(scheduler=...): {type(scheduler).__name__} has no step()/state_dict(); "
+                            "pass a torch.optim.lr_scheduler instance.")
+        self.scheduler = scheduler
+        self.interval = interval
+        self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if self.plateau and interval != "epoch":
+            raise ValueError("AdvancedTrainer(scheduler_interval='step'): ReduceLROnPlateau needs a metric, "
+                             "so it steps per epoch. Use scheduler_interval='epoch'.")
+        self.monitor: str | None = monitor if self.plateau else None
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        if self.interval == "step":
+            self.scheduler.step()
+
+    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+        if self.interval != "epoch":
+            return
+        if self.monitor is not None:
+            self.scheduler.step(trainer.state.metrics[self.monitor])
+        else:
+            self.scheduler.step()

@@ -1,0 +1,553 @@
+"""AdvancedTrainer: epochs -> batches -> one optimizer step; State; History."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchkeel import resume
+from torchkeel.accumulate import GradientAccumulator
+from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
+
+log = logging.getLogger("torchkeel")
+
+NanPolicy = Literal["raise", "skip", "stop"]
+Metric = Callable[[torch.Tensor, torch.Tensor], Any]
+_TARGET_KEYS = ("target", "targets", "label", "labels", "y")
+
+
+@dataclass
+class State:
+    """What the loop has done so far; saved in every checkpoint."""
+
+    epoch: int = 0                 # current epoch, 0-based
+    step: int = 0                  # optimizer steps, not batches
+    batch: int = 0                 # batches consumed in the current epoch
+    epoch_finished: bool = False   # validation of ``epoch`` done, on_epoch_end running or ran
+    skipped_steps: int = 0         # steps skipped: non-finite loss or GradScaler overflow
+    metrics: dict[str, float] = field(default_factory=dict)
+    should_stop: bool = False
+    stop_reason: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        for key, value in state_dict.items():
+            setattr(self, key, dict(value) if key == "metrics" else value)
+
+
+class History(dict[str, list[Any]]):
+    """Per-epoch records, indexable like a dict of lists: ``history['val_loss'][-1]``."""
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        n = len(self.get("epoch", []))
+        for key, value in record.items():
+            self.setdefault(key, [None] * n).append(value)
+        for column in self.values():
+            if len(column) == n:
+                column.append(None)
+
+    def to_json(self) -> str:
+        return json.dumps(self, allow_nan=True)
+
+
+class AdvancedTrainer:
+    """A complete training loop: AMP, accumulation, clipping, schedules, callbacks, checkpoints.
+
+    Args:
+        model: an ``nn.Module``, a DDP/DataParallel model, or a ``DistributedTrainer``.
+        optimizer: the optimizer over the model's parameters.
+        criterion: ``loss = criterion(outputs, targets)``; ``None`` when the model returns its loss.
+        scheduler: an LR scheduler, stepped per ``scheduler_interval``.
+        use_amp: autocast (bfloat16 on CPU, float16 + ``GradScaler`` on CUDA unless ``amp_dtype``).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        early_stopping: an ``EarlyStopping`` callback.
+        checkpoint: a ``ModelCheckpoint`` callback.
+        callbacks: more callbacks, called in order after the scheduler and before the above.
+        max_grad_norm: clip the gradient norm once per optimizer step.
+        gradient_clip_value: clip gradient values once per optimizer step.
+        device: where to train; default CUDA when available, else CPU.
+        amp_dtype: ``torch.bfloat16`` or ``torch.float16``.
+        scheduler_interval: ``'epoch'`` or ``'step'`` (once per optimizer step).
+        scheduler_monitor: metric for ``ReduceLROnPlateau``.
+        metrics: validation metrics, ``{'acc': fn(outputs, targets)}`` or torchmetrics-style objects.
+        nan_policy: on a non-finite loss, ``'raise'``, ``'skip'`` the step, or ``'stop'`` training.
+        progress: show a progress bar (rank 0, terminal) or one line per epoch (otherwise).
+        log_every_n_steps: how often callbacks that log read the loss to the host.
+
+    Example:
+        >>> trainer = AdvancedTrainer(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss())
+        >>> history = trainer.fit(train_loader=train, val_loader=val, epochs=10)
+        >>> history["val_loss"][-1]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Any,
+        optimizer: torch.optim.Optimizer,
+        criterion: Callable[..., torch.Tensor] | None = None,
+        scheduler: Any | None = None,
+        use_amp: bool = False,
+        gradient_accumulation_steps: int = 1,
+        early_stopping: EarlyStopping | None = None,
+        checkpoint: Callback | None = None,
+        callbacks: Sequence[Callback] = (),
+        max_grad_norm: float | None = None,
+        gradient_clip_value: float | None = None,
+        device: str | torch.device | None = None,
+        amp_dtype: torch.dtype | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_monitor: str = "val_loss",
+        metrics: Mapping[str, Any] | None = None,
+        nan_policy: NanPolicy = "raise",
+        progress: bool = True,
+        log_every_n_steps: int = 50,
+    ) -> None:
+        model, device = _resolve_model(model, device)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"AdvancedTrainer(model=...): expected an nn.Module, got {type(model).__name__}.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"AdvancedTrainer(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}."
+            )
+        if nan_policy not in ("raise", "skip", "stop"):
+            raise ValueError(f"AdvancedTrainer(nan_policy={nan_policy!r}): use 'raise', 'skip' or 'stop'.")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(
+                f"AdvancedTrainer(scheduler_interval={scheduler_interval!r}): use 'epoch' or 'step'."
+            )
+        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"AdvancedTrainer(log_every_n_steps={log_every_n_steps!r}): must be an int >= 1.")
+        self.device = device
+        self.model = model
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.scheduler = scheduler
+        self.metrics = dict(metrics or {})
+        self.nan_policy = nan_policy
+        self.progress = progress
+        self.log_every_n_steps = log_every_n_steps
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
+        self.is_global_zero = self.rank == 0
+        self.amp_dtype = _resolve_amp(use_amp, amp_dtype, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.accum = GradientAccumulator(
+            model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value
+        )
+        self.early_stopping = early_stopping
+        self.checkpoint = checkpoint
+        self.callbacks: list[Callback] = []
+        if scheduler is not None:
+            self.callbacks.append(LRScheduler(scheduler, scheduler_interval, scheduler_monitor))
+        self.callbacks += list(callbacks)
+        self.callbacks += [cb for cb in (early_stopping, checkpoint) if cb is not None]
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"AdvancedTrainer(callbacks=...): {cb!r} is not a torchkeel.Callback.")
+        self.state = State()
+        self.history = History()
+        self._autocast: Callable[[], AbstractContextManager[Any]] = (
+            (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else nullcontext
+        )
+        self._move = device.type != "cpu"
+        self._epoch_loss: torch.Tensor | None = None
+        self._epoch_samples = 0
+        self._data_state: dict[str, Any] | None = None   # RNG that ordered this epoch's batches
+        self._resume_data: dict[str, Any] | None = None
+        self._signal = resume.SignalFlag()
+
+    # ----------------------------------------------------------------------------- the loop
+    def fit(
+        self,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None = None,
+        epochs: int = 1,
+        resume_from: str | None = None,
+    ) -> History:
+        """Train for ``epochs`` epochs (counting any already done when resuming); return the history."""
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"fit(epochs={epochs!r}): epochs must be an int >= 1.")
+        _check_loader(train_loader, "train_loader")
+        if val_loader is not None:
+            _check_loader(val_loader, "val_loader")
+        self._check_monitors(val_loader)
+        hooks = {h: [cb for cb in self.callbacks if overrides(cb, h)] for h in HOOKS}
+        state = self.state
+        try:
+            with self._signal.installed():
+                if resume_from is not None:
+                    resume.resume(self, resume_from)
+                for cb in hooks["on_fit_begin"]:
+                    cb.on_fit_begin(self)
+                start = state.epoch + 1 if state.epoch_finished else state.epoch
+                for epoch in range(start, epochs):
+                    if state.should_stop:
+                        break
+                    self._begin_epoch(epoch, train_loader)
+                    for cb in hooks["on_epoch_begin"]:
+                        cb.on_epoch_begin(self)
+                    tic = time.perf_counter()
+                    for batch in self._batches(train_loader):
+                        if self._step(batch):
+                            for cb in hooks["on_step_end"]:
+                                cb.on_step_end(self)
+                        if self._stop_agreed():
+                            break
+                    if self._finish_window():
+                        for cb in hooks["on_step_end"]:
+                            cb.on_step_end(self)
+                    self._end_epoch(val_loader, time.perf_counter() - tic)
+                    for cb in hooks["on_epoch_end"]:
+                        cb.on_epoch_end(self)
+                    if self._stop_agreed(sync=True):
+                        break
+                for cb in hooks["on_fit_end"]:
+                    cb.on_fit_end(self)
+        except BaseException as exc:
+            for cb in hooks["on_exception"]:
+                cb.on_exception(self, exc)
+            raise
+        return self.history
+
+    def _step(self, batch: Any) -> bool:
+        """One micro-batch; at a window's end, the optimizer step. True once the optimizer stepped."""
+        state = self.state
+        if self._move:
+            batch = _to_device(batch, self.device)
+        with self.accum.no_sync(), self._autocast():
+            loss = self.training_step(batch)
+        state.batch += 1
+        self.accum.backward(loss, _batch_size(batch))
+        if not self.accum.window_full:
+            return False
+        return self._after_window(self.accum.step(self._local_flags()))
+
+    def _finish_window(self) -> bool:
+        """Step a short last window at the end of an epoch."""
+        return self._after_window(self.accum.flush(self._local_flags())) if self.accum.pending else False
+
+    def _after_window(self, stepped: bool) -> bool:
+        accum, state = self.accum, self.state
+        loss = accum.window_loss
+        if accum.nonfinite:
+            state.skipped_steps += 1
+            where = f"epoch {state.epoch}, batch {state.batch - 1}, optimizer step {state.step}"
+            if self.nan_policy == "raise":
+                raise FloatingPointError(
+                    f"Non-finite loss at {where}. Set nan_policy='skip' to skip such steps or 'stop' to end training."
+                )
+            log.warning("Non-finite loss at %s: step skipped (nan_policy=%r).", where, self.nan_policy)
+            if self.nan_policy == "stop":
+                self._request_stop(f"non-finite loss at {where}")
+            return False
+        if self._epoch_loss is None:
+            self._epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._epoch_loss.add_(loss)  # type: ignore[arg-type]
+        self._epoch_samples += accum.window_samples
+        if accum.flags and accum.flags[0] > 0:
+            self._request_stop(state.stop_reason or "a stop was requested on another rank")
+        if accum.flags and accum.flags[1] > 0:
+            self._request_stop(f"received {self._signal.name}")
+            resume.on_signal(self)
+        if not stepped:
+            state.skipped_steps += 1
+            return False
+        state.step += 1
+        return True
+
+    def training_step(self, batch: Any) -> torch.Tensor:
+        """Forward one batch and return its mean loss. Override for custom batches or models."""
+        inputs, targets = self._split(batch)
+        outputs = self._forward(inputs)
+        if self.criterion is None or targets is None:
+            return _own_loss(outputs, self.state)
+        return self._criterion(outputs, targets)
+
+    def validation_step(self, batch: Any) -> tuple[torch.Tensor, Any, Any]:
+        """Forward one validation batch; return ``(loss, outputs, targets)``. Override as needed."""
+        inputs, targets = self._split(batch)
+        outputs = self._forward(inputs)
+        if self.criterion is None or targets is None:
+            return _own_loss(outputs, self.state), outputs, targets
+        return self._criterion(outputs, targets), outputs, targets
+
+    # ----------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def validate(self, loader: Iterable[Any]) -> dict[str, float]:
+        """Mean validation loss and metrics over ``loader``, reduced across ranks."""
+        was_training = self.model.training
+        self.model.eval()
+        fns = {k: m for k, m in self.metrics.items() if not hasattr(m, "update")}
+        objs = {k: m for k, m in self.metrics.items() if hasattr(m, "update")}
+        for m in objs.values():
+            m.reset()
+        sums = torch.zeros(1 + len(fns), dtype=torch.float64, device=self.device)
+        count = 0
+        try:
+            for batch in loader:
+                if self._move:
+                    batch = _to_device(batch, self.device)
+                with self._autocast():
+                    loss, outputs, targets = self.validation_step(batch)
+                n = _batch_size(batch)
+                count += n
+                sums[0] += loss.detach().double() * n
+                for i, fn in enumerate(fns.values(), start=1):
+                    sums[i] += torch.as_tensor(fn(outputs, targets), dtype=torch.float64) * n
+                for m in objs.values():
+                    m.update(outputs, targets)
+        finally:
+            self.model.train(was_training)
+        totals = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=self.device)])
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        *values, total = totals.tolist()
+        if total == 0:
+            raise ValueError("validate(loader): the loader yielded no batches. Pass a non-empty loader.")
+        out = {"val_loss": values[0] / total}
+        out |= {f"val_{k}": v / total for k, v in zip(fns, values[1:])}
+        out |= {f"val_{k}": float(m.compute()) for k, m in objs.items()}
+        return out
+
+    @torch.no_grad()
+    def predict(self, loader: Iterable[Any]) -> Any:
+        """Model outputs for every batch of ``loader``, concatenated on the CPU when they are tensors."""
+        was_training = self.model.training
+        self.model.eval()
+        outs = []
+        try:
+            for batch in loader:
+                if self._move:
+                    batch = _to_device(batch, self.device)
+                inputs = batch if isinstance(batch, (torch.Tensor, Mapping)) else self._split(batch)[0]
+                with self._autocast():
+                    outs.append(_to_device(self._forward(inputs), torch.device("cpu")))
+        finally:
+            self.model.train(was_training)
+        return torch.cat(outs) if outs and all(isinstance(o, torch.Tensor) for o in outs) else outs
+
+    # --------------------------------------------------------------------------- helpers
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The model without DataParallel/DDP/torch.compile wrappers."""
+        model = self.model
+        while True:
+            inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+            if not isinstance(inner, nn.Module):
+                return model
+            model = inner
+
+    @property
+    def loss(self) -> float:
+        """Mean loss of the last optimizer window (reads the device; call only when logging)."""
+        accum = self.accum
+        if accum.window_loss is None or accum._n_ref is None:
+            return math.nan
+        return float(accum.window_loss) * accum._n_ref * self.world_size / accum.window_samples
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly (see ``torchkeel.resume``)."""
+        return resume.trainer_state(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        resume.load_trainer_state(self, state_dict)
+
+    def _begin_epoch(self, epoch: int, loader: Iterable[Any]) -> None:
+        state = self.state
+        state.epoch, state.epoch_finished = epoch, False
+        if self._resume_data is None:       # a mid-epoch resume keeps the epoch's progress
+            state.batch, self._epoch_loss, self._epoch_samples = 0, None, 0
+        self.model.train()
+
+    def _batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        return resume.epoch_batches(self, loader)
+
+    def _end_epoch(self, val_loader: Iterable[Any] | None, seconds: float) -> None:
+        state = self.state
+        if state.batch == 0:
+            raise ValueError(f"train_loader yielded no batches in epoch {state.epoch}. Pass a non-empty loader.")
+        metrics: dict[str, float] = {"train_loss": self._reduced_epoch_loss()}
+        if val_loader is not None:
+            metrics |= self.validate(val_loader)
+        metrics |= {"lr": self.lr, "epoch_time": seconds}
+        state.metrics = metrics
+        state.epoch_finished = True
+        self.history.append({"epoch": state.epoch, **metrics})
+
+    def _reduced_epoch_loss(self) -> float:
+        if self._epoch_loss is None or self._epoch_samples == 0:
+            return math.nan
+        total = self._epoch_loss * (self.accum._n_ref or 1)   # sum of loss_i * n_i on this rank
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        return float(total) / self._epoch_samples             # global samples of the epoch
+
+    def _local_flags(self) -> tuple[float, float]:
+        return (float(self.state.should_stop), float(self._signal.received))
+
+    def _request_stop(self, reason: str) -> None:
+        self.state.should_stop = True
+        self.state.stop_reason = self.state.stop_reason or reason
+
+    def _stop_agreed(self, sync: bool = False) -> bool:
+        """Stop only on a decision every rank shares: flags travel in the step's all-reduce."""
+        if self.world_size == 1 or not sync:
+            return self.state.should_stop and (self.world_size == 1 or self._agreed_stop)
+        t = torch.tensor([float(self.state.should_stop)], device=self.device)
+        dist.all_reduce(t)
+        if t.item() > 0:
+            self._request_stop("a stop was requested on another rank")
+        return self.state.should_stop
+
+    @property
+    def _agreed_stop(self) -> bool:
+        return bool(self.accum.flags and (self.accum.flags[0] > 0 or self.accum.flags[1] > 0)) \
+            or (self.accum.nonfinite and self.nan_policy == "stop")
+
+    def _split(self, batch: Any) -> tuple[Any, Any]:
+        if isinstance(batch, Mapping):
+            key = next((k for k in _TARGET_KEYS if k in batch), None)
+            if key is None or self.criterion is None:
+                return batch, None
+            return {k: v for k, v in batch.items() if k != key}, batch[key]
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        kind = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) \
+            else type(batch).__name__
+        raise TypeError(
+            f"AdvancedTrainer cannot unpack a batch of type {kind} (epoch {self.state.epoch}, "
+            f"batch {self.state.batch}): expected (inputs, targets) or a dict with a 'labels'/'target' key. "
+            "Override training_step(batch) and validation_step(batch) for other batch layouts."
+        )
+
+    def _forward(self, inputs: Any) -> Any:
+        return self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
+
+    def _criterion(self, outputs: Any, targets: Any) -> torch.Tensor:
+        assert self.criterion is not None
+        try:
+            return self.criterion(outputs, targets)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            shapes = f"outputs {_shape(outputs)}, targets {_shape(targets)}"
+            raise type(exc)(
+                f"criterion failed on epoch {self.state.epoch}, batch {self.state.batch} ({shapes}): {exc}"
+            ) from exc
+
+    def _check_monitors(self, val_loader: Iterable[Any] | None) -> None:
+        names = {"train_loss", "lr", "epoch_time"}
+        if val_loader is not None:
+            names |= {"val_loss"} | {f"val_{k}" for k in self.metrics}
+        for cb in self.callbacks:
+            monitor = getattr(cb, "monitor", None)
+            if isinstance(monitor, str) and monitor not in names:
+                hint = " (no val_loader was given)" if monitor.startswith("val_") and val_loader is None else ""
+                raise ValueError(
+                    f"{type(cb).__name__}: monitor={monitor!r} will never be computed{hint}. "
+                    f"Metrics this fit computes: {', '.join(sorted(names))}."
+                )
+
+
+# --------------------------------------------------------------------------- module helpers
+def _resolve_model(model: Any, device: str | torch.device | None) -> tuple[Any, torch.device]:
+    inner = getattr(model, "model", None)
+    if not isinstance(model, nn.Module) and isinstance(inner, nn.Module):   # a DistributedTrainer
+        device = device or getattr(model, "device", None)
+        model = inner
+    if device is None:
+        first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+        on_cuda = first is not None and first.device.type == "cuda"
+        device = first.device if on_cuda else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if isinstance(model, nn.Module) and not isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model.to(device)
+    return model, device
+
+
+def _resolve_amp(use_amp: bool, amp_dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    if amp_dtype is not None and amp_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"AdvancedTrainer(amp_dtype={amp_dtype!r}): use torch.bfloat16 or torch.float16, or leave it None."
+        )
+    if not use_amp:
+        return None
+    dtype = amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError(
+            f"AdvancedTrainer(amp_dtype=torch.float16): float16 autocast needs a CUDA device, got device={str(device)!r}. "
+            "Use amp_dtype=torch.bfloat16 on this device."
+        )
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            "AdvancedTrainer(amp_dtype=torch.bfloat16): this GPU cannot do bfloat16. Use amp_dtype=torch.float16."
+        )
+    return dtype
+
+
+def _check_loader(loader: Any, name: str) -> None:
+    if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
+        raise TypeError(f"fit({name}=...): expected an iterable of batches such as a DataLoader, "
+                        f"got {type(loader).__name__}.")
+    try:
+        n = len(loader)
+    except TypeError:
+        return
+    if n == 0:
+        raise ValueError(f"fit({name}=...): the loader has no batches (len 0). "
+                         "Check the dataset size and drop_last.")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            if isinstance(item, torch.Tensor) and item.dim():
+                return int(item.shape[0])
+            if isinstance(item, (list, tuple, Mapping)):
+                return _batch_size(item)
+    return 1
+
+
+def _own_loss(outputs: Any, state: State) -> torch.Tensor:
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", outputs)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TypeError(
+            f"With criterion=None the model must return a scalar loss, a dict with 'loss' or an object with "
+            f".loss; got {_shape(outputs)} at epoch {state.epoch}, batch {state.batch}. "
+            "Pass criterion=... or override training_step(batch)."
+        )
+    return loss
+
+
+def _shape(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)} {x.dtype}"
+    return type(x).__name__

@@ -1,0 +1,287 @@
+"""Exact resume: the full trainer state, RNG states, the data position, and preemption signals.
+
+Exact resume without replaying the loader (DESIGN.md): at each epoch's start we keep the RNG
+states that will order that epoch's batches. On resume we restore them, let the loader draw the
+same permutation, skip the consumed batches at the sampler level (indices only, no data loaded),
+then restore the RNG states saved at the checkpoint so dropout and the rest continue from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from itertools import chain
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+if TYPE_CHECKING:
+    from torchkeel.loop import AdvancedTrainer
+
+log = logging.getLogger("torchkeel")
+
+FORMAT = 1
+EXIT_PREEMPTED = 143   # 128 + SIGTERM: what schedulers and torchrun expect from a terminated job
+
+
+class Preempted(SystemExit):
+    """Raised by ``fit`` after a signal: the state was saved (when a ModelCheckpoint is attached)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_PREEMPTED)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ------------------------------------------------------------------------------ RNG states
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA RNG states as tensors and plain values (weights_only-safe)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    return {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _generators(loader: Any) -> dict[str, torch.Generator]:
+    found = {"loader": getattr(loader, "generator", None),
+             "sampler": getattr(getattr(loader, "sampler", None), "generator", None)}
+    return {k: g for k, g in found.items() if isinstance(g, torch.Generator)}
+
+
+def data_state(loader: Any) -> dict[str, Any]:
+    """The RNG states that the loader's next iterator draws its order from."""
+    return {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in _generators(loader).items()}}
+
+
+def set_data_state(loader: Any, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    for key, gen in _generators(loader).items():
+        if key in state:
+            gen.set_state(state[key])
+
+
+# ---------------------------------------------------------------------------- data order
+class _SkipBatches(Sampler[list[int]]):
+    """A batch sampler that drops the first ``skip`` batches of another, as indices only."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], skip: int) -> None:
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self) -> Iterator[list[int]]:   # lazy, as DataLoader's own: same RNG draw order
+        it = iter(self.batch_sampler)
+        for _ in range(self.skip):
+            if next(it, None) is None:
+                return
+        yield from it
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
+
+
+def _skipping_iter(loader: Any, skip: int) -> Iterator[Any]:
+    if isinstance(loader, DataLoader) and loader.batch_sampler is not None \
+            and not isinstance(loader.dataset, IterableDataset):
+        kwargs: dict[str, Any] = dict(
+            batch_sampler=_SkipBatches(loader.batch_sampler, skip), num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+            generator=loader.generator, persistent_workers=loader.persistent_workers,
+            pin_memory_device=loader.pin_memory_device)
+        if loader.num_workers > 0:
+            kwargs["prefetch_factor"] = loader.prefetch_factor
+        return iter(DataLoader(loader.dataset, **kwargs))
+    log.info("Resuming mid-epoch by replaying %d batches: this loader has no index-level sampler.", skip)
+    it = iter(loader)
+    for _ in range(skip):
+        next(it, None)
+    return it
+
+
+def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
+    """This epoch's batches; after a mid-epoch resume, the ones not yet consumed, in the same order."""
+    for obj in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(trainer.state.epoch)
+    pending, trainer._resume_data = trainer._resume_data, None
+    if pending is None:
+        trainer._data_state = data_state(loader)
+        return iter(loader)
+    trainer._data_state = pending["epoch_data"]
+    set_data_state(loader, pending["epoch_data"])
+    it = _skipping_iter(loader, pending["batch"])
+    first = next(it, _END)                 # the loader has drawn its order now
+    set_rng_state(pending["rng"])          # continue exactly where the checkpoint was taken
+    return it if first is _END else chain([first], it)
+
+
+_END = object()
+
+
+# ---------------------------------------------------------------------------- trainer state
+def trainer_state(trainer: AdvancedTrainer) -> dict[str, Any]:
+    """One flat dict with everything that changes while training; loads with weights_only=True."""
+    from torchkeel import __version__
+
+    state = trainer.state
+    return {
+        "format": FORMAT,
+        "versions": {"torchkeel": __version__, "torch": torch.__version__},
+        "model": trainer.unwrapped_model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+        "scaler": trainer.scaler.state_dict(),
+        "state": state.state_dict(),
+        "rng": rng_state(),
+        "data": {"epoch_data": trainer._data_state, "batch": state.batch},
+        "loop": {"epoch_loss": trainer._epoch_loss, "epoch_samples": trainer._epoch_samples,
+                 "accumulation_steps": trainer.accum.accumulation_steps,
+                 "batch_size": trainer.accum._n_ref, "world_size": trainer.world_size},
+        "history": dict(trainer.history),
+        "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
+    }
+
+
+def check_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise before touching the model when ``state`` does not fit it exactly."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
+                 f"shape mismatches [{'; '.join(shapes)}]" if shapes else ""]
+        raise RuntimeError(f"{source} does not fit this model: {', '.join(p for p in parts if p)}. "
+                           "The model was left unchanged.")
+
+
+def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str = "checkpoint") -> None:
+    """Check everything first, then apply: a failed load leaves the trainer unchanged."""
+    if ckpt.get("format") != FORMAT:
+        raise RuntimeError(f"{source}: format {ckpt.get('format')!r} is not {FORMAT}; written by another version?")
+    check_model_state(trainer.unwrapped_model, ckpt["model"], source)
+    if (ckpt["scheduler"] is None) != (trainer.scheduler is None):
+        raise RuntimeError(f"{source}: the checkpoint {'has no' if ckpt['scheduler'] is None else 'has a'} "
+                           "scheduler state but this trainer "
+                           f"{'has a' if trainer.scheduler is not None else 'has no'} scheduler.")
+    loop = ckpt["loop"]
+    for key, now in (("accumulation_steps", trainer.accum.accumulation_steps), ("world_size", trainer.world_size)):
+        if loop[key] != now:
+            log.warning("Resuming with %s=%s, the checkpoint was written with %s=%s: the run will not equal "
+                        "an uninterrupted one.", key, now, key, loop[key])
+    trainer.unwrapped_model.load_state_dict(ckpt["model"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    if trainer.scheduler is not None:
+        trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    trainer.scaler.load_state_dict(ckpt["scaler"])
+    trainer.state.load_state_dict(ckpt["state"])
+    trainer.history.clear()
+    trainer.history.update({k: list(v) for k, v in ckpt["history"].items()})
+    saved = ckpt["callbacks"]
+    for cb in trainer.callbacks:
+        if cb.state_key in saved:
+            cb.load_state_dict(saved[cb.state_key])
+    trainer.accum._n_ref = loop["batch_size"]
+    state = trainer.state
+    if state.epoch_finished:      # the epoch ended: the next iterator draws from the saved RNG state
+        set_rng_state(ckpt["rng"])
+        trainer._resume_data = None
+        return
+    epoch_loss = loop["epoch_loss"]
+    trainer._epoch_loss = epoch_loss.to(trainer.device) if epoch_loss is not None else None
+    trainer._epoch_samples = loop["epoch_samples"]
+    trainer._resume_data = {"epoch_data": ckpt["data"]["epoch_data"], "batch": ckpt["data"]["batch"],
+                            "rng": ckpt["rng"]}
+
+
+# ---------------------------------------------------------------------------------- signals
+class SignalFlag:
+    """Signal handlers that only set a flag; the loop acts at the next optimizer step."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+        self.signals = signals
+        self.received = False
+        self.name = ""
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+        self.name = signal.Signals(signum).name
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread() or not self.signals:
+            yield
+            return
+        previous = {s: signal.signal(s, self._handler) for s in self.signals}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- entry points
+def resume(trainer: AdvancedTrainer, resume_from: str) -> None:
+    """Load ``resume_from`` (a path, ``'last'`` or ``'auto'``) into the trainer before training."""
+    from torchkeel import io
+
+    ckpt_cb = trainer.checkpoint
+    save_dir = getattr(ckpt_cb, "root_dir", None)
+    if resume_from in ("last", "auto"):
+        if save_dir is None:
+            raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(save_dir=...) "
+                             "to know where to look, or pass a checkpoint path.")
+        path, skipped = io.find_latest(save_dir)
+        for reason in skipped:
+            log.warning("resume_from=%r skipped %s", resume_from, reason)
+        if path is None:
+            if resume_from == "last":
+                raise FileNotFoundError(f"fit(resume_from='last'): no valid checkpoint under {save_dir}. "
+                                        "Use resume_from='auto' to start fresh when there is none.")
+            log.info("resume_from='auto': no checkpoint under %s, starting fresh.", save_dir)
+            return
+    else:
+        path = resume_from
+    ckpt = io.load(path)
+    load_trainer_state(trainer, ckpt, source=str(path))
+    if ckpt_cb is not None and hasattr(ckpt_cb, "resumed_from"):
+        ckpt_cb.resumed_from(path)
+    log.info("Resumed from %s at epoch %d, step %d.", path, trainer.state.epoch, trainer.state.step)
+
+
+def on_signal(trainer: AdvancedTrainer) -> None:
+    """Every rank reaches this at the same optimizer step: save, then raise ``Preempted``."""
+    name = trainer._signal.name or "a signal on another rank"
+    ckpt_cb = trainer.checkpoint
+    saved = ckpt_cb.save_now(trainer, reason="preempted") if hasattr(ckpt_cb, "save_now") else None
+    where = f"saved {saved}" if saved else "nothing saved (no ModelCheckpoint attached)"
+    message = (f"torchkeel: {name} received; stopped at epoch {trainer.state.epoch}, step {trainer.state.step}; "
+               f"{where}. Exit code {EXIT_PREEMPTED}. Resume with fit(..., resume_from='auto').")
+    log.warning(message)
+    raise Preempted(message)
