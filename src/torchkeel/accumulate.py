@@ -3,11 +3,12 @@
 One optimizer step, in this order (DESIGN.md):
 
 1. each micro-batch: forward and backward under ``no_sync`` except the window's last micro-batch;
-   the loss is weighted by its samples relative to the first micro-batch (``n_i / n_ref``);
+   the loss is weighted by its samples relative to the window's first micro-batch (``n_i / n_ref``,
+   exactly 1 for equal micro-batches, so no multiply);
 2. at the window's end, one all-reduce agrees on the window's global sample count ``N``, whether
    any rank saw a non-finite loss, and the caller's flags (stop, save, signal);
-3. gradients are scaled by ``world * n_ref / N`` (skipped when it is 1), so k micro-batches on
-   W ranks equal one batch of the same total size, a short last window included;
+3. gradients are scaled by ``world * n_ref / N`` (skipped when it is 1: no accumulation, equal
+   shards), so k micro-batches on W ranks equal one batch of their total size, short windows too;
 4. ``scaler.unscale_`` -> clip once -> ``scaler.step`` -> ``scaler.update`` -> zero grads.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -70,12 +70,13 @@ class GradientAccumulator:
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self._world = dist.get_world_size() if self._ddp else 1
-        self._n_ref: int | None = None
+        self._n_ref = 0            # samples in the window's first micro-batch
         self._micro = 0            # micro-batches in the current window
         self._window_n = 0         # local samples in the current window
         self._window_loss: torch.Tensor | None = None
         self._unsynced = False     # last backward ran under no_sync
         self.window_loss: torch.Tensor | None = None   # sum of loss_i * n_i / n_ref, last window
+        self.window_ref = 0        # n_ref of the last window: window_loss * window_ref = sum loss_i * n_i
         self.window_samples = 0    # global samples in the last window
         self.grad_norm: torch.Tensor | None = None     # before clipping, last step
         self.nonfinite = False     # the last window had a non-finite loss on some rank
@@ -111,7 +112,7 @@ class GradientAccumulator:
     def backward(self, loss: torch.Tensor, num_samples: int | None = None) -> None:
         """Backpropagate ``loss`` (the micro-batch mean) weighted by its share of the window."""
         n = 1 if num_samples is None else int(num_samples)
-        if self._n_ref is None:
+        if self._micro == 0:
             self._n_ref = n
         scaled = loss if n == self._n_ref else loss * (n / self._n_ref)
         self.scaler.scale(scaled).backward()
@@ -134,20 +135,27 @@ class GradientAccumulator:
             self._all_reduce_grads()
         return self._finish(flags)
 
-    def _agree(self, flags: Sequence[float]) -> tuple[int, bool, list[float]]:
-        assert self._window_loss is not None
-        bad = ~torch.isfinite(self._window_loss)
+    def _agree(self, loss: torch.Tensor, flags: Sequence[float]) -> tuple[int, bool, list[float]]:
+        bad = ~torch.isfinite(loss)
         if not self._ddp:
             return self._window_n, bool(bad), [float(f) for f in flags]
-        t = torch.tensor([self._window_n, 0.0, *flags], dtype=torch.float64, device=bad.device)
+        t = torch.tensor([self._window_n, 0.0, self._n_ref, *flags], dtype=torch.float64, device=bad.device)
         t[1] = bad
         dist.all_reduce(t)
-        n, nonfinite, *agreed = t.tolist()
+        n, nonfinite, refs, *agreed = t.tolist()
+        if refs != self._n_ref * self._world:
+            raise ValueError(
+                f"GradientAccumulator: ranks started this window with micro-batches of different sizes "
+                f"(this rank {self._n_ref}, mean {refs / self._world:g}); use a DistributedSampler so that "
+                "shards are even."
+            )
         return int(n), nonfinite > 0, agreed
 
     def _finish(self, flags: Sequence[float]) -> bool:
-        n_global, self.nonfinite, self.flags = self._agree(flags)
-        self.window_loss, self.window_samples = self._window_loss, n_global
+        if self._window_loss is None:
+            raise RuntimeError("GradientAccumulator.step() before any backward() in this window.")
+        n_global, self.nonfinite, self.flags = self._agree(self._window_loss, flags)
+        self.window_loss, self.window_samples, self.window_ref = self._window_loss, n_global, self._n_ref
         self._micro, self._window_n, self._window_loss = 0, 0, None
         self.scaler_skipped = False
         if self.nonfinite:
@@ -155,7 +163,6 @@ class GradientAccumulator:
             return False
         grads = [p.grad for p in self._params if p.grad is not None]
         self.scaler.unscale_(self.optimizer)
-        assert self._n_ref is not None
         factor = self._world * self._n_ref / n_global
         if factor != 1.0:
             torch._foreach_mul_(grads, factor)
@@ -179,9 +186,3 @@ class GradientAccumulator:
             dist.all_reduce(g)
         torch._foreach_div_(grads, self._world)
         self._unsynced = False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"n_ref": self._n_ref}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._n_ref = state_dict["n_ref"]

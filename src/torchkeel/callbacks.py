@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -35,8 +36,9 @@ log = logging.getLogger("torchkeel")
 HOOKS = ("on_fit_begin", "on_epoch_begin", "on_step_end", "on_epoch_end", "on_fit_end", "on_exception")
 
 Mode = Literal["min", "max", "auto"]
-_MAX_WORDS = ("acc", "f1", "auc", "precision", "recall", "iou", "dice", "score", "map", "r2", "bleu")
-_MIN_WORDS = ("loss", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl")
+_MAX_WORDS = {"acc", "accuracy", "f1", "auc", "auroc", "precision", "recall", "iou", "miou", "dice", "score",
+              "map", "r2", "bleu", "rouge", "top1", "top5"}
+_MIN_WORDS = {"loss", "error", "err", "mse", "mae", "mape", "rmse", "nll", "perplexity", "ppl", "wer", "cer"}
 
 
 @runtime_checkable
@@ -86,10 +88,10 @@ def infer_mode(monitor: str, mode: Mode, owner: str) -> Literal["min", "max"]:
         return mode
     if mode != "auto":
         raise ValueError(f"{owner}: mode={mode!r} is not one of 'min', 'max', 'auto'.")
-    name = monitor.lower()
-    if any(w in name for w in _MIN_WORDS):
+    words = set(re.split(r"[^a-z0-9]+", monitor.lower()))    # whole words: 'val_mape' is not 'map'
+    if words & _MIN_WORDS:
         chosen: Literal["min", "max"] = "min"
-    elif any(w in name for w in _MAX_WORDS):
+    elif words & _MAX_WORDS:
         chosen = "max"
     else:
         raise ValueError(
@@ -198,6 +200,14 @@ class EarlyStopping(Callback):
         better = "<" if self.mode == "min" else ">"
         if self.check_finite and not math.isfinite(value):
             return f"{self.monitor}={value} is not finite at epoch {epoch}."
+        improved = is_improvement(value, self.best, self.mode, self.min_delta)
+        if improved:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                model_state = trainer.unwrapped_model.state_dict()
+                self.best_weights = {k: v.detach().clone() for k, v in model_state.items()}
+            if self.verbose:
+                log.info("EarlyStopping: %s improved to %.6g at epoch %d.", self.monitor, value, epoch)
         if self.stopping_threshold is not None and not math.isnan(value):
             reached = value <= self.stopping_threshold if self.mode == "min" else value >= self.stopping_threshold
             if reached:
@@ -206,13 +216,7 @@ class EarlyStopping(Callback):
             diverged = value > self.divergence_threshold if self.mode == "min" else value < self.divergence_threshold
             if diverged:
                 return f"{self.monitor}={value:.6g} diverged past divergence_threshold={self.divergence_threshold}."
-        if is_improvement(value, self.best, self.mode, self.min_delta):
-            self.best, self.best_epoch, self.wait = value, epoch, 0
-            if self.restore_best_weights:
-                model_state = trainer.unwrapped_model.state_dict()
-                self.best_weights = {k: v.detach().clone() for k, v in model_state.items()}
-            if self.verbose:
-                log.info("EarlyStopping: %s improved to %.6g at epoch %d.", self.monitor, value, epoch)
+        if improved:
             return None
         self.wait += 1
         if self.verbose:

@@ -121,6 +121,10 @@ class AdvancedTrainer:
             raise TypeError(
                 f"AdvancedTrainer(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}."
             )
+        if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
+                or gradient_accumulation_steps < 1:
+            raise ValueError(f"AdvancedTrainer(gradient_accumulation_steps={gradient_accumulation_steps!r}): "
+                             "must be an int >= 1 (1 = no accumulation).")
         if nan_policy not in ("raise", "skip", "stop"):
             raise ValueError(f"AdvancedTrainer(nan_policy={nan_policy!r}): use 'raise', 'skip' or 'stop'.")
         if scheduler_interval not in ("epoch", "step"):
@@ -152,12 +156,27 @@ class AdvancedTrainer:
         if scheduler is not None:
             self.callbacks.append(LRScheduler(scheduler, scheduler_interval, scheduler_monitor))
         self.callbacks += list(callbacks)
+        if progress:
+            from torchkeel.loggers import ProgressBar   # lazy: tqdm itself loads only on a terminal
+
+            self.callbacks.append(ProgressBar())
         self.callbacks += [cb for cb in (early_stopping, checkpoint) if cb is not None]
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"AdvancedTrainer(callbacks=...): {cb!r} is not a torchkeel.Callback.")
         self.state = State()
         self.history = History()
+        self.max_epochs: int | None = None
+        self.num_batches: int | None = None
+        self.batch_size: int | None = None
+        self._val_batch: int | None = None     # index of the validation batch being evaluated
+        self.hparams: dict[str, Any] = {
+            "optimizer": type(optimizer).__name__, "lr": float(optimizer.param_groups[0]["lr"]),
+            "gradient_accumulation_steps": gradient_accumulation_steps, "max_grad_norm": max_grad_norm,
+            "gradient_clip_value": gradient_clip_value, "amp_dtype": str(self.amp_dtype),
+            "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+            "scheduler_interval": scheduler_interval, "nan_policy": nan_policy,
+            "world_size": self.world_size, "device": str(device)}
         self._autocast: Callable[[], AbstractContextManager[Any]] = (
             (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else nullcontext
         )
@@ -166,6 +185,7 @@ class AdvancedTrainer:
         self._epoch_samples = 0
         self._data_state: dict[str, Any] | None = None   # RNG that ordered this epoch's batches
         self._resume_data: dict[str, Any] | None = None
+        self._batch_at_step = 0       # batches of this epoch consumed by completed optimizer windows
         self._signal = resume.SignalFlag()
 
     # ----------------------------------------------------------------------------- the loop
@@ -185,6 +205,10 @@ class AdvancedTrainer:
         self._check_monitors(val_loader)
         hooks = {h: [cb for cb in self.callbacks if overrides(cb, h)] for h in HOOKS}
         state = self.state
+        self.max_epochs, self.num_batches = epochs, _len(train_loader)
+        self.batch_size: int | None = getattr(train_loader, "batch_size", None)
+        if self.world_size > 1:
+            self._check_even(train_loader, "train_loader")
         try:
             with self._signal.installed():
                 if resume_from is not None:
@@ -240,6 +264,7 @@ class AdvancedTrainer:
 
     def _after_window(self, stepped: bool) -> bool:
         accum, state = self.accum, self.state
+        self._batch_at_step = state.batch
         loss = accum.window_loss
         if accum.nonfinite:
             state.skipped_steps += 1
@@ -254,7 +279,7 @@ class AdvancedTrainer:
             return False
         if self._epoch_loss is None:
             self._epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._epoch_loss.add_(loss)  # type: ignore[arg-type]
+        self._epoch_loss.add_(loss, alpha=accum.window_ref)  # type: ignore[arg-type]
         self._epoch_samples += accum.window_samples
         if accum.flags and accum.flags[0] > 0:
             self._request_stop(state.stop_reason or "a stop was requested on another rank")
@@ -296,7 +321,7 @@ class AdvancedTrainer:
         sums = torch.zeros(1 + len(fns), dtype=torch.float64, device=self.device)
         count = 0
         try:
-            for batch in loader:
+            for self._val_batch, batch in enumerate(loader):
                 if self._move:
                     batch = _to_device(batch, self.device)
                 with self._autocast():
@@ -310,6 +335,7 @@ class AdvancedTrainer:
                     m.update(outputs, targets)
         finally:
             self.model.train(was_training)
+            self._val_batch = None
         totals = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=self.device)])
         if self.world_size > 1:
             dist.all_reduce(totals)
@@ -353,9 +379,9 @@ class AdvancedTrainer:
     def loss(self) -> float:
         """Mean loss of the last optimizer window (reads the device; call only when logging)."""
         accum = self.accum
-        if accum.window_loss is None or accum._n_ref is None:
+        if accum.window_loss is None:
             return math.nan
-        return float(accum.window_loss) * accum._n_ref * self.world_size / accum.window_samples
+        return float(accum.window_loss) * accum.window_ref * self.world_size / accum.window_samples
 
     @property
     def lr(self) -> float:
@@ -372,7 +398,7 @@ class AdvancedTrainer:
         state = self.state
         state.epoch, state.epoch_finished = epoch, False
         if self._resume_data is None:       # a mid-epoch resume keeps the epoch's progress
-            state.batch, self._epoch_loss, self._epoch_samples = 0, None, 0
+            state.batch, self._batch_at_step, self._epoch_loss, self._epoch_samples = 0, 0, None, 0
         self.model.train()
 
     def _batches(self, loader: Iterable[Any]) -> Iterator[Any]:
@@ -393,7 +419,7 @@ class AdvancedTrainer:
     def _reduced_epoch_loss(self) -> float:
         if self._epoch_loss is None or self._epoch_samples == 0:
             return math.nan
-        total = self._epoch_loss * (self.accum._n_ref or 1)   # sum of loss_i * n_i on this rank
+        total = self._epoch_loss.clone()      # sum of loss_i * n_i on this rank
         if self.world_size > 1:
             dist.all_reduce(total)
         return float(total) / self._epoch_samples             # global samples of the epoch
@@ -420,14 +446,28 @@ class AdvancedTrainer:
         return bool(self.accum.flags and (self.accum.flags[0] > 0 or self.accum.flags[1] > 0)) \
             or (self.accum.nonfinite and self.nan_policy == "stop")
 
+    def _check_even(self, loader: Iterable[Any], name: str) -> None:
+        """Every rank must run the same number of batches, or a collective would wait forever."""
+        n = _len(loader)
+        if n is None:
+            return
+        t = torch.tensor([n, -n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        most, least = int(t[0]), -int(t[1])
+        if most != least:
+            raise ValueError(
+                f"fit({name}=...): ranks have between {least} and {most} batches per epoch; DDP would hang. "
+                "Use a DistributedSampler (DistributedTrainer.create_dataloader pads shards evenly) or drop_last."
+            )
+
     def _split(self, batch: Any) -> tuple[Any, Any]:
         if isinstance(batch, Mapping):
             key = next((k for k in _TARGET_KEYS if k in batch), None)
             if key is None or self.criterion is None:
                 return batch, None
             return {k: v for k, v in batch.items() if k != key}, batch[key]
-        if isinstance(batch, (tuple, list)) and len(batch) == 2:
-            return batch[0], batch[1]
+        if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+            return batch[0], batch[1] if len(batch) == 2 else None
         kind = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) \
             else type(batch).__name__
         raise TypeError(
@@ -445,9 +485,9 @@ class AdvancedTrainer:
             return self.criterion(outputs, targets)
         except (RuntimeError, ValueError, IndexError) as exc:
             shapes = f"outputs {_shape(outputs)}, targets {_shape(targets)}"
-            raise type(exc)(
-                f"criterion failed on epoch {self.state.epoch}, batch {self.state.batch} ({shapes}): {exc}"
-            ) from exc
+            where = f"validation batch {self._val_batch}" if self._val_batch is not None \
+                else f"epoch {self.state.epoch}, batch {self.state.batch}"
+            raise type(exc)(f"criterion failed on {where} ({shapes}): {exc}") from exc
 
     def _check_monitors(self, val_loader: Iterable[Any] | None) -> None:
         names = {"train_loss", "lr", "epoch_time"}
@@ -503,13 +543,16 @@ def _check_loader(loader: Any, name: str) -> None:
     if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
         raise TypeError(f"fit({name}=...): expected an iterable of batches such as a DataLoader, "
                         f"got {type(loader).__name__}.")
-    try:
-        n = len(loader)
-    except TypeError:
-        return
-    if n == 0:
+    if _len(loader) == 0:
         raise ValueError(f"fit({name}=...): the loader has no batches (len 0). "
                          "Check the dataset size and drop_last.")
+
+
+def _len(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

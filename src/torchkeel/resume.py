@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 if TYPE_CHECKING:
@@ -147,6 +148,11 @@ def trainer_state(trainer: AdvancedTrainer) -> dict[str, Any]:
     from torchkeel import __version__
 
     state = trainer.state
+    here = {"rng": rng_state(), "epoch_data": trainer._data_state}
+    ranks: list[Any] = [here]
+    if trainer.world_size > 1:          # each rank's RNG differs: dropout masks, augmentations
+        ranks = [None] * trainer.world_size
+        dist.all_gather_object(ranks, here)
     return {
         "format": FORMAT,
         "versions": {"torchkeel": __version__, "torch": torch.__version__},
@@ -155,11 +161,11 @@ def trainer_state(trainer: AdvancedTrainer) -> dict[str, Any]:
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
         "scaler": trainer.scaler.state_dict(),
         "state": state.state_dict(),
-        "rng": rng_state(),
-        "data": {"epoch_data": trainer._data_state, "batch": state.batch},
+        "ranks": ranks,
+        "data": {"batch": trainer._batch_at_step},
         "loop": {"epoch_loss": trainer._epoch_loss, "epoch_samples": trainer._epoch_samples,
                  "accumulation_steps": trainer.accum.accumulation_steps,
-                 "batch_size": trainer.accum._n_ref, "world_size": trainer.world_size},
+                 "batch_size": trainer.batch_size, "world_size": trainer.world_size},
         "history": dict(trainer.history),
         "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
     }
@@ -189,7 +195,8 @@ def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: s
                            "scheduler state but this trainer "
                            f"{'has a' if trainer.scheduler is not None else 'has no'} scheduler.")
     loop = ckpt["loop"]
-    for key, now in (("accumulation_steps", trainer.accum.accumulation_steps), ("world_size", trainer.world_size)):
+    for key, now in (("accumulation_steps", trainer.accum.accumulation_steps), ("world_size", trainer.world_size),
+                     ("batch_size", trainer.batch_size)):
         if loop[key] != now:
             log.warning("Resuming with %s=%s, the checkpoint was written with %s=%s: the run will not equal "
                         "an uninterrupted one.", key, now, key, loop[key])
@@ -205,17 +212,18 @@ def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: s
     for cb in trainer.callbacks:
         if cb.state_key in saved:
             cb.load_state_dict(saved[cb.state_key])
-    trainer.accum._n_ref = loop["batch_size"]
+    ranks = ckpt["ranks"]
+    mine = ranks[trainer.rank] if len(ranks) == trainer.world_size else ranks[0]
     state = trainer.state
+    state.batch = trainer._batch_at_step = ckpt["data"]["batch"]
     if state.epoch_finished:      # the epoch ended: the next iterator draws from the saved RNG state
-        set_rng_state(ckpt["rng"])
+        set_rng_state(mine["rng"])
         trainer._resume_data = None
         return
     epoch_loss = loop["epoch_loss"]
     trainer._epoch_loss = epoch_loss.to(trainer.device) if epoch_loss is not None else None
     trainer._epoch_samples = loop["epoch_samples"]
-    trainer._resume_data = {"epoch_data": ckpt["data"]["epoch_data"], "batch": ckpt["data"]["batch"],
-                            "rng": ckpt["rng"]}
+    trainer._resume_data = {"epoch_data": mine["epoch_data"], "batch": state.batch, "rng": mine["rng"]}
 
 
 # ---------------------------------------------------------------------------------- signals

@@ -1,0 +1,371 @@
+"""Progress display, TensorBoard and CSV callbacks. Rank 0 only; tensorboard and tqdm load lazily.
+
+On steps that do not log, ``on_step_end`` costs a few attribute reads; the loss is read to the host
+(``trainer.loss``) only on logging steps and progress refreshes.
+
+Example:
+    >>> callbacks = [ProgressBar(), TensorBoardLogger("runs/a"), CSVLogger("runs/a/metrics.csv")]
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from torchkeel.callbacks import Callback
+
+if TYPE_CHECKING:
+    from torchkeel.loop import AdvancedTrainer
+
+log = logging.getLogger("torchkeel")
+
+TENSORBOARD_MISSING = "TensorBoard logging needs tensorboard: pip install 'torchkeel[tensorboard]'."
+TQDM_MISSING = "The progress bar needs tqdm: pip install 'torchkeel[progress]'."
+
+
+def ensure_console_logging() -> None:
+    """Show the ``torchkeel`` logger's INFO messages: level INFO if unset; a plain stderr handler
+    if no handler would receive them (none on it or its ancestors). Idempotent.
+
+    Example:
+        >>> ensure_console_logging()      # then: logging.getLogger("torchkeel").info("hello")
+    """
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    if not log.hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+
+
+def _check_every(owner: str, n: int | None) -> None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"{owner}(log_every_n_steps={n!r}): must be an int >= 1, "
+                         "or None for the trainer's.")
+
+
+def _fmt(value: float) -> str:
+    sci = value != 0 and math.isfinite(value) and not 1e-3 <= abs(value) < 1e5
+    return f"{value:.3e}" if sci else f"{value:.4f}"
+
+
+def _summary(metrics: dict[str, float]) -> list[str]:
+    """``train_loss``, the other metrics in order, then ``lr``; not ``epoch_time``."""
+    keys = sorted((k for k in metrics if k not in ("lr", "epoch_time")), key=lambda k: k != "train_loss")
+    lr = [f"lr {metrics['lr']:.2e}"] if "lr" in metrics else []
+    return [f"{k} {_fmt(float(metrics[k]))}" for k in keys] + lr
+
+
+def epoch_line(epoch: int, max_epochs: int | None, metrics: dict[str, float]) -> str:
+    """One plain line for a finished epoch (``epoch`` is 0-based; the line counts from 1).
+
+    Example:
+        >>> epoch_line(2, 20, {"train_loss": 0.4123, "val_loss": 0.3981, "lr": 1e-3, "epoch_time": 2.1})
+        'epoch 3/20  train_loss 0.4123  val_loss 0.3981  lr 1.00e-03  2.1s'
+    """
+    head = f"epoch {epoch + 1}/{max_epochs}" if max_epochs else f"epoch {epoch + 1}"
+    tail = [f"{metrics['epoch_time']:.1f}s"] if "epoch_time" in metrics else []
+    return "  ".join([head, *_summary(metrics), *tail])
+
+
+class ProgressBar(Callback):
+    """A tqdm bar per epoch on a terminal, else one ``torchkeel`` log line per epoch. Rank 0 only.
+
+    The bar shows batches, it/s, ETA, loss and lr, refreshed at most ``refresh_rate_hz`` times a
+    second; between refreshes ``on_step_end`` only reads the clock.
+
+    Args:
+        refresh_rate_hz: most bar refreshes per second.
+        file: where the bar goes (default ``sys.stderr``); a bar only if ``file.isatty()``.
+
+    Example:
+        >>> AdvancedTrainer(..., callbacks=[ProgressBar(refresh_rate_hz=2)])
+    """
+
+    def __init__(self, refresh_rate_hz: float = 4.0, file: TextIO | None = None) -> None:
+        if isinstance(refresh_rate_hz, bool) or not isinstance(refresh_rate_hz, (int, float)) \
+                or not refresh_rate_hz > 0:
+            raise ValueError(f"ProgressBar(refresh_rate_hz={refresh_rate_hz!r}): must be a number > 0.")
+        self.refresh_rate_hz = float(refresh_rate_hz)
+        self.file = file
+        self._active = False
+        self._tqdm: Any = None            # the tqdm class when drawing bars, else None
+        self._bar: Any = None
+        self._next = math.inf             # monotonic time of the next refresh
+        self._shown = 0                   # batches the bar has been told about
+        self._max_epochs: int | None = None
+
+    def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
+        self._active, self._tqdm = trainer.is_global_zero, None
+        if not self._active:
+            return
+        ensure_console_logging()
+        self._max_epochs = getattr(trainer, "max_epochs", None)
+        isatty = getattr(sys.stderr if self.file is None else self.file, "isatty", None)
+        if callable(isatty) and isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                log.info("%s Showing one line per epoch instead.", TQDM_MISSING)
+            else:
+                self._tqdm = tqdm
+
+    def on_epoch_begin(self, trainer: AdvancedTrainer) -> None:
+        if self._tqdm is None:
+            return
+        self._close()
+        self._shown = trainer.state.batch      # > 0 after a mid-epoch resume
+        self._bar = self._tqdm(
+            total=getattr(trainer, "num_batches", None), initial=self._shown, unit="batch",
+            desc=epoch_line(trainer.state.epoch, self._max_epochs, {}),
+            file=sys.stderr if self.file is None else self.file,
+            leave=True, mininterval=0, miniters=1, dynamic_ncols=True,
+        )
+        self._next = time.monotonic() + 1.0 / self.refresh_rate_hz
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        if self._bar is None:
+            return
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + 1.0 / self.refresh_rate_hz
+        batch = trainer.state.batch
+        self._bar.set_postfix_str(f"loss={trainer.loss:.4g}, lr={trainer.lr:.2e}", refresh=False)
+        self._bar.update(batch - self._shown)
+        self._shown = batch
+
+    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+        if not self._active:
+            return
+        state = trainer.state
+        if self._bar is None:
+            log.info(epoch_line(state.epoch, self._max_epochs, state.metrics))
+            return
+        self._bar.set_postfix_str("  ".join(_summary(state.metrics)), refresh=False)
+        self._bar.update(state.batch - self._shown)
+        self._close()
+
+    def on_fit_end(self, trainer: AdvancedTrainer) -> None:
+        self._close()
+
+    def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        bar, self._bar, self._next = self._bar, None, math.inf
+        if bar is not None:
+            bar.close()
+
+
+class TensorBoardLogger(Callback):
+    """Write loss, lr, grad norm, epoch metrics and hyperparameters to TensorBoard. Rank 0 only.
+
+    Every ``log_every_n_steps`` optimizer steps ``train/loss``, ``train/lr`` and (when clipping)
+    ``train/grad_norm``; each epoch ``epoch/<metric>`` and ``epoch/samples_per_sec`` at the global
+    step; at the end ``trainer.hparams`` with the final metrics (``hparam/<metric>``). A resumed run
+    hides every point the crashed one wrote after its checkpoint (``purge_step=state.step + 1``).
+
+    Args:
+        log_dir: folder for the event files; a resumed run must use the same one.
+        log_every_n_steps: default: the trainer's ``log_every_n_steps``.
+
+    Example:
+        >>> AdvancedTrainer(..., callbacks=[TensorBoardLogger("runs/exp1")])
+    """
+
+    def __init__(self, log_dir: str | Path, log_every_n_steps: int | None = None) -> None:
+        if not isinstance(log_dir, (str, Path)):
+            raise TypeError(f"TensorBoardLogger(log_dir={log_dir!r}): expected a str or Path folder.")
+        _check_every("TensorBoardLogger", log_every_n_steps)
+        if any(importlib.util.find_spec(m) is None for m in ("tensorboard", "torch.utils.tensorboard")):
+            raise ImportError(TENSORBOARD_MISSING)   # at construction, before training; imports nothing
+        self.log_dir = Path(log_dir)
+        self.log_every_n_steps = log_every_n_steps
+        self.writer: Any = None
+        self._every = 1
+        self._samples = 0
+
+    def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(TENSORBOARD_MISSING) from exc
+        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        # SummaryWriter hides events with step >= purge_step (a SessionLog.START at that step): the
+        # checkpoint holds steps <= state.step, so everything after it is what the new run rewrites.
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=trainer.state.step + 1)
+
+    def on_epoch_begin(self, trainer: AdvancedTrainer) -> None:
+        self._samples = 0
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        self._samples += trainer.accum.window_samples
+        step = trainer.state.step
+        if step % self._every:
+            return
+        writer.add_scalar("train/loss", trainer.loss, step)
+        writer.add_scalar("train/lr", trainer.lr, step)
+        grad_norm = trainer.accum.grad_norm
+        if grad_norm is not None:
+            writer.add_scalar("train/grad_norm", float(grad_norm), step)
+
+    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        step, metrics = trainer.state.step, trainer.state.metrics
+        for name, value in metrics.items():
+            writer.add_scalar(f"epoch/{name}", float(value), step)
+        seconds = metrics.get("epoch_time")
+        if seconds and self._samples:
+            writer.add_scalar("epoch/samples_per_sec", self._samples / seconds, step)
+        writer.flush()
+
+    def on_fit_end(self, trainer: AdvancedTrainer) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        hparams: Any = importlib.import_module("torch.utils.tensorboard.summary").hparams
+        hp = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+              for k, v in dict(getattr(trainer, "hparams", None) or {}).items() if v is not None}
+        final = {f"hparam/{k}": float(v) for k, v in trainer.state.metrics.items()}
+        step = trainer.state.step
+        for summary in hparams(hp, final):
+            writer.file_writer.add_summary(summary, step)
+        for tag, value in final.items():
+            writer.add_scalar(tag, value, step)
+        self._close()
+
+    def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        writer, self.writer = self.writer, None
+        try:
+            if writer is not None:
+                writer.close()      # flushes
+        except Exception as exc:  # noqa: BLE001  (never hide the exception that ended training)
+            log.warning("TensorBoardLogger: closing %s failed: %s", self.log_dir, exc)
+
+
+class CSVLogger(Callback):
+    """Append a row per logged step and per epoch to a CSV file, flushed per row. Rank 0 only.
+
+    Columns: ``step``, ``epoch`` (0-based, as in the history), ``kind`` (``step``/``epoch``),
+    ``train_loss`` (the step's loss, or the epoch mean), ``lr``, then the epoch metrics. The header is
+    rewritten (atomically) only when a column first appears: at the first epoch's end. ``fit`` keeps
+    only the rows its checkpoint covers, so a resumed run has no duplicates; a fresh run starts empty.
+
+    Args:
+        path: the CSV file.
+        log_every_n_steps: default: the trainer's ``log_every_n_steps``.
+
+    Example:
+        >>> AdvancedTrainer(..., callbacks=[CSVLogger("runs/exp1/metrics.csv")])
+    """
+
+    BASE = ("step", "epoch", "kind", "train_loss", "lr")
+
+    def __init__(self, path: str | Path, log_every_n_steps: int | None = None) -> None:
+        if not isinstance(path, (str, Path)):
+            raise TypeError(f"CSVLogger(path={path!r}): expected a str or Path file name.")
+        _check_every("CSVLogger", log_every_n_steps)
+        self.path = Path(path)
+        self.log_every_n_steps = log_every_n_steps
+        self.columns: list[str] = list(self.BASE)
+        self._file: TextIO | None = None
+        self._writer: Any = None
+        self._every = 1
+
+    def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        state = trainer.state
+        self.columns, rows = self._read()
+        kept = [r for r in rows if _covered(r, state.step, state.epoch, state.epoch_finished)]
+        if len(kept) < len(rows):
+            log.info("CSVLogger: dropped %d rows of %s past step %d, so this run does not repeat them.",
+                     len(rows) - len(kept), self.path, state.step)
+        self._reopen(kept)
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        state = trainer.state
+        if self._file is not None and state.step % self._every == 0:
+            self._write({"step": state.step, "epoch": state.epoch, "kind": "step",
+                         "train_loss": trainer.loss, "lr": trainer.lr})
+
+    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+        state = trainer.state
+        if self._file is not None:
+            self._write({"step": state.step, "epoch": state.epoch, "kind": "epoch", **state.metrics})
+
+    def on_fit_end(self, trainer: AdvancedTrainer) -> None:
+        self._close()
+
+    def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
+        self._close()
+
+    def _write(self, row: dict[str, Any]) -> None:
+        new = [k for k in row if k not in self.columns]
+        if new:                                   # the first epoch row: widen the header, once
+            self._close()
+            rows = self._read()[1]
+            self.columns += new
+            self._reopen(rows)
+        if self._file is not None:
+            self._writer.writerow(row)
+            self._file.flush()
+
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return list(self.BASE), []
+        with open(self.path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            if header[:len(self.BASE)] != list(self.BASE):
+                raise ValueError(f"CSVLogger: {self.path} exists but is not a torchkeel metrics file "
+                                 f"(header {header[:5]}). Pass a new path.")
+            return header, list(reader)
+
+    def _reopen(self, rows: list[dict[str, str]]) -> None:
+        """Atomically rewrite the file with the current header and ``rows``; open it to append."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, self.columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed later)
+        self._writer = csv.DictWriter(self._file, self.columns, restval="")
+
+    def _close(self) -> None:
+        file, self._file, self._writer = self._file, None, None
+        if file is not None:
+            file.close()
+
+
+def _covered(row: dict[str, str], step: int, epoch: int, epoch_finished: bool) -> bool:
+    """True when a checkpoint at (step, epoch, epoch_finished) already includes this row."""
+    try:
+        row_step, row_epoch = int(row["step"]), int(row["epoch"])
+    except (TypeError, ValueError):
+        return False
+    if row_step > step:
+        return False
+    return row.get("kind") != "epoch" or row_epoch < epoch or (row_epoch == epoch and epoch_finished)
