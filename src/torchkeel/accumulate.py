@@ -78,6 +78,7 @@ class GradientAccumulator:
         self.window_loss: torch.Tensor | None = None   # sum of loss_i * n_i / n_ref, last window
         self.window_ref = 0        # n_ref of the last window: window_loss * window_ref = sum loss_i * n_i
         self.window_samples = 0    # global samples in the last window
+        self.window_micro_batches = 0
         self.grad_norm: torch.Tensor | None = None     # before clipping, last step
         self.nonfinite = False     # the last window had a non-finite loss on some rank
         self.scaler_skipped = False
@@ -156,6 +157,7 @@ class GradientAccumulator:
             raise RuntimeError("GradientAccumulator.step() before any backward() in this window.")
         n_global, self.nonfinite, self.flags = self._agree(self._window_loss, flags)
         self.window_loss, self.window_samples, self.window_ref = self._window_loss, n_global, self._n_ref
+        self.window_micro_batches = self._micro
         self._micro, self._window_n, self._window_loss = 0, 0, None
         self.scaler_skipped = False
         if self.nonfinite:

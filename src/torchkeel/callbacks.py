@@ -187,13 +187,12 @@ class EarlyStopping(Callback):
         value = float(state.metrics[self.monitor])
         reason = self._decide(value, state.epoch, trainer)
         if reason is not None:
-            self.stopping_reason = reason
-            self.stopped_epoch = state.epoch
-            state.should_stop = True
             if self.restore_best_weights and self.best_weights is not None:
                 trainer.unwrapped_model.load_state_dict(self.best_weights)
                 reason += f" Restored the weights of epoch {self.best_epoch}."
-                self.stopping_reason = reason
+            self.stopping_reason, self.stopped_epoch = reason, state.epoch
+            state.should_stop = True
+            state.stop_reason = state.stop_reason or f"EarlyStopping: {reason}"
             log.info("EarlyStopping: %s", reason)
 
     def _decide(self, value: float, epoch: int, trainer: AdvancedTrainer) -> str | None:

@@ -197,7 +197,7 @@ class AdvancedTrainer:
         resume_from: str | None = None,
     ) -> History:
         """Train for ``epochs`` epochs (counting any already done when resuming); return the history."""
-        if not isinstance(epochs, int) or epochs < 1:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"fit(epochs={epochs!r}): epochs must be an int >= 1.")
         _check_loader(train_loader, "train_loader")
         if val_loader is not None:
@@ -268,7 +268,9 @@ class AdvancedTrainer:
         loss = accum.window_loss
         if accum.nonfinite:
             state.skipped_steps += 1
-            where = f"epoch {state.epoch}, batch {state.batch - 1}, optimizer step {state.step}"
+            first = state.batch - accum.window_micro_batches
+            span = f"batch {first}" if accum.window_micro_batches == 1 else f"batches {first}-{state.batch - 1}"
+            where = f"epoch {state.epoch}, {span}, optimizer step {state.step}"
             if self.nan_policy == "raise":
                 raise FloatingPointError(
                     f"Non-finite loss at {where}. Set nan_policy='skip' to skip such steps or 'stop' to end training."
@@ -296,17 +298,13 @@ class AdvancedTrainer:
         """Forward one batch and return its mean loss. Override for custom batches or models."""
         inputs, targets = self._split(batch)
         outputs = self._forward(inputs)
-        if self.criterion is None or targets is None:
-            return _own_loss(outputs, self.state)
-        return self._criterion(outputs, targets)
+        return self._loss(outputs, targets, batch)
 
     def validation_step(self, batch: Any) -> tuple[torch.Tensor, Any, Any]:
         """Forward one validation batch; return ``(loss, outputs, targets)``. Override as needed."""
         inputs, targets = self._split(batch)
         outputs = self._forward(inputs)
-        if self.criterion is None or targets is None:
-            return _own_loss(outputs, self.state), outputs, targets
-        return self._criterion(outputs, targets), outputs, targets
+        return self._loss(outputs, targets, batch), outputs, targets
 
     # ----------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -479,15 +477,26 @@ class AdvancedTrainer:
     def _forward(self, inputs: Any) -> Any:
         return self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
 
-    def _criterion(self, outputs: Any, targets: Any) -> torch.Tensor:
-        assert self.criterion is not None
+    def _loss(self, outputs: Any, targets: Any, batch: Any) -> torch.Tensor:
+        if self.criterion is None:
+            return _own_loss(outputs, self.state)
+        if targets is None:
+            layout = f"dict with keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
+            raise TypeError(
+                f"AdvancedTrainer(criterion=...) needs targets, but the batch at {self._where()} has none "
+                f"({layout}). Yield (inputs, targets), add a 'labels'/'target' key, or leave the criterion out "
+                "when the model returns its own loss."
+            )
         try:
             return self.criterion(outputs, targets)
         except (RuntimeError, ValueError, IndexError) as exc:
             shapes = f"outputs {_shape(outputs)}, targets {_shape(targets)}"
-            where = f"validation batch {self._val_batch}" if self._val_batch is not None \
-                else f"epoch {self.state.epoch}, batch {self.state.batch}"
-            raise type(exc)(f"criterion failed on {where} ({shapes}): {exc}") from exc
+            raise type(exc)(f"criterion failed on {self._where()} ({shapes}): {exc}") from exc
+
+    def _where(self) -> str:
+        if self._val_batch is not None:
+            return f"validation batch {self._val_batch}"
+        return f"epoch {self.state.epoch}, batch {self.state.batch}"
 
     def _check_monitors(self, val_loader: Iterable[Any] | None) -> None:
         names = {"train_loss", "lr", "epoch_time"}

@@ -1,0 +1,238 @@
+"""Shared test parts: a tiny model, a 64-sample dataset, a hook Recorder, and a hand-written loop."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from torchkeel import AdvancedTrainer, Callback
+
+torch.set_num_threads(1)
+
+N_SAMPLES = 64
+IN_FEATURES = 4
+OUT_FEATURES = 2
+
+
+class TinyNet(nn.Module):
+    """4 -> 16 -> 2 MLP; optional dropout so RNG consumption is part of what parity checks."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(IN_FEATURES, 16)
+        self.act = nn.Tanh()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(16, OUT_FEATURES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+def make_model(seed: int = 0, dropout: float = 0.0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet(dropout)
+
+
+def make_dataset(n: int = N_SAMPLES, seed: int = 0) -> TensorDataset:
+    """Regression data with a learnable signal plus noise, so losses differ between batches."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN_FEATURES, generator=g)
+    w = torch.randn(IN_FEATURES, OUT_FEATURES, generator=g)
+    y = x @ w + 0.3 * torch.randn(n, OUT_FEATURES, generator=g)
+    return TensorDataset(x, y)
+
+
+def loader(dataset: Any, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_params_equal(a: nn.Module | list[torch.Tensor], b: nn.Module | list[torch.Tensor]) -> None:
+    pa = params_of(a) if isinstance(a, nn.Module) else a
+    pb = params_of(b) if isinstance(b, nn.Module) else b
+    assert len(pa) == len(pb)
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        assert torch.equal(x, y), f"parameter {i} differs: max abs diff {(x - y).abs().max().item():.3e}"
+
+
+def assert_params_close(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
+    for i, (x, y) in enumerate(zip(a.parameters(), b.parameters())):
+        assert torch.allclose(x, y, atol=atol, rtol=0), \
+            f"parameter {i} differs: max abs diff {(x - y).abs().max().item():.3e}"
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """A deep copy of the optimizer's state_dict (tensors cloned)."""
+    return copy.deepcopy(opt.state_dict())
+
+
+def assert_state_equal(a: Any, b: Any, path: str = "state") -> None:
+    """Recursive equality for state_dict-like nests of tensors, numbers, lists and dicts."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path} keys differ: {set(a) ^ set(b)}"
+        for k in a:
+            assert_state_equal(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path} lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_state_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+class Recorder(Callback):
+    """Logs every hook it receives, with the optimizer step and batch count at that moment."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.steps: list[tuple[int, int]] = []   # (state.step, state.batch) at each on_step_end
+        self.exceptions: list[BaseException] = []
+
+    def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
+        self.calls.append("on_fit_begin")
+
+    def on_epoch_begin(self, trainer: AdvancedTrainer) -> None:
+        self.calls.append("on_epoch_begin")
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        self.calls.append("on_step_end")
+        self.steps.append((trainer.state.step, trainer.state.batch))
+
+    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+        self.calls.append("on_epoch_end")
+
+    def on_fit_end(self, trainer: AdvancedTrainer) -> None:
+        self.calls.append("on_fit_end")
+
+    def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
+        self.calls.append("on_exception")
+        self.exceptions.append(exc)
+
+
+class Scripted:
+    """A torchmetrics-style metric whose compute() returns the next scripted value, once per validate()."""
+
+    def __init__(self, values: Iterable[float]) -> None:
+        self.values = list(values)
+        self.calls = 0
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        pass
+
+    def compute(self) -> float:
+        value = self.values[min(self.calls, len(self.values) - 1)]
+        self.calls += 1
+        return value
+
+
+class Snapshots(Callback):
+    """Copies of the model's weights at each epoch end (runs before EarlyStopping in the callback order)."""
+
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+        self.by_epoch[trainer.state.epoch] = {
+            k: v.detach().clone() for k, v in trainer.unwrapped_model.state_dict().items()
+        }
+
+
+def hand_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: Iterable[Any],
+    epochs: int,
+    criterion: Callable[..., torch.Tensor] | None = None,
+    accumulation_steps: int = 1,
+    amp: bool = False,
+    max_grad_norm: float | None = None,
+    scheduler: Any = None,
+) -> list[float]:
+    """The training loop one writes by hand; returns the sample-weighted mean loss of each epoch.
+
+    With accumulation it divides each loss by k, so use it only where every window is full.
+    """
+    criterion = criterion or nn.MSELoss()
+    epoch_losses = []
+    for _ in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        n_batches = len(train_loader)  # type: ignore[arg-type]
+        assert n_batches % accumulation_steps == 0, "hand_loop: short windows are not handled here"
+        for i, (x, y) in enumerate(train_loader):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = criterion(model(x), y)
+            (loss / accumulation_steps if accumulation_steps > 1 else loss).backward()
+            total += loss.item() * len(x)
+            count += len(x)
+            if (i + 1) % accumulation_steps == 0:
+                if max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
+        epoch_losses.append(total / count)
+    return epoch_losses
+
+
+@pytest.fixture
+def dataset() -> TensorDataset:
+    return make_dataset()
+
+
+@pytest.fixture
+def model() -> TinyNet:
+    return make_model()
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def make_trainer() -> Callable[..., AdvancedTrainer]:
+    """AdvancedTrainer with test defaults: TinyNet, SGD(lr=0.1), MSELoss, no progress output."""
+
+    def build(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+              **kwargs: Any) -> AdvancedTrainer:
+        model = model if model is not None else make_model()
+        optimizer = optimizer if optimizer is not None else torch.optim.SGD(model.parameters(), lr=0.1)
+        kwargs.setdefault("criterion", nn.MSELoss())
+        kwargs.setdefault("progress", False)
+        kwargs.setdefault("device", "cpu")
+        return AdvancedTrainer(model=model, optimizer=optimizer, **kwargs)
+
+    return build
+
+
+class RecordingSGD(torch.optim.SGD):
+    """A real SGD that keeps a copy of the gradients it steps with (after any clipping)."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, lr=lr)
+        self.seen: list[list[torch.Tensor]] = []
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        self.seen.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return super().step(closure)
+
+
+def total_norm(grads: list[torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
