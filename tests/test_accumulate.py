@@ -239,3 +239,22 @@ def test_trainer_and_accumulator_agree():
         train_loader=loader(make_dataset(70), 8), epochs=1)
     model, _, _ = accumulate_by_hand(70, 8, 4, max_grad_norm=0.05)
     assert_params_equal(ours, model)
+
+
+def test_a_step_skipped_by_the_grad_scaler_is_reported_and_leaves_the_weights():
+    """GradScaler (CPU build, real overflow): the skipped step is reported, the optimizer never steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    acc = GradientAccumulator(model, opt, accumulation_steps=1, scaler=scaler, max_grad_norm=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.full((2, 4), 1e34)          # loss finite, loss * 2**16 overflows: inf gradients
+    acc.backward(model(x).sum().abs(), num_samples=2)
+    assert acc.step() is False
+    assert acc.scaler_skipped and not acc.nonfinite
+    assert scaler.get_scale() < 2.0**16
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    acc.backward(torch.nn.functional.mse_loss(model(torch.ones(2, 4)), torch.zeros(2, 1)), num_samples=2)
+    assert acc.step() is True and not acc.scaler_skipped
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

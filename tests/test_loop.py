@@ -692,3 +692,20 @@ def test_no_host_read_per_micro_batch(make_trainer, host_reads, progress):
     assert value_reads <= 2 * epochs, f"loss read to the host per step: {host_reads}"
     # at most one small flag per optimizer step (the non-finite check), none per micro-batch
     assert host_reads["__bool__"] + host_reads["numpy"] <= steps, host_reads
+
+
+def test_a_step_the_grad_scaler_skips_is_counted_and_does_not_step_the_scheduler():
+    """float16 AMP's skip path, exercised with a real CPU GradScaler and a real overflow."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    trainer = AdvancedTrainer(model=model, optimizer=opt, criterion=torch.nn.L1Loss(), scheduler=sched,
+                              scheduler_interval="step", progress=False)
+    trainer.scaler = trainer.accum.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    huge = (torch.full((2, 4), 1e34), torch.zeros(2, 1))     # finite loss, overflowing scaled gradients
+    fine = (torch.ones(2, 4), torch.zeros(2, 1))
+    trainer.fit(train_loader=[huge, fine, fine], epochs=1)
+    assert trainer.state.skipped_steps == 1
+    assert trainer.state.step == 2
+    assert sched.last_epoch == 2 and opt.param_groups[0]["lr"] == 0.1 * 0.5**2
