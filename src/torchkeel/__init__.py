@@ -6,6 +6,9 @@ __version__ = "0.1.0"
 
 from torchkeel.accumulate import GradientAccumulator
 from torchkeel.callbacks import Callback, EarlyStopping, LRScheduler, Stateful
+from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel.io import CheckpointError, CheckpointWriteError
+from torchkeel.io import load as load_checkpoint
 from torchkeel.loop import AdvancedTrainer, History, State
 from torchkeel.resume import EXIT_PREEMPTED, Preempted
 
@@ -13,12 +16,16 @@ __all__ = [
     "EXIT_PREEMPTED",
     "AdvancedTrainer",
     "Callback",
+    "CheckpointError",
+    "CheckpointWriteError",
     "EarlyStopping",
     "GradientAccumulator",
     "History",
     "LRScheduler",
+    "ModelCheckpoint",
     "Preempted",
     "State",
     "Stateful",
     "__version__",
+    "load_checkpoint",
 ]

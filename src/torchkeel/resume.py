@@ -155,7 +155,7 @@ def trainer_state(trainer: AdvancedTrainer) -> dict[str, Any]:
         dist.all_gather_object(ranks, here)
     return {
         "format": FORMAT,
-        "versions": {"torchkeel": __version__, "torch": torch.__version__},
+        "versions": {"torchkeel": __version__, "torch": str(torch.__version__)},
         "model": trainer.unwrapped_model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
