@@ -430,12 +430,21 @@ class AdvancedTrainer:
         self.state.stop_reason = self.state.stop_reason or reason
 
     def _stop_agreed(self, sync: bool = False) -> bool:
-        """Stop only on a decision every rank shares: flags travel in the step's all-reduce."""
-        if self.world_size == 1 or not sync:
+        """Stop only on a decision every rank shares.
+
+        Between micro-batches (``sync=False``) the flags of the last step's all-reduce decide; at an
+        epoch's end (``sync=True``) one more all-reduce agrees on stop requests and signals.
+        """
+        if not sync:
             return self.state.should_stop and (self.world_size == 1 or self._agreed_stop)
-        t = torch.tensor([float(self.state.should_stop)], device=self.device)
-        dist.all_reduce(t)
-        if t.item() > 0:
+        flags = [float(self.state.should_stop), float(self._signal.received)]
+        if self.world_size > 1:
+            t = torch.tensor(flags, device=self.device)
+            dist.all_reduce(t)
+            flags = t.tolist()
+        if flags[1] > 0:
+            resume.on_signal(self)
+        if flags[0] > 0:
             self._request_stop("a stop was requested on another rank")
         return self.state.should_stop
 
