@@ -6,22 +6,18 @@ import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from torchkeel import io
-from torchkeel.callbacks import Callback, EarlyStopping, Mode, infer_mode, is_improvement
+from torchkeel import io, runs
+from torchkeel.callbacks import Callback, EarlyStopping, Mode, infer_mode
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
 log = logging.getLogger("torchkeel")
-
-_VERSION = re.compile(r"^version_(\d+)$")
-
 
 class ModelCheckpoint(Callback):
     """Save versioned checkpoints with full state; keep the best ``save_top_k`` and the last.
@@ -31,7 +27,8 @@ class ModelCheckpoint(Callback):
     plus its manifest; ``last.json`` in the run folder names the newest.
 
     Args:
-        save_dir: root folder for this experiment's runs.
+        save_dir: root folder for this experiment's runs; default: the trainer's run folder
+            (``AdvancedTrainer(log_dir=...)``) ``/checkpoints``, else ``checkpoints``.
         monitor: metric ranking the checkpoints; ``None`` keeps the newest ``save_top_k``.
         mode: ``'min'``, ``'max'`` or ``'auto'``.
         save_top_k: how many best checkpoints to keep; ``-1`` keeps all, ``0`` none (only last).
@@ -52,7 +49,7 @@ class ModelCheckpoint(Callback):
 
     def __init__(
         self,
-        save_dir: str | os.PathLike[str] = "checkpoints",
+        save_dir: str | os.PathLike[str] | None = None,
         monitor: str | None = "val_loss",
         mode: Mode = "min",
         save_top_k: int = 1,
@@ -72,7 +69,8 @@ class ModelCheckpoint(Callback):
             raise ValueError(f"ModelCheckpoint(every_n_steps={every_n_steps!r}): must be an int >= 1 or None.")
         if filename is not None and ("{" not in filename and "}" not in filename) and "/" in filename:
             raise ValueError(f"ModelCheckpoint(filename={filename!r}): a file name, not a path.")
-        self.root_dir = Path(save_dir)
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.root_dir = self.save_dir if self.save_dir is not None else Path("checkpoints")
         self.monitor = monitor
         self.mode = infer_mode(monitor, mode, "ModelCheckpoint") if monitor else "min"
         self.save_top_k = save_top_k
@@ -98,9 +96,7 @@ class ModelCheckpoint(Callback):
     # ------------------------------------------------------------------------------- hooks
     def resumed_from(self, path: str | os.PathLike[str]) -> None:
         """Continue writing in the run folder of ``path`` when it is one of ours."""
-        parent = Path(path).resolve().parent
-        if parent.parent == self.root_dir.resolve() and _VERSION.match(parent.name):
-            self._resumed_dir = parent
+        self._resumed_dir = runs.version_dir_of(path, self.root_dir)
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         for cb in trainer.callbacks:
@@ -108,7 +104,7 @@ class ModelCheckpoint(Callback):
                 log.warning("ModelCheckpoint(mode=%r) and EarlyStopping(mode=%r) disagree on %r: one of them "
                             "keeps the worst values.", self.mode, cb.mode, self.monitor)
         if self.dirpath is None:
-            chosen = [str(self._resumed_dir or self._new_version_dir())]
+            chosen = [str(self._resumed_dir or runs.next_version(self.root_dir))]
             if trainer.world_size > 1:              # rank 0 picks the folder for everyone
                 dist.broadcast_object_list(chosen, src=0)
             self.dirpath = Path(chosen[0])
@@ -213,11 +209,6 @@ class ModelCheckpoint(Callback):
         if self.dirpath is None:
             raise RuntimeError("ModelCheckpoint has no run folder before fit() begins.")
         return self.dirpath
-
-    def _new_version_dir(self) -> Path:
-        taken = [int(m.group(1)) for p in (self.root_dir.iterdir() if self.root_dir.is_dir() else [])
-                 if (m := _VERSION.match(p.name))]
-        return self.root_dir / f"version_{max(taken, default=-1) + 1}"
 
     # ------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import resume
+from torchkeel import batching, resume, runs
 from torchkeel.accumulate import GradientAccumulator
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
+from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel.runs import FitSummary
 
 log = logging.getLogger("torchkeel")
 
@@ -85,6 +89,8 @@ class AdvancedTrainer:
         nan_policy: on a non-finite loss, ``'raise'``, ``'skip'`` the step, or ``'stop'`` training.
         progress: show a progress bar (rank 0, terminal) or one line per epoch (otherwise).
         log_every_n_steps: how often callbacks that log read the loss to the host.
+        log_dir: write each fit to ``<log_dir>/<run_name>/version_N/`` (see ``torchkeel.runs``).
+        run_name: the experiment's folder name under ``log_dir``.
 
     Example:
         >>> trainer = AdvancedTrainer(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss())
@@ -113,8 +119,10 @@ class AdvancedTrainer:
         nan_policy: NanPolicy = "raise",
         progress: bool = True,
         log_every_n_steps: int = 50,
+        log_dir: str | os.PathLike[str] | None = None,
+        run_name: str = "default",
     ) -> None:
-        model, device = _resolve_model(model, device)
+        model, device = batching.resolve_model(model, device)
         if not isinstance(model, nn.Module):
             raise TypeError(f"AdvancedTrainer(model=...): expected an nn.Module, got {type(model).__name__}.")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -145,7 +153,7 @@ class AdvancedTrainer:
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.is_global_zero = self.rank == 0
-        self.amp_dtype = _resolve_amp(use_amp, amp_dtype, device)
+        self.amp_dtype = batching.resolve_amp(use_amp, amp_dtype, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.accum = GradientAccumulator(
             model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value
@@ -157,10 +165,15 @@ class AdvancedTrainer:
             self.callbacks.append(LRScheduler(scheduler, scheduler_interval, scheduler_monitor))
         self.callbacks += list(callbacks)
         if progress:
-            from torchkeel.loggers import ProgressBar   # lazy: tqdm itself loads only on a terminal
+            from torchkeel.loggers import ProgressBar  # lazy: tqdm itself loads only on a terminal
 
             self.callbacks.append(ProgressBar())
         self.callbacks += [cb for cb in (early_stopping, checkpoint) if cb is not None]
+        self._summary = FitSummary(show=progress)
+        self.callbacks.append(self._summary)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.run_name = run_name
+        self.run_dir: Path | None = None
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"AdvancedTrainer(callbacks=...): {cb!r} is not a torchkeel.Callback.")
@@ -199,20 +212,20 @@ class AdvancedTrainer:
         """Train for ``epochs`` epochs (counting any already done when resuming); return the history."""
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"fit(epochs={epochs!r}): epochs must be an int >= 1.")
-        _check_loader(train_loader, "train_loader")
+        batching.check_loader(train_loader, "train_loader")
         if val_loader is not None:
-            _check_loader(val_loader, "val_loader")
+            batching.check_loader(val_loader, "val_loader")
         self._check_monitors(val_loader)
-        hooks = {h: [cb for cb in self.callbacks if overrides(cb, h)] for h in HOOKS}
         state = self.state
-        self.max_epochs, self.num_batches = epochs, _len(train_loader)
+        self.max_epochs, self.num_batches = epochs, batching.num_batches(train_loader)
         self.batch_size: int | None = getattr(train_loader, "batch_size", None)
         if self.world_size > 1:
             self._check_even(train_loader, "train_loader")
+        resumed = resume.resume(self, resume_from) if resume_from is not None else None
+        callbacks = self.callbacks + self._run_folder(resumed)
+        hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
         try:
             with self._signal.installed():
-                if resume_from is not None:
-                    resume.resume(self, resume_from)
                 for cb in hooks["on_fit_begin"]:
                     cb.on_fit_begin(self)
                 start = state.epoch + 1 if state.epoch_finished else state.epoch
@@ -249,11 +262,11 @@ class AdvancedTrainer:
         """One micro-batch; at a window's end, the optimizer step. True once the optimizer stepped."""
         state = self.state
         if self._move:
-            batch = _to_device(batch, self.device)
+            batch = batching.to_device(batch, self.device)
         with self.accum.no_sync(), self._autocast():
             loss = self.training_step(batch)
         state.batch += 1
-        self.accum.backward(loss, _batch_size(batch))
+        self.accum.backward(loss, batching.batch_size(batch))
         if not self.accum.window_full:
             return False
         return self._after_window(self.accum.step(self._local_flags()))
@@ -321,10 +334,10 @@ class AdvancedTrainer:
         try:
             for self._val_batch, batch in enumerate(loader):
                 if self._move:
-                    batch = _to_device(batch, self.device)
+                    batch = batching.to_device(batch, self.device)
                 with self._autocast():
                     loss, outputs, targets = self.validation_step(batch)
-                n = _batch_size(batch)
+                n = batching.batch_size(batch)
                 count += n
                 sums[0] += loss.detach().double() * n
                 for i, fn in enumerate(fns.values(), start=1):
@@ -354,10 +367,10 @@ class AdvancedTrainer:
         try:
             for batch in loader:
                 if self._move:
-                    batch = _to_device(batch, self.device)
+                    batch = batching.to_device(batch, self.device)
                 inputs = batch if isinstance(batch, (torch.Tensor, Mapping)) else self._split(batch)[0]
                 with self._autocast():
-                    outs.append(_to_device(self._forward(inputs), torch.device("cpu")))
+                    outs.append(batching.to_device(self._forward(inputs), torch.device("cpu")))
         finally:
             self.model.train(was_training)
         return torch.cat(outs) if outs and all(isinstance(o, torch.Tensor) for o in outs) else outs
@@ -391,6 +404,25 @@ class AdvancedTrainer:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         resume.load_trainer_state(self, state_dict)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The last fit's summary: status, best/last metrics, epochs, time, throughput, paths."""
+        return self._summary.summary
+
+    def _run_folder(self, resumed: Path | None) -> list[Callback]:
+        """Pick ``run_dir`` (the resumed run's folder, else the next version) and its callbacks."""
+        if self.log_dir is None:
+            return []
+        root = self.log_dir / self.run_name
+        chosen = [str((resumed and runs.version_dir_of(resumed, root)) or runs.next_version(root))]
+        if self.world_size > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        self.run_dir = Path(chosen[0])
+        if isinstance(self.checkpoint, ModelCheckpoint) and self.checkpoint.dirpath is None \
+                and self.checkpoint.save_dir is None:
+            self.checkpoint.dirpath = self.run_dir / "checkpoints"
+        return runs.run_callbacks(self, self.run_dir, self._summary)
 
     def _begin_epoch(self, epoch: int, loader: Iterable[Any]) -> None:
         state = self.state
@@ -455,7 +487,7 @@ class AdvancedTrainer:
 
     def _check_even(self, loader: Iterable[Any], name: str) -> None:
         """Every rank must run the same number of batches, or a collective would wait forever."""
-        n = _len(loader)
+        n = batching.num_batches(loader)
         if n is None:
             return
         t = torch.tensor([n, -n], dtype=torch.int64, device=self.device)
@@ -488,7 +520,7 @@ class AdvancedTrainer:
 
     def _loss(self, outputs: Any, targets: Any, batch: Any) -> torch.Tensor:
         if self.criterion is None:
-            return _own_loss(outputs, self.state)
+            return batching.own_loss(outputs, self.state)
         if targets is None:
             layout = f"dict with keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
             raise TypeError(
@@ -499,7 +531,7 @@ class AdvancedTrainer:
         try:
             return self.criterion(outputs, targets)
         except (RuntimeError, ValueError, IndexError) as exc:
-            shapes = f"outputs {_shape(outputs)}, targets {_shape(targets)}"
+            shapes = f"outputs {batching.shape(outputs)}, targets {batching.shape(targets)}"
             raise type(exc)(f"criterion failed on {self._where()} ({shapes}): {exc}") from exc
 
     def _where(self) -> str:
@@ -519,96 +551,3 @@ class AdvancedTrainer:
                     f"{type(cb).__name__}: monitor={monitor!r} will never be computed{hint}. "
                     f"Metrics this fit computes: {', '.join(sorted(names))}."
                 )
-
-
-# --------------------------------------------------------------------------- module helpers
-def _resolve_model(model: Any, device: str | torch.device | None) -> tuple[Any, torch.device]:
-    inner = getattr(model, "model", None)
-    if not isinstance(model, nn.Module) and isinstance(inner, nn.Module):   # a DistributedTrainer
-        device = device or getattr(model, "device", None)
-        model = inner
-    if device is None:
-        first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-        on_cuda = first is not None and first.device.type == "cuda"
-        device = first.device if on_cuda else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if isinstance(model, nn.Module) and not isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model.to(device)
-    return model, device
-
-
-def _resolve_amp(use_amp: bool, amp_dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    if amp_dtype is not None and amp_dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(
-            f"AdvancedTrainer(amp_dtype={amp_dtype!r}): use torch.bfloat16 or torch.float16, or leave it None."
-        )
-    if not use_amp:
-        return None
-    dtype = amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError(
-            f"AdvancedTrainer(amp_dtype=torch.float16): float16 autocast needs a CUDA device, got device={str(device)!r}. "
-            "Use amp_dtype=torch.bfloat16 on this device."
-        )
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(
-            "AdvancedTrainer(amp_dtype=torch.bfloat16): this GPU cannot do bfloat16. Use amp_dtype=torch.float16."
-        )
-    return dtype
-
-
-def _check_loader(loader: Any, name: str) -> None:
-    if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
-        raise TypeError(f"fit({name}=...): expected an iterable of batches such as a DataLoader, "
-                        f"got {type(loader).__name__}.")
-    if _len(loader) == 0:
-        raise ValueError(f"fit({name}=...): the loader has no batches (len 0). "
-                         "Check the dataset size and drop_last.")
-
-
-def _len(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            if isinstance(item, torch.Tensor) and item.dim():
-                return int(item.shape[0])
-            if isinstance(item, (list, tuple, Mapping)):
-                return _batch_size(item)
-    return 1
-
-
-def _own_loss(outputs: Any, state: State) -> torch.Tensor:
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", outputs)
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise TypeError(
-            f"With criterion=None the model must return a scalar loss, a dict with 'loss' or an object with "
-            f".loss; got {_shape(outputs)} at epoch {state.epoch}, batch {state.batch}. "
-            "Pass criterion=... or override training_step(batch)."
-        )
-    return loss
-
-
-def _shape(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"shape {tuple(x.shape)} {x.dtype}"
-    return type(x).__name__

@@ -14,6 +14,7 @@ import signal
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from itertools import chain
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -255,32 +256,45 @@ class SignalFlag:
 
 
 # ----------------------------------------------------------------------------- entry points
-def resume(trainer: AdvancedTrainer, resume_from: str) -> None:
-    """Load ``resume_from`` (a path, ``'last'`` or ``'auto'``) into the trainer before training."""
+def search_roots(trainer: AdvancedTrainer) -> list[Path]:
+    """Where ``resume_from='last'|'auto'`` looks: the checkpoint root and the run folders."""
+    ckpt_cb, roots = trainer.checkpoint, []
+    if ckpt_cb is not None and getattr(ckpt_cb, "save_dir", None) is not None:
+        roots.append(Path(ckpt_cb.save_dir))
+    if trainer.log_dir is not None:
+        roots.append(trainer.log_dir / trainer.run_name)
+    elif ckpt_cb is not None and getattr(ckpt_cb, "root_dir", None) is not None:
+        roots.append(Path(ckpt_cb.root_dir))
+    return roots
+
+
+def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
+    """Load ``resume_from`` (a path, ``'last'`` or ``'auto'``) into the trainer; return the path loaded."""
     from torchkeel import io
 
-    ckpt_cb = trainer.checkpoint
-    save_dir = getattr(ckpt_cb, "root_dir", None)
     if resume_from in ("last", "auto"):
-        if save_dir is None:
-            raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(save_dir=...) "
-                             "to know where to look, or pass a checkpoint path.")
-        path, skipped = io.find_latest(save_dir)
+        roots = search_roots(trainer)
+        if not roots:
+            raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(...) or "
+                             "log_dir=... to know where to look, or pass a checkpoint path.")
+        path, skipped = io.find_latest(roots)
         for reason in skipped:
             log.warning("resume_from=%r skipped %s", resume_from, reason)
         if path is None:
+            where = ", ".join(map(str, roots))
             if resume_from == "last":
-                raise FileNotFoundError(f"fit(resume_from='last'): no valid checkpoint under {save_dir}. "
+                raise FileNotFoundError(f"fit(resume_from='last'): no valid checkpoint under {where}. "
                                         "Use resume_from='auto' to start fresh when there is none.")
-            log.info("resume_from='auto': no checkpoint under %s, starting fresh.", save_dir)
-            return
+            log.info("resume_from='auto': no checkpoint under %s, starting fresh.", where)
+            return None
     else:
-        path = resume_from
+        path = Path(resume_from)
     ckpt = io.load(path)
     load_trainer_state(trainer, ckpt, source=str(path))
-    if ckpt_cb is not None and hasattr(ckpt_cb, "resumed_from"):
-        ckpt_cb.resumed_from(path)
+    if trainer.checkpoint is not None and hasattr(trainer.checkpoint, "resumed_from"):
+        trainer.checkpoint.resumed_from(path)
     log.info("Resumed from %s at epoch %d, step %d.", path, trainer.state.epoch, trainer.state.step)
+    return Path(path)
 
 
 def on_signal(trainer: AdvancedTrainer) -> None:

@@ -1,0 +1,103 @@
+"""Batches, devices and precision: the small pure helpers the loop uses."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from torchkeel.loop import State
+
+def resolve_model(model: Any, device: str | torch.device | None) -> tuple[Any, torch.device]:
+    inner = getattr(model, "model", None)
+    if not isinstance(model, nn.Module) and isinstance(inner, nn.Module):   # a DistributedTrainer
+        device = device or getattr(model, "device", None)
+        model = inner
+    if device is None:
+        first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+        on_cuda = first is not None and first.device.type == "cuda"
+        device = first.device if on_cuda else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if isinstance(model, nn.Module) and not isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model.to(device)
+    return model, device
+
+
+def resolve_amp(use_amp: bool, amp_dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    if amp_dtype is not None and amp_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"AdvancedTrainer(amp_dtype={amp_dtype!r}): use torch.bfloat16 or torch.float16, or leave it None."
+        )
+    if not use_amp:
+        return None
+    dtype = amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError(
+            f"AdvancedTrainer(amp_dtype=torch.float16): float16 autocast needs a CUDA device, got device={str(device)!r}. "
+            "Use amp_dtype=torch.bfloat16 on this device."
+        )
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            "AdvancedTrainer(amp_dtype=torch.bfloat16): this GPU cannot do bfloat16. Use amp_dtype=torch.float16."
+        )
+    return dtype
+
+
+def check_loader(loader: Any, name: str) -> None:
+    if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
+        raise TypeError(f"fit({name}=...): expected an iterable of batches such as a DataLoader, "
+                        f"got {type(loader).__name__}.")
+    if num_batches(loader) == 0:
+        raise ValueError(f"fit({name}=...): the loader has no batches (len 0). "
+                         "Check the dataset size and drop_last.")
+
+
+def num_batches(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            if isinstance(item, torch.Tensor) and item.dim():
+                return int(item.shape[0])
+            if isinstance(item, (list, tuple, Mapping)):
+                return batch_size(item)
+    return 1
+
+
+def own_loss(outputs: Any, state: State) -> torch.Tensor:
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", outputs)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TypeError(
+            f"With criterion=None the model must return a scalar loss, a dict with 'loss' or an object with "
+            f".loss; got {shape(outputs)} at epoch {state.epoch}, batch {state.batch}. "
+            "Pass criterion=... or override training_step(batch)."
+        )
+    return loss
+
+
+def shape(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)} {x.dtype}"
+    return type(x).__name__

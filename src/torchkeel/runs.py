@@ -1,0 +1,165 @@
+"""Run folders and the end-of-fit summary.
+
+``AdvancedTrainer(log_dir="runs", run_name="mnist")`` writes each fit to
+``runs/mnist/version_N/``::
+
+    hparams.json      trainer configuration and hyperparameters (at fit start)
+    metrics.csv       one row per logged step and per epoch (CSVLogger)
+    tensorboard/      TensorBoard events (when tensorboard is installed)
+    checkpoints/      ModelCheckpoint's files when it was given no save_dir of its own
+    summary.json      status, best and last metrics, epochs, time, throughput (at fit end)
+
+A new fit takes the next free ``version_N``; a resumed fit continues in the folder it resumed from.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torchkeel import io
+from torchkeel.callbacks import Callback
+
+if TYPE_CHECKING:
+    from torchkeel.loop import AdvancedTrainer
+
+log = logging.getLogger("torchkeel")
+
+_VERSION = re.compile(r"^version_(\d+)$")
+STATUS_FINISHED, STATUS_STOPPED, STATUS_INTERRUPTED, STATUS_FAILED = (
+    "finished", "stopped early", "interrupted", "failed")
+
+
+def next_version(root: Path) -> Path:
+    """``root/version_N`` with N one past the highest existing."""
+    taken = [int(m.group(1)) for p in (root.iterdir() if root.is_dir() else []) if (m := _VERSION.match(p.name))]
+    return root / f"version_{max(taken, default=-1) + 1}"
+
+
+def version_dir_of(path: str | Path, root: Path) -> Path | None:
+    """The ``version_N`` folder under ``root`` that holds ``path``, if any."""
+    p, root = Path(path).resolve(), root.resolve()
+    for parent in p.parents:
+        if parent.parent == root and _VERSION.match(parent.name):
+            return parent
+    return None
+
+
+class FitSummary(Callback):
+    """Log a short table when fit ends: status, best/last metrics, epochs, time, throughput, paths.
+
+    Example:
+        >>> AdvancedTrainer(..., callbacks=[FitSummary()])   # on by default with progress=True
+    """
+
+    def __init__(self, show: bool = True) -> None:
+        self.show = show
+        self.summary: dict[str, Any] = {}
+        self._start = 0.0
+        self._samples = 0
+        self._epochs = 0
+
+    def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
+        self._start, self._samples, self._epochs = time.perf_counter(), 0, 0
+
+    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+        self._samples += trainer._epoch_samples
+        self._epochs += 1
+
+    def on_fit_end(self, trainer: AdvancedTrainer) -> None:
+        self._finish(trainer, STATUS_STOPPED if trainer.state.should_stop else STATUS_FINISHED)
+
+    def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        self._finish(trainer, STATUS_INTERRUPTED if interrupted else STATUS_FAILED, exc)
+
+    def _finish(self, trainer: AdvancedTrainer, status: str, exc: BaseException | None = None) -> None:
+        seconds = time.perf_counter() - self._start
+        self.summary = build_summary(trainer, status, seconds, self._samples, self._epochs, exc)
+        if trainer.is_global_zero and self.show:
+            log.info(format_summary(self.summary))
+
+
+def build_summary(trainer: AdvancedTrainer, status: str, seconds: float, samples: int, epochs_run: int,
+                  exc: BaseException | None = None) -> dict[str, Any]:
+    """Plain, JSON-serializable facts about a finished (or ended) fit."""
+    history, ckpt = trainer.history, trainer.checkpoint
+    monitor = getattr(ckpt, "monitor", None) or getattr(trainer.early_stopping, "monitor", None)
+    best: dict[str, Any] = {}
+    if monitor and history.get(monitor):
+        values = [(v, i) for i, v in enumerate(history[monitor]) if v is not None and not math.isnan(v)]
+        mode = getattr(ckpt, "mode", None) or getattr(trainer.early_stopping, "mode", "min")
+        if values:
+            value, i = (min if mode == "min" else max)(values)
+            best = {"metric": monitor, "value": value, "epoch": history["epoch"][i]}
+    reason = trainer.state.stop_reason or (f"{type(exc).__name__}: {exc}" if exc is not None else None)
+    paths = {"run_dir": getattr(trainer, "run_dir", None),
+             "best_checkpoint": getattr(ckpt, "best_model_path", None) or None,
+             "last_checkpoint": getattr(ckpt, "last_model_path", None) or None}
+    return {
+        "status": status, "reason": reason, "epochs_run": epochs_run,
+        "epochs_total": len(history.get("epoch", [])), "steps": trainer.state.step,
+        "skipped_steps": trainer.state.skipped_steps, "seconds": round(seconds, 3),
+        "samples_per_sec": round(samples / seconds, 1) if seconds > 0 else None,
+        "best": best, "last": dict(trainer.state.metrics),
+        "paths": {k: str(v) for k, v in paths.items() if v},
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The summary as a few aligned lines."""
+    rows = [("status", s["status"] + (f" ({s['reason']})" if s["reason"] else "")),
+            ("epochs", f"{s['epochs_run']} run, {s['epochs_total']} in total; {s['steps']} optimizer steps"
+                       + (f", {s['skipped_steps']} skipped" if s["skipped_steps"] else "")),
+            ("time", f"{s['seconds']:.1f}s" + (f", {s['samples_per_sec']:.0f} samples/s" if s["samples_per_sec"] else ""))]
+    if s["best"]:
+        b = s["best"]
+        rows.append(("best", f"{b['metric']} {b['value']:.4g} at epoch {b['epoch'] + 1}"))
+    if s["last"]:
+        rows.append(("last", "  ".join(f"{k} {v:.4g}" for k, v in s["last"].items() if k != "epoch_time")))
+    rows += [(k.replace("_", " "), v) for k, v in s["paths"].items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["fit summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+class RunFolder(Callback):
+    """Writes ``hparams.json`` at fit start and ``summary.json`` at fit end into ``trainer.run_dir``."""
+
+    def __init__(self, run_dir: Path, summary: FitSummary) -> None:
+        self.run_dir = run_dir
+        self._summary = summary
+
+    def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
+        if trainer.is_global_zero:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            io.write_text_atomic(self.run_dir / "hparams.json", json.dumps(trainer.hparams, indent=2, default=str))
+
+    def on_fit_end(self, trainer: AdvancedTrainer) -> None:
+        self._write(trainer)
+
+    def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer: AdvancedTrainer) -> None:
+        if trainer.is_global_zero and self._summary.summary:
+            text = json.dumps(self._summary.summary, indent=2, default=str, allow_nan=True)
+            io.write_text_atomic(self.run_dir / "summary.json", text)
+
+
+def run_callbacks(trainer: AdvancedTrainer, run_dir: Path, summary: FitSummary) -> list[Callback]:
+    """The callbacks that fill a run folder: CSV metrics, TensorBoard when installed, the JSON files."""
+    from torchkeel.loggers import CSVLogger, TensorBoardLogger
+
+    out: list[Callback] = [CSVLogger(run_dir / "metrics.csv")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        out.append(TensorBoardLogger(run_dir / "tensorboard"))
+    else:
+        log.info("Run folder %s: no TensorBoard events (pip install 'torchkeel[tensorboard]').", run_dir)
+    out.append(RunFolder(run_dir, summary))
+    return out
