@@ -1,0 +1,132 @@
+"""One training script for every scale: plain `python ddp_train.py` or `torchrun --nproc_per_node 2`.
+
+Writes <out>/result-rank<R>.pt with the final weights, the history and the state, so tests can
+compare a 2-rank run against a 1-process run and the ranks against each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import torchkeel
+from torchkeel import AdvancedTrainer, Callback, EarlyStopping, ModelCheckpoint
+from torchkeel.distributed import DistributedTrainer
+
+
+class StopOn(Callback):
+    """Requests a stop on one rank only, at the end of one epoch."""
+
+    def __init__(self, rank: int, epoch: int) -> None:
+        self.rank, self.epoch = rank, epoch
+
+    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+        if trainer.rank == self.rank and trainer.state.epoch == self.epoch:
+            trainer.state.should_stop = True
+
+
+class Slow(Callback):
+    """Slows steps down so a test can send a signal mid-training; announces readiness."""
+
+    def __init__(self, out: Path, seconds: float) -> None:
+        self.out, self.seconds = out, seconds
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        if trainer.state.step == 3:
+            (self.out / f"ready-rank{trainer.rank}").write_text(str(os.getpid()))
+        time.sleep(self.seconds)
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        if trainer.state.step == self.step:
+            raise RuntimeError(f"planned crash at step {self.step}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--samples", type=int, default=70)
+    p.add_argument("--nan-rank", type=int)
+    p.add_argument("--nan-step", type=int, default=2)
+    p.add_argument("--nan-policy", default="skip")
+    p.add_argument("--stop-rank", type=int)
+    p.add_argument("--stop-epoch", type=int, default=1)
+    p.add_argument("--ckpt", type=Path)
+    p.add_argument("--every-n-steps", type=int)
+    p.add_argument("--resume")
+    p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--crash-at", type=int)
+    p.add_argument("--dropout", type=float, default=0.0)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(0)
+    x = torch.randn(args.samples, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (args.samples,), generator=torch.Generator().manual_seed(2))
+    dataset = TensorDataset(x, y)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(args.dropout), nn.Linear(16, 3))
+
+    dt = DistributedTrainer(model=model)
+    # The order is a function of (seed, epoch) at every scale: DistributedSampler with one replica
+    # for a single process, so 1 x 2b and 2 x b see the same samples in each optimizer step.
+    if dt.world_size > 1:
+        loader = dt.create_dataloader(dataset=dataset, batch_size=args.batch, shuffle=True)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+        loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler)
+    val = DataLoader(dataset, batch_size=16)
+
+    ce = nn.CrossEntropyLoss()
+    injected = []   # a NaN loss once, on one rank, at one optimizer step
+
+    def criterion(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = ce(out, target)
+        if trainer.rank == args.nan_rank and trainer.state.step == args.nan_step and not injected:
+            injected.append(trainer.state.batch)
+            return loss * float("nan")
+        return loss
+
+    callbacks: list[Callback] = []
+    if args.stop_rank is not None:
+        callbacks.append(StopOn(args.stop_rank, args.stop_epoch))
+    if args.slow:
+        callbacks.append(Slow(args.out, args.slow))
+    if args.crash_at is not None:
+        callbacks.append(CrashAt(args.crash_at))
+    ckpt = ModelCheckpoint(save_dir=args.ckpt, monitor=None, every_n_steps=args.every_n_steps) \
+        if args.ckpt else None
+    optimizer = torch.optim.SGD(dt.model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    trainer = AdvancedTrainer(
+        model=dt, optimizer=optimizer, criterion=criterion, scheduler=scheduler, scheduler_interval="step",
+        gradient_accumulation_steps=args.accum, nan_policy=args.nan_policy, callbacks=callbacks,
+        checkpoint=ckpt, early_stopping=EarlyStopping(patience=50), progress=False,
+    )
+    try:
+        history = trainer.fit(train_loader=loader, val_loader=val, epochs=args.epochs, resume_from=args.resume)
+        torch.save({"model": trainer.unwrapped_model.state_dict(), "history": json.dumps(dict(history)),
+                    "state": trainer.state.state_dict(), "world_size": trainer.world_size},
+                   args.out / f"result-rank{trainer.rank}.pt")
+    finally:
+        dt.close()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    main()
+    _ = torchkeel

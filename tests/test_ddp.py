@@ -1,0 +1,141 @@
+"""AdvancedTrainer under DDP: real torchrun processes on gloo, compared with one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchkeel import io
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "ddp_train.py"
+TIMEOUT = 150
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), "--out", str(out), *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def single(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def result(out: Path, rank: int = 0) -> dict:
+    return torch.load(out / f"result-rank{rank}.pt", weights_only=True)
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "terminate called" not in proc.stderr
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path: Path, accum: int) -> None:
+    """70 samples: uneven last batches and, with accumulation, a short last window."""
+    ok(torchrun(tmp_path / "ddp", "--batch", "8", "--accum", str(accum)))
+    ok(single(tmp_path / "one", "--batch", "16", "--accum", str(accum)))
+    ddp0, ddp1, one = result(tmp_path / "ddp", 0), result(tmp_path / "ddp", 1), result(tmp_path / "one")
+    assert ddp0["world_size"] == 2 and one["world_size"] == 1
+    for key, value in one["model"].items():
+        assert torch.equal(ddp0["model"][key], ddp1["model"][key]), key      # ranks never diverge
+        assert torch.allclose(ddp0["model"][key], value, atol=1e-6), key
+    assert ddp0["state"]["step"] == one["state"]["step"]
+    h0, h1 = json.loads(ddp0["history"]), json.loads(ddp1["history"])
+    h0.pop("epoch_time"), h1.pop("epoch_time")
+    assert h0 == h1                                                        # reduced metrics agree
+
+
+def test_non_finite_loss_on_one_rank_is_skipped_by_both(tmp_path: Path) -> None:
+    ok(torchrun(tmp_path, "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "skip"))
+    r0, r1 = result(tmp_path, 0), result(tmp_path, 1)
+    assert r0["state"]["skipped_steps"] == r1["state"]["skipped_steps"] == 1
+    for key in r0["model"]:
+        assert torch.equal(r0["model"][key], r1["model"][key]), key
+
+
+def test_non_finite_loss_on_one_rank_raises_on_both(tmp_path: Path) -> None:
+    proc = torchrun(tmp_path, "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "raise")
+    assert proc.returncode != 0
+    assert proc.stderr.count("FloatingPointError: Non-finite loss at epoch 0") >= 2, proc.stderr[-4000:]
+
+
+def test_a_stop_requested_on_one_rank_stops_both_at_the_same_epoch(tmp_path: Path) -> None:
+    ok(torchrun(tmp_path, "--stop-rank", "1", "--stop-epoch", "1", "--epochs", "5"))
+    r0, r1 = result(tmp_path, 0), result(tmp_path, 1)
+    assert r0["state"]["epoch"] == r1["state"]["epoch"] == 1
+    assert r0["state"]["should_stop"] and r1["state"]["should_stop"]
+
+
+def test_checkpoint_written_once_and_resume_on_two_ranks_is_exact(tmp_path: Path) -> None:
+    ok(torchrun(tmp_path / "full", "--epochs", "3", "--dropout", "0.2"))
+    crashed = torchrun(tmp_path / "part", "--epochs", "3", "--dropout", "0.2", "--ckpt", str(tmp_path / "ck"),
+                       "--every-n-steps", "2", "--crash-at", "7")
+    assert crashed.returncode != 0 and "planned crash at step 7" in crashed.stderr
+    saved = io.list_checkpoints(tmp_path / "ck" / "version_0")
+    steps = [entry["meta"]["step"] for _, entry in saved]
+    assert sorted(steps) == [6], steps              # one file per save, the newest kept (monitor=None)
+    ok(torchrun(tmp_path / "part", "--epochs", "3", "--dropout", "0.2", "--ckpt", str(tmp_path / "ck"),
+                "--every-n-steps", "2", "--resume", "auto"))
+    full, resumed = result(tmp_path / "full"), result(tmp_path / "part")
+    for key, value in full["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+
+def test_resuming_with_another_world_size_warns(tmp_path: Path) -> None:
+    ok(torchrun(tmp_path / "a", "--epochs", "1", "--ckpt", str(tmp_path / "ck")))
+    proc = single(tmp_path / "b", "--epochs", "2", "--ckpt", str(tmp_path / "ck"), "--resume", "auto")
+    ok(proc)
+    assert "Resuming with world_size=1, the checkpoint was written with world_size=2" in proc.stderr
+
+
+def test_sigterm_to_one_rank_saves_the_same_step_on_both_and_exits(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), "--out", str(tmp_path),
+           "--epochs", "50", "--slow", "0.05", "--ckpt", str(tmp_path / "ck")]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = tmp_path / "ready-rank1"
+        deadline = time.monotonic() + 90
+        while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert ready.exists(), "rank 1 never started training"
+        sent = time.monotonic()
+        os.kill(int(ready.read_text()), signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.monotonic() - sent < 30
+    assert proc.returncode != 0
+    assert stderr.count("SIGTERM received") >= 1, stderr[-4000:]
+    assert stderr.count("Exit code 143") >= 2, stderr[-4000:]     # both ranks stop at the same step
+    path, skipped = io.find_latest(tmp_path / "ck")
+    assert path is not None and not skipped
+    meta = io.verify(path)["meta"]
+    assert meta["reason"] == "preempted"
