@@ -14,12 +14,16 @@ One optimizer step, in this order (DESIGN.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+_NO_CONTEXT = nullcontext()   # reusable: entering it costs nothing
 
 
 class GradientAccumulator:
@@ -99,10 +103,15 @@ class GradientAccumulator:
         """True when the next backward completes the window."""
         return self._micro + 1 == self.accumulation_steps
 
-    @contextmanager
-    def no_sync(self, last: bool = False) -> Iterator[None]:
+    def no_sync(self, last: bool = False) -> AbstractContextManager[Any]:
         """Skip DDP's gradient all-reduce unless this micro-batch ends the window (or ``last``)."""
-        if self._ddp and not (last or self.is_last_micro_batch):
+        if not self._ddp:
+            return _NO_CONTEXT
+        return self._ddp_no_sync(last)
+
+    @contextmanager
+    def _ddp_no_sync(self, last: bool) -> Iterator[None]:
+        if not (last or self.is_last_micro_batch):
             with self.model.no_sync():  # type: ignore[operator]
                 self._unsynced = True
                 yield
@@ -137,11 +146,11 @@ class GradientAccumulator:
         return self._finish(flags)
 
     def _agree(self, loss: torch.Tensor, flags: Sequence[float]) -> tuple[int, bool, list[float]]:
-        bad = ~torch.isfinite(loss)
+        """The one host read per optimizer step: is the window's loss finite (on every rank)?"""
         if not self._ddp:
-            return self._window_n, bool(bad), [float(f) for f in flags]
-        t = torch.tensor([self._window_n, 0.0, self._n_ref, *flags], dtype=torch.float64, device=bad.device)
-        t[1] = bad
+            return self._window_n, not math.isfinite(loss.item()), list(flags)
+        t = torch.tensor([self._window_n, 0.0, self._n_ref, *flags], dtype=torch.float64, device=loss.device)
+        t[1] = ~torch.isfinite(loss)
         dist.all_reduce(t)
         n, nonfinite, refs, *agreed = t.tolist()
         if refs != self._n_ref * self._world:
@@ -163,11 +172,10 @@ class GradientAccumulator:
         if self.nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
             return False
-        grads = [p.grad for p in self._params if p.grad is not None]
         self.scaler.unscale_(self.optimizer)
         factor = self._world * self._n_ref / n_global
         if factor != 1.0:
-            torch._foreach_mul_(grads, factor)
+            torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], factor)
         if self.max_grad_norm is not None:
             self.grad_norm = nn.utils.clip_grad_norm_(self._params, self.max_grad_norm, foreach=True)
         if self.gradient_clip_value is not None:

@@ -190,8 +190,9 @@ class AdvancedTrainer:
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,
             "scheduler_interval": scheduler_interval, "nan_policy": nan_policy,
             "world_size": self.world_size, "device": str(device)}
+        no_context = nullcontext()   # reusable, so a step without AMP creates no context object
         self._autocast: Callable[[], AbstractContextManager[Any]] = (
-            (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else nullcontext
+            (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else (lambda: no_context)
         )
         self._move = device.type != "cpu"
         self._epoch_loss: torch.Tensor | None = None
