@@ -14,7 +14,6 @@ One optimizer step, in this order (DESIGN.md):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -146,9 +145,9 @@ class GradientAccumulator:
         return self._finish(flags)
 
     def _agree(self, loss: torch.Tensor, flags: Sequence[float]) -> tuple[int, bool, list[float]]:
-        """The one host read per optimizer step: is the window's loss finite (on every rank)?"""
+        """The one host read per optimizer step: a flag, is the window's loss finite on every rank?"""
         if not self._ddp:
-            return self._window_n, not math.isfinite(loss.item()), list(flags)
+            return self._window_n, not bool(torch.isfinite(loss)), list(flags)
         t = torch.tensor([self._window_n, 0.0, self._n_ref, *flags], dtype=torch.float64, device=loss.device)
         t[1] = ~torch.isfinite(loss)
         dist.all_reduce(t)
