@@ -1,0 +1,10 @@
+"""``python -m torchkeel``."""
+
+from __future__ import annotations
+
+import sys
+
+from torchkeel.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
