@@ -37,6 +37,7 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--accum", type=_positive_int, default=2, help="micro-batches per optimizer step (default 2)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="samples per micro-batch (default 32)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress display")
+    p.add_argument("--resume", action="store_true", help="continue the newest run from its last checkpoint")
     p.set_defaults(func=_run_demo)
 
 
@@ -46,7 +47,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"torchkeel demo: 8x8 digits, CNN, bf16 autocast on CPU, accumulation {args.accum}, "
           f"batch {args.batch_size}, up to {args.epochs} epochs, seed {args.seed}", flush=True)
     result = run_demo(epochs=args.epochs, seed=args.seed, out_dir=args.out, accum=args.accum,
-                      batch_size=args.batch_size, progress=args.progress)
+                      batch_size=args.batch_size, progress=args.progress, resume=args.resume)
     history = result["history"]
     print(f"trained {result['epochs_run']} epochs on {result['train_size']} images in {result['seconds']:.1f}s"
           + (f"; stopped early: {result['stop_reason'].removeprefix('EarlyStopping: ')}" if result["stop_reason"] else ""))

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchkeel.callbacks import Callback, EarlyStopping
+from torchkeel.checkpoint import ModelCheckpoint
 from torchkeel.loop import AdvancedTrainer
 
 DATA_FILE = "digits.csv.gz"   # 1797 rows: 64 pixels (0..16), then the label (0..9)
@@ -123,7 +124,10 @@ def build_trainer(
         gradient_accumulation_steps=accum,
         max_grad_norm=1.0,
         early_stopping=EarlyStopping(monitor="val_loss", mode="min", patience=patience),
+        checkpoint=ModelCheckpoint(monitor="val_loss", mode="min", save_top_k=3),   # in the run folder
         callbacks=demo_callbacks(out_dir),
+        log_dir=out_dir / "runs",
+        run_name="digits",
         metrics={"acc": accuracy},
         device="cpu",
         progress=progress,
@@ -138,6 +142,7 @@ def run_demo(
     batch_size: int = 32,
     threads: int = 1,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train the digits CNN and write its history; return what happened.
 
@@ -150,6 +155,7 @@ def run_demo(
         threads: ``torch.set_num_threads`` (default 1: a model this small gains nothing from more,
             and several threads on a busy machine spin and run many times slower).
         progress: show the progress display.
+        resume: continue the newest run under ``out_dir/runs/digits`` from its last checkpoint.
 
     Returns:
         ``{'val_acc', 'best_val_acc', 'epochs_run', 'stop_reason', 'seconds', 'history', 'paths'}``.
@@ -175,10 +181,16 @@ def run_demo(
     trainer = build_trainer(DigitsCNN(), steps_per_epoch, epochs, out, accum=accum, progress=progress)
 
     tic = time.perf_counter()
-    history = trainer.fit(train_loader=train_loader, val_loader=val_loader, epochs=epochs)
+    history = trainer.fit(train_loader=train_loader, val_loader=val_loader, epochs=epochs,
+                          resume_from="auto" if resume else None)
     seconds = time.perf_counter() - tic
 
-    paths = {"history": out / "history.json"}
+    run_dir, ckpt = trainer.run_dir, trainer.checkpoint
+    if run_dir is None or not isinstance(ckpt, ModelCheckpoint):
+        raise RuntimeError("run_demo: the trainer has no run folder or ModelCheckpoint; build it with build_trainer().")
+    paths = {"history": out / "history.json", "run folder": run_dir,
+             "best model": Path(ckpt.best_model_path), "last": Path(ckpt.last_model_path),
+             "metrics": run_dir / "metrics.csv", "tensorboard": run_dir / "tensorboard"}
     paths["history"].write_text(json.dumps(dict(history), indent=1) + "\n")
     val_acc = [a for a in history.get("val_acc", []) if a is not None]
     return {
