@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from torchkeel import io, runs
+from torchkeel import io, resume, runs
 from torchkeel.callbacks import Callback, EarlyStopping, Mode, infer_mode
 
 if TYPE_CHECKING:
@@ -99,6 +100,8 @@ class ModelCheckpoint(Callback):
         self._resumed_dir = runs.version_dir_of(path, self.root_dir)
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
+        if self.save_on_exception:     # an emergency save resumes from the last optimizer step
+            trainer.keep_step_rng = True
         for cb in trainer.callbacks:
             if isinstance(cb, EarlyStopping) and cb.monitor == self.monitor and cb.mode != self.mode:
                 log.warning("ModelCheckpoint(mode=%r) and EarlyStopping(mode=%r) disagree on %r: one of them "
@@ -129,13 +132,15 @@ class ModelCheckpoint(Callback):
                         "may not reach the save. The last regular checkpoint stays valid.")
             return
         try:
-            path = self.save_now(trainer, reason=f"exception: {type(exc).__name__}", ranked=False)
+            path = self.save_now(trainer, reason=f"exception: {type(exc).__name__}", ranked=False,
+                                 rng=trainer.step_rng)
             log.warning("ModelCheckpoint: saved %s after %s.", path, type(exc).__name__)
-        except Exception as save_exc:   # never mask the original exception
+        except Exception as save_exc:  # noqa: BLE001 - never mask the original exception
             log.error("ModelCheckpoint: emergency save failed: %s", save_exc)
 
     # ------------------------------------------------------------------------------ saving
-    def save_now(self, trainer: AdvancedTrainer, reason: str = "manual", ranked: bool = False) -> Path:
+    def save_now(self, trainer: AdvancedTrainer, reason: str = "manual", ranked: bool = False,
+                 rng: dict[str, Any] | None = None) -> Path:
         """Write a checkpoint now (every rank must call this), then rotate; return its path."""
         if self.dirpath is None:
             raise RuntimeError("ModelCheckpoint.save_now() before fit() began: no run folder yet.")
@@ -153,7 +158,7 @@ class ModelCheckpoint(Callback):
             self.best_k_models[str(path)] = float(state.step)   # newest first when nothing is monitored
         self._rank()
         obj = {"format": 1, "model": trainer.unwrapped_model.state_dict()} if self.save_weights_only \
-            else trainer.state_dict()                            # includes the bookkeeping above
+            else resume.trainer_state(trainer, rng)              # includes the bookkeeping above
         try:
             write_agreed(obj, path, meta, trainer.is_global_zero, trainer.world_size)
         except BaseException:
@@ -186,15 +191,16 @@ class ModelCheckpoint(Callback):
         for old in [p for p in self._created if p not in keep_paths]:
             self._created.remove(old)
             if writer and Path(old).resolve().parent == self._dir.resolve():   # only this run's folder
-                io.remove(old)
+                with contextlib.suppress(FileNotFoundError):   # already gone: a resumed run's bookkeeping
+                    io.remove(old)
                 if self.verbose:
                     log.info("ModelCheckpoint: removed %s (out of the top %d).", old, self.save_top_k)
 
     def _path_for(self, trainer: AdvancedTrainer) -> Path:
-        fields: dict[str, Any] = {"epoch": trainer.state.epoch, "step": trainer.state.step}
+        fields = _Fields(epoch=trainer.state.epoch, step=trainer.state.step)
         fields |= trainer.state.metrics
         try:
-            name = self.filename.format(**fields)
+            name = self.filename.format_map(fields)
         except (KeyError, ValueError, IndexError) as exc:
             raise ValueError(f"ModelCheckpoint(filename={self.filename!r}): cannot fill it ({exc!r}); "
                              f"available fields: {', '.join(sorted(fields))}.") from exc
@@ -222,6 +228,13 @@ class ModelCheckpoint(Callback):
         self.best_model_score = state_dict["best_model_score"]
         self.last_model_path = state_dict["last_model_path"]
         self._created = list(state_dict["created"])
+
+
+class _Fields(dict[str, Any]):
+    """Template fields; a metric not computed yet (a step save before validation) reads as nan."""
+
+    def __missing__(self, key: str) -> float:
+        return math.nan
 
 
 def write_agreed(obj: dict[str, Any], path: Path, meta: dict[str, Any], writer: bool, world_size: int) -> None:

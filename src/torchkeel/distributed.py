@@ -517,7 +517,7 @@ class MultiGPUTrainer:
 
 
 # The seed's API imports all three from here: one implementation, shared with AdvancedTrainer.
-from torchkeel.accumulate import GradientAccumulator  # noqa: E402
+from torchkeel.accumulate import GradientAccumulator
 
 __all__ = ["DistributedTrainer", "GradientAccumulator", "MultiGPUTrainer", "all_reduce_sum", "broadcast_object",
            "get_local_rank", "get_rank", "get_world_size", "init_process_group", "is_distributed",

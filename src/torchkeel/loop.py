@@ -201,6 +201,9 @@ class AdvancedTrainer:
         self._resume_data: dict[str, Any] | None = None
         self._batch_at_step = 0       # batches of this epoch consumed by completed optimizer windows
         self._signal = resume.SignalFlag()
+        self._preempt = False        # every rank agreed that a signal arrived: save and exit
+        self.keep_step_rng = False   # set by ModelCheckpoint(save_on_exception=True)
+        self.step_rng: dict[str, Any] | None = None   # RNG states at the last optimizer step
 
     # ----------------------------------------------------------------------------- the loop
     def fit(
@@ -241,11 +244,15 @@ class AdvancedTrainer:
                         if self._step(batch):
                             for cb in hooks["on_step_end"]:
                                 cb.on_step_end(self)
+                        if self._preempt:
+                            resume.on_signal(self)
                         if self._stop_agreed():
                             break
                     if self._finish_window():
                         for cb in hooks["on_step_end"]:
                             cb.on_step_end(self)
+                    if self._preempt:
+                        resume.on_signal(self)
                     self._end_epoch(val_loader, time.perf_counter() - tic)
                     for cb in hooks["on_epoch_end"]:
                         cb.on_epoch_end(self)
@@ -279,7 +286,13 @@ class AdvancedTrainer:
     def _after_window(self, stepped: bool) -> bool:
         accum, state = self.accum, self.state
         self._batch_at_step = state.batch
+        if self.keep_step_rng:
+            self.step_rng = resume.rng_state()
         loss = accum.window_loss
+        if accum.flags and accum.flags[0] > 0:
+            self._request_stop(state.stop_reason or "a stop was requested on another rank")
+        if accum.flags and accum.flags[1] > 0:
+            self._preempt = True     # saved after this step's hooks, at the step boundary
         if accum.nonfinite:
             state.skipped_steps += 1
             first = state.batch - accum.window_micro_batches
@@ -297,11 +310,6 @@ class AdvancedTrainer:
             self._epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._epoch_loss.add_(loss, alpha=accum.window_ref)  # type: ignore[arg-type]
         self._epoch_samples += accum.window_samples
-        if accum.flags and accum.flags[0] > 0:
-            self._request_stop(state.stop_reason or "a stop was requested on another rank")
-        if accum.flags and accum.flags[1] > 0:
-            self._request_stop(f"received {self._signal.name}")
-            resume.on_signal(self)
         if not stepped:
             state.skipped_steps += 1
             return False

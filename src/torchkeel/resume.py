@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from itertools import chain
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -88,27 +87,35 @@ def set_data_state(loader: Any, state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- data order
 class _SkipBatches(Sampler[list[int]]):
-    """A batch sampler that drops the first ``skip`` batches of another, as indices only."""
+    """A batch sampler that drops the first ``skip`` batches of another, as indices only.
 
-    def __init__(self, batch_sampler: Iterable[list[int]], skip: int) -> None:
-        self.batch_sampler, self.skip = batch_sampler, skip
+    Once the sampler has drawn its order, and before any sample is loaded, ``then()`` runs: the
+    RNG states of the checkpoint are restored there, so data augmentation continues exactly too.
+    """
+
+    def __init__(self, batch_sampler: Iterable[list[int]], skip: int, then: Callable[[], None]) -> None:
+        self.batch_sampler, self.skip, self.then = batch_sampler, skip, then
 
     def __iter__(self) -> Iterator[list[int]]:   # lazy, as DataLoader's own: same RNG draw order
         it = iter(self.batch_sampler)
         for _ in range(self.skip):
             if next(it, None) is None:
-                return
-        yield from it
+                break
+        first = next(it, None)                   # the order is drawn by now
+        self.then()
+        if first is not None:
+            yield first
+            yield from it
 
     def __len__(self) -> int:
         return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
 
 
-def _skipping_iter(loader: Any, skip: int) -> Iterator[Any]:
+def _skipping_iter(loader: Any, skip: int, then: Callable[[], None]) -> Iterator[Any]:
     if isinstance(loader, DataLoader) and loader.batch_sampler is not None \
             and not isinstance(loader.dataset, IterableDataset):
         kwargs: dict[str, Any] = dict(
-            batch_sampler=_SkipBatches(loader.batch_sampler, skip), num_workers=loader.num_workers,
+            batch_sampler=_SkipBatches(loader.batch_sampler, skip, then), num_workers=loader.num_workers,
             collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
             worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
             generator=loader.generator, persistent_workers=loader.persistent_workers,
@@ -120,6 +127,7 @@ def _skipping_iter(loader: Any, skip: int) -> Iterator[Any]:
     it = iter(loader)
     for _ in range(skip):
         next(it, None)
+    then()
     return it
 
 
@@ -133,23 +141,20 @@ def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[A
         trainer._data_state = data_state(loader)
         return iter(loader)
     trainer._data_state = pending["epoch_data"]
-    set_data_state(loader, pending["epoch_data"])
-    it = _skipping_iter(loader, pending["batch"])
-    first = next(it, _END)                 # the loader has drawn its order now
-    set_rng_state(pending["rng"])          # continue exactly where the checkpoint was taken
-    return it if first is _END else chain([first], it)
-
-
-_END = object()
+    set_data_state(loader, pending["epoch_data"])      # the loader draws this epoch's order again
+    return _skipping_iter(loader, pending["batch"], lambda: set_rng_state(pending["rng"]))
 
 
 # ---------------------------------------------------------------------------- trainer state
-def trainer_state(trainer: AdvancedTrainer) -> dict[str, Any]:
-    """One flat dict with everything that changes while training; loads with weights_only=True."""
+def trainer_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One flat dict with everything that changes while training; loads with weights_only=True.
+
+    ``rng`` replaces the RNG states of this moment (an emergency save passes those of the last step).
+    """
     from torchkeel import __version__
 
     state = trainer.state
-    here = {"rng": rng_state(), "epoch_data": trainer._data_state}
+    here = {"rng": rng or rng_state(), "epoch_data": trainer._data_state}
     ranks: list[Any] = [here]
     if trainer.world_size > 1:          # each rank's RNG differs: dropout masks, augmentations
         ranks = [None] * trainer.world_size
@@ -190,6 +195,10 @@ def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: s
     """Check everything first, then apply: a failed load leaves the trainer unchanged."""
     if ckpt.get("format") != FORMAT:
         raise RuntimeError(f"{source}: format {ckpt.get('format')!r} is not {FORMAT}; written by another version?")
+    if "optimizer" not in ckpt or "state" not in ckpt:
+        raise ValueError(f"{source} holds only model weights (save_weights_only=True), so training cannot "
+                         "resume from it. Load it with model.load_state_dict(torchkeel.load_checkpoint(path)"
+                         "['model']), or resume from a full checkpoint.")
     check_model_state(trainer.unwrapped_model, ckpt["model"], source)
     if (ckpt["scheduler"] is None) != (trainer.scheduler is None):
         raise RuntimeError(f"{source}: the checkpoint {'has no' if ckpt['scheduler'] is None else 'has a'} "

@@ -1,0 +1,337 @@
+"""torchkeel.io: atomic write, manifest, verified load. Real files; failures are injected."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from torchkeel import io as tkio
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def state(step: int = 0, n: int = 1000) -> dict[str, Any]:
+    """A weights_only-loadable state: tensors, containers, numbers, strings."""
+    return {"format": 1,
+            "model": {"w": torch.arange(n, dtype=torch.float32) + step, "b": torch.zeros(3)},
+            "optimizer": {"state": {0: {"step": torch.tensor(float(step))}},
+                          "param_groups": [{"lr": 0.1}]},
+            "state": {"epoch": 0, "step": step}, "name": "tiny"}
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return torch.equal(a["model"]["w"], b["model"]["w"]) and a["state"] == b["state"]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+def run_child(code: str, env: dict[str, str] | None = None) -> Any:
+    """Run ``code`` in a fresh interpreter; it prints one JSON line as its last output."""
+    full_env = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class Evil:
+    """Pickles to ``open(marker, "w")``: loading it with a full unpickler creates the marker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+class Interrupt:
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------------------------- round trip
+def test_round_trip_and_manifest(tmp_path: Path) -> None:
+    path = tkio.save(state(3), tmp_path / "epoch=0-step=3.pt", meta={"step": 3, "epoch": 0})
+    assert path == tmp_path / "epoch=0-step=3.pt"
+    assert same(tkio.load(path), state(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, f"{path.name}.manifest.json"]
+    manifest = json.loads((tmp_path / "epoch=0-step=3.pt.manifest.json").read_text())
+    data = path.read_bytes()
+    assert manifest["format"] == 1 and manifest["file"] == path.name
+    assert manifest["size"] == len(data) and manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["torch"] == torch.__version__ and isinstance(manifest["torchkeel"], str)
+    assert manifest["meta"] == {"step": 3, "epoch": 0} and manifest["previous"] is None
+    assert isinstance(manifest["created"], float)
+    assert tkio.verify(path)["meta"]["step"] == 3 and tkio.is_checkpoint(path)
+    # the payload is a normal torch.save file
+    assert same(torch.load(path, weights_only=True, map_location="cpu"), state(3))
+
+
+def test_overwrite_same_name(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    tkio.save(state(1), path, meta={"step": 1})
+    tkio.save(state(2), path, meta={"step": 2})
+    assert same(tkio.load(path), state(2)) and tkio.verify(path)["meta"] == {"step": 2}
+    assert json.loads((tmp_path / "last.pt.manifest.json").read_text())["previous"] is None
+    assert leftovers(tmp_path) == []
+
+
+def test_save_argument_errors(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"obj must be a dict"):
+        tkio.save([torch.zeros(1)], tmp_path / "a.pt")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"meta must be JSON-serializable"):
+        tkio.save({}, tmp_path / "a.pt", meta={"t": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"may not start with '\.'"):
+        tkio.save({}, tmp_path / ".a.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ corruption
+def flip_inside_tensor(path: Path) -> None:
+    """Flip one bit inside the ``model.w`` tensor's bytes, leaving the zip structure intact."""
+    data = bytearray(path.read_bytes())
+    at = data.find(state(0)["model"]["w"][100:116].numpy().tobytes())
+    assert at > 0
+    data[at + 3] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def zero_range(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("corrupt", "reason"), [
+    (lambda p: p.write_bytes(p.read_bytes()[:-100]), "size mismatch"),
+    (lambda p: p.write_bytes(p.read_bytes() + b"\0"), "size mismatch"),
+    (zero_range, "sha256 mismatch"),
+    (flip_inside_tensor, "sha256 mismatch"),
+], ids=["truncated", "extended", "zeroed", "bit-flip"])
+def test_corruption_detected(tmp_path: Path, corrupt: Any, reason: str) -> None:
+    path = tkio.save(state(0), tmp_path / "a.pt", meta={"step": 0})
+    corrupt(path)
+    assert not tkio.is_checkpoint(path)
+    for fn in (tkio.verify, tkio.load):
+        with pytest.raises(tkio.CheckpointError, match=rf"a\.pt.*{reason}"):
+            fn(path)
+
+
+def test_bit_flip_passes_plain_torch_load_but_not_ours(tmp_path: Path) -> None:
+    path = tkio.save(state(0), tmp_path / "a.pt")
+    flip_inside_tensor(path)
+    silently_wrong = torch.load(path, weights_only=True)  # no checksum: torch accepts it
+    assert not torch.equal(silently_wrong["model"]["w"], state(0)["model"]["w"])
+    with pytest.raises(tkio.CheckpointError, match=r"'.*a\.pt'.*sha256 mismatch \(file corrupt\)"):
+        tkio.load(path)
+
+
+def test_missing_or_invalid_manifest(tmp_path: Path) -> None:
+    path = tkio.save(state(0), tmp_path / "a.pt")
+    manifest = tmp_path / "a.pt.manifest.json"
+    text = manifest.read_text()
+    manifest.unlink()
+    assert not tkio.is_checkpoint(path)
+    with pytest.raises(tkio.CheckpointError, match=r"no manifest"):
+        tkio.load(path)
+    manifest.write_text("{not json")
+    with pytest.raises(tkio.CheckpointError, match=r"unreadable manifest"):
+        tkio.verify(path)
+    manifest.write_text(json.dumps(json.loads(text) | {"format": 2}))
+    with pytest.raises(tkio.CheckpointError, match=r"unknown manifest format 2"):
+        tkio.verify(path)
+    manifest.write_text(text)
+    path.unlink()
+    with pytest.raises(tkio.CheckpointError, match=r"payload missing"):
+        tkio.verify(path)
+
+
+# ------------------------------------------------------------------------------- discovery
+def test_find_latest_skips_corrupt_and_incomplete(tmp_path: Path) -> None:
+    run = tmp_path / "version_0"
+    for step in (1, 2, 3):
+        tkio.save(state(step), run / f"epoch=0-step={step}.pt", meta={"step": step})
+    flip_inside_tensor(run / "epoch=0-step=3.pt")
+    torch.save(state(4), run / "epoch=0-step=4.pt")  # a payload with no manifest
+    (run / ".epoch=0-step=5.pt.tmp-0123abcd").write_bytes(b"half a checkpoint")
+    (run / ".epoch=0-step=5.pt.manifest.json.tmp-0123abcd").write_text("{}")
+    path, skipped = tkio.find_latest(tmp_path)
+    assert path == run / "epoch=0-step=2.pt"
+    no_manifest = "no manifest (incomplete write or not a torchkeel checkpoint)"
+    assert skipped == [f"{run / 'epoch=0-step=4.pt'}: {no_manifest}",
+                       f"{run / 'epoch=0-step=3.pt'}: sha256 mismatch (file corrupt)"]
+    assert tkio.find_latest(tmp_path, recursive=False) == (None, [])
+    assert tkio.find_latest([tmp_path / "missing", run])[0] == path
+    assert [e["meta"]["step"] for _, e in tkio.list_checkpoints(run)] == [2, 1]
+    assert tkio.find_latest(tmp_path / "missing") == (None, [])
+
+
+def test_clean_temporaries_touches_only_ours(tmp_path: Path) -> None:
+    ours = [tmp_path / ".a.pt.tmp-0123abcd", tmp_path / ".a.pt.manifest.json.tmp-ff00ff00",
+            tmp_path / ".last.json.tmp-k2_x9abc"]  # the last: tempfile.mkstemp's alphabet
+    for p in ours:
+        p.write_bytes(b"x")
+    outside = tmp_path.parent / f"{tmp_path.name}-target"
+    outside.write_bytes(b"keep me")
+    (tmp_path / ".b.pt.tmp-deadbeef").symlink_to(outside)
+    others = ["a.pt.tmp-0123abcd", ".hidden", ".a.pt.tmp-", "notes.txt", ".tmp-0123abcd"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"y")
+    assert sorted(tkio.clean_temporaries(tmp_path)) == sorted(ours)
+    assert outside.read_bytes() == b"keep me" and (tmp_path / ".b.pt.tmp-deadbeef").is_symlink()
+    assert all((tmp_path / name).exists() for name in others)
+
+
+def test_remove(tmp_path: Path) -> None:
+    a = tkio.save(state(0), tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"not in that folder"):
+        tkio.remove(a, folder=tmp_path / "elsewhere")
+    tkio.remove(a, folder=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match=r"no payload and no manifest"):
+        tkio.remove(a)
+    tkio.remove(a, missing_ok=True)
+    target = tkio.save(state(0), tmp_path / "real.pt")
+    tkio.save(state(0), tmp_path / "b.pt")
+    (tmp_path / "b.pt").unlink()
+    (tmp_path / "b.pt").symlink_to(target)  # b.pt's payload now points at another checkpoint
+    with pytest.raises(ValueError, match=r"symlink"):
+        tkio.remove(tmp_path / "b.pt")
+    assert (tmp_path / "b.pt.manifest.json").exists() and tkio.is_checkpoint(target)
+
+
+def test_write_text_atomic(tmp_path: Path) -> None:
+    path = tkio.write_text_atomic(tmp_path / "last.json", '{"last": "a.pt"}')
+    tkio.write_text_atomic(path, '{"last": "b.pt"}')
+    assert json.loads(path.read_text()) == {"last": "b.pt"} and leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------ failed writes
+def test_crash_between_renames_keeps_old_checkpoint(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tkio.save(state(1), tmp_path / "last.pt", meta={"step": 1})
+    real_replace = os.replace
+
+    def replace_fails_for_payload(src: Any, dst: Any) -> None:
+        if ".manifest.json" not in str(src):
+            raise OSError(5, "injected I/O error on the payload rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_fails_for_payload)
+    for step in (2, 3):  # twice: the second save must keep pointing "previous" at step 1's payload
+        with pytest.raises(tkio.CheckpointWriteError, match=r"last\.pt.*injected I/O error"):
+            tkio.save(state(step), path, meta={"step": step})
+        manifest = json.loads((tmp_path / "last.pt.manifest.json").read_text())
+        assert manifest["meta"] == {"step": step} and manifest["previous"]["meta"] == {"step": 1}
+        assert same(tkio.load(path), state(1)) and tkio.verify(path)["meta"] == {"step": 1}
+        assert leftovers(tmp_path) == []
+    monkeypatch.undo()
+    tkio.save(state(4), path, meta={"step": 4})
+    assert same(tkio.load(path), state(4)) and tkio.verify(path)["meta"] == {"step": 4}
+    assert json.loads((tmp_path / "last.pt.manifest.json").read_text())["previous"] is None
+
+
+def test_unpicklable_state_leaves_earlier_files(tmp_path: Path) -> None:
+    a = tkio.save(state(1), tmp_path / "a.pt", meta={"step": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for target in (tmp_path / "b.pt", a):
+        with pytest.raises(tkio.CheckpointWriteError, match=rf"{target.name}.*could not write"):
+            tkio.save({"fn": lambda: 0}, target)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert same(tkio.load(a), state(1))
+
+
+def test_keyboard_interrupt_cleans_up_and_propagates(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        tkio.save({"x": Interrupt()}, tmp_path / "a.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_disk_full_leaves_earlier_checkpoint(tmp_path: Path) -> None:
+    a = tkio.save(state(1), tmp_path / "a.pt", meta={"step": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    out = run_child(f"""
+        import json, resource, signal, torch
+        from torchkeel import io as tkio
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # write() fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        big = {{"w": torch.zeros(1 << 20)}}                  # 4 MB > the 1 MB limit
+        errors = []
+        for name in ("b.pt", "a.pt"):
+            try:
+                tkio.save(big, {str(tmp_path)!r} + "/" + name)
+                errors.append(None)
+            except tkio.CheckpointWriteError as exc:
+                errors.append(str(exc))
+        print(json.dumps(errors))
+    """)
+    assert len(out) == 2 and all(e is not None and "File too large" in e for e in out), out
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert same(tkio.load(a), state(1))
+
+
+# --------------------------------------------------------------------------------- safety
+def test_malicious_pickle_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tkio.save({"x": Evil(marker)}, tmp_path / "evil.pt")  # valid manifest: the hash matches
+    with pytest.raises(tkio.CheckpointError, match=r"evil\.pt.*refused by torch\.load\(weights"):
+        tkio.load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_malicious_pickle_refused_with_force_no_weights_only(tmp_path: Path) -> None:
+    """torch reads TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD at each call; a child has it from the start."""
+    marker, control = tmp_path / "pwned", tmp_path / "control"
+    tkio.save({"x": Evil(marker)}, tmp_path / "evil.pt")
+    torch.save({"x": Evil(control)}, tmp_path / "control.pt")
+    out = run_child(f"""
+        import json, os, torch
+        from torchkeel import io as tkio
+        try:
+            tkio.load({str(tmp_path / "evil.pt")!r})
+            refused = False
+        except tkio.CheckpointError:
+            refused = True
+        torch.load({str(tmp_path / "control.pt")!r})  # weights_only unset: the variable wins
+        env = os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"]
+        print(json.dumps({{"refused": refused, "env": env}}))
+    """, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    assert out == {"refused": True, "env": "1"}
+    assert control.exists(), "control: the variable had no effect, so this test proves nothing"
+    assert not marker.exists()
+
+
+def test_package_loads_only_with_weights_only() -> None:
+    """Every torch.load in src/torchkeel passes weights_only=True; nothing calls pickle.load(s)."""
+    problems = []
+    for file in sorted((SRC / "torchkeel").rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            where = f"{file.relative_to(SRC)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = ast.unparse(node.func.value)
+                if node.func.attr == "load" and owner in ("torch", "torch.serialization"):
+                    kw = {k.arg: k.value for k in node.keywords}
+                    flag = kw.get("weights_only")
+                    if not (isinstance(flag, ast.Constant) and flag.value is True):
+                        problems.append(f"{where}: {ast.unparse(node)} lacks weights_only=True")
+                unpickles = node.func.attr in ("load", "loads", "Unpickler")
+                if unpickles and owner in ("pickle", "cPickle", "dill"):
+                    problems.append(f"{where}: {ast.unparse(node)}")
+            if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "dill"):
+                problems += [f"{where}: from {node.module} import {a.name}" for a in node.names
+                             if a.name in ("load", "loads", "Unpickler")]
+    assert problems == []
