@@ -124,7 +124,7 @@ class GradientAccumulator:
         if self._micro == 0:
             self._n_ref = n
         scaled = loss if n == self._n_ref else loss * (n / self._n_ref)
-        self.scaler.scale(scaled).backward()
+        self.scaler.scale(scaled).backward()  # type: ignore[no-untyped-call]
         detached = scaled.detach()
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         self._window_n += n

@@ -18,8 +18,10 @@ def resolve_model(model: Any, device: str | torch.device | None) -> tuple[Any, t
         model = inner
     if device is None:
         first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-        on_cuda = first is not None and first.device.type == "cuda"
-        device = first.device if on_cuda else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if first is not None and first.device.type == "cuda":
+            device = first.device
+        else:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if isinstance(model, nn.Module) and not isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model.to(device)

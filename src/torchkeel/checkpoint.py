@@ -97,7 +97,7 @@ class ModelCheckpoint(Callback):
     # ------------------------------------------------------------------------------- hooks
     def resumed_from(self, path: str | os.PathLike[str]) -> None:
         """Continue writing in the run folder of ``path`` when it is one of ours."""
-        self._resumed_dir = runs.version_dir_of(path, self.root_dir)
+        self._resumed_dir = runs.version_dir_of(Path(path), self.root_dir)
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         if self.save_on_exception:     # an emergency save resumes from the last optimizer step

@@ -222,7 +222,7 @@ class AdvancedTrainer:
         self._check_monitors(val_loader)
         state = self.state
         self.max_epochs, self.num_batches = epochs, batching.num_batches(train_loader)
-        self.batch_size: int | None = getattr(train_loader, "batch_size", None)
+        self.batch_size = getattr(train_loader, "batch_size", None)
         if self.world_size > 1:
             self._check_even(train_loader, "train_loader")
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
@@ -412,7 +412,7 @@ class AdvancedTrainer:
         return resume.trainer_state(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        resume.load_trainer_state(self, state_dict)
+        resume.load_trainer_state(self, dict(state_dict))
 
     @property
     def summary(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -46,7 +46,8 @@ class Preempted(SystemExit):
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch CPU and CUDA RNG states as tensors and plain values (weights_only-safe)."""
     version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    kind, keys, pos, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]",
+                                              np.random.get_state(legacy=True))
     return {
         "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -128,14 +129,16 @@ def _skipping_iter(loader: Any, skip: int, then: Callable[[], None]) -> Iterator
     for _ in range(skip):
         next(it, None)
     then()
-    return it
+    return cast("Iterator[Any]", it)
 
 
 def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
     """This epoch's batches; after a mid-epoch resume, the ones not yet consumed, in the same order."""
-    for obj in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        if hasattr(obj, "set_epoch"):
-            obj.set_epoch(trainer.state.epoch)
+    samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    for sampler in samplers:
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if callable(set_epoch):             # DistributedSampler: this epoch's shuffle
+            set_epoch(trainer.state.epoch)
     pending, trainer._resume_data = trainer._resume_data, None
     if pending is None:
         trainer._data_state = data_state(loader)
@@ -268,12 +271,13 @@ class SignalFlag:
 def search_roots(trainer: AdvancedTrainer) -> list[Path]:
     """Where ``resume_from='last'|'auto'`` looks: the checkpoint root and the run folders."""
     ckpt_cb, roots = trainer.checkpoint, []
-    if ckpt_cb is not None and getattr(ckpt_cb, "save_dir", None) is not None:
-        roots.append(Path(ckpt_cb.save_dir))
+    save_dir, root_dir = getattr(ckpt_cb, "save_dir", None), getattr(ckpt_cb, "root_dir", None)
+    if save_dir is not None:
+        roots.append(Path(save_dir))
     if trainer.log_dir is not None:
         roots.append(trainer.log_dir / trainer.run_name)
-    elif ckpt_cb is not None and getattr(ckpt_cb, "root_dir", None) is not None:
-        roots.append(Path(ckpt_cb.root_dir))
+    elif root_dir is not None:
+        roots.append(Path(root_dir))
     return roots
 
 
@@ -309,8 +313,8 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
 def on_signal(trainer: AdvancedTrainer) -> None:
     """Every rank reaches this at the same optimizer step: save, then raise ``Preempted``."""
     name = trainer._signal.name or "a signal on another rank"
-    ckpt_cb = trainer.checkpoint
-    saved = ckpt_cb.save_now(trainer, reason="preempted") if hasattr(ckpt_cb, "save_now") else None
+    save_now = getattr(trainer.checkpoint, "save_now", None)
+    saved = save_now(trainer, reason="preempted") if callable(save_now) else None
     where = f"saved {saved}" if saved else "nothing saved (no ModelCheckpoint attached)"
     message = (f"torchkeel: {name} received; stopped at epoch {trainer.state.epoch}, step {trainer.state.step}; "
                f"{where}. Exit code {EXIT_PREEMPTED}. Resume with fit(..., resume_from='auto').")
