@@ -331,11 +331,6 @@ def test_resume_with_the_same_settings_does_not_warn(tmp_path: Path, caplog: pyt
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor): stale temporaries are removed only from the run folder being written "
-    "(ModelCheckpoint.on_fit_begin); a run killed during its first save leaves a checkpoint-sized "
-    "temporary in version_0 that resume_from='auto' (which then starts version_1) never removes, "
-    "although DESIGN.md has discovery remove stale temporaries"))
 def test_auto_removes_stale_temporaries_left_by_a_run_killed_before_its_first_checkpoint(tmp_path: Path) -> None:
     dead = tmp_path / "version_0"
     dead.mkdir()

@@ -9,6 +9,7 @@ then restore the RNG states saved at the checkpoint so dropout and the rest cont
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 from collections.abc import Callable, Iterable, Iterator
@@ -115,12 +116,12 @@ class _SkipBatches(Sampler[list[int]]):
 def _skipping_iter(loader: Any, skip: int, then: Callable[[], None]) -> Iterator[Any]:
     if isinstance(loader, DataLoader) and loader.batch_sampler is not None \
             and not isinstance(loader.dataset, IterableDataset):
-        kwargs: dict[str, Any] = dict(
-            batch_sampler=_SkipBatches(loader.batch_sampler, skip, then), num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
-            generator=loader.generator, persistent_workers=loader.persistent_workers,
-            pin_memory_device=loader.pin_memory_device)
+        kwargs: dict[str, Any] = {
+            "batch_sampler": _SkipBatches(loader.batch_sampler, skip, then), "num_workers": loader.num_workers,
+            "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory, "timeout": loader.timeout,
+            "worker_init_fn": loader.worker_init_fn, "multiprocessing_context": loader.multiprocessing_context,
+            "generator": loader.generator, "persistent_workers": loader.persistent_workers,
+            "pin_memory_device": loader.pin_memory_device}
         if loader.num_workers > 0:
             kwargs["prefetch_factor"] = loader.prefetch_factor
         return iter(DataLoader(loader.dataset, **kwargs))
@@ -290,6 +291,11 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
         if not roots:
             raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(...) or "
                              "log_dir=... to know where to look, or pass a checkpoint path.")
+        if trainer.is_global_zero:      # unfinished writes of killed runs are never checkpoints
+            for root in roots:
+                for folder, _, _ in os.walk(root):
+                    for tmp in io.clean_temporaries(folder):
+                        log.info("resume_from=%r removed an unfinished write %s", resume_from, tmp)
         path, skipped = io.find_latest(roots)
         for reason in skipped:
             log.warning("resume_from=%r skipped %s", resume_from, reason)
