@@ -424,10 +424,7 @@ def test_exact_resume_from_paths_epoch_boundary_with_workers_and_short_last_wind
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [
-    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: resume.epoch_batches fetches the first batch after a mid-epoch resume (next(it)) before "
-        "set_rng_state(checkpoint rng): with num_workers=0 the dataset's random augmentation of that "
-        "batch draws from the epoch-start RNG, and the run diverges"))),
+    0,
     pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=(
         "BUG (design): with num_workers>0 each worker's RNG is seeded base_seed+worker_id at the "
         "epoch's start and advances per batch; after skipping k batches, batch k goes to worker 0 "
@@ -443,17 +440,11 @@ def test_exact_resume_mid_epoch_with_random_augmentation(server: Server, tmp_pat
 
 
 # ------------------------------------------------------------------------------ SIGTERM (slow)
-PREEMPT_BUGS = ("BUG: (1) loop._after_window calls resume.on_signal before state.step += 1 and before the "
-                "on_step_end hooks: the preemption checkpoint holds the weights after step N+1 labelled "
-                "step N, with the scheduler one step behind; (2) it calls _request_stop first, so the "
-                "checkpoint has should_stop=True and the resumed run stops at once, training nothing")
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("when, expect", [
     # micro-batch 10 = epoch 1, batch 2, the first of the window 2-3: that window ends, at step 6
-    pytest.param("train:10", (1, 6, 4, False), marks=pytest.mark.xfail(strict=True, reason=PREEMPT_BUGS),
-                 id="mid-window"),
+    pytest.param("train:10", (1, 6, 4, False), id="mid-window"),
     # validation batch 3 = epoch 1's validation: epoch 1 ends (step 8) and is saved as finished
     pytest.param("val:3", (1, 8, 7, True), id="in-validation"),
 ])
@@ -487,7 +478,6 @@ def _wait_for(path: Path, server: Server, rid: str, text: str = "", timeout: flo
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=PREEMPT_BUGS)
 def test_second_sigterm_during_the_save_does_not_corrupt_it(server: Server, references: dict[str, Path],
                                                             tmp_path: Path) -> None:
     """The first SIGTERM arrives after step 5 (epoch 1); the second while the 48 MiB state is written."""
@@ -517,10 +507,6 @@ KILLS = 21
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: ModelCheckpoint.save_now serializes its state (the 'created' list) before _prune deletes the "
-    "files that fell out, so a checkpoint lists files that no longer exist; a run resumed from it calls "
-    "io.remove on them at its first rotation and dies with FileNotFoundError"))
 def test_kill_9_at_random_moments_never_loses_the_newest_valid_checkpoint(server: Server, tmp_path: Path) -> None:
     save_dir, log = tmp_path / "ckpt", tmp_path / "kill"
     out, err = tmp_path / "kill.out", tmp_path / "kill.err"

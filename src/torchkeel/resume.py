@@ -124,6 +124,9 @@ def _skipping_iter(loader: Any, skip: int, then: Callable[[], None]) -> Iterator
             "pin_memory_device": loader.pin_memory_device}
         if loader.num_workers > 0:
             kwargs["prefetch_factor"] = loader.prefetch_factor
+            log.warning("Resuming mid-epoch with num_workers=%d: the batch order is exact, but random "
+                        "augmentation inside worker processes will not repeat the uninterrupted run's "
+                        "draws for the rest of this epoch (each worker's RNG restarts).", loader.num_workers)
         return iter(DataLoader(loader.dataset, **kwargs))
     log.info("Resuming mid-epoch by replaying %d batches: this loader has no index-level sampler.", skip)
     it = iter(loader)
