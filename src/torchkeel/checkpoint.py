@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from torchkeel import io, resume, runs
 from torchkeel.callbacks import Callback, EarlyStopping, Mode, infer_mode
+from torchkeel.distributed import save_on_main
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -160,7 +161,7 @@ class ModelCheckpoint(Callback):
         obj = {"format": 1, "model": trainer.unwrapped_model.state_dict()} if self.save_weights_only \
             else resume.trainer_state(trainer, rng)              # includes the bookkeeping above
         try:
-            write_agreed(obj, path, meta, trainer.is_global_zero, trainer.world_size)
+            save_on_main(obj, path, meta)
         except BaseException:
             self.load_state_dict(before)
             raise
@@ -235,20 +236,3 @@ class _Fields(dict[str, Any]):
 
     def __missing__(self, key: str) -> float:
         return math.nan
-
-
-def write_agreed(obj: dict[str, Any], path: Path, meta: dict[str, Any], writer: bool, world_size: int) -> None:
-    """Rank 0 writes; every rank learns whether it worked and raises rank 0's error if not."""
-    error = ""
-    if writer:
-        try:
-            io.save(obj, path, meta=meta)
-        except Exception as exc:
-            error = str(exc)
-            if world_size == 1:
-                raise
-    if world_size > 1:
-        box: list[Any] = [error]
-        dist.broadcast_object_list(box, src=0)
-        if box[0]:
-            raise io.CheckpointWriteError(f"rank 0 failed to write {path}: {box[0]}")

@@ -18,10 +18,8 @@ import importlib
 import logging
 import os
 import sys
-import tempfile
 from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -277,44 +275,48 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _io() -> ModuleType | None:
-    try:  # torchkeel.io: atomic write + manifest, verified load
-        return importlib.import_module("torchkeel.io")
-    except ModuleNotFoundError as exc:
-        if exc.name != "torchkeel.io":
-            raise
-        return None
+def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Rank 0 writes ``obj`` with ``torchkeel.io.save`` (atomic, verified); the others wait.
 
+    Every rank learns whether the write worked (one all-reduce of a flag); if rank 0 failed, every
+    rank raises ``CheckpointWriteError`` with rank 0's message, so no rank trains on alone. The one
+    writer behind ``ModelCheckpoint``, ``DistributedTrainer`` and ``MultiGPUTrainer``.
 
-def _save(obj: dict[str, Any], path: PathLike) -> Path:
-    io = _io()
-    if io is not None:
-        meta = {k: obj[k] for k in ("epoch", "step") if isinstance(obj.get(k), int)}
-        return Path(io.save(obj, path, meta=meta))
-    target = Path(path)  # fallback: temporary in the same folder, fsync, os.replace
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    Args:
+        obj: a flat dict of tensors and plain values. path: the file. meta: for the manifest.
+
+    Example:
+        save_on_main({"format": 1, "model": model.state_dict()}, "ckpt/model.pt", meta={"epoch": 3})
+    """
+    from torchkeel import io
+
+    error, cause = "", None
+    if is_main_process():
+        try:
+            io.save(obj, path, meta=meta)
+        except Exception as exc:
+            error, cause = f"{type(exc).__name__}: {exc}", exc
+            if not is_distributed():
+                raise
+    if is_distributed():
+        nccl = "nccl" in str(dist.get_backend())
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        if all_reduce_sum(torch.tensor([int(bool(error))], device=device)).item():
+            message = broadcast_object(error)
+            raise io.CheckpointWriteError(f"save_checkpoint({str(path)!r}) failed on rank 0: {message}") from cause
+    return Path(path)
 
 
 def _load_into(module: nn.Module, path: PathLike, where: str) -> dict[str, Any]:
+    from torchkeel import io
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"{where}: no checkpoint file at {str(path)!r}.")
-    io = _io()
-    ckpt = (io.load(path, map_location="cpu") if io is not None
-            else torch.load(path, map_location="cpu", weights_only=True))
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    ckpt = io.load(path, map_location="cpu")
+    if "model" not in ckpt:
         raise ValueError(f"{where}: {str(path)!r} is not a torchkeel checkpoint (no 'model' key).")
     module.load_state_dict(_strip_prefixes(ckpt["model"]))
-    return dict(ckpt)
+    return ckpt
 
 
 def _check_extra(where: str, extra: dict[str, Any]) -> None:
@@ -415,19 +417,8 @@ class DistributedTrainer:
             dt.save_checkpoint("ckpt/last.pt", epoch=epoch)
         """
         _check_extra("DistributedTrainer.save_checkpoint", extra)
-        error, cause = None, None
-        if self.is_main_process:
-            try:
-                _save({"format": 1, "model": self.module.state_dict(), **extra}, path)
-            except Exception as exc:  # noqa: BLE001 - every rank raises it below
-                error, cause = f"{type(exc).__name__}: {exc}", exc
-        nccl = is_distributed() and "nccl" in str(dist.get_backend())
-        flag = torch.tensor([int(error is not None)], device=self.device if nccl else "cpu")
-        if all_reduce_sum(flag).item():
-            message = broadcast_object(error)
-            raise RuntimeError(f"save_checkpoint({str(path)!r}) failed on rank 0: {message}"
-                               ) from cause
-        return Path(path)
+        meta = {k: v for k, v in extra.items() if isinstance(v, (int, float, str))}
+        return save_on_main({"format": 1, "model": self.module.state_dict(), **extra}, path, meta=meta)
 
     def load_checkpoint(self, path: PathLike) -> dict[str, Any]:
         """Load a checkpoint (weights_only, to cpu) into the unwrapped model; return the dict."""
@@ -505,7 +496,7 @@ class MultiGPUTrainer:
             ckpt["epoch"] = epoch
         if optimizer is not None:
             ckpt["optimizer"] = optimizer.state_dict()
-        return _save(ckpt | extra, path)
+        return save_on_main(ckpt | extra, path, meta={"epoch": epoch} if epoch is not None else None)
 
     def load_checkpoint(self, path: PathLike,
                         optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
@@ -521,4 +512,4 @@ from torchkeel.accumulate import GradientAccumulator
 
 __all__ = ["DistributedTrainer", "GradientAccumulator", "MultiGPUTrainer", "all_reduce_sum", "broadcast_object",
            "get_local_rank", "get_rank", "get_world_size", "init_process_group", "is_distributed",
-           "is_main_process", "shutdown", "unwrap_model"]
+           "is_main_process", "save_on_main", "shutdown", "unwrap_model"]

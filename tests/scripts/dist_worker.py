@@ -30,14 +30,16 @@ def report(out: Path, scenario: str, **values: Any) -> None:
 
 def count_saves() -> list[str]:
     """Record every checkpoint write this rank makes."""
+    import torchkeel.io as io
+
     calls: list[str] = []
-    real = D._save
+    real = io.save
 
-    def counting(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    def counting(obj: dict[str, Any], path: str | os.PathLike[str], meta: Any = None) -> Path:
         calls.append(str(path))
-        return real(obj, path)
+        return real(obj, path, meta=meta)
 
-    D._save = counting  # type: ignore[assignment]
+    io.save = counting  # type: ignore[assignment]
     return calls
 
 
