@@ -30,7 +30,7 @@ def report(out: Path, scenario: str, **values: Any) -> None:
 
 def count_saves() -> list[str]:
     """Record every checkpoint write this rank makes."""
-    import torchkeel.io as io
+    from torchkeel import io
 
     calls: list[str] = []
     real = io.save
