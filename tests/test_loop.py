@@ -688,11 +688,10 @@ def test_no_host_read_per_micro_batch(make_trainer, host_reads, progress):
     trainer.fit(train_loader=loader(make_dataset(), 4), epochs=2)
     steps, epochs = 16, 2
     assert trainer.state.step == steps
-    # the loss reaches the host once per epoch (train_loss), never per step
-    value_reads = host_reads["item"] + host_reads["__float__"] + host_reads["__int__"] + host_reads["tolist"]
-    assert value_reads <= 2 * epochs, f"loss read to the host per step: {host_reads}"
-    # at most one small flag per optimizer step (the non-finite check), none per micro-batch
-    assert host_reads["__bool__"] + host_reads["numpy"] <= steps, host_reads
+    # one scalar per optimizer step (nan_policy must act before the optimizer steps), none per
+    # micro-batch, and the epoch's train_loss once per epoch
+    reads = sum(host_reads.values())
+    assert reads <= steps + 2 * epochs, f"host reads: {host_reads}"
 
 
 def test_a_step_the_grad_scaler_skips_is_counted_and_does_not_step_the_scheduler():

@@ -14,6 +14,7 @@ One optimizer step, in this order (DESIGN.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -124,7 +125,7 @@ class GradientAccumulator:
         if self._micro == 0:
             self._n_ref = n
         scaled = loss if n == self._n_ref else loss * (n / self._n_ref)
-        self.scaler.scale(scaled).backward()  # type: ignore[no-untyped-call]
+        (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()  # type: ignore[no-untyped-call]
         detached = scaled.detach()
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         self._window_n += n
@@ -145,9 +146,13 @@ class GradientAccumulator:
         return self._finish(flags)
 
     def _agree(self, loss: torch.Tensor, flags: Sequence[float]) -> tuple[int, bool, list[float]]:
-        """The one host read per optimizer step: a flag, is the window's loss finite on every rank?"""
+        """The one host read per optimizer step: is the window's loss finite on every rank?
+
+        ``nan_policy`` must act before the optimizer steps, so this read cannot wait for a logging
+        step; it is one scalar (cheaper than an isfinite kernel plus a flag read).
+        """
         if not self._ddp:
-            return self._window_n, not bool(torch.isfinite(loss)), list(flags)
+            return self._window_n, not math.isfinite(loss.item()), list(flags)
         t = torch.tensor([self._window_n, 0.0, self._n_ref, *flags], dtype=torch.float64, device=loss.device)
         t[1] = ~torch.isfinite(loss)
         dist.all_reduce(t)
