@@ -75,6 +75,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batch_size(batch: Any) -> int:
+    if type(batch) in (tuple, list) and batch and type(batch[0]) is torch.Tensor and batch[0].dim():
+        return int(batch[0].shape[0])                       # (inputs, targets): the common case
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.dim() else 1
     if isinstance(batch, Mapping):

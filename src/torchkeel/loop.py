@@ -509,6 +509,8 @@ class AdvancedTrainer:
             )
 
     def _split(self, batch: Any) -> tuple[Any, Any]:
+        if type(batch) in (tuple, list) and len(batch) == 2:     # the common case, checked first
+            return batch[0], batch[1]
         if isinstance(batch, Mapping):
             key = next((k for k in _TARGET_KEYS if k in batch), None)
             if key is None or self.criterion is None:
@@ -525,7 +527,8 @@ class AdvancedTrainer:
         )
 
     def _forward(self, inputs: Any) -> Any:
-        return self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
+        return self.model(inputs) if type(inputs) is torch.Tensor else \
+            self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
 
     def _loss(self, outputs: Any, targets: Any, batch: Any) -> torch.Tensor:
         if self.criterion is None:
