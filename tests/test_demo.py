@@ -79,3 +79,22 @@ def test_demo_command_reaches_95_percent(tmp_path: Path) -> None:
     assert max(history["lr"]) <= 3e-3 + 1e-9            # warm-up then cosine, never above the peak
     assert re.search(r"\bepoch 1\b", proc.stderr + proc.stdout)   # the progress display ran
     print(f"demo: {n} epochs, val_acc {history['val_acc'][-1]:.4f}, {seconds:.1f}s wall")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_demo_command_on_two_processes(tmp_path: Path) -> None:
+    """`demo --nproc 2` relaunches itself under torchrun (gloo, CPU); rank 0 alone reports and writes."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "torchkeel", "demo", "--nproc", "2", "--out", str(out),
+                           "--epochs", "30", "--no-progress"],
+                          check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "terminate called" not in proc.stderr
+    assert "16 per rank on 2 ranks" in proc.stdout
+    assert proc.stdout.count("final: ") == 1                # rank 0 only
+    history = json.loads((out / "history.json").read_text())
+    assert history["val_acc"][-1] > 0.95
+    assert 1 <= len(history["epoch"]) <= 30

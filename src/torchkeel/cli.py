@@ -38,16 +38,50 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=32, help="samples per micro-batch (default 32)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress display")
     p.add_argument("--resume", action="store_true", help="continue the newest run from its last checkpoint")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="processes (DDP over gloo on CPU), started through torchrun's launcher; "
+                        "--batch-size is split across them (default 1)")
     p.set_defaults(func=_run_demo)
 
 
+def _launch_demo(args: argparse.Namespace) -> int:
+    """Re-run this demo under torchrun with ``args.nproc`` processes; return the launcher's exit code."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import torchkeel
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           "-m", "torchkeel", "demo", "--epochs", str(args.epochs), "--seed", str(args.seed), "--out", args.out,
+           "--accum", str(args.accum), "--batch-size", str(args.batch_size)]
+    cmd += [flag for flag, on in (("--no-progress", not args.progress), ("--resume", args.resume)) if on]
+    src = str(Path(torchkeel.__file__).resolve().parents[1])     # the ranks import this same torchkeel
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    env.setdefault("OMP_NUM_THREADS", "1")                       # torchrun would set it, with a warning
+    print(f"torchkeel demo: launching {args.nproc} processes: torchrun --standalone "
+          f"--nproc_per_node {args.nproc} -m torchkeel demo ...", flush=True)
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
 def _run_demo(args: argparse.Namespace) -> int:
+    import os
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_demo(args)
     from torchkeel.demo import run_demo
 
-    print(f"torchkeel demo: 8x8 digits, CNN, bf16 autocast on CPU, accumulation {args.accum}, "
-          f"batch {args.batch_size}, up to {args.epochs} epochs, seed {args.seed}", flush=True)
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        split = (f" ({args.batch_size // world_size} per rank on {world_size} ranks)"
+                 if world_size > 1 else "")
+        print(f"torchkeel demo: 8x8 digits, CNN, bf16 autocast on CPU, accumulation {args.accum}, "
+              f"batch {args.batch_size}{split}, up to {args.epochs} epochs, seed {args.seed}", flush=True)
     result = run_demo(epochs=args.epochs, seed=args.seed, out_dir=args.out, accum=args.accum,
                       batch_size=args.batch_size, progress=args.progress, resume=args.resume)
+    if result.get("rank", 0) != 0:
+        return 0 if result["val_acc"] > 0.95 else 1
     history = result["history"]
     print(f"trained {result['epochs_run']} epochs on {result['train_size']} images in {result['seconds']:.1f}s"
           + (f"; stopped early: {result['stop_reason'].removeprefix('EarlyStopping: ')}" if result["stop_reason"] else ""))
@@ -59,7 +93,74 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0 if result["val_acc"] > 0.95 else 1
 
 
-_COMMANDS: tuple[Callable[[Any], None], ...] = (_add_demo,)
+# ------------------------------------------------------------------- plot, inspect, runs
+def _fail(exc: BaseException) -> int:
+    """A bad path, a folder that is no run, a file that is no checkpoint, a missing extra: one line, exit 2."""
+    print(f"torchkeel: {exc}", file=sys.stderr)
+    return 2
+
+
+def _add_plot(sub: Any) -> None:
+    p = sub.add_parser(
+        "plot", help="draw a run's loss, metrics and learning rate into a PNG",
+        description="Draw a run folder's curves into a PNG: loss (per step and per epoch), each "
+                    "validation metric, and the learning rate, against optimizer steps. Needs matplotlib.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/digits/version_0")
+    p.add_argument("-o", "--out", metavar="PNG", help="where to write it (default RUN_DIR/curves.png)")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from torchkeel.plot import plot_run
+
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except (OSError, ValueError, ImportError) as exc:
+        return _fail(exc)
+    return 0
+
+
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser(
+        "inspect", help="what a checkpoint holds, and whether its checksum verifies",
+        description="Describe a torchkeel checkpoint without building its model: size, versions, "
+                    "epoch, step, metrics, whether its sha256 matches the manifest, and the tensors "
+                    "under each top-level key.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file written by torchkeel")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from torchkeel.report import inspect_checkpoint
+
+    try:
+        print(inspect_checkpoint(args.checkpoint))
+    except (OSError, ValueError) as exc:
+        return _fail(exc)
+    return 0
+
+
+def _add_runs(sub: Any) -> None:
+    p = sub.add_parser(
+        "runs", help="a table of runs: status, epochs, best metric, last checkpoint",
+        description="List the runs under ROOT (ROOT/NAME/version_N or ROOT/version_N): status "
+                    "(finished, stopped early, interrupted, failed, running), epochs, best monitored "
+                    "metric and last checkpoint.")
+    p.add_argument("root", metavar="ROOT", nargs="?", default="runs", help="the log_dir (default runs/)")
+    p.set_defaults(func=_run_runs)
+
+
+def _run_runs(args: argparse.Namespace) -> int:
+    from torchkeel.report import format_runs, list_runs
+
+    try:
+        print(format_runs(list_runs(args.root)))
+    except (OSError, ValueError) as exc:
+        return _fail(exc)
+    return 0
+
+
+_COMMANDS: tuple[Callable[[Any], None], ...] = (_add_demo, _add_plot, _add_inspect, _add_runs)
 
 
 def build_parser() -> argparse.ArgumentParser:

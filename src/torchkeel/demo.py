@@ -2,7 +2,8 @@
 
 Everything ``AdvancedTrainer`` does in one short run on a CPU: bf16 autocast, gradient
 accumulation, norm clipping, a warm-up + cosine schedule stepped per optimizer step, early
-stopping on ``val_loss``, a validation metric and a progress display. ``python -m torchkeel demo``.
+stopping on ``val_loss``, a validation metric and a progress display. ``python -m torchkeel demo``;
+under ``torchrun`` (or ``demo --nproc N``) the same run is data-parallel over N processes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from torchkeel.callbacks import Callback, EarlyStopping
 from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel.distributed import DistributedTrainer
 from torchkeel.loop import AdvancedTrainer
 
 DATA_FILE = "digits.csv.gz"   # 1797 rows: 64 pixels (0..16), then the label (0..9)
@@ -84,7 +86,7 @@ def demo_callbacks(out_dir: Path) -> list[Callback]:
 
 
 def build_trainer(
-    model: nn.Module,
+    model: nn.Module | DistributedTrainer,
     steps_per_epoch: int,
     epochs: int,
     out_dir: Path,
@@ -96,7 +98,7 @@ def build_trainer(
     """The demo's trainer, built in one place: optimizer, schedule, early stopping, callbacks.
 
     Args:
-        model: the network to train.
+        model: the network to train, or a ``DistributedTrainer`` wrapping it.
         steps_per_epoch: optimizer steps per epoch (micro-batches / ``accum``, rounded up).
         epochs: the most epochs the run may take; sizes the cosine schedule.
         out_dir: where callbacks write.
@@ -105,7 +107,8 @@ def build_trainer(
         patience: epochs without a lower ``val_loss`` before stopping.
         progress: show the progress display.
     """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    params = model.model.parameters() if isinstance(model, DistributedTrainer) else model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     total = max(2, epochs * steps_per_epoch)
     warmup = max(1, min(steps_per_epoch, total // 10))       # one epoch, at most a tenth of the run
     scheduler = torch.optim.lr_scheduler.SequentialLR(
@@ -151,14 +154,17 @@ def run_demo(
         seed: seeds the split, the initial weights, the batch order and dropout.
         out_dir: folder for ``history.json`` (created when missing).
         accum: micro-batches per optimizer step.
-        batch_size: samples per micro-batch.
+        batch_size: samples per micro-batch; under torchrun with N processes each rank takes
+            ``batch_size // N`` of them.
         threads: ``torch.set_num_threads`` (default 1: a model this small gains nothing from more,
             and several threads on a busy machine spin and run many times slower).
         progress: show the progress display.
         resume: continue the newest run under ``out_dir/runs/digits`` from its last checkpoint.
 
     Returns:
-        ``{'val_acc', 'best_val_acc', 'epochs_run', 'stop_reason', 'seconds', 'history', 'paths'}``.
+        ``{'val_acc', 'best_val_acc', 'epochs_run', 'stop_reason', 'seconds', 'history', 'paths',
+        'rank', 'world_size'}`` (the same numbers on every rank; under torchrun also
+        ``'rank_batch_size'``).
 
     Example:
         >>> result = run_demo(epochs=30, out_dir="demo_out")
@@ -173,6 +179,13 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1:      # under torchrun: one data-parallel rank of the same run
+        if batch_size < world_size:
+            raise ValueError(f"run_demo(batch_size={batch_size}): with {world_size} processes the batch "
+                             f"is split across ranks, so it must be >= {world_size}.")
+        return _run_distributed(epochs, seed, out, accum, batch_size // world_size, progress, resume)
+
     train_set, val_set = split_digits(seed)
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(seed))
@@ -183,15 +196,46 @@ def run_demo(
     tic = time.perf_counter()
     history = trainer.fit(train_loader=train_loader, val_loader=val_loader, epochs=epochs,
                           resume_from="auto" if resume else None)
-    seconds = time.perf_counter() - tic
+    return _result(trainer, history, time.perf_counter() - tic, out, train_set, val_set)
 
+
+def _run_distributed(epochs: int, seed: int, out: Path, accum: int, rank_batch: int,
+                     progress: bool, resume: bool) -> dict[str, Any]:
+    """One rank of the demo under torchrun: DDP, a sharded shuffled loader, rank 0 writes."""
+    train_set, val_set = split_digits(seed)
+    dt = DistributedTrainer(DigitsCNN())       # same seed on every rank; DDP broadcasts rank 0's weights
+    try:
+        train_loader = dt.create_dataloader(train_set, batch_size=rank_batch, shuffle=True, seed=seed)
+        val_loader = DataLoader(val_set, batch_size=256)   # every rank scores the whole set: exact metrics
+        steps_per_epoch = math.ceil(len(train_loader) / accum)
+        trainer = build_trainer(dt, steps_per_epoch, epochs, out, accum=accum, progress=progress)
+        tic = time.perf_counter()
+        history = trainer.fit(train_loader=train_loader, val_loader=val_loader, epochs=epochs,
+                              resume_from="auto" if resume else None)
+        result = _result(trainer, history, time.perf_counter() - tic, out, train_set, val_set)
+    finally:
+        dt.close()
+    result.update(rank=dt.rank, world_size=dt.world_size, rank_batch_size=rank_batch)
+    return result
+
+
+def _result(trainer: AdvancedTrainer, history: Any, seconds: float, out: Path,
+            train_set: TensorDataset, val_set: TensorDataset) -> dict[str, Any]:
+    """Write ``history.json`` (rank 0 only) and collect what ``run_demo`` returns."""
     run_dir, ckpt = trainer.run_dir, trainer.checkpoint
     if run_dir is None or not isinstance(ckpt, ModelCheckpoint):
         raise RuntimeError("run_demo: the trainer has no run folder or ModelCheckpoint; build it with build_trainer().")
     paths = {"history": out / "history.json", "run folder": run_dir,
              "best model": Path(ckpt.best_model_path), "last": Path(ckpt.last_model_path),
              "metrics": run_dir / "metrics.csv", "tensorboard": run_dir / "tensorboard"}
-    paths["history"].write_text(json.dumps(dict(history), indent=1) + "\n")
+    if trainer.is_global_zero:
+        paths["history"].write_text(json.dumps(dict(history), indent=1) + "\n")
+    try:
+        from torchkeel.plot import plot_run
+
+        paths["plot"] = plot_run(run_dir)
+    except ImportError:                      # matplotlib is an optional extra
+        pass
     val_acc = [a for a in history.get("val_acc", []) if a is not None]
     return {
         "val_acc": val_acc[-1] if val_acc else math.nan,
@@ -203,4 +247,6 @@ def run_demo(
         "val_size": len(val_set),
         "history": dict(history),
         "paths": {k: str(v) for k, v in paths.items()},
+        "rank": 0,
+        "world_size": 1,
     }
