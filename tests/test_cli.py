@@ -1,0 +1,88 @@
+"""The command line as a user runs it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import loader, make_dataset, make_model
+from torch import nn
+
+from torchkeel import AdvancedTrainer, EarlyStopping, ModelCheckpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run([sys.executable, "-m", "torchkeel", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    model = make_model()
+    trainer = AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                              criterion=nn.CrossEntropyLoss(), checkpoint=ModelCheckpoint(save_top_k=2),
+                              early_stopping=EarlyStopping(patience=5), log_dir=root, run_name="exp",
+                              progress=False)
+    trainer.fit(train_loader=loader(make_dataset(), 16), val_loader=loader(make_dataset(), 32), epochs=3)
+    assert trainer.run_dir is not None
+    return trainer.run_dir
+
+
+@pytest.mark.parametrize("command", ["demo", "plot", "inspect", "runs"])
+def test_every_command_has_help(command: str) -> None:
+    proc = cli(command, "--help")
+    assert proc.returncode == 0 and "usage: torchkeel " + command in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("args", [("inspect", "/nonexistent/ckpt.pt"), ("plot", "/nonexistent/run"),
+                                  ("runs", "/nonexistent/root")])
+def test_a_missing_path_is_one_line_and_exit_code_2(args: tuple[str, ...]) -> None:
+    proc = cli(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("torchkeel: ") and "nonexistent" in lines[0], proc.stderr
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    junk = tmp_path / "notes.pt"
+    junk.write_text("not a checkpoint")
+    proc = cli("inspect", str(junk))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_inspect_runs_and_plot_on_a_real_run(run_dir: Path) -> None:
+    last = json.loads((run_dir / "checkpoints" / "last.json").read_text())["last"]
+    proc = cli("inspect", str(run_dir / "checkpoints" / last))
+    assert proc.returncode == 0 and "verified" in proc.stdout and "step" in proc.stdout, proc.stderr
+    proc = cli("runs", str(run_dir.parent.parent))
+    assert proc.returncode == 0 and "exp" in proc.stdout and "finished" in proc.stdout, proc.stderr
+    proc = cli("plot", str(run_dir))
+    png = Path(proc.stdout.strip())
+    assert proc.returncode == 0 and png.exists() and png.stat().st_size > 0, proc.stderr
+
+
+def test_the_end_of_fit_summary_is_logged_and_written(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_run"] == 3 and summary["steps"] == 12
+    assert summary["best"]["metric"] == "val_loss" and summary["samples_per_sec"] > 0
+    assert Path(summary["paths"]["best_checkpoint"]).exists()
+    torch.manual_seed(0)
+    model = make_model()
+    trainer = AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                              criterion=nn.CrossEntropyLoss(), early_stopping=EarlyStopping(patience=1, min_delta=10.0))
+    with caplog.at_level(logging.INFO, logger="torchkeel"):
+        trainer.fit(train_loader=loader(make_dataset(), 16), val_loader=loader(make_dataset(), 32), epochs=5)
+    table = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit summary")]
+    assert len(table) == 1
+    assert "stopped early (EarlyStopping:" in table[0] and "best" in table[0] and "samples/s" in table[0]
