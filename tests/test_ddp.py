@@ -38,12 +38,12 @@ def _free_port() -> int:
 def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), "--out", str(out), *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
 def single(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], env=_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
 def result(out: Path, rank: int = 0) -> dict:
