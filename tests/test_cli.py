@@ -86,3 +86,26 @@ def test_the_end_of_fit_summary_is_logged_and_written(run_dir: Path, caplog: pyt
     table = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit summary")]
     assert len(table) == 1
     assert "stopped early (EarlyStopping:" in table[0] and "best" in table[0] and "samples/s" in table[0]
+
+
+def test_a_resumed_fit_continues_in_its_run_folder_and_a_new_fit_takes_the_next(tmp_path: Path) -> None:
+    def trainer() -> AdvancedTrainer:
+        torch.manual_seed(0)
+        model = make_model()
+        return AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                               criterion=nn.CrossEntropyLoss(), checkpoint=ModelCheckpoint(),
+                               log_dir=tmp_path, run_name="exp", progress=False)
+
+    data, val = loader(make_dataset(), 16), loader(make_dataset(), 32)
+    first = trainer()
+    first.fit(train_loader=data, val_loader=val, epochs=2)
+    resumed = trainer()
+    resumed.fit(train_loader=data, val_loader=val, epochs=4, resume_from="auto")
+    fresh = trainer()
+    fresh.fit(train_loader=data, val_loader=val, epochs=1)
+    assert first.run_dir == resumed.run_dir == tmp_path / "exp" / "version_0"
+    assert fresh.run_dir == tmp_path / "exp" / "version_1"
+    rows = (tmp_path / "exp" / "version_0" / "metrics.csv").read_text().splitlines()
+    epochs = [r.split(",")[1] for r in rows[1:] if ",epoch," in r]
+    assert epochs == ["0", "1", "2", "3"]                 # no duplicate epoch rows after the resume
+    assert json.loads((tmp_path / "exp" / "version_0" / "summary.json").read_text())["epochs_total"] == 4
