@@ -21,6 +21,7 @@ from torchkeel import batching, resume, runs
 from torchkeel.accumulate import GradientAccumulator
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel.distributed import unwrap_model
 from torchkeel.runs import FitSummary
 
 log = logging.getLogger("torchkeel")
@@ -388,12 +389,7 @@ class AdvancedTrainer:
     @property
     def unwrapped_model(self) -> nn.Module:
         """The model without DataParallel/DDP/torch.compile wrappers."""
-        model = self.model
-        while True:
-            inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-            if not isinstance(inner, nn.Module):
-                return model
-            model = inner
+        return unwrap_model(self.model)
 
     @property
     def loss(self) -> float:
