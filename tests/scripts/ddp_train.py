@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import torchkeel
 from torchkeel import AdvancedTrainer, Callback, EarlyStopping, ModelCheckpoint
 from torchkeel.distributed import DistributedTrainer
 
@@ -127,6 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     main()
-    _ = torchkeel
