@@ -4,12 +4,14 @@ The state is a model plus its Adam state (an MLP of about 25M float32 parameters
 exp_avg_sq: about 300 MB). Each repeat times both sides back to back, alternating which goes first;
 the ratio is the median of the per-repeat ratios, so drifts and other load on the machine cancel.
 
-- save: ``torchkeel.io.save`` (hash while writing, fsync, manifest, renames, folder fsync) against
+- save: ``torchkeel.io.save`` (``torch.save`` to a temporary, then the sha256 of each 8 MiB chunk
+  on all cores while ``fsync`` writes it out, manifest, renames, folder fsync) against
   ``torch.save`` to an open file + flush + ``os.fsync``. Each save writes a new name.
-- load: ``torchkeel.io.load`` (hash the open file, then ``torch.load(weights_only=True)`` from the
-  same file object) against ``torch.load(path, weights_only=True)`` of the same file. The file is
-  in the page cache for both sides after the first read.
-- sha256: hashing the file alone, the floor under any verified load.
+- load: ``torchkeel.io.load`` (hash the chunks in parallel, ``torch.load(weights_only=True,
+  mmap=True)`` of the same inode, copy the tensors out of the mapping in parallel) against
+  ``torch.load(path, weights_only=True)`` of the same file. The file is in the page cache for both
+  sides after the first read.
+- sha256: one thread hashing the whole file, what a verified load would cost without chunks.
 
 Temporary files go to ``benchmarks/.tmp`` (removed afterwards). One JSON line per run is appended
 to ``benchmarks/results/<date>-<host>.jsonl``.

@@ -309,7 +309,7 @@ def test_every_checkpoint_records_format_versions_epoch_step_and_metrics(tmp_pat
     assert len(names) == 5                                          # steps 5, 10, 15 and two epoch ends
     for name in names:
         entry = io.verify(run / name)
-        assert entry["format"] == 1
+        assert entry["format"] == io.FORMAT == 2           # the manifest's format
         assert entry["torchkeel"] == torchkeel.__version__ and entry["torch"] == str(torch.__version__)
         m = entry["meta"]
         payload = io.load(run / name)

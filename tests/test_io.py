@@ -69,8 +69,11 @@ def test_round_trip_and_manifest(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, f"{path.name}.manifest.json"]
     manifest = json.loads((tmp_path / "epoch=0-step=3.pt.manifest.json").read_text())
     data = path.read_bytes()
-    assert manifest["format"] == 1 and manifest["file"] == path.name
-    assert manifest["size"] == len(data) and manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["format"] == 2 and manifest["file"] == path.name
+    step = manifest["chunk_bytes"]
+    chunks = [hashlib.sha256(data[i:i + step]).hexdigest() for i in range(0, len(data), step)]
+    assert manifest["size"] == len(data) and manifest["chunks"] == chunks
+    assert manifest["sha256"] == hashlib.sha256("".join(chunks).encode()).hexdigest()
     assert manifest["torch"] == torch.__version__ and isinstance(manifest["torchkeel"], str)
     assert manifest["meta"] == {"step": 3, "epoch": 0} and manifest["previous"] is None
     assert isinstance(manifest["created"], float)
@@ -138,6 +141,51 @@ def test_bit_flip_passes_plain_torch_load_but_not_ours(tmp_path: Path) -> None:
         tkio.load(path)
 
 
+def test_many_chunks_hashed_in_parallel_and_the_bad_one_named(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tkio, "CHUNK_BYTES", 1024)  # the 4 kB tensor spans several chunks
+    path = tkio.save(state(5), tmp_path / "a.pt")
+    manifest = json.loads((tmp_path / "a.pt.manifest.json").read_text())
+    assert manifest["chunk_bytes"] == 1024 and len(manifest["chunks"]) == -(-manifest["size"] // 1024)
+    assert same(tkio.load(path), state(5))
+    data = bytearray(path.read_bytes())
+    data[2500] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(tkio.CheckpointError, match=r"sha256 mismatch.*Bytes 2048-3071 differ"):
+        tkio.load(path)
+
+
+def test_format_1_manifest_still_verifies(tmp_path: Path) -> None:
+    """Format 1 (one sha256 of the whole payload) is what torchkeel wrote before chunking."""
+    path = tkio.save(state(2), tmp_path / "a.pt", meta={"step": 2})
+    manifest = tmp_path / "a.pt.manifest.json"
+    entry = json.loads(manifest.read_text())
+    for key in ("chunk_bytes", "chunks"):
+        del entry[key]
+    data = path.read_bytes()
+    manifest.write_text(json.dumps(entry | {"format": 1, "sha256": hashlib.sha256(data).hexdigest()}))
+    assert same(tkio.load(path), state(2)) and tkio.verify(path)["meta"] == {"step": 2}
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(tkio.CheckpointError, match=r"sha256 mismatch"):
+        tkio.load(path)
+
+
+def test_loaded_tensors_are_in_memory_not_mapped(tmp_path: Path) -> None:
+    """load maps the file to read it fast, but copies out: no mapping outlives the call, shared
+    storages stay shared, and deleting the file afterwards frees it."""
+    w = torch.arange(4096, dtype=torch.float32)
+    path = tkio.save({"model": {"w": w, "tied": w, "view": w[10:20]}}, tmp_path / "a.pt")
+    got = tkio.load(path)["model"]
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    assert str(path) not in maps
+    assert got["tied"].data_ptr() == got["w"].data_ptr()
+    assert got["view"].untyped_storage().data_ptr() == got["w"].untyped_storage().data_ptr()
+    got["w"][15] = -1.0  # writable, and the view sees it as after a plain torch.load
+    assert got["view"][5] == -1.0 and torch.equal(got["tied"], got["w"])
+    path.unlink()
+    assert float(got["w"].sum()) == float(w.sum()) - 15 - 1
+
+
 def test_missing_or_invalid_manifest(tmp_path: Path) -> None:
     path = tkio.save(state(0), tmp_path / "a.pt")
     manifest = tmp_path / "a.pt.manifest.json"
@@ -149,8 +197,8 @@ def test_missing_or_invalid_manifest(tmp_path: Path) -> None:
     manifest.write_text("{not json")
     with pytest.raises(tkio.CheckpointError, match=r"unreadable manifest"):
         tkio.verify(path)
-    manifest.write_text(json.dumps(json.loads(text) | {"format": 2}))
-    with pytest.raises(tkio.CheckpointError, match=r"unknown manifest format 2"):
+    manifest.write_text(json.dumps(json.loads(text) | {"format": 3}))
+    with pytest.raises(tkio.CheckpointError, match=r"unknown manifest format 3"):
         tkio.verify(path)
     manifest.write_text(text)
     path.unlink()

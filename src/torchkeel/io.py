@@ -14,6 +14,7 @@ import hashlib
 import io
 import itertools
 import json
+import mmap
 import os
 import pickle
 import re
@@ -41,12 +42,12 @@ __all__ = ["CheckpointError", "CheckpointWriteError", "clean_temporaries", "find
            "write_text_atomic"]
 
 __version__ = "0.1.0"  # used only when ``torchkeel.__version__`` cannot be read
-FORMAT = 1
+FORMAT = 2  # 1: one sha256 of the whole payload (still read); 2: a sha256 per chunk, in parallel
+FORMATS = (1, 2)
+CHUNK_BYTES = 8 << 20  # hashed in parallel; big enough that thread hand-offs cost nothing
 MANIFEST_SUFFIX = ".manifest.json"
 _TEMP = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")  # ".<name>.tmp-<random>", ours and mkstemp's
 _STEP_IN_NAME = re.compile(r"step[=_-]?(\d+)", re.IGNORECASE)
-_CHUNK = 1 << 20  # hashing reads: small enough to stay in cache
-_THREAD_MIN = 1 << 20  # writes this big are hashed on a worker thread while this one writes
 
 
 class CheckpointError(RuntimeError):
@@ -81,7 +82,7 @@ def _write_synced(final: Path, temps: list[Path], write: Callable[[IO[bytes]], o
     """Write ``.<name>.tmp-<random>`` beside ``final`` with ``write``, flush and fsync it."""
     tmp = final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
     temps.append(tmp)
-    with open(tmp, "xb") as f:  # "x": a new file, never an existing name or a symlink
+    with open(tmp, "xb+") as f:  # "x": a new file, never an existing name or a symlink
         write(f)
         f.flush()
         os.fsync(f.fileno())
@@ -120,37 +121,54 @@ def write_text_atomic(path: StrPath, text: str) -> Path:
     return final
 
 
-class _HashingWriter:
-    """A write-only file for ``torch.save`` that hashes and counts each write as it passes.
+class _Writer:
+    """A write-only file for ``torch.save`` that keeps the ``OSError`` its C++ writer would blur."""
 
-    ``torch.save`` streams its zip sequentially and never calls seek or tell (torch 2.13; this
-    class has neither, and the tests compare its digest with the file's), so no second read.
-    """
-
-    def __init__(self, f: IO[bytes], pool: ThreadPoolExecutor) -> None:
-        self.f, self.pool, self.sha, self.size = f, pool, hashlib.sha256(), 0
-        self.error: OSError | None = None  # torch's C++ writer replaces it with a vaguer error
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, cast("OSError | None", None)
 
     def write(self, data: ReadableBuffer) -> int:
-        view = memoryview(data).cast("B")
         try:
-            if view.nbytes >= _THREAD_MIN:  # both release the GIL: the hash overlaps the write
-                hashed = self.pool.submit(self.sha.update, view)
-                try:
-                    self.f.write(view)
-                finally:
-                    hashed.result()
-            else:
-                self.sha.update(view)
-                self.f.write(view)
+            return self.f.write(data)
         except OSError as exc:
             self.error = exc
             raise
-        self.size += view.nbytes
-        return view.nbytes
 
     def flush(self) -> None:
         self.f.flush()
+
+
+# ---------------------------------------------------------------------------------- digests
+def _workers() -> int:
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not Linux
+        return max(1, min(8, os.cpu_count() or 1))
+
+
+def _digests(f: IO[bytes], size: int, pool: ThreadPoolExecutor, chunk: int = CHUNK_BYTES) -> list[str]:
+    """The sha256 of each ``chunk`` bytes of the open file ``f``, hashed in parallel.
+
+    The file is mapped (``hashlib`` releases the GIL on the mapped pages: no copies, no shared
+    file position); ``torch.load(mmap=True)`` maps it the same way. Raises ``EOFError`` if the
+    file is shorter than ``size``.
+    """
+    if os.fstat(f.fileno()).st_size < size:
+        raise EOFError(f"{os.fstat(f.fileno()).st_size} of {size} bytes")
+    if size == 0:
+        return []
+    with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+        pieces = [memoryview(mapped)[at:at + chunk] for at in range(0, size, chunk)]
+        try:
+            return list(pool.map(lambda piece: hashlib.sha256(piece).hexdigest(), pieces))
+        finally:
+            for piece in pieces:  # the mapping closes only when no view is left
+                piece.release()
+
+
+def _root(chunks: list[str]) -> str:
+    """One sha256 naming the whole payload: of its chunk digests, in order."""
+    return hashlib.sha256("".join(chunks).encode()).hexdigest()
 
 
 def save(obj: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None) -> Path:
@@ -178,23 +196,27 @@ def save(obj: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None)
         raise ValueError(f"save(path={str(path)!r}): the name may not start with '.' or end with "
                          f"{MANIFEST_SUFFIX!r} (torchkeel's own files); use e.g. 'step-120.pt'.")
     manifest = final.with_name(final.name + MANIFEST_SUFFIX)
-    with _cleanup_on_error(final) as temps, ThreadPoolExecutor(1, "torchkeel-sha256") as pool:
+    with _cleanup_on_error(final) as temps, ThreadPoolExecutor(_workers() + 1, "torchkeel-io") as pool:
         final.parent.mkdir(parents=True, exist_ok=True)
         previous = _previous_entry(final)
-        writers: list[_HashingWriter] = []
+        chunks: list[str] = []
 
         def write_payload(f: IO[bytes]) -> None:
-            writers.append(w := _HashingWriter(f, pool))
+            w = _Writer(f)
             try:
                 torch.save(obj, cast(IO[bytes], w))
+                f.flush()
             except Exception as exc:
                 if w.error is None or w.error is exc:
                     raise
                 raise w.error from exc  # "File too large", not "unexpected pos 704 vs 598"
+            synced = pool.submit(os.fsync, f.fileno())  # the disk writes while the CPUs hash
+            chunks.extend(_digests(f, f.tell(), pool, CHUNK_BYTES))
+            synced.result()
 
         tmp_payload = _write_synced(final, temps, write_payload)
-        entry = {"format": FORMAT, "file": final.name, "size": writers[0].size,
-                 "sha256": writers[0].sha.hexdigest(),
+        entry = {"format": FORMAT, "file": final.name, "size": tmp_payload.stat().st_size,
+                 "sha256": _root(chunks), "chunk_bytes": CHUNK_BYTES, "chunks": chunks,
                  "torchkeel": getattr(sys.modules.get("torchkeel"), "__version__", __version__),
                  "torch": torch.__version__, "created": time.time(), "meta": meta or {}}
         text = json.dumps(entry | {"previous": previous}, indent=1)
@@ -227,39 +249,48 @@ def _entries(path: Path) -> list[dict[str, Any]]:
         raise _fail(path, "no manifest (incomplete write or not a torchkeel checkpoint)") from None
     except (OSError, ValueError) as exc:
         raise _fail(path, f"unreadable manifest ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in FORMATS:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise _fail(path, f"unknown manifest format {found!r}",
-                    f"This torchkeel reads format {FORMAT}; a newer torchkeel may read it.")
+                    f"This torchkeel reads formats {FORMATS}; a newer torchkeel may read it.")
     entries = [data] + ([data["previous"]] if isinstance(data.get("previous"), dict) else [])
     for e in entries:
-        if not (isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
-                and isinstance(e.get("meta", {}), dict)):
-            raise _fail(path, "invalid manifest (no size, sha256 or meta)")
+        if e.get("format", 1) == 1 and isinstance(e.get("size"), int):  # one chunk: the file
+            e.update(chunk_bytes=max(e["size"], 1), chunks=[e.get("sha256")] if e["size"] else [])
+        size, step, chunks = e.get("size"), e.get("chunk_bytes"), e.get("chunks")
+        if not (isinstance(size, int) and isinstance(step, int) and step > 0
+                and isinstance(chunks, list) and len(chunks) == -(-size // step)
+                and isinstance(e.get("sha256"), str) and isinstance(e.get("meta", {}), dict)):
+            raise _fail(path, "invalid manifest (no size, sha256, chunks or meta)")
     return [{"meta": {}} | {k: v for k, v in e.items() if k != "previous"} for e in entries]
 
 
-def _stamp(f: io.BufferedReader) -> tuple[int, int, int]:
-    st = os.fstat(f.fileno())  # not ctime: renaming or unlinking the name changes it, not the bytes
+def _stamp(f: io.BufferedReader | Path) -> tuple[int, int, int]:
+    st = os.stat(f) if isinstance(f, Path) else os.fstat(f.fileno())  # not ctime: renaming or unlinking the name changes it, not the bytes
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _verify_open(path: Path, f: io.BufferedReader) -> dict[str, Any]:
+def _verify_open(path: Path, f: io.BufferedReader, pool: ThreadPoolExecutor) -> dict[str, Any]:
     """Hash the open payload ``f``; return the manifest entry it matches or raise."""
     entries, size = _entries(path), _stamp(f)[1]
     sized = [e for e in entries if e["size"] == size]
     if not sized:
         raise _fail(path, f"size mismatch: the manifest says {entries[0]['size']} bytes, the file "
                     f"has {size} (truncated or extended)")
-    sha, buf = hashlib.sha256(), bytearray(_CHUNK)
-    view = memoryview(buf)
-    while n := f.readinto(view):
-        sha.update(view[:n])
-    for entry in sized:
-        if entry["sha256"] == sha.hexdigest():
-            return entry
-    raise _fail(path, "sha256 mismatch (file corrupt)", f"Manifest {sized[0]['sha256'][:16]}..., "
-                f"file {sha.hexdigest()[:16]}...; restore it or load an older checkpoint.")
+    got: dict[int, list[str]] = {}  # chunk size -> the file's digests
+    for e in sized:
+        step = e["chunk_bytes"]
+        try:
+            digests = got[step] if step in got else got.setdefault(step, _digests(f, size, pool, step))
+        except EOFError as exc:
+            raise _fail(path, f"changed while it was read ({exc})", "Something wrote to it.") from None
+        if digests == e["chunks"]:
+            return e
+    e, step = sized[0], sized[0]["chunk_bytes"]
+    bad = next(i for i, (a, b) in enumerate(zip(got[step], e["chunks"])) if a != b)
+    raise _fail(path, "sha256 mismatch (file corrupt)",
+                f"Bytes {bad * step}-{min(size, (bad + 1) * step) - 1} differ from what was "
+                "written; restore the file or load an older checkpoint.")
 
 
 @contextlib.contextmanager
@@ -281,8 +312,8 @@ def verify(path: StrPath) -> dict[str, Any]:
         >>> verify("ckpt/step-000120.pt")["meta"]
         {'step': 120}
     """
-    with _open_payload(Path(path)) as f:
-        return _verify_open(Path(path), f)
+    with _open_payload(Path(path)) as f, ThreadPoolExecutor(_workers(), "torchkeel-io") as pool:
+        return _verify_open(Path(path), f, pool)
 
 
 def is_checkpoint(path: StrPath) -> bool:
@@ -297,26 +328,34 @@ def is_checkpoint(path: StrPath) -> bool:
 def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
     """Verify the payload, then ``torch.load(weights_only=True)`` it.
 
-    Both passes read one open file (one inode, even if the name is replaced meanwhile) whose size
-    and mtime must not change in between: what is loaded is what was hashed.
+    The chunks are hashed in parallel; then ``torch.load(mmap=True)`` maps the same open file (one
+    inode, even if the name is replaced meanwhile) and the tensors are copied out of the mapping in
+    parallel, so no file stays mapped. Its size and mtime must not change in between: what is
+    loaded is what was hashed.
 
     Args: path: the payload. map_location: as for ``torch.load``.
     Example:
         >>> model.load_state_dict(load("ckpt/step-000120.pt")["model"])
     """
     file = Path(path)
-    with _open_payload(file) as f:
+    with _open_payload(file) as f, ThreadPoolExecutor(_workers(), "torchkeel-io") as pool:
         stamp = _stamp(f)
-        _verify_open(file, f)
-        f.seek(0)
+        _verify_open(file, f, pool)
+        by_fd = Path(f"/proc/self/fd/{f.fileno()}")  # mmap needs a path: this one is our inode
+        source = by_fd if by_fd.exists() else file
         try:
             # weights_only=True explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides only calls
             # that leave it unset (torch/serialization.py, torch >= 2.6; tests/test_io.py checks).
-            obj = torch.load(f, map_location=map_location, weights_only=True, mmap=False)
+            obj = torch.load(source, map_location=map_location, weights_only=True, mmap=True)
+            if _stamp(source) != stamp:  # by name (no /proc): it may have been replaced
+                raise _fail(file, "changed while it was read", "Something replaced it; load again.")
+            _into_memory(obj, pool)
         except pickle.UnpicklingError as exc:
             raise _fail(file, "refused by torch.load(weights_only=True): it holds objects other "
                         "than tensors, containers, numbers and strings",
                         str(exc).split("\n")[0]) from exc
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise _fail(file, f"torch.load failed ({type(exc).__name__}: {exc})") from exc
         if _stamp(f) != stamp:
@@ -324,6 +363,37 @@ def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise _fail(file, f"holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+def _into_memory(obj: Any, pool: ThreadPoolExecutor) -> None:
+    """Move every CPU tensor's storage out of the file mapping, in place and in parallel.
+
+    Tensors that shared a storage (tied weights, views) share the new one, as after a plain load.
+    """
+    tensors: dict[int, torch.Tensor] = {}  # by id: one tensor may appear under several keys
+    todo: list[Any] = [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu" and x.layout == torch.strided:
+                tensors[id(x)] = x
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    mapped = {(s.data_ptr(), s.nbytes()): s for s in (t.untyped_storage() for t in tensors.values())}
+    keys = [(t, (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+            for t in tensors.values()]
+
+    def copy(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        out = torch.empty(storage.nbytes(), dtype=torch.uint8)
+        out.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))  # releases the GIL
+        return out.untyped_storage()
+
+    fresh = dict(zip(mapped, pool.map(copy, mapped.values())))
+    with torch.no_grad():
+        for t, key in keys:
+            t.set_(fresh[key], t.storage_offset(), t.size(), t.stride())
 
 
 # --------------------------------------------------------------------------------- discovery

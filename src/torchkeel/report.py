@@ -104,10 +104,10 @@ def _manifest(payload: Path) -> dict[str, Any]:
         entry = json.loads(manifest.read_bytes())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{where}: its manifest cannot be read ({type(exc).__name__}).") from None
-    if not isinstance(entry, dict) or entry.get("format") != io.FORMAT:
+    if not isinstance(entry, dict) or entry.get("format") not in io.FORMATS:
         found = entry.get("format") if isinstance(entry, dict) else type(entry).__name__
         raise ValueError(f"{where}: unknown manifest format {found!r}; this torchkeel reads "
-                         f"format {io.FORMAT}.")
+                         f"formats {io.FORMATS}.")
     return entry
 
 
