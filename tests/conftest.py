@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -236,3 +237,38 @@ class RecordingSGD(torch.optim.SGD):
 
 def total_norm(grads: list[torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy")
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count host reads of tensors (the calls that sync a device) made by torchkeel's own code."""
+    counts = dict.fromkeys(HOST_READS, 0)
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *args: Any, _name: str = name, _original: Any = original,
+                    **kwargs: Any) -> Any:
+            if "/torchkeel/" in sys._getframe(1).f_code.co_filename.replace("\\", "/"):
+                counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return counts
+
+
+class NanAt:
+    """MSELoss that returns NaN on the given call numbers (0-based)."""
+
+    def __init__(self, *calls: int) -> None:
+        self.calls = set(calls)
+        self.n = 0
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.mse_loss(out, y)
+        if self.n in self.calls:
+            loss = loss * float("nan")
+        self.n += 1
+        return loss

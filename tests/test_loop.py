@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import (
+    NanAt,
     assert_params_equal,
     assert_state_equal,
     hand_loop,
@@ -432,21 +432,6 @@ def test_overriding_training_and_validation_step():
 
 
 # --------------------------------------------------------------------------------- nan_policy
-class NanAt:
-    """MSELoss that returns NaN on the given call numbers (0-based)."""
-
-    def __init__(self, *calls: int) -> None:
-        self.calls = set(calls)
-        self.n = 0
-
-    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = nn.functional.mse_loss(out, y)
-        if self.n in self.calls:
-            loss = loss * float("nan")
-        self.n += 1
-        return loss
-
-
 def test_nan_policy_raise_names_epoch_and_batch(make_trainer):
     x, y = make_dataset().tensors
     x = x.clone()
@@ -659,25 +644,6 @@ def test_no_tensor_or_graph_is_kept_from_step_to_step(make_trainer):
     (n100, graphs100), (n300, graphs300) = counts[100], counts[300]
     assert n300 - n100 <= 2, f"{n300 - n100} more live tensors after 200 more steps"
     assert graphs100 == graphs300 == graphs_before, "a tensor with an autograd graph outlived its step"
-
-
-HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy")
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    """Count host reads of tensors (the calls that sync a device) made by torchkeel's own code."""
-    counts = dict.fromkeys(HOST_READS, 0)
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, _name=name, _original=original, **kwargs):
-            if "/torchkeel/" in sys._getframe(1).f_code.co_filename.replace("\\", "/"):
-                counts[_name] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    return counts
 
 
 @pytest.mark.parametrize("progress", [False, True], ids=["no_progress", "default_progress"])

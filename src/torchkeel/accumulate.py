@@ -87,6 +87,7 @@ class GradientAccumulator:
         self.nonfinite = False     # the last window had a non-finite loss on some rank
         self.scaler_skipped = False
         self.flags: list[float] = []
+        self.check_finite = True   # False: one process never reads the loss here (see torchkeel.nonfinite)
 
     @property
     def pending(self) -> bool:
@@ -152,7 +153,7 @@ class GradientAccumulator:
         step; it is one scalar (cheaper than an isfinite kernel plus a flag read).
         """
         if not self._ddp:
-            return self._window_n, not math.isfinite(loss.item()), list(flags)
+            return self._window_n, self.check_finite and not math.isfinite(loss.item()), list(flags)
         t = torch.tensor([self._window_n, 0.0, self._n_ref, *flags], dtype=torch.float64, device=loss.device)
         t[1] = ~torch.isfinite(loss)
         dist.all_reduce(t)

@@ -134,17 +134,23 @@ class ModelCheckpoint(Callback):
             return
         try:
             path = self.save_now(trainer, reason=f"exception: {type(exc).__name__}", ranked=False,
-                                 rng=trainer.step_rng)
+                                 rng=trainer.step_rng, check_finite=False)
             log.warning("ModelCheckpoint: saved %s after %s.", path, type(exc).__name__)
         except Exception as save_exc:  # noqa: BLE001 - never mask the original exception
             log.error("ModelCheckpoint: emergency save failed: %s", save_exc)
 
     # ------------------------------------------------------------------------------ saving
     def save_now(self, trainer: AdvancedTrainer, reason: str = "manual", ranked: bool = False,
-                 rng: dict[str, Any] | None = None) -> Path:
-        """Write a checkpoint now (every rank must call this), then rotate; return its path."""
+                 rng: dict[str, Any] | None = None, check_finite: bool = True) -> Path:
+        """Write a checkpoint now (every rank must call this), then rotate; return its path.
+
+        ``check_finite``: first apply ``nan_policy`` to losses not yet checked (see
+        ``torchkeel.nonfinite``), so no checkpoint holds an unchecked step; off for emergency saves.
+        """
         if self.dirpath is None:
             raise RuntimeError("ModelCheckpoint.save_now() before fit() began: no run folder yet.")
+        if check_finite:
+            trainer.check_finite()
         state, metrics = trainer.state, trainer.state.metrics
         score = metrics.get(self.monitor) if (ranked and self.monitor) else None
         path = self._path_for(trainer)

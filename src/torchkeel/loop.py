@@ -22,11 +22,11 @@ from torchkeel.accumulate import GradientAccumulator
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.checkpoint import ModelCheckpoint
 from torchkeel.distributed import unwrap_model
+from torchkeel.nonfinite import NanPolicy, NonFiniteGuard
 from torchkeel.runs import FitSummary
 
 log = logging.getLogger("torchkeel")
 
-NanPolicy = Literal["raise", "skip", "stop"]
 Metric = Callable[[torch.Tensor, torch.Tensor], Any]
 _TARGET_KEYS = ("target", "targets", "label", "labels", "y")
 
@@ -134,8 +134,6 @@ class AdvancedTrainer:
                 or gradient_accumulation_steps < 1:
             raise ValueError(f"AdvancedTrainer(gradient_accumulation_steps={gradient_accumulation_steps!r}): "
                              "must be an int >= 1 (1 = no accumulation).")
-        if nan_policy not in ("raise", "skip", "stop"):
-            raise ValueError(f"AdvancedTrainer(nan_policy={nan_policy!r}): use 'raise', 'skip' or 'stop'.")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(
                 f"AdvancedTrainer(scheduler_interval={scheduler_interval!r}): use 'epoch' or 'step'."
@@ -159,6 +157,8 @@ class AdvancedTrainer:
         self.accum = GradientAccumulator(
             model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value
         )
+        self._nonfinite = NonFiniteGuard(nan_policy, eager=device.type == "cpu" or self.world_size > 1)
+        self.accum.check_finite = self._nonfinite.eager
         self.early_stopping = early_stopping
         self.checkpoint = checkpoint
         self.callbacks: list[Callback] = []
@@ -290,26 +290,16 @@ class AdvancedTrainer:
         if self.keep_step_rng:
             self.step_rng = resume.rng_state()
         loss = accum.window_loss
+        assert loss is not None  # _after_window follows a finished window
         if accum.flags and accum.flags[0] > 0:
             self._request_stop(state.stop_reason or "a stop was requested on another rank")
         if accum.flags and accum.flags[1] > 0:
             self._preempt = True     # saved after this step's hooks, at the step boundary
-        if accum.nonfinite:
-            state.skipped_steps += 1
-            first = state.batch - accum.window_micro_batches
-            span = f"batch {first}" if accum.window_micro_batches == 1 else f"batches {first}-{state.batch - 1}"
-            where = f"epoch {state.epoch}, {span}, optimizer step {state.step}"
-            if self.nan_policy == "raise":
-                raise FloatingPointError(
-                    f"Non-finite loss at {where}. Set nan_policy='skip' to skip such steps or 'stop' to end training."
-                )
-            log.warning("Non-finite loss at %s: step skipped (nan_policy=%r).", where, self.nan_policy)
-            if self.nan_policy == "stop":
-                self._request_stop(f"non-finite loss at {where}")
+        if self._nonfinite.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
             return False
         if self._epoch_loss is None:
             self._epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._epoch_loss.add_(loss, alpha=accum.window_ref)  # type: ignore[arg-type]
+        self._epoch_loss.add_(loss, alpha=accum.window_ref)
         self._epoch_samples += accum.window_samples
         if not stepped:
             state.skipped_steps += 1
@@ -394,10 +384,15 @@ class AdvancedTrainer:
     @property
     def loss(self) -> float:
         """Mean loss of the last optimizer window (reads the device; call only when logging)."""
+        self.check_finite()
         accum = self.accum
         if accum.window_loss is None:
             return math.nan
         return float(accum.window_loss) * accum.window_ref * self.world_size / accum.window_samples
+
+    def check_finite(self) -> None:
+        """Apply ``nan_policy`` to window losses not yet checked; a no-op where every step is checked."""
+        self._nonfinite.check(self)
 
     @property
     def lr(self) -> float:
@@ -443,6 +438,7 @@ class AdvancedTrainer:
         state = self.state
         if state.batch == 0:
             raise ValueError(f"train_loader yielded no batches in epoch {state.epoch}. Pass a non-empty loader.")
+        self.check_finite()
         metrics: dict[str, float] = {"train_loss": self._reduced_epoch_loss()}
         if val_loader is not None:
             metrics |= self.validate(val_loader)
