@@ -258,3 +258,33 @@ def test_a_step_skipped_by_the_grad_scaler_is_reported_and_leaves_the_weights():
     acc.backward(torch.nn.functional.mse_loss(model(torch.ones(2, 4)), torch.zeros(2, 1)), num_samples=2)
     assert acc.step() is True and not acc.scaler_skipped
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_grads_are_cleared_after_each_step_also_for_param_groups_added_later():
+    model = make_model()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    opt = torch.optim.SGD(first, lr=0.1)
+    acc = GradientAccumulator(model, opt, accumulation_steps=1)
+    opt.add_param_group({"params": second})          # after the accumulator was built
+    x, y = make_dataset(8).tensors
+    acc.backward(nn.functional.mse_loss(model(x), y), len(x))
+    assert all(p.grad is not None for p in model.parameters())
+    assert acc.step()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_optimizer_that_overrides_zero_grad_has_it_called():
+    class KeepsBuffers(torch.optim.SGD):
+        calls = 0
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            type(self).calls += 1
+            super().zero_grad(set_to_none=set_to_none)
+
+    model = make_model()
+    acc = GradientAccumulator(model, KeepsBuffers(model.parameters(), lr=0.1), accumulation_steps=1)
+    x, y = make_dataset(8).tensors
+    for _ in range(3):
+        acc.backward(nn.functional.mse_loss(model(x), y), len(x))
+        acc.step()
+    assert KeepsBuffers.calls == 3 and all(p.grad is None for p in model.parameters())

@@ -196,6 +196,7 @@ class AdvancedTrainer:
             (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else (lambda: no_context)
         )
         self._move = device.type != "cpu"
+        self._bare = self.amp_dtype is None and not self.accum.is_ddp
         self._epoch_loss: torch.Tensor | None = None
         self._epoch_samples = 0
         self._data_state: dict[str, Any] | None = None   # RNG that ordered this epoch's batches
@@ -269,12 +270,14 @@ class AdvancedTrainer:
 
     def _step(self, batch: Any) -> bool:
         """One micro-batch; at a window's end, the optimizer step. True once the optimizer stepped."""
-        state = self.state
         if self._move:
             batch = batching.to_device(batch, self.device)
-        with self.accum.no_sync(), self._autocast():
+        if self._bare:                      # one process, no AMP: no context to enter
             loss = self.training_step(batch)
-        state.batch += 1
+        else:
+            with self.accum.no_sync(), self._autocast():
+                loss = self.training_step(batch)
+        self.state.batch += 1
         self.accum.backward(loss, batching.batch_size(batch))
         if not self.accum.window_full:
             return False
@@ -284,6 +287,10 @@ class AdvancedTrainer:
         """Step a short last window at the end of an epoch."""
         return self._after_window(self.accum.flush(self._local_flags())) if self.accum.pending else False
 
+    def _local_flags(self) -> tuple[float, ...]:
+        """What the ranks agree on with each step's all-reduce; one process needs no agreement."""
+        return (float(self.state.should_stop), float(self._signal.received)) if self.world_size > 1 else ()
+
     def _after_window(self, stepped: bool) -> bool:
         accum, state = self.accum, self.state
         self._batch_at_step = state.batch
@@ -291,10 +298,13 @@ class AdvancedTrainer:
             self.step_rng = resume.rng_state()
         loss = accum.window_loss
         assert loss is not None  # _after_window follows a finished window
-        if accum.flags and accum.flags[0] > 0:
-            self._request_stop(state.stop_reason or "a stop was requested on another rank")
-        if accum.flags and accum.flags[1] > 0:
-            self._preempt = True     # saved after this step's hooks, at the step boundary
+        if not accum.flags:                 # one process: its own signal flag decides
+            self._preempt = self._signal.received
+        else:
+            if accum.flags[0] > 0:
+                self._request_stop(state.stop_reason or "a stop was requested on another rank")
+            if accum.flags[1] > 0:
+                self._preempt = True     # saved after this step's hooks, at the step boundary
         if self._nonfinite.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
             return False
         if self._epoch_loss is None:
@@ -454,9 +464,6 @@ class AdvancedTrainer:
         if self.world_size > 1:
             dist.all_reduce(total)
         return float(total) / self._epoch_samples             # global samples of the epoch
-
-    def _local_flags(self) -> tuple[float, float]:
-        return (float(self.state.should_stop), float(self._signal.received))
 
     def _request_stop(self, reason: str) -> None:
         self.state.should_stop = True

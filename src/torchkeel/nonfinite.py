@@ -35,23 +35,21 @@ class NonFiniteGuard:
         if policy not in ("raise", "skip", "stop"):
             raise ValueError(f"AdvancedTrainer(nan_policy={policy!r}): use 'raise', 'skip' or 'stop'.")
         self.policy, self.eager = policy, eager or policy == "skip"
-        self._unread: list[tuple[torch.Tensor, str]] = []   # lazy: (window loss, where) since last check
+        self._unread: list[tuple[torch.Tensor, tuple[int, int, int, int]]] = []  # lazy: (loss, where)
 
     def window(self, trainer: AdvancedTrainer, loss: torch.Tensor, nonfinite: bool, first_batch: int) -> bool:
         """Account for one optimizer window; True when it was non-finite (and so skipped)."""
-        state, span = trainer.state, trainer.accum.window_micro_batches
-        where = f"epoch {state.epoch}, " + (f"batch {first_batch}" if span == 1 else
-                                            f"batches {first_batch}-{first_batch + span - 1}")
-        where += f", optimizer step {state.step}"
-        if not self.eager:
-            self._unread.append((loss, where))
-            if len(self._unread) >= MAX_UNREAD:
-                self.check(trainer)
-            return False
-        if nonfinite:
-            state.skipped_steps += 1
-            self._act(trainer, where, "")
-        return nonfinite
+        state = trainer.state
+        if self.eager:
+            if nonfinite:
+                state.skipped_steps += 1
+                self._act(trainer, _where(state.epoch, first_batch, trainer.accum.window_micro_batches,
+                                          state.step), "")
+            return nonfinite
+        self._unread.append((loss, (state.epoch, first_batch, trainer.accum.window_micro_batches, state.step)))
+        if len(self._unread) >= MAX_UNREAD:
+            self.check(trainer)
+        return False
 
     def check(self, trainer: AdvancedTrainer) -> None:
         """Lazy mode: read every window since the last check at once, and act on the first bad one."""
@@ -62,7 +60,7 @@ class NonFiniteGuard:
         finite = torch.isfinite(torch.stack(losses)).tolist()
         if not all(finite):
             found = f"epoch {trainer.state.epoch}, batch {trainer.state.batch}"
-            self._act(trainer, wheres[finite.index(False)],
+            self._act(trainer, _where(*wheres[finite.index(False)]),
                       f" (found at {found}: on {trainer.device.type} the loss is checked when logged, at "
                       "epoch end and before a checkpoint, not every step, so the optimizer has stepped since; "
                       "nan_policy='skip' checks every step)")
@@ -77,3 +75,8 @@ class NonFiniteGuard:
         log.warning("Non-finite loss at %s%s: %s (nan_policy=%r).", where, lazy_note, action, self.policy)
         if self.policy == "stop":
             trainer._request_stop(f"non-finite loss at {where}")
+
+
+def _where(epoch: int, first_batch: int, span: int, step: int) -> str:
+    batches = f"batch {first_batch}" if span == 1 else f"batches {first_batch}-{first_batch + span - 1}"
+    return f"epoch {epoch}, {batches}, optimizer step {step}"
