@@ -71,6 +71,22 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path: Path, accum: int) -> N
     assert h0 == h1                                                        # reduced metrics agree
 
 
+def test_the_step_agreement_rides_in_the_gradient_all_reduce(tmp_path: Path) -> None:
+    """No collective of its own per step: the counts, the NaN flag and the stop/signal flags are
+    summed with bucket 0's gradients. A model with the user's own comm hook keeps it, and pays one
+    more all-reduce per step for the same result."""
+    ok(torchrun(tmp_path / "ours", "--accum", "2", "--count-collectives", "--samples", "128"))
+    ok(torchrun(tmp_path / "theirs", "--accum", "2", "--count-collectives", "--samples", "128",
+                "--own-comm-hook"))
+    ours, theirs = result(tmp_path / "ours"), result(tmp_path / "theirs")
+    assert len(ours["collectives_per_step"]) >= 6
+    assert set(ours["collectives_per_step"]) == {1}               # the one bucket's all-reduce
+    assert set(theirs["collectives_per_step"]) == {2}             # their hook's, then the agreement
+    for key, value in ours["model"].items():
+        assert torch.allclose(theirs["model"][key], value, atol=1e-6), key
+    assert ours["state"]["step"] == theirs["state"]["step"]
+
+
 def test_non_finite_loss_on_one_rank_is_skipped_by_both(tmp_path: Path) -> None:
     ok(torchrun(tmp_path, "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "skip"))
     r0, r1 = result(tmp_path, 0), result(tmp_path, 1)

@@ -6,7 +6,9 @@ One optimizer step, in this order (DESIGN.md):
    the loss is weighted by its samples relative to the window's first micro-batch (``n_i / n_ref``,
    exactly 1 for equal micro-batches, so no multiply);
 2. at the window's end, one all-reduce agrees on the window's global sample count ``N``, whether
-   any rank saw a non-finite loss, and the caller's flags (stop, save, signal);
+   any rank saw a non-finite loss, and the caller's flags (stop, save, signal). Under DDP it rides
+   in the gradient all-reduce of bucket 0 (a comm hook, ``_Agreement``), as a few extra elements:
+   a collective of its own would cost a round trip per step (~1 ms on gloo here);
 3. gradients are scaled by ``world * n_ref / N`` (skipped when it is 1: no accumulation, equal
    shards), so k micro-batches on W ranks equal one batch of their total size, short windows too;
 4. ``scaler.unscale_`` -> clip once -> ``scaler.step`` -> ``scaler.update`` -> zero grads.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -76,6 +78,7 @@ class GradientAccumulator:
         self._plain_zero_grad = type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
         self.is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)  # no_sync, all-reduces
         self._world = dist.get_world_size() if self.is_ddp else 1
+        self._agreement = _Agreement.install(model) if self.is_ddp else None
         self._n_ref = 0            # samples in the window's first micro-batch
         self._micro = 0            # micro-batches in the current window
         self._window_n = 0         # local samples in the current window
@@ -122,17 +125,26 @@ class GradientAccumulator:
             self._unsynced = False
             yield
 
-    def backward(self, loss: torch.Tensor, num_samples: int | None = None) -> None:
-        """Backpropagate ``loss`` (the micro-batch mean) weighted by its share of the window."""
+    def backward(self, loss: torch.Tensor, num_samples: int | None = None, flags: Sequence[float] = ()) -> None:
+        """Backpropagate ``loss`` (the micro-batch mean) weighted by its share of the window.
+
+        ``flags``: under DDP, numbers to sum across ranks with the window's agreement when this
+        micro-batch ends the window (e.g. stop requested, signal received); ``self.flags`` after
+        ``step()`` holds the sums.
+        """
         n = 1 if num_samples is None else int(num_samples)
         if self._micro == 0:
             self._n_ref = n
+            if self._agreement is not None:
+                self._agreement.take()   # nothing from an earlier, unfinished window
         scaled = loss if n == self._n_ref else loss * (n / self._n_ref)
-        (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()  # type: ignore[no-untyped-call]
         detached = scaled.detach()
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         self._window_n += n
         self._micro += 1
+        if self._agreement is not None and self._micro >= self.accumulation_steps:
+            self._agreement.send = self._agreement_tensor(self._window_loss, flags)
+        (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()  # type: ignore[no-untyped-call]
 
     def step(self, flags: Sequence[float] = ()) -> bool:
         """Step once the window is full; return True when the optimizer stepped."""
@@ -156,9 +168,15 @@ class GradientAccumulator:
         """
         if not self.is_ddp:
             return self._window_n, self.check_finite and not math.isfinite(loss.item()), list(flags)
-        t = torch.tensor([self._window_n, 0.0, self._n_ref, *flags], dtype=torch.float64, device=loss.device)
-        t[1] = ~torch.isfinite(loss)
-        dist.all_reduce(t)
+        agreement = self._agreement
+        t = agreement.take() if agreement is not None else None
+        if t is None:  # a short window after no_sync, or the model has a comm hook of its own
+            t = self._agreement_tensor(loss, flags)
+            dist.all_reduce(t)
+        elif flags:    # flags given to step() rather than backward(): one more all-reduce
+            extra = torch.tensor(list(flags), dtype=t.dtype, device=t.device)
+            dist.all_reduce(extra)
+            t = torch.cat([t, extra])
         n, nonfinite, refs, *agreed = t.tolist()
         if refs != self._n_ref * self._world:
             raise ValueError(
@@ -167,6 +185,12 @@ class GradientAccumulator:
                 "shards are even."
             )
         return int(n), nonfinite > 0, agreed
+
+    def _agreement_tensor(self, loss: torch.Tensor, flags: Sequence[float]) -> torch.Tensor:
+        """[local samples, loss non-finite, n_ref, *flags]: summed across ranks, all exact in float32."""
+        t = torch.tensor([self._window_n, 0.0, self._n_ref, *flags], dtype=torch.float32, device=loss.device)
+        t[1] = ~torch.isfinite(loss)
+        return t
 
     def _finish(self, flags: Sequence[float]) -> bool:
         if self._window_loss is None:
@@ -215,3 +239,57 @@ class GradientAccumulator:
             dist.all_reduce(g)
         torch._foreach_div_(grads, self._world)
         self._unsynced = False
+
+
+class _Agreement:
+    """A DDP comm hook: DDP's averaging all-reduce, with the window's agreement in bucket 0.
+
+    ``send`` (set just before the backward that ends a window) is appended to bucket 0's gradients
+    and summed with them; ``take()`` returns the sums. Every rank sets ``send`` for the same
+    backward, so every rank's bucket 0 has the same length. Buckets of other dtypes than float32
+    and float64 (fp16/bf16 models) carry no counts: there, ``take()`` is None and the accumulator
+    agrees with an all-reduce of its own.
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None) -> None:
+        self.group = process_group
+        self.send: torch.Tensor | None = None
+        self._got: torch.Tensor | None = None
+
+    @classmethod
+    def install(cls, ddp: nn.Module) -> _Agreement | None:
+        """The model's agreement hook, registered once per DDP model; None if it has another hook."""
+        found = getattr(ddp, "_torchkeel_agreement", None)
+        if isinstance(found, cls):
+            return found
+        hook = cls(getattr(ddp, "process_group", None))
+        try:
+            # DDP inspects the hook: a parameter named "bucket", no string annotations, a __name__
+            ddp.register_comm_hook(None, lambda state, bucket: hook(state, bucket))  # type: ignore[operator]
+        except RuntimeError:  # "can only be called once": the user's own hook stays
+            return None
+        ddp._torchkeel_agreement = hook  # type: ignore[assignment]
+        return hook
+
+    def take(self) -> torch.Tensor | None:
+        got, self._got, self.send = self._got, None, None
+        return got
+
+    def __call__(self, _: object, bucket: Any) -> torch.futures.Future[torch.Tensor]:  # a dist.GradBucket
+        grads = bucket.buffer()
+        world = dist.get_world_size(self.group)
+        send = self.send if bucket.index() == 0 and grads.dtype in (torch.float32, torch.float64) else None
+        if send is None:  # as DDP's default hook: average
+            work = dist.all_reduce(grads.div_(world), group=self.group, async_op=True)
+            return cast("torch.futures.Future[torch.Tensor]", work.get_future().then(lambda f: f.value()[0]))
+        self.send = None
+        both = torch.cat([grads.div_(world), send.to(grads.dtype)])
+        work = dist.all_reduce(both, group=self.group, async_op=True)
+
+        def split(f: torch.futures.Future[Any]) -> torch.Tensor:
+            out: torch.Tensor = f.value()[0]
+            self._got = out[grads.numel():].to(torch.float32)
+            done: torch.Tensor = grads.copy_(out[:grads.numel()])
+            return done
+
+        return cast("torch.futures.Future[torch.Tensor]", work.get_future().then(split))

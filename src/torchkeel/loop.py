@@ -278,10 +278,10 @@ class AdvancedTrainer:
             with self.accum.no_sync(), self._autocast():
                 loss = self.training_step(batch)
         self.state.batch += 1
-        self.accum.backward(loss, batching.batch_size(batch))
+        self.accum.backward(loss, batching.batch_size(batch), self._local_flags())
         if not self.accum.window_full:
             return False
-        return self._after_window(self.accum.step(self._local_flags()))
+        return self._after_window(self.accum.step())
 
     def _finish_window(self) -> bool:
         """Step a short last window at the end of an epoch."""

@@ -43,6 +43,27 @@ class Slow(Callback):
         time.sleep(self.seconds)
 
 
+class CountCollectives(Callback):
+    """All-reduces issued from Python between two optimizer steps of full windows in one epoch."""
+
+    def __init__(self) -> None:
+        self.calls, self.per_step, self._last = 0, [], None
+        real = torch.distributed.all_reduce
+
+        def counting(*args, **kwargs):  # DDP comm hooks and torchkeel both call dist.all_reduce
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        torch.distributed.all_reduce = counting
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        here = (trainer.state.epoch, self.calls)
+        full = trainer.accum.window_micro_batches == trainer.accum.accumulation_steps
+        if self._last is not None and self._last[0] == here[0] and full:
+            self.per_step.append(here[1] - self._last[1])
+        self._last = here
+
+
 class CrashAt(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -70,6 +91,8 @@ def main() -> None:
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--crash-at", type=int)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--count-collectives", action="store_true")
+    p.add_argument("--own-comm-hook", action="store_true", help="the model has the user's DDP comm hook")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -80,6 +103,10 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(args.dropout), nn.Linear(16, 3))
 
     dt = DistributedTrainer(model=model)
+    if args.own_comm_hook:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        dt.model.register_comm_hook(None, allreduce_hook)
     # The order is a function of (seed, epoch) at every scale: DistributedSampler with one replica
     # for a single process, so 1 x 2b and 2 x b see the same samples in each optimizer step.
     if dt.world_size > 1:
@@ -106,6 +133,8 @@ def main() -> None:
         callbacks.append(Slow(args.out, args.slow))
     if args.crash_at is not None:
         callbacks.append(CrashAt(args.crash_at))
+    counter = CountCollectives() if args.count_collectives else None
+    callbacks += [counter] if counter else []
     ckpt = ModelCheckpoint(save_dir=args.ckpt, monitor=None, every_n_steps=args.every_n_steps) \
         if args.ckpt else None
     optimizer = torch.optim.SGD(dt.model.parameters(), lr=0.1, momentum=0.9)
@@ -118,7 +147,8 @@ def main() -> None:
     try:
         history = trainer.fit(train_loader=loader, val_loader=val, epochs=args.epochs, resume_from=args.resume)
         torch.save({"model": trainer.unwrapped_model.state_dict(), "history": json.dumps(dict(history)),
-                    "state": trainer.state.state_dict(), "world_size": trainer.world_size},
+                    "state": trainer.state.state_dict(), "world_size": trainer.world_size,
+                    "collectives_per_step": counter.per_step if counter else None},
                    args.out / f"result-rank{trainer.rank}.pt")
     finally:
         dt.close()
