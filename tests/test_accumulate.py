@@ -168,6 +168,8 @@ def test_accumulator_step_only_at_the_window_end():
     assert acc.window_full
     assert acc.step() is True
     assert not acc.pending
+    assert all(p.grad is not None for p in model.parameters())   # readable until the next backward
+    acc.zero_grad()
     assert all(p.grad is None for p in model.parameters())       # zeroed (set_to_none)
     assert not torch.equal(next(model.parameters()), start[0])
     assert acc.window_samples == 32
@@ -260,7 +262,7 @@ def test_a_step_skipped_by_the_grad_scaler_is_reported_and_leaves_the_weights():
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-def test_grads_are_cleared_after_each_step_also_for_param_groups_added_later():
+def test_grads_are_cleared_before_the_next_window_also_for_param_groups_added_later():
     model = make_model()
     first, second = list(model.parameters())[:2], list(model.parameters())[2:]
     opt = torch.optim.SGD(first, lr=0.1)
@@ -268,8 +270,15 @@ def test_grads_are_cleared_after_each_step_also_for_param_groups_added_later():
     opt.add_param_group({"params": second})          # after the accumulator was built
     x, y = make_dataset(8).tensors
     acc.backward(nn.functional.mse_loss(model(x), y), len(x))
-    assert all(p.grad is not None for p in model.parameters())
     assert acc.step()
+    kept = [p.grad.clone() for p in model.parameters()]    # the step's gradients, still readable
+    loss = nn.functional.mse_loss(model(x), y)
+    expected = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    acc.backward(loss, len(x))                       # frees the old grads first: no accumulation
+    for p, e, old in zip(model.parameters(), expected, kept):
+        assert torch.allclose(p.grad, e, atol=1e-7) and not torch.equal(p.grad, old + e)
+    acc.step()
+    acc.zero_grad()
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -287,4 +296,5 @@ def test_an_optimizer_that_overrides_zero_grad_has_it_called():
     for _ in range(3):
         acc.backward(nn.functional.mse_loss(model(x), y), len(x))
         acc.step()
+    acc.zero_grad()
     assert KeepsBuffers.calls == 3 and all(p.grad is None for p in model.parameters())

@@ -78,7 +78,10 @@ def test_the_step_agreement_rides_in_the_gradient_all_reduce(tmp_path: Path) -> 
     ok(torchrun(tmp_path / "ours", "--accum", "2", "--count-collectives", "--samples", "128"))
     ok(torchrun(tmp_path / "theirs", "--accum", "2", "--count-collectives", "--samples", "128",
                 "--own-comm-hook"))
-    ours, theirs = result(tmp_path / "ours"), result(tmp_path / "theirs")
+    ok(torchrun(tmp_path / "view", "--accum", "2", "--samples", "128", "--bucket-view"))
+    ours, theirs, view = result(tmp_path / "ours"), result(tmp_path / "theirs"), result(tmp_path / "view")
+    for key, value in ours["model"].items():                      # grads that are bucket views too
+        assert torch.equal(view["model"][key], value), key
     assert len(ours["collectives_per_step"]) >= 6
     assert set(ours["collectives_per_step"]) == {1}               # the one bucket's all-reduce
     assert set(theirs["collectives_per_step"]) == {2}             # their hook's, then the agreement

@@ -270,6 +270,7 @@ class AdvancedTrainer:
 
     def _step(self, batch: Any) -> bool:
         """One micro-batch; at a window's end, the optimizer step. True once the optimizer stepped."""
+        self.accum.zero_grad()              # the last window's, before the forward, as by hand
         if self._move:
             batch = batching.to_device(batch, self.device)
         if self._bare:                      # one process, no AMP: no context to enter
@@ -449,6 +450,7 @@ class AdvancedTrainer:
         if state.batch == 0:
             raise ValueError(f"train_loader yielded no batches in epoch {state.epoch}. Pass a non-empty loader.")
         self.check_finite()
+        self.accum.zero_grad()
         metrics: dict[str, float] = {"train_loss": self._reduced_epoch_loss()}
         if val_loader is not None:
             metrics |= self.validate(val_loader)

@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--crash-at", type=int)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--count-collectives", action="store_true")
+    p.add_argument("--bucket-view", action="store_true", help="DDP(gradient_as_bucket_view=True)")
     p.add_argument("--own-comm-hook", action="store_true", help="the model has the user's DDP comm hook")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,7 @@ def main() -> None:
     dataset = TensorDataset(x, y)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(args.dropout), nn.Linear(16, 3))
 
-    dt = DistributedTrainer(model=model)
+    dt = DistributedTrainer(model=model, **({"gradient_as_bucket_view": True} if args.bucket_view else {}))
     if args.own_comm_hook:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
