@@ -25,6 +25,7 @@ import copy
 import datetime as dt
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -108,7 +109,7 @@ class TrainerLoop:
         return float(history["train_loss"][-1])
 
 
-def worker(quick: bool, save: bool) -> int:
+def worker(quick: bool, save: bool, malloc: str = "default") -> int:
     torch.set_num_threads(1)
     steps, repeats = PLAN["quick" if quick else "full"]
     base = make_model()
@@ -123,12 +124,15 @@ def worker(quick: bool, save: bool) -> int:
         for run in sides.values():    # warm-up: allocator, Adam state, gloo buffers, lazy imports
             run()
         wall: dict[str, list[float]] = {k: [] for k in sides}
+        faults: dict[str, list[float]] = {k: [] for k in sides}   # rank 0's minor page faults
         order = list(sides)
         for r in range(repeats):
             for side in order if r % 2 == 0 else order[::-1]:
                 dist.barrier()
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 sides[side]()
+                faults[side].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps)
                 seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
                 dist.all_reduce(seconds, op=dist.ReduceOp.MAX)    # a block lasts as long as its slowest rank
                 wall[side].append(seconds.item() / steps * 1e6)
@@ -145,10 +149,11 @@ def worker(quick: bool, save: bool) -> int:
         "bench": "ddp", "date": dt.datetime.now().isoformat(timespec="seconds"),
         "host": socket.gethostname(), "torch": torch.__version__, "torchkeel": torchkeel.__version__,
         "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
-        "mode": "quick" if quick else "full", "backend": "gloo", "world_size": world, "threads_per_rank": 1,
+        "mode": "quick" if quick else "full", "malloc": malloc, "backend": "gloo", "world_size": world, "threads_per_rank": 1,
         "shape": "-".join(map(str, SHAPE)), "batch_per_rank": BATCH, "steps_per_block": steps, "repeats": repeats,
         "raw_us": statistics.median(wall["raw"]), "trainer_us": statistics.median(wall["trainer"]),
         "raw_blocks_us": [round(v, 1) for v in wall["raw"]],
+        "page_faults_per_step_rank0": {k: statistics.median(v) for k, v in faults.items()},
         "trainer_blocks_us": [round(v, 1) for v in wall["trainer"]],
         "ratio": ratio, "ratio_quartiles": quartiles, "budget": BUDGET, "within_budget": ratio <= BUDGET,
     }
@@ -156,6 +161,8 @@ def worker(quick: bool, save: bool) -> int:
           f"{steps} steps x {repeats} repeats (medians)")
     print(f"  hand-written DDP loop              {result['raw_us']:9.0f} us/step")
     print(f"  DistributedTrainer+AdvancedTrainer {result['trainer_us']:9.0f} us/step")
+    print(f"  rank 0 page faults per step: raw {result['page_faults_per_step_rank0']['raw']:.0f}, "
+          f"trainer {result['page_faults_per_step_rank0']['trainer']:.0f}")
     print(f"  pair ratios: quartiles {quartiles[0]:.3f} / {quartiles[1]:.3f} / {quartiles[2]:.3f}")
     print(f"  ratio (median of pairs)            {ratio:9.3f}  budget {BUDGET}  "
           f"{'ok' if result['within_budget'] else 'OVER BUDGET'}")
@@ -172,9 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter blocks")
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/")
+    parser.add_argument("--malloc", choices=("pinned", "default"), default="default",
+                        help="pinned: fix glibc's adaptive mmap/trim thresholds in each rank, as "
+                             "benchmarks/overhead.py does (default: leave them adaptive)")
     args = parser.parse_args(argv)
     if "WORLD_SIZE" in os.environ:
-        return worker(args.quick, save=not args.no_save)
+        if args.malloc == "pinned":
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from overhead import pin_malloc
+
+            pin_malloc()
+        return worker(args.quick, save=not args.no_save, malloc=args.malloc)
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NPROC),
