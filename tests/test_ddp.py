@@ -133,10 +133,12 @@ def test_resuming_with_another_world_size_warns(tmp_path: Path) -> None:
     assert "Resuming with world_size=1, the checkpoint was written with world_size=2" in proc.stderr
 
 
-def test_sigterm_to_one_rank_saves_the_same_step_on_both_and_exits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hook", [[], ["--own-comm-hook"]], ids=["our_hook", "their_hook"])
+def test_sigterm_to_one_rank_saves_the_same_step_on_both_and_exits(tmp_path: Path, hook: list[str]) -> None:
+    """With the user's own comm hook the agreement takes its own all-reduce: the flags still travel."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), "--out", str(tmp_path),
-           "--epochs", "50", "--slow", "0.05", "--ckpt", str(tmp_path / "ck")]
+           "--epochs", "50", "--slow", "0.05", "--ckpt", str(tmp_path / "ck"), *hook]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = tmp_path / "ready-rank1"

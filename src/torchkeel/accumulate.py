@@ -92,6 +92,7 @@ class GradientAccumulator:
         self.nonfinite = False     # the last window had a non-finite loss on some rank
         self.scaler_skipped = False
         self.flags: list[float] = []
+        self._window_flags: tuple[float, ...] = ()   # given to the backward that ended the window
         self._grads_stale = False  # the last window's grads are still on the parameters
         self.check_finite = True   # False: one process never reads the loss here (see torchkeel.nonfinite)
 
@@ -145,8 +146,10 @@ class GradientAccumulator:
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         self._window_n += n
         self._micro += 1
-        if self._agreement is not None and self._micro >= self.accumulation_steps:
-            self._agreement.send = self._agreement_tensor(self._window_loss, flags)
+        if self._micro >= self.accumulation_steps:
+            self._window_flags = tuple(flags)
+            if self._agreement is not None:
+                self._agreement.send = self._agreement_tensor(self._window_loss, self._window_flags)
         (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()  # type: ignore[no-untyped-call]
 
     def step(self, flags: Sequence[float] = ()) -> bool:
@@ -169,15 +172,16 @@ class GradientAccumulator:
         ``nan_policy`` must act before the optimizer steps, so this read cannot wait for a logging
         step; it is one scalar (cheaper than an isfinite kernel plus a flag read).
         """
+        flags = (*self._window_flags, *flags)   # given to backward(), then to step()/flush()
         if not self.is_ddp:
             return self._window_n, self.check_finite and not math.isfinite(loss.item()), list(flags)
         agreement = self._agreement
         t = agreement.take() if agreement is not None else None
-        if t is None:  # a short window after no_sync, or the model has a comm hook of its own
+        if t is None:  # a short window after no_sync, fp16/bf16 buckets, or the user's own comm hook
             t = self._agreement_tensor(loss, flags)
             dist.all_reduce(t)
-        elif flags:    # flags given to step() rather than backward(): one more all-reduce
-            extra = torch.tensor(list(flags), dtype=t.dtype, device=t.device)
+        elif len(flags) > len(self._window_flags):   # flags given to step(): one more all-reduce
+            extra = torch.tensor(flags[len(self._window_flags):], dtype=t.dtype, device=t.device)
             dist.all_reduce(extra)
             t = torch.cat([t, extra])
         n, nonfinite, refs, *agreed = t.tolist()
@@ -201,7 +205,7 @@ class GradientAccumulator:
         n_global, self.nonfinite, self.flags = self._agree(self._window_loss, flags)
         self.window_loss, self.window_samples, self.window_ref = self._window_loss, n_global, self._n_ref
         self.window_micro_batches = self._micro
-        self._micro, self._window_n, self._window_loss = 0, 0, None
+        self._micro, self._window_n, self._window_loss, self._window_flags = 0, 0, None, ()
         self.scaler_skipped = False
         if self.nonfinite:
             self._zero_grad()      # non-finite: nothing worth reading

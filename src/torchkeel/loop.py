@@ -299,7 +299,7 @@ class AdvancedTrainer:
             self.step_rng = resume.rng_state()
         loss = accum.window_loss
         assert loss is not None  # _after_window follows a finished window
-        if not accum.flags:                 # one process: its own signal flag decides
+        if self.world_size == 1:            # one process: its own signal flag decides
             self._preempt = self._signal.received
         else:
             if accum.flags[0] > 0:
