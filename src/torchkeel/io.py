@@ -146,7 +146,7 @@ def _workers() -> int:
         return max(1, min(8, os.cpu_count() or 1))
 
 
-def _digests(f: IO[bytes], size: int, pool: ThreadPoolExecutor, chunk: int = CHUNK_BYTES) -> list[str]:
+def _digests(f: IO[bytes], size: int, pool: ThreadPoolExecutor, chunk: int) -> list[str]:
     """The sha256 of each ``chunk`` bytes of the open file ``f``, hashed in parallel.
 
     The file is mapped (``hashlib`` releases the GIL on the mapped pages: no copies, no shared
@@ -266,7 +266,8 @@ def _entries(path: Path) -> list[dict[str, Any]]:
 
 
 def _stamp(f: io.BufferedReader | Path) -> tuple[int, int, int]:
-    st = os.stat(f) if isinstance(f, Path) else os.fstat(f.fileno())  # not ctime: renaming or unlinking the name changes it, not the bytes
+    # not ctime: renaming or unlinking the name changes it, not the bytes
+    st = os.stat(f) if isinstance(f, Path) else os.fstat(f.fileno())
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
@@ -280,11 +281,12 @@ def _verify_open(path: Path, f: io.BufferedReader, pool: ThreadPoolExecutor) -> 
     got: dict[int, list[str]] = {}  # chunk size -> the file's digests
     for e in sized:
         step = e["chunk_bytes"]
-        try:
-            digests = got[step] if step in got else got.setdefault(step, _digests(f, size, pool, step))
-        except EOFError as exc:
-            raise _fail(path, f"changed while it was read ({exc})", "Something wrote to it.") from None
-        if digests == e["chunks"]:
+        if step not in got:
+            try:
+                got[step] = _digests(f, size, pool, step)
+            except EOFError as exc:
+                raise _fail(path, f"changed while it was read ({exc})", "Something wrote to it.") from None
+        if got[step] == e["chunks"]:
             return e
     e, step = sized[0], sized[0]["chunk_bytes"]
     bad = next(i for i, (a, b) in enumerate(zip(got[step], e["chunks"])) if a != b)
@@ -381,9 +383,12 @@ def _into_memory(obj: Any, pool: ThreadPoolExecutor) -> None:
             todo.extend(x.values())
         elif isinstance(x, (list, tuple)):
             todo.extend(x)
-    mapped = {(s.data_ptr(), s.nbytes()): s for s in (t.untyped_storage() for t in tensors.values())}
-    keys = [(t, (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
-            for t in tensors.values()]
+    mapped: dict[tuple[int, int], torch.UntypedStorage] = {}   # one copy per storage
+    keys = []
+    for t in tensors.values():
+        s = t.untyped_storage()
+        keys.append((t, (s.data_ptr(), s.nbytes())))
+        mapped.setdefault(keys[-1][1], s)
 
     def copy(storage: torch.UntypedStorage) -> torch.UntypedStorage:
         out = torch.empty(storage.nbytes(), dtype=torch.uint8)
