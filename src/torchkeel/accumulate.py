@@ -233,7 +233,7 @@ class GradientAccumulator:
 
         Until then they stay readable (after unscaling and clipping), e.g. in ``on_step_end``. Freeing
         them at the end of ``step()`` instead changes the order of large allocations and frees, and
-        with glibc that made the next backward page-fault its gradients afresh: +15-20% a step in
+        with glibc that made the next backward page-fault its gradients afresh: +8-16% a step in
         benchmarks/ddp.py.
         """
         if self._grads_stale:
