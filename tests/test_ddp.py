@@ -71,10 +71,10 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path: Path, accum: int) -> N
     assert h0 == h1                                                        # reduced metrics agree
 
 
-def test_the_step_agreement_rides_in_the_gradient_all_reduce(tmp_path: Path) -> None:
-    """No collective of its own per step: the counts, the NaN flag and the stop/signal flags are
-    summed with bucket 0's gradients. A model with the user's own comm hook keeps it, and pays one
-    more all-reduce per step for the same result."""
+def test_the_step_agreement_is_one_async_all_reduce_issued_before_the_gradients(tmp_path: Path) -> None:
+    """Per optimizer step: one 5-number all-reduce (counts, NaN flag, stop and signal flags), issued
+    asynchronously before the window's last backward so it travels while gradients are computed,
+    and before DDP's gradient all-reduce, which is left as DDP does it (the user's comm hook too)."""
     ok(torchrun(tmp_path / "ours", "--accum", "2", "--count-collectives", "--samples", "128"))
     ok(torchrun(tmp_path / "theirs", "--accum", "2", "--count-collectives", "--samples", "128",
                 "--own-comm-hook"))
@@ -82,11 +82,13 @@ def test_the_step_agreement_rides_in_the_gradient_all_reduce(tmp_path: Path) -> 
     ours, theirs, view = result(tmp_path / "ours"), result(tmp_path / "theirs"), result(tmp_path / "view")
     for key, value in ours["model"].items():                      # grads that are bucket views too
         assert torch.equal(view["model"][key], value), key
+    agreement, bucket = (5, True), (6 * 16 + 16 + 16 * 3 + 3, True)
     assert len(ours["collectives_per_step"]) >= 6
-    assert set(ours["collectives_per_step"]) == {1}               # the one bucket's all-reduce
-    assert set(theirs["collectives_per_step"]) == {2}             # their hook's, then the agreement
+    assert all(calls == [agreement] for calls in ours["collectives_per_step"]), ours["collectives_per_step"]
+    assert all(calls == [agreement, bucket] for calls in theirs["collectives_per_step"]), \
+        theirs["collectives_per_step"]                            # the agreement first, then their hook's
     for key, value in ours["model"].items():
-        assert torch.allclose(theirs["model"][key], value, atol=1e-6), key
+        assert torch.equal(theirs["model"][key], value), key
     assert ours["state"]["step"] == theirs["state"]["step"]
 
 
@@ -135,7 +137,7 @@ def test_resuming_with_another_world_size_warns(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("hook", [[], ["--own-comm-hook"]], ids=["our_hook", "their_hook"])
 def test_sigterm_to_one_rank_saves_the_same_step_on_both_and_exits(tmp_path: Path, hook: list[str]) -> None:
-    """With the user's own comm hook the agreement takes its own all-reduce: the flags still travel."""
+    """The flags travel the same way with the user's own comm hook."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), "--out", str(tmp_path),
            "--epochs", "50", "--slow", "0.05", "--ckpt", str(tmp_path / "ck"), *hook]

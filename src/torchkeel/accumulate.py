@@ -5,10 +5,10 @@ One optimizer step, in this order (DESIGN.md):
 1. each micro-batch: forward and backward under ``no_sync`` except the window's last micro-batch;
    the loss is weighted by its samples relative to the window's first micro-batch (``n_i / n_ref``,
    exactly 1 for equal micro-batches, so no multiply);
-2. at the window's end, one all-reduce agrees on the window's global sample count ``N``, whether
-   any rank saw a non-finite loss, and the caller's flags (stop, save, signal). Under DDP it rides
-   in the gradient all-reduce of bucket 0 (a comm hook, ``_Agreement``), as a few extra elements:
-   a collective of its own would cost a round trip per step (~1 ms on gloo here);
+2. at the window's end, one small all-reduce agrees on the window's global sample count ``N``,
+   whether any rank saw a non-finite loss, and the caller's flags (stop, save, signal). Under DDP
+   it is issued asynchronously just before the window's last backward, so it travels while the
+   gradients are computed and DDP's own all-reduce (and any comm hook) is left as it is;
 3. gradients are scaled by ``world * n_ref / N`` (skipped when it is 1: no accumulation, equal
    shards), so k micro-batches on W ranks equal one batch of their total size, short windows too;
 4. ``scaler.unscale_`` -> clip once -> ``scaler.step`` -> ``scaler.update`` -> zero grads.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,7 +78,8 @@ class GradientAccumulator:
         self._plain_zero_grad = type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
         self.is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)  # no_sync, all-reduces
         self._world = dist.get_world_size() if self.is_ddp else 1
-        self._agreement = _Agreement.install(model) if self.is_ddp else None
+        self._group = getattr(model, "process_group", None) if self.is_ddp else None
+        self._agreement: tuple[torch.Tensor, Any] | None = None   # (sums, async work) of this window
         self._n_ref = 0            # samples in the window's first micro-batch
         self._micro = 0            # micro-batches in the current window
         self._window_n = 0         # local samples in the current window
@@ -138,9 +139,7 @@ class GradientAccumulator:
             self.zero_grad()
         n = 1 if num_samples is None else int(num_samples)
         if self._micro == 0:
-            self._n_ref = n
-            if self._agreement is not None:
-                self._agreement.take()   # nothing from an earlier, unfinished window
+            self._n_ref, self._agreement = n, None   # none left from an unfinished window
         scaled = loss if n == self._n_ref else loss * (n / self._n_ref)
         detached = scaled.detach()
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
@@ -148,8 +147,9 @@ class GradientAccumulator:
         self._micro += 1
         if self._micro >= self.accumulation_steps:
             self._window_flags = tuple(flags)
-            if self._agreement is not None:
-                self._agreement.send = self._agreement_tensor(self._window_loss, self._window_flags)
+            if self.is_ddp:    # in flight during this backward; waited for in step()
+                t = self._agreement_tensor(self._window_loss, self._window_flags)
+                self._agreement = t, dist.all_reduce(t, group=self._group, async_op=True)
         (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()  # type: ignore[no-untyped-call]
 
     def step(self, flags: Sequence[float] = ()) -> bool:
@@ -175,15 +175,16 @@ class GradientAccumulator:
         flags = (*self._window_flags, *flags)   # given to backward(), then to step()/flush()
         if not self.is_ddp:
             return self._window_n, self.check_finite and not math.isfinite(loss.item()), list(flags)
-        agreement = self._agreement
-        t = agreement.take() if agreement is not None else None
-        if t is None:  # a short window after no_sync, fp16/bf16 buckets, or the user's own comm hook
+        if self._agreement is not None:   # issued with the window's last backward
+            (t, work), self._agreement = self._agreement, None
+            work.wait()
+            if len(flags) > len(self._window_flags):   # flags given to step() too: one more all-reduce
+                extra = torch.tensor(flags[len(self._window_flags):], dtype=t.dtype, device=t.device)
+                dist.all_reduce(extra, group=self._group)
+                t = torch.cat([t, extra])
+        else:                             # a short window, ended by flush()
             t = self._agreement_tensor(loss, flags)
-            dist.all_reduce(t)
-        elif len(flags) > len(self._window_flags):   # flags given to step(): one more all-reduce
-            extra = torch.tensor(flags[len(self._window_flags):], dtype=t.dtype, device=t.device)
-            dist.all_reduce(extra)
-            t = torch.cat([t, extra])
+            dist.all_reduce(t, group=self._group)
         n, nonfinite, refs, *agreed = t.tolist()
         if refs != self._n_ref * self._world:
             raise ValueError(
@@ -255,69 +256,7 @@ class GradientAccumulator:
     def _all_reduce_grads(self) -> None:
         grads = [p.grad for p in self._params if p.grad is not None]
         for g in grads:
-            dist.all_reduce(g)
+            dist.all_reduce(g, group=self._group)
         torch._foreach_div_(grads, self._world)
         self._unsynced = False
 
-
-class _Agreement:
-    """A DDP comm hook: DDP's averaging all-reduce, with the window's agreement in bucket 0.
-
-    ``send`` (set just before the backward that ends a window) is appended to bucket 0's gradients
-    and summed with them; ``take()`` returns the sums. Every rank sets ``send`` for the same
-    backward, so every rank's bucket 0 has the same length. Buckets of other dtypes than float32
-    and float64 (fp16/bf16 models) carry no counts: there, ``take()`` is None and the accumulator
-    agrees with an all-reduce of its own.
-    """
-
-    def __init__(self, process_group: dist.ProcessGroup | None) -> None:
-        self.group = process_group
-        self.send: torch.Tensor | None = None
-        self._got: torch.Tensor | None = None
-        self._buf: torch.Tensor | None = None
-
-    @classmethod
-    def install(cls, ddp: nn.Module) -> _Agreement | None:
-        """The model's agreement hook, registered once per DDP model; None if it has another hook."""
-        found = getattr(ddp, "_torchkeel_agreement", None)
-        if isinstance(found, cls):
-            return found
-        hook = cls(getattr(ddp, "process_group", None))
-        try:
-            # DDP inspects the hook: a parameter named "bucket", no string annotations, a __name__
-            ddp.register_comm_hook(None, lambda state, bucket: hook(state, bucket))  # type: ignore[operator]
-        except RuntimeError:  # "can only be called once": the user's own hook stays
-            return None
-        ddp._torchkeel_agreement = hook  # type: ignore[assignment]
-        return hook
-
-    def _buffer(self, numel: int, like: torch.Tensor) -> torch.Tensor:
-        """A flat buffer for bucket 0 + agreement, kept across steps (DDP has read it before reuse)."""
-        buf = self._buf
-        if buf is None or buf.numel() != numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return buf
-
-    def take(self) -> torch.Tensor | None:
-        got, self._got, self.send = self._got, None, None
-        return got
-
-    def __call__(self, _: object, bucket: Any) -> torch.futures.Future[torch.Tensor]:  # a dist.GradBucket
-        grads = bucket.buffer()
-        world = dist.get_world_size(self.group)
-        send = self.send if bucket.index() == 0 and grads.dtype in (torch.float32, torch.float64) else None
-        if send is None:  # as DDP's default hook: average
-            work = dist.all_reduce(grads.div_(world), group=self.group, async_op=True)
-            return cast("torch.futures.Future[torch.Tensor]", work.get_future().then(lambda f: f.value()[0]))
-        self.send, n = None, grads.numel()
-        both = self._buffer(n + send.numel(), grads)
-        torch.div(grads, world, out=both[:n])     # one pass, as the default hook's div_
-        both[n:] = send
-        work = dist.all_reduce(both, group=self.group, async_op=True)
-
-        def split(f: torch.futures.Future[Any]) -> torch.Tensor:
-            out: torch.Tensor = f.value()[0]
-            self._got = out[n:].to(torch.float32)
-            return out[:n]                        # DDP copies the grads from this view
-
-        return cast("torch.futures.Future[torch.Tensor]", work.get_future().then(split))

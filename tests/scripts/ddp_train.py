@@ -44,23 +44,26 @@ class Slow(Callback):
 
 
 class CountCollectives(Callback):
-    """All-reduces issued from Python between two optimizer steps of full windows in one epoch."""
+    """The all-reduces issued from Python between two optimizer steps of full windows in one epoch,
+    in order, as (number of elements, async_op)."""
 
     def __init__(self) -> None:
-        self.calls, self.per_step, self._last = 0, [], None
+        self.calls: list[tuple[int, bool]] = []
+        self.per_step: list[list[tuple[int, bool]]] = []
+        self._last: tuple[int, int] | None = None
         real = torch.distributed.all_reduce
 
-        def counting(*args, **kwargs):  # DDP comm hooks and torchkeel both call dist.all_reduce
-            self.calls += 1
-            return real(*args, **kwargs)
+        def counting(tensor, *args, **kwargs):  # DDP comm hooks and torchkeel both call dist.all_reduce
+            self.calls.append((tensor.numel(), bool(kwargs.get("async_op", False))))
+            return real(tensor, *args, **kwargs)
 
         torch.distributed.all_reduce = counting
 
     def on_step_end(self, trainer: AdvancedTrainer) -> None:
-        here = (trainer.state.epoch, self.calls)
+        here = (trainer.state.epoch, len(self.calls))
         full = trainer.accum.window_micro_batches == trainer.accum.accumulation_steps
         if self._last is not None and self._last[0] == here[0] and full:
-            self.per_step.append(here[1] - self._last[1])
+            self.per_step.append(self.calls[self._last[1]:here[1]])
         self._last = here
 
 
