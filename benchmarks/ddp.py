@@ -12,10 +12,18 @@ each block; a block's time is the slowest rank's. Rank 0 prints the median µs/s
 the median of the paired ratios, and appends one JSON line to
 ``benchmarks/results/<date>-<host>.jsonl`` (earlier lines are never rewritten).
 
+glibc's mmap/trim thresholds are pinned in each rank by default, as in benchmarks/overhead.py: left
+adaptive, whether the 4 MB gradient and Adam buffers come from the heap or are mmap-ed and
+page-faulted afresh depends on what the other side allocated before, and two identical loops differ
+by several percent (``--control --malloc default`` shows it). ``--control`` runs the hand-written
+loop on both sides: its ratio is the noise floor of the machine.
+
 Usage::
 
     python benchmarks/ddp.py            # launches torchrun --standalone --nproc_per_node 2 on itself
     python benchmarks/ddp.py --quick    # a short run while iterating
+    python benchmarks/ddp.py --control  # A/A: raw vs raw, the noise floor
+    python benchmarks/ddp.py --alone raw --malloc default   # one side per process; compare launches
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ BUDGET = 1.05
 SHAPE = (512, 2048, 10)
 BATCH = 128          # per rank
 NPROC = 2
-PLAN = {"full": (30, 31), "quick": (12, 5)}    # (steps per block, repeats)
+PLAN = {"full": (30, 101), "quick": (12, 5)}   # (steps per block, repeats): 101 pairs for a ~1% median
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -109,17 +117,34 @@ class TrainerLoop:
         return float(history["train_loss"][-1])
 
 
-def worker(quick: bool, save: bool, malloc: str = "default") -> int:
+def small_all_reduce_cost(n: int = 200) -> tuple[float, float]:
+    """(wall, CPU) µs of one 5-number all-reduce here: what the trainer's per-step agreement pays."""
+    t = torch.zeros(5)
+    dist.barrier()
+    ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(n):
+        dist.all_reduce(t)
+    ru1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
+    return (t1 - t0) / n * 1e6, cpu / n * 1e6
+
+
+def worker(quick: bool, save: bool, malloc: str = "pinned", control: bool = False, alone: str | None = None) -> int:
     torch.set_num_threads(1)
     steps, repeats = PLAN["quick" if quick else "full"]
     base = make_model()
     dataset = make_dataset(steps)
     trainer = TrainerLoop(copy.deepcopy(base), dataset)   # initializes the process group (gloo)
     raw = RawLoop(copy.deepcopy(base), dataset)
+    if control:    # A/A: the "trainer" side is a second hand-written loop; its ratio is the noise floor
+        twin = RawLoop(copy.deepcopy(base), dataset)
+        trainer.run = twin.run    # type: ignore[method-assign]
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != NPROC:
         raise RuntimeError(f"benchmarks/ddp.py: expected {NPROC} ranks, got WORLD_SIZE={world}.")
     sides = {"trainer": trainer.run, "raw": raw.run}
+    if alone:      # one side only: this process's heap holds its own history, as in real use
+        sides = {alone: sides[alone]}
     try:
         for run in sides.values():    # warm-up: allocator, Adam state, gloo buffers, lazy imports
             run()
@@ -136,42 +161,59 @@ def worker(quick: bool, save: bool, malloc: str = "default") -> int:
                 seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
                 dist.all_reduce(seconds, op=dist.ReduceOp.MAX)    # a block lasts as long as its slowest rank
                 wall[side].append(seconds.item() / steps * 1e6)
+        agreement_us = small_all_reduce_cost()
     finally:
         trainer.dt.close()
     if rank != 0:
         return 0
-    pairs = sorted(a / b for a, b in zip(wall["trainer"], wall["raw"]))
-    ratio = statistics.median(pairs)
-    quartiles = [round(q, 3) for q in statistics.quantiles(pairs, n=4)]
     import torchkeel
 
-    result = {
+    result: dict[str, Any] = {
         "bench": "ddp", "date": dt.datetime.now().isoformat(timespec="seconds"),
         "host": socket.gethostname(), "torch": torch.__version__, "torchkeel": torchkeel.__version__,
         "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
-        "mode": "quick" if quick else "full", "malloc": malloc, "backend": "gloo", "world_size": world, "threads_per_rank": 1,
-        "shape": "-".join(map(str, SHAPE)), "batch_per_rank": BATCH, "steps_per_block": steps, "repeats": repeats,
+        "mode": "quick" if quick else "full", "malloc": malloc, "control": control, "alone": alone,
+        "backend": "gloo", "world_size": world, "threads_per_rank": 1, "shape": "-".join(map(str, SHAPE)),
+        "batch_per_rank": BATCH, "steps_per_block": steps, "repeats": repeats,
+        "page_faults_per_step_rank0": {k: statistics.median(v) for k, v in faults.items()},
+    }
+    print(f"DDP, {world} ranks x batch {BATCH}, MLP {result['shape']}, gloo, 1 thread/rank, malloc {malloc}, "
+          f"{steps} steps x {repeats} repeats (medians)" + (", A/A CONTROL: raw vs raw" if control else "")
+          + (f", {alone} ALONE" if alone else ""))
+    if alone:
+        result[f"{alone}_us"] = statistics.median(wall[alone])
+        result[f"{alone}_blocks_us"] = [round(v, 1) for v in wall[alone]]
+        print(f"  {alone:34s} {result[f'{alone}_us']:9.0f} us/step, "
+              f"rank 0 page faults per step {result['page_faults_per_step_rank0'][alone]:.0f}")
+        return _save(result) if save else 0
+    pairs = sorted(a / b for a, b in zip(wall["trainer"], wall["raw"]))
+    ratio = statistics.median(pairs)
+    quartiles = [round(q, 3) for q in statistics.quantiles(pairs, n=4)]
+    result |= {
         "raw_us": statistics.median(wall["raw"]), "trainer_us": statistics.median(wall["trainer"]),
         "raw_blocks_us": [round(v, 1) for v in wall["raw"]],
-        "page_faults_per_step_rank0": {k: statistics.median(v) for k, v in faults.items()},
         "trainer_blocks_us": [round(v, 1) for v in wall["trainer"]],
         "ratio": ratio, "ratio_quartiles": quartiles, "budget": BUDGET, "within_budget": ratio <= BUDGET,
+        "small_all_reduce_us": {"wall": round(agreement_us[0], 1), "cpu_rank0": round(agreement_us[1], 1)},
     }
-    print(f"DDP, {world} ranks x batch {BATCH}, MLP {result['shape']}, gloo, 1 thread/rank, "
-          f"{steps} steps x {repeats} repeats (medians)")
     print(f"  hand-written DDP loop              {result['raw_us']:9.0f} us/step")
     print(f"  DistributedTrainer+AdvancedTrainer {result['trainer_us']:9.0f} us/step")
     print(f"  rank 0 page faults per step: raw {result['page_faults_per_step_rank0']['raw']:.0f}, "
           f"trainer {result['page_faults_per_step_rank0']['trainer']:.0f}")
+    print(f"  one 5-number all-reduce (the trainer's per-step agreement): {agreement_us[0]:.0f} us wall, "
+          f"{agreement_us[1]:.0f} us CPU on rank 0")
     print(f"  pair ratios: quartiles {quartiles[0]:.3f} / {quartiles[1]:.3f} / {quartiles[2]:.3f}")
     print(f"  ratio (median of pairs)            {ratio:9.3f}  budget {BUDGET}  "
           f"{'ok' if result['within_budget'] else 'OVER BUDGET'}")
-    if save:
-        out = ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{socket.gethostname()}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(f"  appended to {out.relative_to(ROOT)}")
+    return _save(result) if save else 0
+
+
+def _save(result: dict[str, Any]) -> int:
+    out = ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{socket.gethostname()}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"  appended to {out.relative_to(ROOT)}")
     return 0
 
 
@@ -179,9 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter blocks")
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/")
-    parser.add_argument("--malloc", choices=("pinned", "default"), default="default",
-                        help="pinned: fix glibc's adaptive mmap/trim thresholds in each rank, as "
-                             "benchmarks/overhead.py does (default: leave them adaptive)")
+    parser.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
+                        help="pinned (the default): fix glibc's adaptive mmap/trim thresholds in each "
+                             "rank, as benchmarks/overhead.py does; default: leave them adaptive")
+    parser.add_argument("--control", action="store_true",
+                        help="A/A control: both sides run the hand-written loop; the ratio shows the "
+                             "noise floor of this machine and allocator")
+    parser.add_argument("--alone", choices=("trainer", "raw"),
+                        help="time one side only, in a process of its own (no ratio: compare launches)")
     args = parser.parse_args(argv)
     if "WORLD_SIZE" in os.environ:
         if args.malloc == "pinned":
@@ -189,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             from overhead import pin_malloc
 
             pin_malloc()
-        return worker(args.quick, save=not args.no_save, malloc=args.malloc)
+        return worker(args.quick, save=not args.no_save, malloc=args.malloc, control=args.control,
+                      alone=args.alone)
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NPROC),
