@@ -423,14 +423,11 @@ def test_exact_resume_from_paths_epoch_boundary_with_workers_and_short_last_wind
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [
-    0,
-    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG (design): with num_workers>0 each worker's RNG is seeded base_seed+worker_id at the "
-        "epoch's start and advances per batch; after skipping k batches, batch k goes to worker 0 "
-        "with a fresh stream, so dataset randomness differs from the uninterrupted run"))),
-])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume_mid_epoch_with_random_augmentation(server: Server, tmp_path: Path, workers: int) -> None:
+    """Augmentation draws from the RNG of whichever process loads the sample: the main process
+    (skipped batches are never loaded; its RNG is restored) or 2 workers (seeded at the epoch's
+    start; the skipped batches are loaded and dropped so that their RNGs advance as before)."""
     train_resume(server, ("--save-dir", tmp_path / "a", "--augment", "--workers", workers,
                           "--out", tmp_path / "a.pt"))[0].ok()
     path = checkpoint_at(tmp_path / "a" / "version_0", 6, "step")

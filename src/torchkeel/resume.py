@@ -114,8 +114,16 @@ class _SkipBatches(Sampler[list[int]]):
 
 
 def _skipping_iter(loader: Any, skip: int, then: Callable[[], None]) -> Iterator[Any]:
-    if isinstance(loader, DataLoader) and loader.batch_sampler is not None \
-            and not isinstance(loader.dataset, IterableDataset):
+    """The loader's batches after the first ``skip``, drawn as the uninterrupted run drew them.
+
+    Skipped as indices when samples are loaded in this process (``then()`` restores its RNG before
+    the first one). Worker processes seed their RNGs when the iterator starts and advance them with
+    every sample they load, so with ``num_workers > 0`` the skipped batches are loaded and dropped
+    instead: random augmentation in the workers continues exactly too.
+    """
+    indexed = isinstance(loader, DataLoader) and loader.batch_sampler is not None \
+        and not isinstance(loader.dataset, IterableDataset)
+    if indexed and (loader.num_workers == 0 or loader.persistent_workers):
         kwargs: dict[str, Any] = {
             "batch_sampler": _SkipBatches(loader.batch_sampler, skip, then), "num_workers": loader.num_workers,
             "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory, "timeout": loader.timeout,
@@ -124,11 +132,13 @@ def _skipping_iter(loader: Any, skip: int, then: Callable[[], None]) -> Iterator
             "pin_memory_device": loader.pin_memory_device}
         if loader.num_workers > 0:
             kwargs["prefetch_factor"] = loader.prefetch_factor
-            log.warning("Resuming mid-epoch with num_workers=%d: the batch order is exact, but random "
-                        "augmentation inside worker processes will not repeat the uninterrupted run's "
-                        "draws for the rest of this epoch (each worker's RNG restarts).", loader.num_workers)
+            log.warning("Resuming mid-epoch with persistent_workers=True: the batch order is exact, but "
+                        "random augmentation inside worker processes will not repeat the uninterrupted "
+                        "run's draws (its workers were seeded when they first started).")
         return iter(DataLoader(loader.dataset, **kwargs))
-    log.info("Resuming mid-epoch by replaying %d batches: this loader has no index-level sampler.", skip)
+    why = f"its {loader.num_workers} workers draw augmentation as they load" if indexed \
+        else "this loader has no index-level sampler"
+    log.info("Resuming mid-epoch by loading and dropping %d batches: %s.", skip, why)
     it = iter(loader)
     for _ in range(skip):
         next(it, None)
