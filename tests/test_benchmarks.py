@@ -1,0 +1,72 @@
+"""The benchmark scripts run end to end in their short modes and print what the README quotes.
+
+No timing is asserted (these machines are noisy): the numbers must exist, be positive and be
+finite, and ``--no-save`` must leave ``benchmarks/results/`` untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script: str, *args: str, codes: tuple[int, ...] = (0,), timeout: float = 300) -> str:
+    before = {p.name: p.stat().st_size for p in RESULTS.glob("*")} if RESULTS.exists() else {}
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-save"],
+                          check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode in codes and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = {p.name: p.stat().st_size for p in RESULTS.glob("*")} if RESULTS.exists() else {}
+    assert after == before, "--no-save wrote to benchmarks/results/"
+    return proc.stdout
+
+
+def numbers(pattern: str, text: str) -> list[float]:
+    found = re.search(pattern, text)
+    assert found, f"no line matching {pattern!r} in:\n{text}"
+    values = [float(v) for v in found.groups()]
+    assert all(math.isfinite(v) and v > 0 for v in values), (pattern, values)
+    return values
+
+
+def test_ddp_benchmark_pairs_the_trainer_with_a_hand_written_loop() -> None:
+    out = run_bench("ddp.py", "--quick")
+    numbers(rf"hand-written DDP loop\s+{NUMBER} us/step", out)
+    numbers(rf"DistributedTrainer\+AdvancedTrainer\s+{NUMBER} us/step", out)
+    numbers(rf"one 5-number all-reduce .*: {NUMBER} us wall, {NUMBER} us CPU", out)
+    numbers(rf"quartiles {NUMBER} / {NUMBER} / {NUMBER}", out)
+    numbers(rf"ratio \(median of pairs\)\s+{NUMBER}\s+budget 1.05", out)
+    assert "malloc pinned" in out
+
+
+def test_ddp_benchmark_control_and_alone_modes() -> None:
+    out = run_bench("ddp.py", "--quick", "--control", "--malloc", "default")
+    assert "A/A CONTROL" in out and "malloc default" in out
+    numbers(rf"ratio \(median of pairs\)\s+{NUMBER}", out)
+    out = run_bench("ddp.py", "--quick", "--alone", "trainer")
+    assert "trainer ALONE" in out and "ratio" not in out
+    numbers(rf"trainer\s+{NUMBER} us/step, rank 0 page faults per step [0-9]+", out)
+
+
+def test_overhead_benchmark_quick() -> None:
+    out = run_bench("overhead.py", "--quick", "--no-memory", "--progress", "lines")
+    for model in ("tiny", "medium"):
+        numbers(rf"\| {model} MLP .*? \| {NUMBER} µs/step \| {NUMBER} µs/step \| {NUMBER}× \|", out)
+
+
+def test_checkpoint_benchmark_small() -> None:
+    out = run_bench("checkpoint.py", "--mb", "8", "-r", "3", codes=(0, 1))   # 1: over budget
+    for op in ("save", "load"):
+        numbers(rf"{op}\s+torchkeel {NUMBER} s\s+plain {NUMBER} s\s+ratio {NUMBER}", out)
