@@ -1,7 +1,9 @@
 """The benchmark scripts run end to end in their short modes and print what the README quotes.
 
 No timing is asserted (these machines are noisy): the numbers must exist, be positive and be
-finite, and ``--no-save`` must leave ``benchmarks/results/`` untouched.
+finite, and ``--no-save`` must leave ``benchmarks/results/`` untouched. overhead.py and
+checkpoint.py exit 1 when a ratio is over its budget, which a short run on a busy machine may be
+(ddp.py prints its verdict and exits 0); a traceback never passes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
 pytestmark = pytest.mark.slow
 
 
-def run_bench(script: str, *args: str, codes: tuple[int, ...] = (0,), timeout: float = 300) -> str:
+def run_bench(script: str, *args: str, codes: tuple[int, ...] = (0, 1), timeout: float = 300) -> str:
     before = {p.name: p.stat().st_size for p in RESULTS.glob("*")} if RESULTS.exists() else {}
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-save"],
@@ -42,7 +44,7 @@ def numbers(pattern: str, text: str) -> list[float]:
 
 
 def test_ddp_benchmark_pairs_the_trainer_with_a_hand_written_loop() -> None:
-    out = run_bench("ddp.py", "--quick")
+    out = run_bench("ddp.py", "--quick", codes=(0,))
     numbers(rf"hand-written DDP loop\s+{NUMBER} us/step", out)
     numbers(rf"DistributedTrainer\+AdvancedTrainer\s+{NUMBER} us/step", out)
     numbers(rf"one 5-number all-reduce .*: {NUMBER} us wall, {NUMBER} us CPU", out)
@@ -52,10 +54,10 @@ def test_ddp_benchmark_pairs_the_trainer_with_a_hand_written_loop() -> None:
 
 
 def test_ddp_benchmark_control_and_alone_modes() -> None:
-    out = run_bench("ddp.py", "--quick", "--control", "--malloc", "default")
+    out = run_bench("ddp.py", "--quick", "--control", "--malloc", "default", codes=(0,))
     assert "A/A CONTROL" in out and "malloc default" in out
     numbers(rf"ratio \(median of pairs\)\s+{NUMBER}", out)
-    out = run_bench("ddp.py", "--quick", "--alone", "trainer")
+    out = run_bench("ddp.py", "--quick", "--alone", "trainer", codes=(0,))
     assert "trainer ALONE" in out and "ratio" not in out
     numbers(rf"trainer\s+{NUMBER} us/step, rank 0 page faults per step [0-9]+", out)
 
@@ -67,6 +69,6 @@ def test_overhead_benchmark_quick() -> None:
 
 
 def test_checkpoint_benchmark_small() -> None:
-    out = run_bench("checkpoint.py", "--mb", "8", "-r", "3", codes=(0, 1))   # 1: over budget
+    out = run_bench("checkpoint.py", "--mb", "8", "-r", "3")
     for op in ("save", "load"):
         numbers(rf"{op}\s+torchkeel {NUMBER} s\s+plain {NUMBER} s\s+ratio {NUMBER}", out)
