@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -44,6 +43,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
+
+from overhead import append_result  # benchmarks/ is sys.path[0] for this script
 
 from torchkeel import io as tkio
 
@@ -159,12 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if hashing:
         print(f"  sha256 of the file alone (page cache): {result['sha256_seconds']:.3f} s")
     if not args.no_save:
-        name = f"{dt.date.today().isoformat()}-{socket.gethostname()}.jsonl"
-        out = ROOT / "benchmarks" / "results" / name
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:  # append only: earlier runs are never rewritten
-            f.write(json.dumps(result) + "\n")
-        print(f"appended to {out.relative_to(ROOT)}")
+        print(f"appended to {append_result(result).relative_to(ROOT)}")
     return 0 if result["ok"] else 1
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import os
 import resource
 import socket
@@ -50,8 +49,11 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+for _path in (SRC, ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from overhead import append_result, pin_malloc
 
 BUDGET = 1.05
 SHAPE = (512, 2048, 10)
@@ -176,6 +178,7 @@ def worker(quick: bool, save: bool, malloc: str = "pinned", control: bool = Fals
         "backend": "gloo", "world_size": world, "threads_per_rank": 1, "shape": "-".join(map(str, SHAPE)),
         "batch_per_rank": BATCH, "steps_per_block": steps, "repeats": repeats,
         "page_faults_per_step_rank0": {k: statistics.median(v) for k, v in faults.items()},
+        "small_all_reduce_us": {"wall": round(agreement_us[0], 1), "cpu_rank0": round(agreement_us[1], 1)},
     }
     print(f"DDP, {world} ranks x batch {BATCH}, MLP {result['shape']}, gloo, 1 thread/rank, malloc {malloc}, "
           f"{steps} steps x {repeats} repeats (medians)" + (", A/A CONTROL: raw vs raw" if control else "")
@@ -185,38 +188,28 @@ def worker(quick: bool, save: bool, malloc: str = "pinned", control: bool = Fals
         result[f"{alone}_blocks_us"] = [round(v, 1) for v in wall[alone]]
         print(f"  {alone:34s} {result[f'{alone}_us']:9.0f} us/step, "
               f"rank 0 page faults per step {result['page_faults_per_step_rank0'][alone]:.0f}")
-        return _save(result) if save else 0
-    pairs = sorted(a / b for a, b in zip(wall["trainer"], wall["raw"]))
-    ratio = statistics.median(pairs)
-    quartiles = [round(q, 3) for q in statistics.quantiles(pairs, n=4)]
-    result |= {
-        "raw_us": statistics.median(wall["raw"]), "trainer_us": statistics.median(wall["trainer"]),
-        "raw_blocks_us": [round(v, 1) for v in wall["raw"]],
-        "trainer_blocks_us": [round(v, 1) for v in wall["trainer"]],
-        "ratio": ratio, "ratio_quartiles": quartiles, "budget": BUDGET, "within_budget": ratio <= BUDGET,
-        "small_all_reduce_us": {"wall": round(agreement_us[0], 1), "cpu_rank0": round(agreement_us[1], 1)},
-    }
-    print(f"  hand-written DDP loop              {result['raw_us']:9.0f} us/step")
-    print(f"  DistributedTrainer+AdvancedTrainer {result['trainer_us']:9.0f} us/step")
-    print(f"  rank 0 page faults per step: raw {result['page_faults_per_step_rank0']['raw']:.0f}, "
-          f"trainer {result['page_faults_per_step_rank0']['trainer']:.0f}")
+    else:
+        pairs = sorted(a / b for a, b in zip(wall["trainer"], wall["raw"]))
+        ratio = statistics.median(pairs)
+        quartiles = [round(q, 3) for q in statistics.quantiles(pairs, n=4)]
+        result |= {
+            "raw_us": statistics.median(wall["raw"]), "trainer_us": statistics.median(wall["trainer"]),
+            "raw_blocks_us": [round(v, 1) for v in wall["raw"]],
+            "trainer_blocks_us": [round(v, 1) for v in wall["trainer"]],
+            "ratio": ratio, "ratio_quartiles": quartiles, "budget": BUDGET, "within_budget": ratio <= BUDGET,
+        }
+        print(f"  hand-written DDP loop              {result['raw_us']:9.0f} us/step")
+        print(f"  DistributedTrainer+AdvancedTrainer {result['trainer_us']:9.0f} us/step")
+        print(f"  rank 0 page faults per step: raw {result['page_faults_per_step_rank0']['raw']:.0f}, "
+              f"trainer {result['page_faults_per_step_rank0']['trainer']:.0f}")
+        print(f"  pair ratios: quartiles {quartiles[0]:.3f} / {quartiles[1]:.3f} / {quartiles[2]:.3f}")
+        print(f"  ratio (median of pairs)            {ratio:9.3f}  budget {BUDGET}  "
+              f"{'ok' if result['within_budget'] else 'OVER BUDGET'}")
     print(f"  one 5-number all-reduce (the trainer's per-step agreement): {agreement_us[0]:.0f} us wall, "
           f"{agreement_us[1]:.0f} us CPU on rank 0")
-    print(f"  pair ratios: quartiles {quartiles[0]:.3f} / {quartiles[1]:.3f} / {quartiles[2]:.3f}")
-    print(f"  ratio (median of pairs)            {ratio:9.3f}  budget {BUDGET}  "
-          f"{'ok' if result['within_budget'] else 'OVER BUDGET'}")
-    # exit 0 over budget too: a rank exiting 1 makes torchrun print a ChildFailedError traceback
-    return _save(result) if save else 0
-
-
-def _save(result: dict[str, Any]) -> int:
-    """Append one JSON line to benchmarks/results/<date>-<host>.jsonl; earlier lines stay as they are."""
-    out = ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{socket.gethostname()}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(f"  appended to {out.relative_to(ROOT)}")
-    return 0
+    if save:
+        print(f"  appended to {append_result(result).relative_to(ROOT)}")
+    return 0   # over budget too: a rank exiting 1 makes torchrun print a ChildFailedError traceback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,9 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "WORLD_SIZE" in os.environ:
         if args.malloc == "pinned":
-            sys.path.insert(0, str(ROOT / "benchmarks"))
-            from overhead import pin_malloc
-
             pin_malloc()
         return worker(args.quick, save=not args.no_save, malloc=args.malloc, control=args.control,
                       alone=args.alone)

@@ -63,6 +63,18 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 # ------------------------------------------------------------------------------- set-up
+def append_result(result: dict[str, Any]) -> Path:
+    """Append ``result`` as one JSON line to benchmarks/results/<date>-<host>.jsonl; return its path.
+
+    Append only: earlier runs are never rewritten. Shared by the benchmark scripts.
+    """
+    out = ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{socket.gethostname()}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    return out
+
+
 def pin_malloc() -> bool:
     """Fix glibc's mmap/trim thresholds (they adapt to the heap's history by default).
 
@@ -563,11 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         result.get("memory", {}).get("within_budget", True) and not result["import"]["heavy_added_by_torchkeel"]
 
     if not args.no_save:
-        out = ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}-{socket.gethostname()}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:        # append only: earlier runs are never rewritten
-            f.write(json.dumps(result) + "\n")
-        print(f"appended to {out.relative_to(ROOT)}", file=sys.stderr)
+        print(f"appended to {append_result(result).relative_to(ROOT)}", file=sys.stderr)
     print(markdown(result))
     if args.profile:
         print("\n" + profile_trainer())
