@@ -9,8 +9,9 @@ from torchkeel.callbacks import Callback, EarlyStopping, LRScheduler, Stateful
 from torchkeel.checkpoint import ModelCheckpoint
 from torchkeel.io import CheckpointError, CheckpointWriteError
 from torchkeel.io import load as load_checkpoint
-from torchkeel.loop import AdvancedTrainer, History, State
-from torchkeel.resume import EXIT_PREEMPTED, Preempted
+from torchkeel.loop import AdvancedTrainer
+from torchkeel.signals import EXIT_PREEMPTED, Preempted
+from torchkeel.state import History, State
 
 __all__ = [
     "EXIT_PREEMPTED",

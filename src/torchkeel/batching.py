@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from torchkeel.loop import State
+    from torchkeel.state import State
 
 def resolve_model(model: Any, device: str | torch.device | None) -> tuple[Any, torch.device]:
     inner = getattr(model, "model", None)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,54 +15,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import batching, resume, runs
+from torchkeel import batching, dataorder, resume, runs, signals
 from torchkeel.accumulate import GradientAccumulator
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.checkpoint import ModelCheckpoint
 from torchkeel.distributed import unwrap_model
 from torchkeel.nonfinite import NanPolicy, NonFiniteGuard
 from torchkeel.runs import FitSummary
+from torchkeel.state import History, State
 
 log = logging.getLogger("torchkeel")
 
 Metric = Callable[[torch.Tensor, torch.Tensor], Any]
 _TARGET_KEYS = ("target", "targets", "label", "labels", "y")
-
-
-@dataclass
-class State:
-    """What the loop has done so far; saved in every checkpoint."""
-
-    epoch: int = 0                 # current epoch, 0-based
-    step: int = 0                  # optimizer steps, not batches
-    batch: int = 0                 # batches consumed in the current epoch
-    epoch_finished: bool = False   # validation of ``epoch`` done, on_epoch_end running or ran
-    skipped_steps: int = 0         # steps skipped: non-finite loss or GradScaler overflow
-    metrics: dict[str, float] = field(default_factory=dict)
-    should_stop: bool = False
-    stop_reason: str | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        for key, value in state_dict.items():
-            setattr(self, key, dict(value) if key == "metrics" else value)
-
-
-class History(dict[str, list[Any]]):
-    """Per-epoch records, indexable like a dict of lists: ``history['val_loss'][-1]``."""
-
-    def append(self, record: Mapping[str, Any]) -> None:
-        n = len(self.get("epoch", []))
-        for key, value in record.items():
-            self.setdefault(key, [None] * n).append(value)
-        for column in self.values():
-            if len(column) == n:
-                column.append(None)
-
-    def to_json(self) -> str:
-        return json.dumps(self, allow_nan=True)
 
 
 class AdvancedTrainer:
@@ -202,7 +165,7 @@ class AdvancedTrainer:
         self._data_state: dict[str, Any] | None = None   # RNG that ordered this epoch's batches
         self._resume_data: dict[str, Any] | None = None
         self._batch_at_step = 0       # batches of this epoch consumed by completed optimizer windows
-        self._signal = resume.SignalFlag()
+        self._signal = signals.SignalFlag()
         self._preempt = False        # every rank agreed that a signal arrived: save and exit
         self.keep_step_rng = False   # set by ModelCheckpoint(save_on_exception=True)
         self.step_rng: dict[str, Any] | None = None   # RNG states at the last optimizer step
@@ -247,14 +210,14 @@ class AdvancedTrainer:
                             for cb in hooks["on_step_end"]:
                                 cb.on_step_end(self)
                         if self._preempt:
-                            resume.on_signal(self)
+                            signals.on_signal(self)
                         if self._stop_agreed():
                             break
                     if self._finish_window():
                         for cb in hooks["on_step_end"]:
                             cb.on_step_end(self)
                     if self._preempt:
-                        resume.on_signal(self)
+                        signals.on_signal(self)
                     self._end_epoch(val_loader, time.perf_counter() - tic)
                     for cb in hooks["on_epoch_end"]:
                         cb.on_epoch_end(self)
@@ -296,7 +259,7 @@ class AdvancedTrainer:
         accum, state = self.accum, self.state
         self._batch_at_step = state.batch
         if self.keep_step_rng:
-            self.step_rng = resume.rng_state()
+            self.step_rng = dataorder.rng_state()
         loss = accum.window_loss
         assert loss is not None  # _after_window follows a finished window
         if self.world_size == 1:            # one process: its own signal flag decides
@@ -443,7 +406,7 @@ class AdvancedTrainer:
         self.model.train()
 
     def _batches(self, loader: Iterable[Any]) -> Iterator[Any]:
-        return resume.epoch_batches(self, loader)
+        return dataorder.epoch_batches(self, loader)
 
     def _end_epoch(self, val_loader: Iterable[Any] | None, seconds: float) -> None:
         state = self.state
@@ -485,7 +448,7 @@ class AdvancedTrainer:
             dist.all_reduce(t)
             flags = t.tolist()
         if flags[1] > 0:
-            resume.on_signal(self)
+            signals.on_signal(self)
         if flags[0] > 0:
             self._request_stop("a stop was requested on another rank")
         return self.state.should_stop
