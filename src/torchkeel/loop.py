@@ -55,6 +55,8 @@ class AdvancedTrainer:
         log_every_n_steps: how often callbacks that log read the loss to the host.
         log_dir: write each fit to ``<log_dir>/<run_name>/version_N/`` (see ``torchkeel.runs``).
         run_name: the experiment's folder name under ``log_dir``.
+        signal_grace_seconds: after SIGTERM or Ctrl-C, exit with a clear message if the save has
+            not started within this many seconds (e.g. a rank stuck in a collective); ``None``: wait.
 
     Example:
         >>> trainer = AdvancedTrainer(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss())
@@ -85,6 +87,7 @@ class AdvancedTrainer:
         log_every_n_steps: int = 50,
         log_dir: str | os.PathLike[str] | None = None,
         run_name: str = "default",
+        signal_grace_seconds: float | None = 10.0,
     ) -> None:
         model, device = batching.resolve_model(model, device)
         if not isinstance(model, nn.Module):
@@ -165,7 +168,7 @@ class AdvancedTrainer:
         self._data_state: dict[str, Any] | None = None   # RNG that ordered this epoch's batches
         self._resume_data: dict[str, Any] | None = None
         self._batch_at_step = 0       # batches of this epoch consumed by completed optimizer windows
-        self._signal = signals.SignalFlag()
+        self._signal = signals.SignalFlag(grace_seconds=signal_grace_seconds)
         self._preempt = False        # every rank agreed that a signal arrived: save and exit
         self.keep_step_rng = False   # set by ModelCheckpoint(save_on_exception=True)
         self.step_rng: dict[str, Any] | None = None   # RNG states at the last optimizer step

@@ -32,8 +32,9 @@ class Preempted(SystemExit):
 class SignalFlag:
     """Signal handlers that only set a flag; the loop acts at the next optimizer step."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), grace_seconds: float | None = None) -> None:
         self.signals = signals
+        self.grace_seconds = grace_seconds   # TODO(signals helper): the grace timer (issue 15, item 7)
         self.received = False
         self.name = ""
 
