@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import io
 import logging
 import subprocess
@@ -26,6 +27,12 @@ from torchkeel.loggers import (
     ensure_console_logging,
     epoch_line,
 )
+
+# The optional extras (torchkeel[tensorboard], torchkeel[progress]): without them these tests skip.
+needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                       reason="needs tensorboard: pip install 'torchkeel[tensorboard]'")
+needs_tqdm = pytest.mark.skipif(importlib.util.find_spec("tqdm") is None,
+                                reason="needs tqdm: pip install 'torchkeel[progress]'")
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -91,6 +98,7 @@ class _Steps(Callback):
 
 
 # ---------------------------------------------------------------------------- TensorBoard
+@needs_tensorboard
 def test_tensorboard_values_equal_history(tmp_path: Path) -> None:
     steps = _Steps()
     trainer = _trainer(callbacks=[TensorBoardLogger(tmp_path / "tb", log_every_n_steps=2), steps],
@@ -115,6 +123,7 @@ def test_tensorboard_values_equal_history(tmp_path: Path) -> None:
     assert ea.PluginTagToContent("hparams")                    # the hparams plugin's records
 
 
+@needs_tensorboard
 def test_tensorboard_no_grad_norm_without_clipping(tmp_path: Path) -> None:
     _trainer(callbacks=[TensorBoardLogger(tmp_path, log_every_n_steps=1)]).fit(_loaders()[0], epochs=1)
     got = _scalars(tmp_path)
@@ -145,6 +154,7 @@ class _Crash(Callback):
 
 
 @pytest.mark.parametrize("snapshot", [_Snapshot(at_epoch_end=0), _Snapshot(at_step=7)], ids=["epoch-end", "mid-epoch"])
+@needs_tensorboard
 def test_resume_after_crash_no_duplicates(tmp_path: Path, snapshot: _Snapshot) -> None:
     tb_dir, csv_path = tmp_path / "tb", tmp_path / "metrics.csv"
 
@@ -199,6 +209,7 @@ def test_import_is_light() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@needs_tensorboard
 def test_other_ranks_write_nothing(tmp_path: Path) -> None:
     trainer = _trainer(callbacks=[TensorBoardLogger(tmp_path / "tb"), CSVLogger(tmp_path / "m.csv"),
                                   ProgressBar(file=io.StringIO())])
@@ -293,6 +304,7 @@ class _Clock:
         return self.now
 
 
+@needs_tqdm
 def test_progress_bar_on_a_terminal_is_rate_limited(monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="torchkeel")

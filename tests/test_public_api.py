@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import torchkeel
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -96,5 +98,6 @@ def test_import_is_light():
 
 def test_import_check_can_see_heavy_modules():
     """The check above would notice a module-level import of tensorboard or matplotlib."""
+    pytest.importorskip("matplotlib", reason="needs matplotlib: pip install 'torchkeel[plot]'")
     _, added = heavy_modules_added_by("import torchkeel, matplotlib")
     assert "matplotlib" in added
