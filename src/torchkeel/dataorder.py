@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -53,34 +54,101 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _parts(loader: Any) -> list[tuple[str, Any]]:
+    """The loader and the samplers inside it, each once, with the name it is saved under."""
+    found: list[tuple[str, Any]] = []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for name, part in (("loader", loader), ("sampler", getattr(loader, "sampler", None)),
+                       ("batch_sampler", batch_sampler), ("batch_sampler.sampler", getattr(batch_sampler, "sampler", None))):
+        if part is not None and all(part is not seen for _, seen in found):
+            found.append((name, part))
+    return found
+
+
 def _generators(loader: Any) -> dict[str, torch.Generator]:
-    found = {"loader": getattr(loader, "generator", None),
-             "sampler": getattr(getattr(loader, "sampler", None), "generator", None)}
-    return {k: g for k, g in found.items() if isinstance(g, torch.Generator)}
+    """Every ``torch.Generator`` the loader or its samplers draw from, each once."""
+    found: dict[str, torch.Generator] = {}
+    for name, part in _parts(loader):
+        gen = getattr(part, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found.values()):
+            found[name] = gen
+    return found
 
 
-def data_state(loader: Any) -> dict[str, Any]:
-    """The RNG states that the loader's next iterator draws its order from."""
-    return {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in _generators(loader).items()}}
+def _stateful(part: Any) -> bool:
+    return callable(getattr(part, "state_dict", None)) and callable(getattr(part, "load_state_dict", None))
+
+
+def _samplers(loader: Any) -> dict[str, Any]:
+    """Samplers with their own ``state_dict()``/``load_state_dict()`` (not the loader itself)."""
+    return {name: part for name, part in _parts(loader)[1:] if _stateful(part)}
+
+
+def _seeded(loader: Any) -> dict[str, Any]:
+    """Samplers ordered by a seed and ``set_epoch`` (``DistributedSampler``)."""
+    return {name: part for name, part in _parts(loader)[1:]
+            if isinstance(getattr(part, "seed", None), int) and callable(getattr(part, "set_epoch", None))}
+
+
+def data_state(loader: Any, torch_rng: bool = True) -> dict[str, Any]:
+    """What orders the loader's next iterator: the global RNG, generators, sampler states and seeds."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()} if torch_rng else {}
+    state |= {k: g.get_state() for k, g in _generators(loader).items()}       # "loader", "sampler", ...
+    if samplers := _samplers(loader):
+        state["state_dicts"] = {k: s.state_dict() for k, s in samplers.items()}
+    if seeded := _seeded(loader):
+        state["seeds"] = {k: {"seed": s.seed, "epoch": int(getattr(s, "epoch", 0))} for k, s in seeded.items()}
+    return state
 
 
 def set_data_state(loader: Any, state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Put ``data_state(loader)`` back, so that the loader's next iterator draws the same order."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
     for key, gen in _generators(loader).items():
         if key in state:
             gen.set_state(state[key])
+    for key, sampler in _samplers(loader).items():
+        if key in state.get("state_dicts", {}):
+            sampler.load_state_dict(state["state_dicts"][key])
+    for key, sampler in _seeded(loader).items():
+        saved = state.get("seeds", {}).get(key)
+        if saved is not None and saved["seed"] != sampler.seed:
+            log.warning("Resuming: train_loader's %s has seed=%d, the checkpoint's order was drawn with seed=%d; "
+                        "using seed=%d so that the data order continues.", type(sampler).__name__, sampler.seed,
+                        saved["seed"], saved["seed"])
+            sampler.seed = saved["seed"]
+
+
+class _Order:
+    """What ``dataorder`` keeps per trainer: the train loader (read at save time) and what to put back."""
+
+    def __init__(self) -> None:
+        self.loader: Any = None
+        self.pending: dict[str, Any] | None = None   # an epoch-end resume: the loader's order, at the next epoch
+
+
+_ORDERS: weakref.WeakKeyDictionary[Any, _Order] = weakref.WeakKeyDictionary()
+
+
+def _order(trainer: AdvancedTrainer) -> _Order:
+    order = _ORDERS.get(trainer)
+    if order is None:
+        order = _ORDERS[trainer] = _Order()
+    return order
 
 
 # ---------------------------------------------------------------------------- data order
 class _SkipBatches(Sampler[list[int]]):
-    """A batch sampler that drops the first ``skip`` batches of another, as indices only.
+    """A batch sampler that drops the first ``skip`` batches of another, then ``drop`` indices, as indices only.
 
     Once the sampler has drawn its order, and before any sample is loaded, ``then()`` runs: the
     RNG states of the checkpoint are restored there, so data augmentation continues exactly too.
     """
 
-    def __init__(self, batch_sampler: Iterable[list[int]], skip: int, then: Callable[[], None]) -> None:
-        self.batch_sampler, self.skip, self.then = batch_sampler, skip, then
+    def __init__(self, batch_sampler: Iterable[list[int]], skip: int, then: Callable[[], None],
+                 drop: int = 0) -> None:
+        self.batch_sampler, self.skip, self.then, self.drop = batch_sampler, skip, then, drop
 
     def __iter__(self) -> Iterator[list[int]]:   # lazy, as DataLoader's own: same RNG draw order
         it = iter(self.batch_sampler)
@@ -89,6 +157,8 @@ class _SkipBatches(Sampler[list[int]]):
                 break
         first = next(it, None)                   # the order is drawn by now
         self.then()
+        if first is not None and self.drop:      # another batch size: start at the first unseen sample
+            first = first[self.drop:] or next(it, None)
         if first is not None:
             yield first
             yield from it
@@ -97,28 +167,36 @@ class _SkipBatches(Sampler[list[int]]):
         return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
 
 
-def _skipping_iter(loader: Any, skip: int, then: Callable[[], None]) -> Iterator[Any]:
-    """The loader's batches after the first ``skip``, drawn as the uninterrupted run drew them.
+def _indexed(loader: Any) -> bool:
+    return isinstance(loader, DataLoader) and loader.batch_sampler is not None \
+        and not isinstance(loader.dataset, IterableDataset)
+
+
+def _skipping_iter(loader: Any, skip: int, then: Callable[[], None], drop: int = 0,
+                   resized: bool = False) -> Iterator[Any]:
+    """The loader's batches after the first ``skip`` (and ``drop`` indices), drawn as the uninterrupted run drew them.
 
     Skipped as indices when samples are loaded in this process (``then()`` restores its RNG before
     the first one). Worker processes seed their RNGs when the iterator starts and advance them with
     every sample they load, so with ``num_workers > 0`` the skipped batches are loaded and dropped
-    instead: random augmentation in the workers continues exactly too.
+    instead: random augmentation in the workers continues exactly too. After a change of batch size
+    (``resized``) nothing is exact any more, and indices are always skipped.
     """
-    indexed = isinstance(loader, DataLoader) and loader.batch_sampler is not None \
-        and not isinstance(loader.dataset, IterableDataset)
-    if indexed and (loader.num_workers == 0 or loader.persistent_workers):
+    indexed = _indexed(loader)
+    if indexed and (loader.num_workers == 0 or loader.persistent_workers or resized):
         kwargs: dict[str, Any] = {
-            "batch_sampler": _SkipBatches(loader.batch_sampler, skip, then), "num_workers": loader.num_workers,
+            "batch_sampler": _SkipBatches(loader.batch_sampler, skip, then, drop),
+            "num_workers": loader.num_workers,
             "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory, "timeout": loader.timeout,
             "worker_init_fn": loader.worker_init_fn, "multiprocessing_context": loader.multiprocessing_context,
             "generator": loader.generator, "persistent_workers": loader.persistent_workers,
             "pin_memory_device": loader.pin_memory_device}
         if loader.num_workers > 0:
             kwargs["prefetch_factor"] = loader.prefetch_factor
-            log.warning("Resuming mid-epoch with persistent_workers=True: the batch order is exact, but "
-                        "random augmentation inside worker processes will not repeat the uninterrupted "
-                        "run's draws (its workers were seeded when they first started).")
+            if not resized:
+                log.warning("Resuming mid-epoch with persistent_workers=True: the batch order is exact, but "
+                            "random augmentation inside worker processes will not repeat the uninterrupted "
+                            "run's draws (its workers were seeded when they first started).")
         return iter(DataLoader(loader.dataset, **kwargs))
     why = f"its {loader.num_workers} workers draw augmentation as they load" if indexed \
         else "this loader has no index-level sampler"
@@ -130,47 +208,97 @@ def _skipping_iter(loader: Any, skip: int, then: Callable[[], None]) -> Iterator
     return cast("Iterator[Any]", it)
 
 
+def _check_resized(trainer: AdvancedTrainer, loader: Any, pending: dict[str, Any]) -> None:
+    """Refuse, before any step, a new batch size that cannot continue from the first unseen sample."""
+    if pending["drop"] and not _indexed(loader):
+        samples, old, new = pending["samples"], pending["batch_size"], trainer.batch_size
+        divisors = ", ".join(str(d) for d in range(1, samples + 1) if samples % d == 0)
+        raise ValueError(
+            f"fit(train_loader=...): cannot resume mid-epoch {trainer.state.epoch} with batch_size={new}: the "
+            f"checkpoint was written after {samples} samples at batch_size={old}, {samples} is not a multiple of "
+            f"{new}, and this loader has no index-level sampler to start from sample {samples}. Resume with "
+            f"batch_size={old} (or one that divides {samples}: {divisors}), or from a checkpoint written at the "
+            "end of an epoch.")
+
+
 def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
     """This epoch's batches; after a mid-epoch resume, the ones not yet consumed, in the same order."""
-    samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
-    for sampler in samplers:
+    order = _order(trainer)
+    order.loader = loader                    # saved() reads its generators' state at save time
+    for _, sampler in _parts(loader)[1:]:
         set_epoch = getattr(sampler, "set_epoch", None)
         if callable(set_epoch):             # DistributedSampler: this epoch's shuffle
             set_epoch(trainer.state.epoch)
     pending, trainer._resume_data = trainer._resume_data, None
+    ended, order.pending = order.pending, None
+    if ended is not None:                    # resumed at an epoch's end: the order goes on from there
+        set_data_state(loader, ended["order"])
+        if ended["loader"] is not None and _stateful(loader):
+            loader.load_state_dict(ended["loader"])  # type: ignore[attr-defined]
     if pending is None:
         trainer._data_state = data_state(loader)
         return iter(loader)
     trainer._data_state = pending["epoch_data"]
+
+    def then() -> None:
+        set_rng_state(pending["rng"])
+
+    if pending["loader"] is not None and _stateful(loader):   # torchdata's StatefulDataLoader protocol
+        loader.load_state_dict(pending["loader"])  # type: ignore[attr-defined]
+        it = iter(loader)
+        then()
+        return it
+    _check_resized(trainer, loader, pending)
     set_data_state(loader, pending["epoch_data"])      # the loader draws this epoch's order again
-    return _skipping_iter(loader, pending["batch"], lambda: set_rng_state(pending["rng"]))
+    return _skipping_iter(loader, pending["batch"], then, pending["drop"], pending["resized"])
 
 
 # ------------------------------------------------------------------------- in the checkpoint
 def saved(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``{"ranks": [per-rank RNG and epoch data order], "data": position}`` for the checkpoint.
+    """``{"ranks": [per-rank RNG and data order], "data": position}`` for the checkpoint.
 
     ``rng`` replaces the RNG states of this moment (an emergency save passes those of the last step).
+    Each rank keeps the order of its epoch (``epoch_data``, drawn at the epoch's start) and of its
+    next epoch (``data_now``: generators and sampler states now), and a stateful loader's own state.
     """
-    here = {"rng": rng or rng_state(), "epoch_data": trainer._data_state}
+    loader = _order(trainer).loader
+    here: dict[str, Any] = {"rng": rng or rng_state(), "epoch_data": trainer._data_state,
+                            "data_now": data_state(loader, torch_rng=False) if loader is not None else {},
+                            "loader": loader.state_dict() if loader is not None and _stateful(loader) else None}
     ranks: list[Any] = [here]
     if trainer.world_size > 1:          # each rank's RNG differs: dropout masks, augmentations
         ranks = [None] * trainer.world_size
         dist.all_gather_object(ranks, here)
-    return {"ranks": ranks, "data": {"batch": trainer._batch_at_step}}
+    batch, size = trainer._batch_at_step, trainer.batch_size
+    return {"ranks": ranks, "data": {"batch": batch, "batch_size": size,
+                                     "samples": batch * size if size is not None else None}}
 
 
 def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
     """Put the data position and RNG states of ``ckpt`` back (after ``trainer.state`` is loaded)."""
-    ranks, loop = ckpt["ranks"], ckpt["loop"]
+    ranks, loop, data = ckpt["ranks"], ckpt["loop"], ckpt["data"]
     mine = ranks[trainer.rank] if len(ranks) == trainer.world_size else ranks[0]
     state = trainer.state
-    state.batch = trainer._batch_at_step = ckpt["data"]["batch"]
+    state.batch = trainer._batch_at_step = data["batch"]
     if state.epoch_finished:      # the epoch ended: the next iterator draws from the saved RNG state
         set_rng_state(mine["rng"])
         trainer._resume_data = None
+        _order(trainer).pending = {"order": mine.get("data_now", {}), "loader": mine.get("loader")}
         return
     epoch_loss = loop["epoch_loss"]
     trainer._epoch_loss = epoch_loss.to(trainer.device) if epoch_loss is not None else None
     trainer._epoch_samples = loop["epoch_samples"]
-    trainer._resume_data = {"epoch_data": mine["epoch_data"], "batch": state.batch, "rng": mine["rng"]}
+    old, new = data.get("batch_size", loop.get("batch_size")), trainer.batch_size
+    skip, drop, samples = state.batch, 0, state.batch * old if old is not None else None
+    resized = old is not None and new is not None and old != new and mine.get("loader") is None
+    if resized and samples is not None and new is not None:   # from the first unseen sample, at the new size
+        samples = data.get("samples") or samples
+        skip, drop = divmod(samples, new)
+        log.warning("Resuming mid-epoch %d with batch_size=%d; the checkpoint was written with batch_size=%d after "
+                    "%d samples: continuing from sample %d (%d batches of %d skipped%s). The run will not equal "
+                    "an uninterrupted one bit for bit.", state.epoch, new, old, samples, samples, skip, new,
+                    f", then the first {drop} samples of the next" if drop else "")
+        state.batch = trainer._batch_at_step = skip   # batches of the new size (a partial one counts whole)
+    trainer._resume_data = {"epoch_data": mine["epoch_data"], "batch": skip, "rng": mine["rng"], "drop": drop,
+                            "samples": samples, "batch_size": old, "resized": resized,
+                            "loader": mine.get("loader")}
