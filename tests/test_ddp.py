@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "ddp_train.py"
+TOKENS = ROOT / "tests" / "scripts" / "ddp_tokens.py"
 TIMEOUT = 150
 
 
@@ -35,14 +36,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+def torchrun(out: Path, *args: str, nproc: int = 2, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), "--out", str(out), *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), "--out", str(out), *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
-def single(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], env=_env(),
+def single(out: Path, *args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(script), "--out", str(out), *args], env=_env(),
                           capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
@@ -92,12 +93,41 @@ def test_the_step_agreement_is_one_async_all_reduce_issued_before_the_gradients(
     assert ours["state"]["step"] == theirs["state"]["step"]
 
 
+def test_token_counts_that_differ_by_rank_equal_one_process_on_the_union(tmp_path: Path) -> None:
+    """Rank 0 short sequences, rank 1 long ones; 60 sequences, 4 per rank and micro-batch: 8
+    micro-batches per epoch, accum 3 -> windows of 3, 3 and a short 2 (flush), whose last
+    micro-batch is 2 sequences per rank."""
+    ok(torchrun(tmp_path / "ddp", "--batch", "4", "--accum", "3", script=TOKENS))
+    ok(single(tmp_path / "one", "--batch", "8", "--accum", "3", script=TOKENS))
+    ddp0, ddp1, one = result(tmp_path / "ddp", 0), result(tmp_path / "ddp", 1), result(tmp_path / "one")
+    assert ddp0["world_size"] == 2 and one["world_size"] == 1
+    assert ddp1["tokens_seen"] > 2 * ddp0["tokens_seen"]                 # counts differ by rank
+    assert ddp0["tokens_seen"] + ddp1["tokens_seen"] == one["tokens_seen"]
+    for key, value in one["model"].items():
+        assert torch.equal(ddp0["model"][key], ddp1["model"][key]), key
+        assert torch.allclose(ddp0["model"][key], value, atol=1e-6), key
+    assert ddp0["state"]["step"] == one["state"]["step"] == 6
+    assert ddp0["losses"] == pytest.approx(one["losses"], rel=1e-5)      # trainer.loss: the global token mean
+    assert ddp0["losses"] == ddp1["losses"]
+    h0, h1, h = (json.loads(r["history"]) for r in (ddp0, ddp1, one))
+    for key in ("train_loss", "val_loss"):
+        assert h0[key] == pytest.approx(h[key], rel=1e-5) and h0[key] == h1[key], key
+
+
 def test_non_finite_loss_on_one_rank_is_skipped_by_both(tmp_path: Path) -> None:
+    """Both ranks skip the bad window: the weights the next window starts from are those after
+    the previous step, on both ranks (not merely equal to each other)."""
     ok(torchrun(tmp_path, "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "skip"))
     r0, r1 = result(tmp_path, 0), result(tmp_path, 1)
     assert r0["state"]["skipped_steps"] == r1["state"]["skipped_steps"] == 1
     for key in r0["model"]:
         assert torch.equal(r0["model"][key], r1["model"][key]), key
+    for r in (r0, r1):
+        after_step, after_skip = r["params_after_step"], r["params_after_skip"]
+        assert after_step is not None and after_skip is not None
+        for key, value in after_step.items():
+            assert torch.equal(after_skip[key], value), key
+        assert r["step_after_skip"] == 2
 
 
 def test_non_finite_loss_on_one_rank_raises_on_both(tmp_path: Path) -> None:

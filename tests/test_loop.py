@@ -675,3 +675,151 @@ def test_a_step_the_grad_scaler_skips_is_counted_and_does_not_step_the_scheduler
     assert trainer.state.skipped_steps == 1
     assert trainer.state.step == 2
     assert sched.last_epoch == 2 and opt.param_groups[0]["lr"] == 0.1 * 0.5**2
+
+
+# ------------------------------------------------------- models that return output objects
+@dataclass
+class ClassifierOutput:
+    """What a Hugging Face model returns: ``loss`` (None without labels) and ``logits``."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class HFStyleNet(nn.Module):
+    """A classifier called as ``model(x=..., labels=...)``, returning an object or a dict."""
+
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        logits = self.fc(x)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits} if self.as_dict else ClassifierOutput(loss, logits)
+
+
+class ClassData(Dataset):
+    def __init__(self) -> None:
+        self.x = make_dataset().tensors[0]
+        self.y = (self.x[:, 0] > 0).long() + (self.x[:, 1] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class Received:
+    """A torchmetrics-style metric (update/compute): accuracy, and what update() was given."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, Any]] = []
+
+    def reset(self) -> None:
+        self.seen.clear()
+
+    def update(self, outputs: Any, targets: Any) -> None:
+        self.seen.append((outputs, targets))
+
+    def compute(self) -> float:
+        right = sum(int((o.argmax(-1) == t).sum()) for o, t in self.seen)
+        return right / sum(len(t) for _, t in self.seen)
+
+
+def _accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.argmax(-1) == y).float().mean()
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["object_output", "dict_output"])
+@pytest.mark.parametrize("criterion", [None, nn.CrossEntropyLoss()], ids=["model_loss", "criterion"])
+def test_output_objects_give_metrics_logits_and_labels(make_trainer, as_dict, criterion):
+    ours, theirs = HFStyleNet(as_dict), HFStyleNet(as_dict)
+    received = Received()
+    trainer = make_trainer(model=ours, criterion=criterion, metrics={"acc": _accuracy, "acc_obj": received})
+    history = trainer.fit(train_loader=loader(ClassData()), val_loader=loader(ClassData(), 16), epochs=2)
+    opt = torch.optim.SGD(theirs.fc.parameters(), lr=0.1)
+    for _ in range(2):                               # the model's loss, or the criterion on the logits
+        for batch in loader(ClassData()):
+            nn.functional.cross_entropy(theirs.fc(batch["x"]), batch["labels"]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert_params_equal(ours, theirs)
+    data = ClassData()
+    with torch.no_grad():
+        logits = theirs.fc(data.x)
+    for outputs, targets in received.seen:
+        assert type(outputs) is torch.Tensor and outputs.shape == (16, 3)
+        assert type(targets) is torch.Tensor and targets.shape == (16,)
+    assert torch.equal(torch.cat([t for _, t in received.seen]), data.y)
+    assert torch.allclose(torch.cat([o for o, _ in received.seen]), logits, atol=1e-6)
+    accuracy = (logits.argmax(-1) == data.y).float().mean().item()
+    assert history["val_acc"][-1] == pytest.approx(accuracy) == history["val_acc_obj"][-1]
+    assert history["val_loss"][-1] == pytest.approx(nn.functional.cross_entropy(logits, data.y).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["object_output", "dict_output"])
+def test_predict_returns_the_logits_of_output_objects(make_trainer, as_dict):
+    model = HFStyleNet(as_dict)
+    out = make_trainer(model=model, criterion=None).predict(loader(ClassData(), 16))
+    with torch.no_grad():
+        assert torch.equal(out, model.fc(ClassData().x))
+
+
+def test_models_returning_a_plain_scalar_loss_still_train(make_trainer):
+    class ScalarLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return nn.functional.mse_loss(self.fc(x), labels)
+
+    trainer = make_trainer(model=ScalarLoss(), criterion=None)
+    history = trainer.fit(train_loader=loader(DictData()), val_loader=loader(DictData(), 16), epochs=1)
+    assert math.isfinite(history["val_loss"][0]) and trainer.state.step == 8
+
+
+# ------------------------------------------------------------ persistent skipped steps stop
+def test_a_grad_scaler_that_overflows_every_step_stops_training(make_trainer, caplog):
+    """float16's overflow path with a real CPU GradScaler: a finite loss, inf gradients every step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    overflow = [False]
+    model.weight.register_hook(lambda g: torch.full_like(g, math.inf) if overflow[0] else g)
+
+    def l1(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        overflow[0] = bool(y[0, 0] == 1)                   # batches with y = 1 overflow
+        return nn.functional.l1_loss(out, y)
+
+    trainer = make_trainer(model=model, criterion=l1, max_consecutive_skipped_steps=5)
+    trainer.scaler = trainer.accum.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    bad, fine = (torch.ones(2, 4), torch.ones(2, 1)), (torch.ones(2, 4), torch.zeros(2, 1))
+    before = params_of(model)
+    with caplog.at_level("WARNING", logger="torchkeel"):
+        trainer.fit(train_loader=[bad] * 4 + [fine] + [bad] * 20, epochs=3)
+    state = trainer.state
+    assert (state.step, state.skipped_steps, state.consecutive_skipped_steps) == (1, 9, 5)   # reset by the step
+    assert state.batch == 10 and state.epoch == 0 and state.should_stop
+    assert state.stop_reason.startswith("5 consecutive skipped steps: GradScaler overflowed on every one")
+    assert "5 optimizer steps in a row were skipped (max_consecutive_skipped_steps=5)" in caplog.text
+    assert "check the loss scale, the data" in caplog.text
+    assert trainer.scaler.get_scale() == 2.0**16 * 0.5**9
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))   # the one real step
+
+
+def test_skipped_steps_never_stop_with_none(make_trainer):
+    trainer = make_trainer(criterion=NanAt(*range(40)), nan_policy="skip", max_consecutive_skipped_steps=None)
+    trainer.fit(train_loader=loader(make_dataset(), 4), epochs=2)
+    assert (trainer.state.step, trainer.state.skipped_steps, trainer.state.should_stop) == (0, 32, False)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "10"])
+def test_max_consecutive_skipped_steps_errors(value):
+    model = make_model()
+    with pytest.raises(ValueError, match=rf"AdvancedTrainer\(max_consecutive_skipped_steps={value!r}\): must be an "
+                                         r"int >= 1, or None to never stop for skipped steps"):
+        AdvancedTrainer(model=model, optimizer=_sgd(model), max_consecutive_skipped_steps=value)

@@ -84,3 +84,31 @@ def test_lazy_checks_at_least_every_max_unread_steps(make_trainer, monkeypatch) 
     with pytest.raises(FloatingPointError, match=r"batch 0, .*found at epoch 0, batch 3\b"):
         trainer.fit(train_loader=loader(make_dataset()), epochs=1)
     assert MAX_UNREAD >= 100
+
+
+def test_skipping_forever_stops_after_max_consecutive_skipped_steps(make_trainer, caplog) -> None:
+    """nan_policy='skip' with a loss that is always NaN: stops at the default limit, says why."""
+    trainer = make_trainer(criterion=NanAt(*range(1000)), nan_policy="skip")
+    with caplog.at_level("WARNING", logger="torchkeel"):
+        history = trainer.fit(train_loader=loader(make_dataset(), 2), epochs=3)
+    limit = trainer.max_consecutive_skipped_steps
+    assert limit == 25
+    state = trainer.state
+    assert (state.step, state.skipped_steps, state.consecutive_skipped_steps, state.batch) == (0, 25, 25, 25)
+    assert state.should_stop and history["epoch"] == [0]
+    assert state.stop_reason.startswith("25 consecutive skipped steps: the loss was non-finite on every one")
+    assert "25 optimizer steps in a row were skipped (max_consecutive_skipped_steps=25)" in caplog.text
+
+
+def test_consecutive_skips_are_saved_and_restored(make_trainer, tmp_path: Path) -> None:
+    """3 skips, a checkpoint, then a resumed run that skips 2 more stops at 5 in a row."""
+    first = make_trainer(criterion=NanAt(*range(1, 4)), nan_policy="skip", max_consecutive_skipped_steps=5,
+                         checkpoint=ModelCheckpoint(save_dir=tmp_path, monitor=None))
+    first.fit(train_loader=loader(make_dataset(32), 8), epochs=1)      # batch 0 steps, 1-3 skip
+    assert (first.state.step, first.state.consecutive_skipped_steps) == (1, 3)
+    saved = io.load(first.checkpoint.last_model_path)["state"]
+    assert saved["consecutive_skipped_steps"] == 3
+    second = make_trainer(criterion=NanAt(*range(2)), nan_policy="skip", max_consecutive_skipped_steps=5)
+    second.fit(train_loader=loader(make_dataset(32), 8), epochs=2, resume_from=first.checkpoint.last_model_path)
+    assert (second.state.step, second.state.skipped_steps, second.state.consecutive_skipped_steps) == (1, 5, 5)
+    assert second.state.should_stop and second.state.batch == 2

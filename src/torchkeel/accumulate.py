@@ -12,6 +12,13 @@ One optimizer step, in this order (DESIGN.md):
 3. gradients are scaled by ``world * n_ref / N`` (skipped when it is 1: no accumulation, equal
    shards), so k micro-batches on W ranks equal one batch of their total size, short windows too;
 4. ``scaler.unscale_`` -> clip once -> ``scaler.step`` -> ``scaler.update`` -> zero grads.
+
+Counted items (``backward(loss, count=n)``, e.g. tokens): one process weighs micro-batches as
+above, with counts for samples. Under DDP the counts differ by rank, so the window's last backward
+waits for a blocking all-reduce of the local counts (and the agreement); with ``N`` the global
+count, the grads accumulated so far are multiplied by ``n_ref * W / N`` and the last loss weighted
+by ``n_last * W / N``: DDP's average then gives ``(1/N) * sum n_i * grad(loss_i)``, no post-scaling.
+A short window (``flush()``) scales each rank's grads the same way before averaging them by hand.
 """
 
 from __future__ import annotations
@@ -84,11 +91,13 @@ class GradientAccumulator:
         self._micro = 0            # micro-batches in the current window
         self._window_n = 0         # local samples in the current window
         self._window_loss: torch.Tensor | None = None
+        self._counted = 0          # micro-batches of the current window given as (loss, count)
         self._unsynced = False     # last backward ran under no_sync
         self.window_loss: torch.Tensor | None = None   # sum of loss_i * n_i / n_ref, last window
         self.window_ref = 0        # n_ref of the last window: window_loss * window_ref = sum loss_i * n_i
         self.window_samples = 0    # global samples in the last window
         self.window_micro_batches = 0
+        self.window_total: float | None = None   # counted windows under DDP: sum of loss_i * n_i, all ranks
         self.grad_norm: torch.Tensor | None = None     # before clipping, last step
         self.nonfinite = False     # the last window had a non-finite loss on some rank
         self.scaler_skipped = False
@@ -128,13 +137,20 @@ class GradientAccumulator:
             self._unsynced = False
             yield
 
-    def backward(self, loss: torch.Tensor, num_samples: int | None = None, flags: Sequence[float] = ()) -> None:
+    def backward(self, loss: torch.Tensor, num_samples: int | None = None, flags: Sequence[float] = (), *,
+                 count: int | torch.Tensor | None = None) -> None:
         """Backpropagate ``loss`` (the micro-batch mean) weighted by its share of the window.
 
+        ``count``: ``loss`` is the mean over this many items (tokens...), which then weigh the
+        window instead of samples; every micro-batch of a window gives one, or none does. Under
+        DDP, pass it inside ``no_sync()`` as for samples.
         ``flags``: under DDP, numbers to sum across ranks with the window's agreement when this
         micro-batch ends the window (e.g. stop requested, signal received); ``self.flags`` after
         ``step()`` holds the sums.
         """
+        if count is not None:
+            self._backward_counted(loss, as_count(count, "GradientAccumulator.backward(count=...)"), flags)
+            return
         if self._grads_stale:
             self.zero_grad()
         n = 1 if num_samples is None else int(num_samples)
@@ -152,6 +168,30 @@ class GradientAccumulator:
                 self._agreement = t, dist.all_reduce(t, group=self._group, async_op=True)
         (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()  # type: ignore[no-untyped-call]
 
+    def _backward_counted(self, loss: torch.Tensor, n: int, flags: Sequence[float]) -> None:
+        if self._grads_stale:
+            self.zero_grad()
+        if self._micro == 0:
+            self._n_ref, self._agreement, self._counted = n, None, 0
+        self._counted += 1
+        detached = loss.detach() * (n / self._n_ref)
+        self._window_loss = detached if self._window_loss is None else self._window_loss + detached
+        self._window_n += n
+        self._micro += 1
+        weight = n / self._n_ref
+        if self._micro >= self.accumulation_steps:
+            self._window_flags = tuple(flags)
+            if self.is_ddp:    # every rank's weight needs the global count before DDP averages
+                t = self._agreement_tensor(self._window_loss, self._window_flags)
+                dist.all_reduce(t, group=self._group)
+                self._agreement = t, None
+                n_global = float(t[0])
+                if self._micro > 1:
+                    self._scale_grads(self._n_ref * self._world / n_global)
+                weight = n * self._world / n_global
+        scaled = loss * weight
+        (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()  # type: ignore[no-untyped-call]
+
     def step(self, flags: Sequence[float] = ()) -> bool:
         """Step once the window is full; return True when the optimizer stepped."""
         if self._micro < self.accumulation_steps:
@@ -162,6 +202,13 @@ class GradientAccumulator:
         """Step a short last window, if any; return True when the optimizer stepped."""
         if self._micro == 0:
             return False
+        if self._counted and self.is_ddp:   # scale each rank's grads by its own n_ref before averaging
+            assert self._window_loss is not None
+            self._window_flags = (*self._window_flags, *flags)
+            t = self._agreement_tensor(self._window_loss, self._window_flags)
+            dist.all_reduce(t, group=self._group)
+            self._agreement, flags = (t, None), ()
+            self._scale_grads(self._n_ref * self._world / float(t[0]))
         if self._unsynced:
             self._all_reduce_grads()
         return self._finish(flags)
@@ -177,7 +224,8 @@ class GradientAccumulator:
             return self._window_n, self.check_finite and not math.isfinite(loss.item()), list(flags)
         if self._agreement is not None:   # issued with the window's last backward
             (t, work), self._agreement = self._agreement, None
-            work.wait()
+            if work is not None:
+                work.wait()
             if len(flags) > len(self._window_flags):   # flags given to step() too: one more all-reduce
                 extra = torch.tensor(flags[len(self._window_flags):], dtype=t.dtype, device=t.device)
                 dist.all_reduce(extra, group=self._group)
@@ -186,7 +234,9 @@ class GradientAccumulator:
             t = self._agreement_tensor(loss, flags)
             dist.all_reduce(t, group=self._group)
         n, nonfinite, refs, *agreed = t.tolist()
-        if refs != self._n_ref * self._world:
+        if self._counted:                 # slot 2 carries the window's sum of loss_i * n_i instead
+            self.window_total = refs
+        elif refs != self._n_ref * self._world:
             raise ValueError(
                 f"GradientAccumulator: ranks started this window with micro-batches of different sizes "
                 f"(this rank {self._n_ref}, mean {refs / self._world:g}); use a DistributedSampler so that "
@@ -195,26 +245,40 @@ class GradientAccumulator:
         return int(n), nonfinite > 0, agreed
 
     def _agreement_tensor(self, loss: torch.Tensor, flags: Sequence[float]) -> torch.Tensor:
-        """[local samples, loss non-finite, n_ref, *flags]: summed across ranks, all exact in float32."""
+        """[local samples, loss non-finite, n_ref, *flags]: summed across ranks, all exact in float32.
+
+        Counted windows carry the local sum of ``loss_i * n_i`` in place of ``n_ref`` (which may
+        differ by rank there), so ``window_total`` is the global sum, from the same all-reduce.
+        """
         t = torch.tensor([self._window_n, 0.0, self._n_ref, *flags], dtype=torch.float32, device=loss.device)
         t[1] = ~torch.isfinite(loss)
+        if self._counted:
+            t[2] = loss.detach().float() * self._n_ref
         return t
 
     def _finish(self, flags: Sequence[float]) -> bool:
         if self._window_loss is None:
             raise RuntimeError("GradientAccumulator.step() before any backward() in this window.")
+        if 0 < self._counted < self._micro:
+            self._reset_window()
+            raise ValueError(
+                "GradientAccumulator.backward(): a window mixed micro-batches with count=... and without; "
+                "give every backward of a fit its count, or none."
+            )
+        self.window_total = None
         n_global, self.nonfinite, self.flags = self._agree(self._window_loss, flags)
         self.window_loss, self.window_samples, self.window_ref = self._window_loss, n_global, self._n_ref
         self.window_micro_batches = self._micro
-        self._micro, self._window_n, self._window_loss, self._window_flags = 0, 0, None, ()
+        counted_ddp = self._counted and self.is_ddp
+        self._reset_window()
         self.scaler_skipped = False
         if self.nonfinite:
             self._zero_grad()      # non-finite: nothing worth reading
             return False
         self.scaler.unscale_(self.optimizer)
-        factor = self._world * self._n_ref / n_global
+        factor = 1.0 if counted_ddp else self._world * self._n_ref / n_global   # counted DDP: weighted already
         if factor != 1.0:
-            torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], factor)
+            self._scale_grads(factor)
         if self.max_grad_norm is not None:
             self.grad_norm = nn.utils.clip_grad_norm_(self._params, self.max_grad_norm, foreach=True)
         if self.gradient_clip_value is not None:
@@ -228,6 +292,12 @@ class GradientAccumulator:
             self.optimizer.step()
         self._grads_stale = True   # freed by zero_grad() or the next backward, as a hand-written loop does
         return not self.scaler_skipped
+
+    def _reset_window(self) -> None:
+        self._micro, self._window_n, self._window_loss, self._window_flags, self._counted = 0, 0, None, (), 0
+
+    def _scale_grads(self, factor: float) -> None:
+        torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], factor)
 
     def zero_grad(self) -> None:
         """Free the last window's gradients now; otherwise the next ``backward`` does.
@@ -260,3 +330,19 @@ class GradientAccumulator:
         torch._foreach_div_(grads, self._world)
         self._unsynced = False
 
+
+
+def as_count(count: Any, where: str) -> int:
+    """The number of items a loss averages over, as an int (a tensor count is read to the host)."""
+    if isinstance(count, torch.Tensor) and count.dim() == 0 and not count.is_floating_point() \
+            and count.dtype != torch.bool:
+        count = int(count)
+    if isinstance(count, bool) or not isinstance(count, int):
+        got = f"a tensor of shape {tuple(count.shape)} {count.dtype}" if isinstance(count, torch.Tensor) \
+            else f"{type(count).__name__} {count!r}"
+        raise TypeError(f"{where}: count must be an int or a 0-dim integer tensor (the number of items, e.g. "
+                        f"tokens, the loss is the mean over), got {got}.")
+    if count < 1:
+        raise ValueError(f"{where}: count must be >= 1 (the number of items the loss is the mean over), got "
+                         f"{count}. Leave micro-batches with no items out of the loader.")
+    return count

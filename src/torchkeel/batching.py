@@ -11,6 +11,9 @@ from torch import nn
 if TYPE_CHECKING:
     from torchkeel.state import State
 
+TARGET_KEYS = ("target", "targets", "label", "labels", "y")
+
+
 def resolve_model(model: Any, device: str | torch.device | None) -> tuple[Any, torch.device]:
     inner = getattr(model, "model", None)
     if not isinstance(model, nn.Module) and isinstance(inner, nn.Module):   # a DistributedTrainer
@@ -105,3 +108,21 @@ def shape(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"shape {tuple(x.shape)} {x.dtype}"
     return type(x).__name__
+
+
+def logits_of(outputs: Any) -> Any:
+    """A model output object's logits (a dict with 'logits', or ``.logits`` beside ``.loss``); else ``outputs``."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        return outputs.get("logits", outputs)
+    if hasattr(outputs, "logits") and hasattr(outputs, "loss"):
+        return outputs.logits
+    return outputs
+
+
+def labels_of(batch: Any) -> Any:
+    """The labels of a dict batch (the first of the target keys it has), else None."""
+    if isinstance(batch, Mapping):
+        return next((batch[k] for k in TARGET_KEYS if k in batch), None)
+    return None

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchkeel import batching, dataorder, resume, runs, signals
-from torchkeel.accumulate import GradientAccumulator
+from torchkeel.accumulate import GradientAccumulator, as_count
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.checkpoint import ModelCheckpoint
 from torchkeel.distributed import unwrap_model
@@ -27,7 +27,6 @@ from torchkeel.state import History, State
 log = logging.getLogger("torchkeel")
 
 Metric = Callable[[torch.Tensor, torch.Tensor], Any]
-_TARGET_KEYS = ("target", "targets", "label", "labels", "y")
 
 
 class AdvancedTrainer:
@@ -57,6 +56,13 @@ class AdvancedTrainer:
         run_name: the experiment's folder name under ``log_dir``.
         signal_grace_seconds: after SIGTERM or Ctrl-C, exit with a clear message if the save has
             not started within this many seconds (e.g. a rank stuck in a collective); ``None``: wait.
+        max_consecutive_skipped_steps: stop training, with a warning, after this many optimizer steps
+            in a row were skipped (GradScaler overflow, or a non-finite loss under
+            ``nan_policy='skip'``); ``None`` never stops for that.
+
+    ``training_step`` may return ``(loss, count)``: ``loss`` is the mean over ``count`` items
+    (tokens...), and a window then weighs its micro-batches by items (across ranks too), as one
+    batch whose loss is the mean over all its items. ``validation_step``'s loss may be such a pair.
 
     Example:
         >>> trainer = AdvancedTrainer(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss())
@@ -88,6 +94,7 @@ class AdvancedTrainer:
         log_dir: str | os.PathLike[str] | None = None,
         run_name: str = "default",
         signal_grace_seconds: float | None = 10.0,
+        max_consecutive_skipped_steps: int | None = 25,
     ) -> None:
         model, device = batching.resolve_model(model, device)
         if not isinstance(model, nn.Module):
@@ -106,6 +113,11 @@ class AdvancedTrainer:
             )
         if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise ValueError(f"AdvancedTrainer(log_every_n_steps={log_every_n_steps!r}): must be an int >= 1.")
+        skips = max_consecutive_skipped_steps
+        if skips is not None and (isinstance(skips, bool) or not isinstance(skips, int) or skips < 1):
+            raise ValueError(f"AdvancedTrainer(max_consecutive_skipped_steps={skips!r}): must be an int >= 1, "
+                             "or None to never stop for skipped steps.")
+        self.max_consecutive_skipped_steps = skips
         self.device = device
         self.model = model
         self.optimizer = optimizer
@@ -156,6 +168,7 @@ class AdvancedTrainer:
             "gradient_clip_value": gradient_clip_value, "amp_dtype": str(self.amp_dtype),
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,
             "scheduler_interval": scheduler_interval, "nan_policy": nan_policy,
+            "max_consecutive_skipped_steps": skips,
             "world_size": self.world_size, "device": str(device)}
         no_context = nullcontext()   # reusable, so a step without AMP creates no context object
         self._autocast: Callable[[], AbstractContextManager[Any]] = (
@@ -165,6 +178,8 @@ class AdvancedTrainer:
         self._bare = self.amp_dtype is None and not self.accum.is_ddp
         self._epoch_loss: torch.Tensor | None = None
         self._epoch_samples = 0
+        self._counted = False         # this fit's training_step returns (loss, count)
+        self._windows_at_fit = 0      # optimizer windows (stepped or skipped) before this fit
         self._data_state: dict[str, Any] | None = None   # RNG that ordered this epoch's batches
         self._resume_data: dict[str, Any] | None = None
         self._batch_at_step = 0       # batches of this epoch consumed by completed optimizer windows
@@ -194,6 +209,7 @@ class AdvancedTrainer:
         if self.world_size > 1:
             self._check_even(train_loader, "train_loader")
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
+        self._counted, self._windows_at_fit = False, state.step + state.skipped_steps
         callbacks = self.callbacks + self._run_folder(resumed)
         hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
         try:
@@ -245,10 +261,27 @@ class AdvancedTrainer:
             with self.accum.no_sync(), self._autocast():
                 loss = self.training_step(batch)
         self.state.batch += 1
-        self.accum.backward(loss, batching.batch_size(batch), self._local_flags())
+        if isinstance(loss, tuple) or self._counted:
+            self._backward_counted(loss)
+        else:
+            self.accum.backward(loss, batching.batch_size(batch), self._local_flags())
         if not self.accum.window_full:
             return False
         return self._after_window(self.accum.step())
+
+    def _backward_counted(self, out: Any) -> None:
+        """``training_step`` returned ``(loss, count)``: the window weighs micro-batches by items."""
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"training_step returned {batching.shape(out)} at {self._where()} after returning "
+                            "(loss, count) earlier in this fit; return (loss, count) on every batch, or never.")
+        if not self._counted:
+            if self.accum.pending or self.state.step + self.state.skipped_steps != self._windows_at_fit:
+                raise TypeError(f"training_step returned (loss, count) at {self._where()} after returning a "
+                                "plain loss earlier in this fit; return (loss, count) on every batch, or never.")
+            self._counted = True
+        loss, count = out
+        self.accum.backward(loss, flags=self._local_flags(),
+                            count=as_count(count, f"training_step's (loss, count) at {self._where()}"))
 
     def _finish_window(self) -> bool:
         """Step a short last window at the end of an epoch."""
@@ -273,16 +306,31 @@ class AdvancedTrainer:
             if accum.flags[1] > 0:
                 self._preempt = True     # saved after this step's hooks, at the step boundary
         if self._nonfinite.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
-            return False
+            return self._skipped("the loss was non-finite on every one (nan_policy='skip'): check the data "
+                                 "(inf/NaN inputs or labels) and the learning rate")
         if self._epoch_loss is None:
             self._epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._epoch_loss.add_(loss, alpha=accum.window_ref)
         self._epoch_samples += accum.window_samples
         if not stepped:
             state.skipped_steps += 1
-            return False
+            return self._skipped(f"GradScaler overflowed on every one (loss scale now {self.scaler.get_scale():.3g}): "
+                                 "check the loss scale, the data and the learning rate, or use bfloat16")
         state.step += 1
+        state.consecutive_skipped_steps = 0
         return True
+
+    def _skipped(self, why: str) -> bool:
+        """Count a skipped window; stop training once ``max_consecutive_skipped_steps`` were in a row."""
+        state = self.state
+        state.consecutive_skipped_steps += 1
+        if self._too_many_skips and not state.should_stop:
+            n = state.consecutive_skipped_steps
+            log.warning("AdvancedTrainer: %d optimizer steps in a row were skipped (max_consecutive_skipped_steps=%d); "
+                        "%s. Training stops; pass max_consecutive_skipped_steps=None to keep going.",
+                        n, self.max_consecutive_skipped_steps, why)
+            self._request_stop(f"{n} consecutive skipped steps: {why}")
+        return False
 
     def training_step(self, batch: Any) -> torch.Tensor:
         """Forward one batch and return its mean loss. Override for custom batches or models."""
@@ -290,11 +338,21 @@ class AdvancedTrainer:
         outputs = self._forward(inputs)
         return self._loss(outputs, targets, batch)
 
-    def validation_step(self, batch: Any) -> tuple[torch.Tensor, Any, Any]:
-        """Forward one validation batch; return ``(loss, outputs, targets)``. Override as needed."""
+    def validation_step(self, batch: Any) -> tuple[Any, Any, Any]:
+        """Forward one validation batch; return ``(loss, outputs, targets)``. Override as needed.
+
+        ``loss`` may be ``(loss, count)``. For a model whose output has ``logits`` (and ``loss``),
+        ``outputs`` are the logits and ``targets`` the batch's labels, which the metrics receive.
+        """
         inputs, targets = self._split(batch)
         outputs = self._forward(inputs)
-        return self._loss(outputs, targets, batch), outputs, targets
+        loss = self._loss(outputs, targets, batch)
+        if type(outputs) is not torch.Tensor:
+            logits = batching.logits_of(outputs)
+            if logits is not outputs and targets is None:
+                targets = batching.labels_of(batch)
+            outputs = logits
+        return loss, outputs, targets
 
     # ----------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -306,8 +364,8 @@ class AdvancedTrainer:
         objs = {k: m for k, m in self.metrics.items() if hasattr(m, "update")}
         for m in objs.values():
             m.reset()
-        sums = torch.zeros(1 + len(fns), dtype=torch.float64, device=self.device)
-        count = 0
+        sums = torch.zeros(2 + len(fns), dtype=torch.float64, device=self.device)  # loss*n, metrics, loss n
+        count, counted, batches = 0, 0, 0
         try:
             for self._val_batch, batch in enumerate(loader):
                 if self._move:
@@ -315,8 +373,15 @@ class AdvancedTrainer:
                 with self._autocast():
                     loss, outputs, targets = self.validation_step(batch)
                 n = batching.batch_size(batch)
-                count += n
-                sums[0] += loss.detach().double() * n
+                count, batches = count + n, batches + 1
+                if isinstance(loss, tuple):      # (loss, count): weighted by its items
+                    loss, items = loss
+                    counted += 1
+                    items = torch.as_tensor(items, dtype=torch.float64, device=self.device)
+                else:
+                    items = n
+                sums[0] += loss.detach().double() * items
+                sums[-1] += items
                 for i, fn in enumerate(fns.values(), start=1):
                     sums[i] += torch.as_tensor(fn(outputs, targets), dtype=torch.float64) * n
                 for m in objs.values():
@@ -324,20 +389,23 @@ class AdvancedTrainer:
         finally:
             self.model.train(was_training)
             self._val_batch = None
+        if 0 < counted < batches:
+            raise TypeError("validation_step returned (loss, count) on some batches and a plain loss on others; "
+                            "return (loss, count) on every batch, or never.")
         totals = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=self.device)])
         if self.world_size > 1:
             dist.all_reduce(totals)
-        *values, total = totals.tolist()
+        *values, items_total, total = totals.tolist()
         if total == 0:
             raise ValueError("validate(loader): the loader yielded no batches. Pass a non-empty loader.")
-        out = {"val_loss": values[0] / total}
+        out = {"val_loss": values[0] / items_total}
         out |= {f"val_{k}": v / total for k, v in zip(fns, values[1:])}
         out |= {f"val_{k}": float(m.compute()) for k, m in objs.items()}
         return out
 
     @torch.no_grad()
     def predict(self, loader: Iterable[Any]) -> Any:
-        """Model outputs for every batch of ``loader``, concatenated on the CPU when they are tensors."""
+        """Model outputs (a model output's ``logits``) for every batch, concatenated on the CPU when tensors."""
         was_training = self.model.training
         self.model.eval()
         outs = []
@@ -347,7 +415,8 @@ class AdvancedTrainer:
                     batch = batching.to_device(batch, self.device)
                 inputs = batch if isinstance(batch, (torch.Tensor, Mapping)) else self._split(batch)[0]
                 with self._autocast():
-                    outs.append(batching.to_device(self._forward(inputs), torch.device("cpu")))
+                    out = batching.logits_of(self._forward(inputs))
+                    outs.append(batching.to_device(out, torch.device("cpu")))
         finally:
             self.model.train(was_training)
         return torch.cat(outs) if outs and all(isinstance(o, torch.Tensor) for o in outs) else outs
@@ -365,6 +434,8 @@ class AdvancedTrainer:
         accum = self.accum
         if accum.window_loss is None:
             return math.nan
+        if accum.window_total is not None:      # counted under DDP: the global sum of loss_i * n_i
+            return accum.window_total / accum.window_samples
         return float(accum.window_loss) * accum.window_ref * self.world_size / accum.window_samples
 
     def check_finite(self) -> None:
@@ -459,7 +530,13 @@ class AdvancedTrainer:
     @property
     def _agreed_stop(self) -> bool:
         return bool(self.accum.flags and (self.accum.flags[0] > 0 or self.accum.flags[1] > 0)) \
-            or (self.accum.nonfinite and self.nan_policy == "stop")
+            or (self.accum.nonfinite and self.nan_policy == "stop") \
+            or self._too_many_skips     # the ranks skip the same steps: an agreed decision
+
+    @property
+    def _too_many_skips(self) -> bool:
+        limit = self.max_consecutive_skipped_steps
+        return limit is not None and self.state.consecutive_skipped_steps >= limit
 
     def _check_even(self, loader: Iterable[Any], name: str) -> None:
         """Every rank must run the same number of batches, or a collective would wait forever."""
@@ -479,7 +556,7 @@ class AdvancedTrainer:
         if type(batch) in (tuple, list) and len(batch) == 2:     # the common case, checked first
             return batch[0], batch[1]
         if isinstance(batch, Mapping):
-            key = next((k for k in _TARGET_KEYS if k in batch), None)
+            key = next((k for k in batching.TARGET_KEYS if k in batch), None)
             if key is None or self.criterion is None:
                 return batch, None
             return {k: v for k, v in batch.items() if k != key}, batch[key]
@@ -507,6 +584,8 @@ class AdvancedTrainer:
                 f"({layout}). Yield (inputs, targets), add a 'labels'/'target' key, or leave the criterion out "
                 "when the model returns its own loss."
             )
+        if type(outputs) is not torch.Tensor:
+            outputs = batching.logits_of(outputs)   # a model output object: the criterion gets its logits
         try:
             return self.criterion(outputs, targets)
         except (RuntimeError, ValueError, IndexError) as exc:

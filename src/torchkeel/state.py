@@ -17,6 +17,7 @@ class State:
     batch: int = 0                 # batches consumed in the current epoch
     epoch_finished: bool = False   # validation of ``epoch`` done, on_epoch_end running or ran
     skipped_steps: int = 0         # steps skipped: non-finite loss or GradScaler overflow
+    consecutive_skipped_steps: int = 0   # skipped since the last real optimizer step
     metrics: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False
     stop_reason: str | None = None

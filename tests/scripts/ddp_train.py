@@ -11,6 +11,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +66,21 @@ class CountCollectives(Callback):
         if self._last is not None and self._last[0] == here[0] and full:
             self.per_step.append(self.calls[self._last[1]:here[1]])
         self._last = here
+
+
+def weights(trainer: AdvancedTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+
+
+class KeepAfterStep(Callback):
+    """The weights right after optimizer step ``step``."""
+
+    def __init__(self, step: int, into: dict[str, Any]) -> None:
+        self.step, self.into = step, into
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        if trainer.state.step == self.step:
+            self.into["params_after_step"] = weights(trainer)
 
 
 class CrashAt(Callback):
@@ -122,8 +138,12 @@ def main() -> None:
 
     ce = nn.CrossEntropyLoss()
     injected = []   # a NaN loss once, on one rank, at one optimizer step
+    snapshots: dict[str, Any] = {"params_after_step": None, "params_after_skip": None, "step_after_skip": None}
 
     def criterion(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if args.nan_rank is not None and trainer.state.skipped_steps == 1 and snapshots["params_after_skip"] is None:
+            snapshots["params_after_skip"] = weights(trainer)       # the first forward after the skip
+            snapshots["step_after_skip"] = trainer.state.step
         loss = ce(out, target)
         if trainer.rank == args.nan_rank and trainer.state.step == args.nan_step and not injected:
             injected.append(trainer.state.batch)
@@ -131,6 +151,8 @@ def main() -> None:
         return loss
 
     callbacks: list[Callback] = []
+    if args.nan_rank is not None:
+        callbacks.append(KeepAfterStep(args.nan_step, snapshots))
     if args.stop_rank is not None:
         callbacks.append(StopOn(args.stop_rank, args.stop_epoch))
     if args.slow:
@@ -152,7 +174,7 @@ def main() -> None:
         history = trainer.fit(train_loader=loader, val_loader=val, epochs=args.epochs, resume_from=args.resume)
         torch.save({"model": trainer.unwrapped_model.state_dict(), "history": json.dumps(dict(history)),
                     "state": trainer.state.state_dict(), "world_size": trainer.world_size,
-                    "collectives_per_step": counter.per_step if counter else None},
+                    "collectives_per_step": counter.per_step if counter else None, **snapshots},
                    args.out / f"result-rank{trainer.rank}.pt")
     finally:
         dt.close()
