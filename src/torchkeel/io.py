@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     StrPath: TypeAlias = "str | os.PathLike[str]"
 
 __all__ = ["CheckpointError", "CheckpointWriteError", "clean_temporaries", "find_latest",
-           "is_checkpoint", "list_checkpoints", "load", "remove", "save", "verify",
+           "is_checkpoint", "list_checkpoints", "load", "load_verified", "remove", "save", "verify",
            "write_text_atomic"]
 
 __version__ = "0.1.0"  # used only when ``torchkeel.__version__`` cannot be read
@@ -339,10 +339,20 @@ def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
     Example:
         >>> model.load_state_dict(load("ckpt/step-000120.pt")["model"])
     """
+    return load_verified(path, map_location)[0]
+
+
+def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """``load``, and the manifest entry the loaded bytes matched (its ``sha256`` names them).
+
+    Example:
+        >>> state, entry = load_verified("ckpt/step-000120.pt"); entry["sha256"][:8]
+        '3f2a9c1d'
+    """
     file = Path(path)
     with _open_payload(file) as f, ThreadPoolExecutor(_workers(), "torchkeel-io") as pool:
         stamp = _stamp(f)
-        _verify_open(file, f, pool)
+        entry = _verify_open(file, f, pool)
         by_fd = Path(f"/proc/self/fd/{f.fileno()}")  # mmap needs a path: this one is our inode
         source = by_fd if by_fd.exists() else file
         try:
@@ -364,7 +374,7 @@ def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
             raise _fail(file, "changed while it was read", "Something wrote to it; load again.")
     if not isinstance(obj, dict):
         raise _fail(file, f"holds a {type(obj).__name__}, not a dict")
-    return obj
+    return obj, entry
 
 
 def _into_memory(obj: Any, pool: ThreadPoolExecutor) -> None:
@@ -402,18 +412,39 @@ def _into_memory(obj: Any, pool: ThreadPoolExecutor) -> None:
 
 
 # --------------------------------------------------------------------------------- discovery
-def _key(step: Any, when: Any) -> tuple[float, int]:
-    # Newest written first (across run folders: the run that wrote last), then the higher step.
+_VERSION_DIR = re.compile(r"^version_(\d+)$")
+
+
+def _key(version: int, step: Any, when: Any) -> tuple[int, int, float]:
+    # Most progress first: the later run (its version_N folder), then the higher step; the write
+    # time only breaks ties (a clock set wrong must not make an older checkpoint the newest).
     ok = isinstance(step, int) and not isinstance(step, bool)
-    return (when if isinstance(when, (int, float)) else 0.0, step if ok else -1)
+    return version, step if ok else -1, when if isinstance(when, (int, float)) else 0.0
+
+
+def _version(root: str, folder: Path) -> int:
+    """N of the innermost ``version_N`` folder between ``folder`` and ``root``; -1 if none."""
+    parts = Path(root).relative_to(folder).parts
+    return next((int(m.group(1)) for part in reversed(parts) if (m := _VERSION_DIR.match(part))), -1)
+
+
+def _outside(path: Path, folder: Path) -> str:
+    """Why ``path`` or its manifest is refused: a symlink leading out of ``folder``; else ""."""
+    inside = folder.resolve()
+    for p in (path.with_name(path.name + MANIFEST_SUFFIX), path):
+        if p.is_symlink() and not p.resolve().is_relative_to(inside):
+            return (f"a symlink to {str(p.resolve())!r}, outside {str(folder)!r} (refused: only "
+                    "checkpoints inside the searched folder are loaded; copy it there to use it)")
+    return ""
 
 
 def _candidates(folders: Iterable[Path], recursive: bool) -> list[tuple[Any, Path, str]]:
-    """(newness, payload, reason it is already known to be invalid, or "") for every candidate."""
+    """(progress, payload, reason it is already known to be invalid, or "") for every candidate."""
     found = []
     for folder in folders:
         walk = os.walk(folder) if recursive else itertools.islice(os.walk(folder), 1)
         for root, _, names in walk:  # os.walk does not follow symlinked folders
+            version = _version(root, folder)
             for name in names:
                 path = Path(root, name.removesuffix(MANIFEST_SUFFIX))
                 if name.startswith("."):  # temporaries and hidden files are never checkpoints
@@ -421,8 +452,8 @@ def _candidates(folders: Iterable[Path], recursive: bool) -> list[tuple[Any, Pat
                 if name.endswith(MANIFEST_SUFFIX):
                     try:
                         entry = _entries(path)[0]
-                        newness = _key(entry["meta"].get("step"), entry.get("created"))
-                        found.append((newness, path, ""))
+                        progress = _key(version, entry["meta"].get("step"), entry.get("created"))
+                        found.append((progress, path, _outside(path, folder)))
                         continue
                     except CheckpointError as exc:
                         reason = exc.reason
@@ -432,7 +463,7 @@ def _candidates(folders: Iterable[Path], recursive: bool) -> list[tuple[Any, Pat
                     continue
                 step = int(m.group(1)) if (m := _STEP_IN_NAME.search(path.name)) else None
                 with contextlib.suppress(OSError):
-                    found.append((_key(step, os.lstat(Path(root, name)).st_mtime), path, reason))
+                    found.append((_key(version, step, os.lstat(Path(root, name)).st_mtime), path, reason))
     return sorted(found, key=lambda c: c[0], reverse=True)
 
 
@@ -441,24 +472,30 @@ def _as_folders(folders: StrPath | Iterable[StrPath]) -> list[Path]:
 
 
 def list_checkpoints(folder: StrPath, recursive: bool = False) -> list[tuple[Path, dict[str, Any]]]:
-    """The checkpoints in ``folder`` that verify (each is hashed), newest written first.
+    """The checkpoints in ``folder`` that verify (each is hashed), most progress first.
+
+    Progress: the run (``version_N`` folder), then the step; the write time breaks ties.
+    Symlinks leading out of ``folder`` are left out.
 
     Args: folder: where to look. recursive: also look in subfolders.
     Example:
         >>> [(p.name, entry["meta"]["step"]) for p, entry in list_checkpoints("ckpt")]
     """
     valid = []
-    for _, path, reason in _candidates(_as_folders(folder), recursive):
+    for progress, path, reason in _candidates(_as_folders(folder), recursive):
         if not reason:
             with contextlib.suppress(CheckpointError):
-                valid.append((path, verify(path)))
-    return sorted(valid, key=lambda v: _key(v[1]["meta"].get("step"), v[1].get("created")),
-                  reverse=True)
+                entry = verify(path)  # the "previous" entry after a cut-short overwrite
+                valid.append((_key(progress[0], entry["meta"].get("step"), entry.get("created")), path, entry))
+    return [(path, entry) for _, path, entry in sorted(valid, key=lambda v: v[0], reverse=True)]
 
 
 def find_latest(folder_or_folders: StrPath | Iterable[StrPath],
                 recursive: bool = True) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that verifies, and why each newer candidate was skipped.
+    """The checkpoint with the most progress that verifies, and why each one ahead was skipped.
+
+    Progress: the run (``version_N`` folder), then the step; the write time only breaks ties.
+    A payload or manifest that is a symlink leading out of its searched folder is skipped.
 
     Args:
         folder_or_folders: one folder or several; a missing one holds nothing.

@@ -6,14 +6,20 @@ signals and preemption in ``torchkeel.signals`` (both re-exported here for older
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
+import re
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
-from torchkeel import dataorder
+from torchkeel import dataorder, io
 from torchkeel.signals import EXIT_PREEMPTED, Preempted
 
 if TYPE_CHECKING:
@@ -22,8 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("torchkeel")
 
 FORMAT = 1
-__all__ = ["EXIT_PREEMPTED", "FORMAT", "Preempted", "check_model_state", "load_trainer_state", "resume",
-           "search_roots", "trainer_state"]
+__all__ = ["EXIT_PREEMPTED", "FORMAT", "Preempted", "check_model_state", "check_trainer_state",
+           "load_trainer_state", "resume", "search_roots", "trainer_state"]
+KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "ranks", "data", "loop", "history", "callbacks")
+_VERSION = re.compile(r"^version_(\d+)$")
 
 
 # ---------------------------------------------------------------------------- trainer state
@@ -66,43 +74,213 @@ def check_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], so
                            "The model was left unchanged.")
 
 
-def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str = "checkpoint") -> None:
-    """Check everything first, then apply: a failed load leaves the trainer unchanged."""
+def _state_shape_errors(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> list[str]:
+    """Saved optimizer state tensors whose shape cannot belong to the parameter they map to."""
+    params = {pid: (i, j, p) for i, (g, own) in enumerate(zip(saved["param_groups"], opt.param_groups))
+              for j, (pid, p) in enumerate(zip(g["params"], own["params"]))}
+    builtin = type(opt).__module__.startswith("torch.optim")   # their state tensors are parameter-shaped
+    bad = []
+    for pid, entry in saved["state"].items():
+        if pid not in params or not isinstance(entry, dict):
+            continue
+        i, j, p = params[pid]
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue
+            if (value.dim() != p.dim() and builtin) or (value.dim() == p.dim() and any(
+                    a not in (b, 1) for a, b in zip(value.shape, p.shape))):
+                bad.append(f"group {i} parameter {j}: {key!r} is {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+    return bad
+
+
+def _check_optimizer(opt: torch.optim.Optimizer, saved: Any, source: str) -> None:
+    name = type(opt).__name__
+    if not (isinstance(saved, dict) and isinstance(saved.get("param_groups"), list)
+            and isinstance(saved.get("state"), dict)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved["param_groups"])):
+        raise ValueError(f"{source}: the optimizer state is not an optimizer state_dict (no 'state' and "
+                         "'param_groups'); was it written by torchkeel?")
+    theirs = [len(g["params"]) for g in saved["param_groups"]]
+    ours = [len(g["params"]) for g in opt.param_groups]
+    if theirs != ours:
+        raise ValueError(f"{source}: the optimizer state has {len(theirs)} parameter group(s) of sizes {theirs}, "
+                         f"this {name} has {len(ours)} of sizes {ours}. Build the optimizer with the same "
+                         "parameter groups, in the same order, as the run that wrote the checkpoint. "
+                         "Nothing was changed.")
+    if bad := _state_shape_errors(opt, saved):
+        raise ValueError(f"{source}: the optimizer state does not fit this {name}'s parameters "
+                         f"[{'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}]: are the parameters in "
+                         "another order than in the run that wrote it? Nothing was changed.")
+    if type(opt).load_state_dict is not torch.optim.Optimizer.load_state_dict:
+        return                          # its own load_state_dict may touch more than a probe holds
+    # Load into a probe over meta tensors (no memory): it raises where the real load would, and shows
+    # the groups the real load would give (an SGD state lacks Adam's 'betas').
+    probe = object.__new__(type(opt))
+    probe.__dict__.update(opt.__dict__)
+    probe.state = defaultdict(dict)
+    probe.param_groups = [{**g, "params": [torch.empty_like(p, device="meta") for p in g["params"]]}
+                          for g in opt.param_groups]
+    try:
+        probe.load_state_dict(saved)
+    except Exception as exc:
+        raise ValueError(f"{source}: the optimizer state does not load into this {name} "
+                         f"({type(exc).__name__}: {exc}): written by another optimizer class? Build the "
+                         "optimizer the run used. Nothing was changed.") from exc
+    for i, (own, got) in enumerate(zip(opt.param_groups, probe.param_groups)):
+        if lacking := sorted(set(own) - set(got)):
+            raise ValueError(f"{source}: parameter group {i} of the optimizer state lacks {lacking}, which "
+                             f"this {name} needs: written by another optimizer class? Nothing was changed.")
+
+
+def _check_rest(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str) -> None:
+    scheduler, saved = trainer.scheduler, ckpt["scheduler"]
+    if (saved is None) != (scheduler is None):
+        raise RuntimeError(f"{source}: the checkpoint {'has no' if saved is None else 'has a'} "
+                           f"scheduler state but this trainer {'has a' if scheduler is not None else 'has no'} "
+                           "scheduler. Nothing was changed.")
+    if scheduler is not None:
+        lacking = sorted(k for k in scheduler.state_dict() if not k.startswith("_") and k not in saved) \
+            if isinstance(saved, dict) else ["all"]
+        if lacking:
+            raise ValueError(f"{source}: the scheduler state lacks {lacking}, which this "
+                             f"{type(scheduler).__name__} has: written with another scheduler? Build the "
+                             "scheduler the run used. Nothing was changed.")
+    own, saved = trainer.scaler.state_dict(), ckpt["scaler"]
+    if own and not (isinstance(saved, dict) and set(own) <= set(saved)):
+        raise ValueError(f"{source}: this trainer uses a GradScaler (float16 AMP) but the checkpoint holds no "
+                         "GradScaler state (written without float16 AMP). Resume with the same use_amp and "
+                         "amp_dtype. Nothing was changed.")
+    if not own and saved:
+        log.warning("%s holds a GradScaler state, but this trainer uses none (no float16 AMP): it is ignored.",
+                    source)
+    state, loop, data, ranks = ckpt["state"], ckpt["loop"], ckpt["data"], ckpt["ranks"]
+    problems = [
+        "state" if not (isinstance(state, dict) and all(isinstance(state.get(k), int)
+                                                         for k in ("epoch", "step"))) else "",
+        "loop" if not (isinstance(loop, dict) and {"epoch_loss", "epoch_samples", "accumulation_steps",
+                                                    "world_size", "batch_size"} <= set(loop)) else "",
+        "data" if not (isinstance(data, dict) and isinstance(data.get("batch"), int)) else "",
+        "history" if not (isinstance(ckpt["history"], dict)
+                          and all(isinstance(v, list) for v in ckpt["history"].values())) else "",
+        "callbacks" if not (isinstance(ckpt["callbacks"], dict)
+                            and all(isinstance(v, dict) for v in ckpt["callbacks"].values())) else "",
+        "ranks" if not (isinstance(ranks, list) and ranks and _rng_ok(
+            ranks[trainer.rank] if len(ranks) == trainer.world_size else ranks[0])) else ""]
+    if bad := [p for p in problems if p]:
+        raise ValueError(f"{source}: malformed {', '.join(repr(b) for b in bad)} entr{'ies' if len(bad) > 1 else 'y'}"
+                         " (damaged or written by another program?). Nothing was changed.")
+
+
+def _rng_ok(mine: Any) -> bool:
+    """The RNG states ``dataorder.restore`` will set are ones this torch/numpy/Python accepts."""
+    try:
+        rng = mine["rng"]
+        return (isinstance(rng["torch"], torch.Tensor) and rng["torch"].dtype == torch.uint8
+                and rng["torch"].shape == torch.get_rng_state().shape
+                and rng["python"]["state"].numel() == 625 and rng["numpy"]["keys"].numel() == 624
+                and "epoch_data" in mine)
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def check_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str = "checkpoint") -> None:
+    """Raise, naming ``source``, when ``ckpt`` cannot be loaded into ``trainer``; changes nothing."""
     if ckpt.get("format") != FORMAT:
         raise RuntimeError(f"{source}: format {ckpt.get('format')!r} is not {FORMAT}; written by another version?")
     if "optimizer" not in ckpt or "state" not in ckpt:
         raise ValueError(f"{source} holds only model weights (save_weights_only=True), so training cannot "
                          "resume from it. Load it with model.load_state_dict(torchkeel.load_checkpoint(path)"
                          "['model']), or resume from a full checkpoint.")
+    if missing := [k for k in KEYS if k not in ckpt]:
+        raise ValueError(f"{source}: the checkpoint lacks {missing} (damaged, or written by another program?); "
+                         "resume from a checkpoint written by AdvancedTrainer. Nothing was changed.")
     check_model_state(trainer.unwrapped_model, ckpt["model"], source)
-    if (ckpt["scheduler"] is None) != (trainer.scheduler is None):
-        raise RuntimeError(f"{source}: the checkpoint {'has no' if ckpt['scheduler'] is None else 'has a'} "
-                           "scheduler state but this trainer "
-                           f"{'has a' if trainer.scheduler is not None else 'has no'} scheduler.")
+    _check_optimizer(trainer.optimizer, ckpt["optimizer"], source)
+    _check_rest(trainer, ckpt, source)
+
+
+def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str = "checkpoint") -> None:
+    """Check everything first, then apply: a failed load leaves the trainer unchanged.
+
+    What can only fail by trying (a scheduler's or callback's ``load_state_dict``) is applied before
+    the model and undone on failure; no tensor is copied for that (see ``_apply``).
+    """
+    check_trainer_state(trainer, ckpt, source)
     loop = ckpt["loop"]
     for key, now in (("accumulation_steps", trainer.accum.accumulation_steps), ("world_size", trainer.world_size),
                      ("batch_size", trainer.batch_size)):
         if loop[key] != now:
             log.warning("Resuming with %s=%s, the checkpoint was written with %s=%s: the run will not equal "
                         "an uninterrupted one.", key, now, key, loop[key])
+    _apply(trainer, ckpt, source)
+
+
+def _apply(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str) -> None:
+    """Apply a checked ``ckpt``; on any error undo every part applied so far and raise.
+
+    Undo costs no copy of a tensor: the optimizer's load builds new ``state``/``param_groups`` (the
+    old ones are kept by reference), a callback's snapshot is its own ``state_dict()``, the scheduler's
+    a deep copy of its small state. The model goes last: after the checks it cannot fail.
+    """
+    undo: list[Callable[[], None]] = []
+    attrs, rng = dict(vars(trainer)), dataorder.rng_state()     # what dataorder.restore rebinds or sets
+    opt, sched, scaler, state, history = (trainer.optimizer, trainer.scheduler, trainer.scaler, trainer.state,
+                                          trainer.history)
+    part = "optimizer"
+    try:
+        old_state, old_groups = opt.state, opt.param_groups
+        opt.load_state_dict(ckpt["optimizer"])
+
+        def undo_optimizer() -> None:
+            opt.state, opt.param_groups = old_state, old_groups
+        undo.append(undo_optimizer)
+        if sched is not None:
+            part, sched_before = "scheduler", copy.deepcopy(sched.state_dict())
+            sched.load_state_dict(ckpt["scheduler"])
+            undo.append(lambda: sched.load_state_dict(sched_before))
+        part, scaler_before = "scaler", scaler.state_dict()
+        scaler.load_state_dict(ckpt["scaler"])
+        if scaler_before:
+            undo.append(lambda: scaler.load_state_dict(scaler_before))
+        part, state_before, history_before = "state", copy.deepcopy(vars(state)), dict(history)
+
+        def undo_state() -> None:          # in place: the loop holds these objects
+            vars(state).clear()
+            vars(state).update(state_before)
+            history.clear()
+            history.update(history_before)
+        undo.append(undo_state)
+        state.load_state_dict(ckpt["state"])
+        history.clear()
+        history.update({k: list(v) for k, v in ckpt["history"].items()})
+        for cb in trainer.callbacks:
+            if cb.state_key in ckpt["callbacks"]:
+                part = f"callback {cb.state_key}"
+                undo.append(functools.partial(cb.load_state_dict, cb.state_dict()))   # a failed load too
+                cb.load_state_dict(ckpt["callbacks"][cb.state_key])
+        part = "data position and RNG states"
+        dataorder.restore(trainer, ckpt)
+    except Exception as exc:
+        stuck = 0
+        for step in reversed(undo):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - put back all the rest, then report
+                stuck += 1
+        vars(trainer).update(attrs)
+        dataorder.set_rng_state(rng)
+        back = f"{stuck} part(s) could not be put back" if stuck else "Everything was put back as it was"
+        raise RuntimeError(f"{source}: loading the {part} failed ({type(exc).__name__}: {exc}). "
+                           f"{back}; the model was not touched.") from exc
     trainer.unwrapped_model.load_state_dict(ckpt["model"])
-    trainer.optimizer.load_state_dict(ckpt["optimizer"])
-    if trainer.scheduler is not None:
-        trainer.scheduler.load_state_dict(ckpt["scheduler"])
-    trainer.scaler.load_state_dict(ckpt["scaler"])
-    trainer.state.load_state_dict(ckpt["state"])
-    trainer.history.clear()
-    trainer.history.update({k: list(v) for k, v in ckpt["history"].items()})
-    saved = ckpt["callbacks"]
-    for cb in trainer.callbacks:
-        if cb.state_key in saved:
-            cb.load_state_dict(saved[cb.state_key])
-    dataorder.restore(trainer, ckpt)
 
 
 # ----------------------------------------------------------------------------- entry points
 def search_roots(trainer: AdvancedTrainer) -> list[Path]:
-    """Where ``resume_from='last'|'auto'`` looks: the checkpoint root and the run folders."""
+    """Where ``resume_from='last'|'auto'`` looks: the checkpoint root and the run folders, each once.
+
+    A folder that is another's, or inside another (resolved), is searched as part of that one.
+    """
     ckpt_cb, roots = trainer.checkpoint, []
     save_dir, root_dir = getattr(ckpt_cb, "save_dir", None), getattr(ckpt_cb, "root_dir", None)
     if save_dir is not None:
@@ -111,36 +289,65 @@ def search_roots(trainer: AdvancedTrainer) -> list[Path]:
         roots.append(trainer.log_dir / trainer.run_name)
     elif root_dir is not None:
         roots.append(Path(root_dir))
-    return roots
+    kept: list[Path] = []
+    for root in roots:
+        if not any(root.resolve().is_relative_to(k.resolve()) for k in kept):
+            kept = [k for k in kept if not k.resolve().is_relative_to(root.resolve())] + [root]
+    return kept
+
+
+def _choose(resume_from: str | Path, roots: list[Path]) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (``None``: start fresh) and the paths discovery passed over."""
+    if resume_from not in ("last", "auto"):
+        given = Path(resume_from)
+        if given.is_symlink():
+            target = given.resolve()
+            if target.parent != given.parent.resolve():
+                log.warning("fit(resume_from=%r): it is a symlink to %s, in another folder; loading that file.",
+                            str(resume_from), target)
+            if not given.with_name(given.name + io.MANIFEST_SUFFIX).exists():
+                given = target                           # its manifest is beside the file it names
+        return given, []
+    for root in roots:       # unfinished writes of killed runs are never checkpoints
+        for folder, _, _ in os.walk(root):
+            for tmp in io.clean_temporaries(folder):
+                log.info("resume_from=%r removed an unfinished write %s", resume_from, tmp)
+    path, skipped = io.find_latest(roots)
+    for reason in skipped:
+        log.warning("resume_from=%r skipped %s", resume_from, reason)
+    passed = [reason.split(": ", 1)[0] for reason in skipped]
+    if path is None:
+        where = ", ".join(map(str, roots))
+        if resume_from == "last":
+            raise FileNotFoundError(f"fit(resume_from='last'): no valid checkpoint under {where}. "
+                                    "Use resume_from='auto' to start fresh when there is none.")
+        log.info("resume_from='auto': no checkpoint under %s, starting fresh.", where)
+        return None, passed
+    run = next((part for part in reversed(path.parts[:-1]) if _VERSION.match(part)), "no run folder")
+    log.info("resume_from=%r picked %s (%s): the most training progress found, by run version, then step "
+             "(the write time only breaks ties)%s.", resume_from, path, run,
+             f"; {len(skipped)} ahead of it skipped" if skipped else "")
+    return path, passed
 
 
 def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
-    """Load ``resume_from`` (a path, ``'last'`` or ``'auto'``) into the trainer; return the path loaded."""
-    from torchkeel import io
+    """Load ``resume_from`` (a path, ``'last'`` or ``'auto'``) into the trainer; return the path loaded.
 
-    if resume_from in ("last", "auto"):
-        roots = search_roots(trainer)
-        if not roots:
-            raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(...) or "
-                             "log_dir=... to know where to look, or pass a checkpoint path.")
-        if trainer.is_global_zero:      # unfinished writes of killed runs are never checkpoints
-            for root in roots:
-                for folder, _, _ in os.walk(root):
-                    for tmp in io.clean_temporaries(folder):
-                        log.info("resume_from=%r removed an unfinished write %s", resume_from, tmp)
-        path, skipped = io.find_latest(roots)
-        for reason in skipped:
-            log.warning("resume_from=%r skipped %s", resume_from, reason)
-        if path is None:
-            where = ", ".join(map(str, roots))
-            if resume_from == "last":
-                raise FileNotFoundError(f"fit(resume_from='last'): no valid checkpoint under {where}. "
-                                        "Use resume_from='auto' to start fresh when there is none.")
-            log.info("resume_from='auto': no checkpoint under %s, starting fresh.", where)
-            return None
+    Under DDP rank 0 chooses and every rank must read that same checkpoint (same sha256); else
+    every rank raises the same error before anything changes.
+    """
+    roots = search_roots(trainer) if resume_from in ("last", "auto") else []
+    if resume_from in ("last", "auto") and not roots:
+        raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(...) or "
+                         "log_dir=... to know where to look, or pass a checkpoint path.")
+    path: Path | None
+    if trainer.world_size > 1:
+        path, ckpt = _agree(trainer, resume_from, roots)
     else:
-        path = Path(resume_from)
-    ckpt = io.load(path)
+        path = _choose(resume_from, roots)[0]
+        ckpt = io.load(path) if path is not None else None
+    if path is None or ckpt is None:
+        return None
     load_trainer_state(trainer, ckpt, source=str(path))
     if trainer.checkpoint is not None and hasattr(trainer.checkpoint, "resumed_from"):
         trainer.checkpoint.resumed_from(path)
@@ -148,3 +355,75 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
     return Path(path)
 
 
+# ------------------------------------------------------------------------- ranks that agree
+def _agree(trainer: AdvancedTrainer, resume_from: str | Path,
+           roots: list[Path]) -> tuple[Path | None, dict[str, Any] | None]:
+    """Rank 0 chooses; every rank loads that same checkpoint and checks it: all go on, or all raise."""
+    choice: dict[str, Any] = {"path": None, "sha256": None, "passed": [], "error": None}
+    ckpt: dict[str, Any] | None = None
+    own: Exception | None = None
+    if trainer.rank == 0:
+        try:
+            path, choice["passed"] = _choose(resume_from, roots)
+            if path is not None:
+                ckpt, entry = io.load_verified(path)
+                choice.update(path=str(path), sha256=entry["sha256"])
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
+            own, choice["error"] = exc, f"{type(exc).__name__}: {exc}"
+    box = [choice]
+    dist.broadcast_object_list(box, src=0)
+    choice = box[0]
+    if choice["error"] is not None:
+        if own is not None:
+            raise own
+        raise io.CheckpointError(f"fit(resume_from={str(resume_from)!r}) failed on rank 0, so on every rank: "
+                                 f"{choice['error']}")
+    problem = None
+    try:
+        if trainer.rank != 0:
+            ckpt, problem = _read_same(resume_from, roots, choice)
+        if ckpt is not None:
+            check_trainer_state(trainer, ckpt, choice["path"])
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
+        own, problem = exc, f"{exc}"
+    problems: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(problems, problem)
+    if any(problems):
+        raise io.CheckpointError(_disagreement(resume_from, choice, problems), path=choice["path"]) from own
+    return (Path(choice["path"]) if choice["path"] else None), ckpt
+
+
+def _read_same(resume_from: str | Path, roots: list[Path],
+               choice: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """On a rank other than 0: rank 0's checkpoint, loaded and verified, or why not."""
+    if choice["path"] is None:
+        if resume_from != "auto":
+            return None, None
+        passed = set(choice["passed"])
+        here = [p for _, p, why in io._candidates(roots, True) if not why and str(p) not in passed]
+        return None, f"it has {len(here)} checkpoint(s) rank 0 has not, e.g. {here[0]}" if here else None
+    path = Path(choice["path"])
+    if not path.exists():
+        return None, f"it has no file {path}"
+    try:
+        ckpt, entry = io.load_verified(path)
+    except io.CheckpointError as exc:
+        return None, f"it cannot read {path} ({exc.reason})"
+    if entry["sha256"] != choice["sha256"]:
+        return None, f"its {path} is another file (sha256 {entry['sha256'][:16]})"
+    return ckpt, None
+
+
+def _disagreement(resume_from: str | Path, choice: dict[str, Any], problems: list[str | None]) -> str:
+    start = f"fit(resume_from={str(resume_from)!r}): "
+    texts = [p for p in problems if p]
+    if len(texts) == len(problems) and len(set(texts)) == 1:       # the same on every rank: once
+        return f"{start}on every rank: {texts[0]}"
+    path = choice["path"]
+    head = f"rank 0 resumes from {path} (sha256 {choice['sha256'][:16]})" if path \
+        else "rank 0 found no checkpoint and would start fresh"
+    each = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
+    fix = f"copy {path} to the same path on every node" if path else \
+        "copy that checkpoint to the same path on rank 0's node, or remove it to start fresh"
+    return (f"{start}{head}, but {each}. Every rank must resume from the same checkpoint: keep checkpoints on a "
+            f"filesystem every node shares, or {fix}. Nothing was loaded on any rank.")
