@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -167,6 +168,48 @@ def test_a_nan_score_never_enters_the_top_k(tmp_path: Path) -> None:
     assert sorted(epoch_of(str(tmp_path / "version_0" / n)) for n in payloads(tmp_path / "version_0")) == [1, 3]
 
 
+INF = math.inf
+
+
+@pytest.mark.parametrize("mode, bad", [("min", -INF), ("min", INF), ("min", NAN), ("max", INF), ("max", -INF)])
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_non_finite_score_never_ranks(tmp_path: Path, mode: str, bad: float, stopping: bool) -> None:
+    """val_loss 0.3, then a non-finite one, then a worse one: only the 0.3 epoch is ever best."""
+    worse = 0.5 if mode == "min" else 0.1
+    early = EarlyStopping(monitor="val_loss", mode=mode, patience=5, check_finite=True) if stopping else None
+    trainer, ckpt = train(tmp_path, 3, callbacks=[ScriptVal([0.3, bad, worse])], early_stopping=early,
+                          monitor="val_loss", mode=mode, save_top_k=1)
+    assert ckpt is not None
+    last_epoch = 1 if stopping else 2                      # check_finite stops at the non-finite epoch
+    assert trainer.history["epoch"] == list(range(last_epoch + 1))
+    assert epoch_of(ckpt.best_model_path) == 0 and ckpt.best_model_score == 0.3
+    assert ckpt.best_k_models == {ckpt.best_model_path: 0.3}
+    assert epoch_of(ckpt.last_model_path) == last_epoch    # the non-finite one is still saved as the last
+    run = tmp_path / "version_0"
+    assert payloads(run) == sorted({Path(ckpt.best_model_path).name, Path(ckpt.last_model_path).name})
+    assert json.loads((run / "last.json").read_text())["best"] == Path(ckpt.best_model_path).name
+    trainer.history["val_loss"] = [0.3, bad, worse][: last_epoch + 1]   # the summary agrees (it reads the history)
+    assert torchkeel.runs.build_summary(trainer, "finished", 1.0, 0, 3)["best"] == {
+        "metric": "val_loss", "value": 0.3, "epoch": 0}
+
+
+def test_when_no_score_is_finite_there_is_no_best_and_it_says_why(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="torchkeel"):
+        _, ckpt = train(tmp_path, 3, callbacks=[ScriptVal([NAN, -INF, INF])], save_top_k=2)
+    assert ckpt is not None and ckpt.best_model_path == "" and ckpt.best_k_models == {}
+    assert ckpt.best_model_score is None
+    assert ckpt.no_best_reason == ("every val_loss so far was not finite (epoch 0: nan, epoch 1: -inf, epoch 2: "
+                                   "inf), and a non-finite score is never ranked")
+    end = [r.getMessage() for r in caplog.records if "no best checkpoint" in r.getMessage()]
+    assert end == [(f"ModelCheckpoint(monitor='val_loss'): no best checkpoint, best_model_path is '': "
+                   f"{ckpt.no_best_reason}. The last checkpoint is {ckpt.last_model_path!r}.")]
+    assert payloads(tmp_path / "version_0") == [Path(ckpt.last_model_path).name]   # kept as the last only
+    # resumed from the last: the reason survives, and a finite score then becomes the best
+    _, again = train(tmp_path, 4, callbacks=[ScriptVal([NAN, -INF, INF, 0.7])], save_top_k=2, resume_from="auto")
+    assert again is not None and epoch_of(again.best_model_path) == 3 and again.no_best_reason == ""
+
+
 def test_the_best_survives_step_checkpoints_and_worse_epochs(tmp_path: Path) -> None:
     watch = Watch()
     _, ckpt = train(tmp_path, 5, callbacks=[ScriptVal([3.0, 1.0, 2.0, 5.0, 4.0]), watch], save_top_k=1,
@@ -274,6 +317,44 @@ def test_filename_template_with_metric_names_and_a_slash_creates_no_folders(tmp_
 def test_a_file_path_as_filename_is_refused() -> None:
     with pytest.raises(ValueError, match=r"filename='sub/name'.*a file name, not a path"):
         ModelCheckpoint(save_dir="unused", filename="sub/name")
+
+
+@pytest.mark.parametrize("template", ["{epoch[0]}", "{val_loss.foo}", "{val.acc:.2f}", "{}-{epoch}",
+                                      "{step:.2s}"])
+def test_a_template_that_cannot_be_filled_is_refused_before_training(template: str) -> None:
+    with pytest.raises(ValueError, match=rf"ModelCheckpoint\(filename={re.escape(repr(template))}\): cannot "
+                                         r"fill it \(.*\); available fields: epoch, step and the metric names"):
+        ModelCheckpoint(save_dir="unused", filename=template)
+
+
+@pytest.mark.parametrize("scores, kept", [([3.0, 2.0, 1.0], ["model.pt"]),        # each new one is the best
+                                          (None, ["model.pt"]),                  # no monitor: the newest
+                                          ([1.0, 2.0, 3.0], ["model-v1.pt", "model.pt"])])  # best + last
+def test_a_fixed_filename_with_top_k_1_is_overwritten_not_alternated(tmp_path: Path, scores: list[float] | None,
+                                                                      kept: list[str]) -> None:
+    seen = Seen()
+    callbacks: list[Callback] = [ScriptVal(scores)] if scores else []
+    _, ckpt = train(tmp_path, 3, callbacks=[*callbacks, seen], filename="model", save_top_k=1,
+                    monitor="val_loss" if scores else None)
+    assert ckpt is not None
+    run = tmp_path / "version_0"
+    assert payloads(run) == kept and seen.names | {Path(ckpt.last_model_path).name} == set(kept)
+    assert epoch_of(ckpt.last_model_path) == 2 and epoch_of(ckpt.best_model_path) == (0 if kept[0] != "model.pt" else 2)
+    io.load(ckpt.last_model_path)
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+
+
+def test_step_checkpoints_with_a_monitor_warn_at_fit_start_and_are_never_ranked(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="torchkeel"):
+        _, ckpt = train(tmp_path, 2, callbacks=[ScriptVal([2.0, 1.0])], every_n_steps=3, save_top_k=2)
+    assert ckpt is not None
+    warned = [r.getMessage() for r in caplog.records if "not ranked" in r.getMessage()]
+    assert warned == [("ModelCheckpoint(every_n_steps=3, monitor='val_loss'): step checkpoints are not ranked "
+                      "(validation runs only at epoch end); each is kept as the last checkpoint until the next "
+                      "save.")]
+    assert sorted(meta(p)["reason"] for p in ckpt.best_k_models) == ["epoch", "epoch"]
+    assert set(payloads(tmp_path / "version_0")) == {Path(p).name for p in ckpt.best_k_models}  # step 16 = epoch 1
 
 
 def test_a_metric_template_with_step_checkpoints_never_fails_mid_training(tmp_path: Path) -> None:

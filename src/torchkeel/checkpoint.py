@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -35,9 +34,16 @@ class ModelCheckpoint(Callback):
         mode: ``'min'``, ``'max'`` or ``'auto'``.
         save_top_k: how many best checkpoints to keep; ``-1`` keeps all, ``0`` none (only last).
         save_last: always keep the newest checkpoint too (what ``resume_from='auto'`` continues).
-        filename: template with ``{epoch}``, ``{step}`` and metric names, e.g. ``'{epoch}-{val_loss:.3f}'``.
+        filename: template with ``{epoch}`` (0-based), ``{step}`` and metric names, e.g.
+            ``'{epoch}-{val_loss:.3f}'``; checked here. A name this instance wrote that falls out
+            anyway is overwritten (atomically), so a fixed name with ``save_top_k=1`` stays one file.
         every_n_epochs: save at the end of every n-th epoch (0: never at epoch end).
-        every_n_steps: also save every n optimizer steps (mid-epoch; resumes exactly).
+        every_n_steps: also save every n optimizer steps (mid-epoch; resumes exactly). Step
+            checkpoints are never ranked (validation runs at epoch end): each is kept as the last.
+
+    A non-finite score (nan, inf, -inf) is never ranked: that checkpoint is kept only as the last.
+    ``no_best_reason`` says why ``best_model_path`` is ``""``; fit's end warns when it is.
+    Deleting a checkpoint that fell out is best effort: a failure is a warning.
         save_weights_only: store only the model's weights (no resume possible).
         save_on_exception: on a crash, save the state as of the last completed optimizer step.
         verbose: log each save and deletion.
@@ -71,6 +77,8 @@ class ModelCheckpoint(Callback):
             raise ValueError(f"ModelCheckpoint(every_n_steps={every_n_steps!r}): must be an int >= 1 or None.")
         if filename is not None and ("{" not in filename and "}" not in filename) and "/" in filename:
             raise ValueError(f"ModelCheckpoint(filename={filename!r}): a file name, not a path.")
+        if filename is not None:
+            _fill(filename, _Fields(epoch=0, step=0), "epoch, step and the metric names (e.g. val_loss)")
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.root_dir = self.save_dir if self.save_dir is not None else Path("checkpoints")
         self.monitor = monitor
@@ -89,11 +97,27 @@ class ModelCheckpoint(Callback):
         self.best_model_score: float | None = None
         self.last_model_path = ""
         self._created: list[str] = []      # every file this instance wrote and still keeps
+        self._unranked: list[list[float]] = []   # [epoch, score] of each non-finite score seen
         self._resumed_dir: Path | None = None
 
     @property
     def state_key(self) -> str:
         return f"ModelCheckpoint[{self.monitor},{self.mode},{self.root_dir}]"
+
+    @property
+    def no_best_reason(self) -> str:
+        """Why ``best_model_path`` is ``""``; ``""`` when there is a best checkpoint."""
+        if self.best_model_path:
+            return ""
+        if self.save_top_k == 0:
+            return "save_top_k=0 keeps no best checkpoint, only the last"
+        if self._unranked and self.monitor:
+            seen = ", ".join(f"epoch {int(e)}: {s}" for e, s in self._unranked[-5:])
+            return (f"every {self.monitor} so far was not finite ({seen}), and a non-finite score is "
+                    "never ranked")
+        if self.monitor and not self.every_n_epochs:
+            return "every_n_epochs=0 saves only step checkpoints, which are not ranked"
+        return "no epoch-end checkpoint has been saved yet"
 
     # ------------------------------------------------------------------------------- hooks
     def resumed_from(self, path: str | os.PathLike[str]) -> None:
@@ -107,6 +131,11 @@ class ModelCheckpoint(Callback):
             if isinstance(cb, EarlyStopping) and cb.monitor == self.monitor and cb.mode != self.mode:
                 log.warning("ModelCheckpoint(mode=%r) and EarlyStopping(mode=%r) disagree on %r: one of them "
                             "keeps the worst values.", self.mode, cb.mode, self.monitor)
+        if self.every_n_steps and self.monitor and self.save_top_k != 0 and trainer.is_global_zero:
+            log.warning("ModelCheckpoint(every_n_steps=%d, monitor=%r): step checkpoints are not ranked "
+                        "(validation runs only at epoch end); each is kept as the last checkpoint until the "
+                        "next save.%s", self.every_n_steps, self.monitor,
+                        "" if self.every_n_epochs else " With every_n_epochs=0 no checkpoint is ranked.")
         if self.dirpath is None:
             chosen = [str(self._resumed_dir or runs.next_version(self.root_dir))]
             if trainer.world_size > 1:              # rank 0 picks the folder for everyone
@@ -124,6 +153,11 @@ class ModelCheckpoint(Callback):
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
         if self.every_n_epochs and (trainer.state.epoch + 1) % self.every_n_epochs == 0:
             self.save_now(trainer, reason="epoch", ranked=True)
+
+    def on_fit_end(self, trainer: AdvancedTrainer) -> None:
+        if self.monitor and self.save_top_k != 0 and not self.best_model_path and trainer.is_global_zero:
+            log.warning("ModelCheckpoint(monitor=%r): no best checkpoint, best_model_path is '': %s. The last "
+                        "checkpoint is %r.", self.monitor, self.no_best_reason, self.last_model_path or None)
 
     def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
         if not self.save_on_exception or isinstance(exc, SystemExit) or self.dirpath is None:
@@ -153,21 +187,35 @@ class ModelCheckpoint(Callback):
             trainer.check_finite()
         state, metrics = trainer.state, trainer.state.metrics
         score = metrics.get(self.monitor) if (ranked and self.monitor) else None
-        path = self._path_for(trainer)
+        before = self.state_dict()
+        entry: float | None = None      # the new checkpoint's rank in best_k_models, if it gets one
+        if self.save_top_k != 0 and score is not None and math.isfinite(score):
+            entry = float(score)
+        elif self.save_top_k != 0 and not self.monitor:
+            entry = float(state.step)   # newest first when nothing is monitored
+        elif score is not None and not math.isfinite(score):
+            self._unranked.append([state.epoch, float(score)])
+            if trainer.is_global_zero:
+                log.warning("ModelCheckpoint: %s=%s at epoch %d is not finite, so that checkpoint is not "
+                            "ranked (kept only as the last).", self.monitor, score, state.epoch)
+        path = self._path_for(trainer, entry)
         meta = {"epoch": state.epoch, "step": state.step, "metrics": dict(metrics), "reason": reason,
                 "monitor": self.monitor, "score": score, "epoch_finished": state.epoch_finished}
-        before = self.state_dict()
-        self._created.append(str(path))
+        if str(path) not in self._created:
+            self._created.append(str(path))
         self.last_model_path = str(path)
-        if score is not None and not math.isnan(score) and self.save_top_k != 0:
-            self.best_k_models[str(path)] = float(score)
-        elif not self.monitor and self.save_top_k != 0:
-            self.best_k_models[str(path)] = float(state.step)   # newest first when nothing is monitored
+        self.best_k_models.pop(str(path), None)   # overwritten: its old rank goes with its old content
+        if entry is not None:
+            self.best_k_models[str(path)] = entry
         self._rank()
         obj = {"format": 1, "model": trainer.unwrapped_model.state_dict()} if self.save_weights_only \
             else resume.trainer_state(trainer, rng)              # includes the bookkeeping above
-        try:
-            save_on_main(obj, path, meta)
+        pointer = json.dumps({
+            "last": Path(self.last_model_path).name,
+            "best": Path(self.best_model_path).name if self.best_model_path else None,
+            "best_k_models": {Path(p).name: s for p, s in self.best_k_models.items()}})
+        try:   # a failure on rank 0 in the payload, its manifest or last.json fails every rank alike
+            save_on_main(obj, path, meta, then=lambda: io.write_text_atomic(self._dir / "last.json", pointer))
         except BaseException:
             self.load_state_dict(before)
             raise
@@ -176,46 +224,53 @@ class ModelCheckpoint(Callback):
             log.info("ModelCheckpoint: saved %s (%s).", path, reason)
         return path
 
+    def _top(self, scores: dict[str, float]) -> list[str]:
+        """The paths of ``scores`` that stay in the top ``save_top_k``, best first (no I/O)."""
+        ranked = sorted(scores, key=scores.__getitem__, reverse=self.mode == "max" or not self.monitor)
+        return ranked if self.save_top_k == -1 else ranked[: self.save_top_k]
+
     def _rank(self) -> None:
         """Keep the best ``save_top_k`` in ``best_k_models`` (no I/O)."""
-        if not self.best_k_models:
-            return
-        reverse = self.mode == "max" or not self.monitor
-        ranked = sorted(self.best_k_models, key=self.best_k_models.__getitem__, reverse=reverse)
-        keep = ranked if self.save_top_k == -1 else ranked[: self.save_top_k]
+        keep = self._top(self.best_k_models)
         self.best_k_models = {p: self.best_k_models[p] for p in keep}
-        self.best_model_path = keep[0]
-        self.best_model_score = self.best_k_models[keep[0]] if self.monitor else None
+        self.best_model_path = keep[0] if keep else ""
+        self.best_model_score = self.best_k_models[keep[0]] if keep and self.monitor else None
 
     def _prune(self, writer: bool) -> None:
-        """After the new checkpoint is durable: point last.json at it, delete what fell out."""
+        """After the new checkpoint and last.json are durable, delete what fell out (best effort)."""
         keep_paths = set(self.best_k_models) | ({self.last_model_path} if self.save_last else set())
-        if writer:
-            io.write_text_atomic(self._dir / "last.json", json.dumps({
-                "last": Path(self.last_model_path).name,
-                "best": Path(self.best_model_path).name if self.best_model_path else None,
-                "best_k_models": {Path(p).name: s for p, s in self.best_k_models.items()}}))
         for old in [p for p in self._created if p not in keep_paths]:
             self._created.remove(old)
             if writer and Path(old).resolve().parent == self._dir.resolve():   # only this run's folder
-                with contextlib.suppress(FileNotFoundError):   # already gone: a resumed run's bookkeeping
-                    io.remove(old)
+                try:   # missing_ok: already gone is fine (a resumed run's bookkeeping)
+                    io.remove(old, missing_ok=True)
+                except (OSError, ValueError) as exc:   # the new checkpoint is durable: train on
+                    log.warning("ModelCheckpoint: could not delete %s, which fell out of the top %d (%s: %s). "
+                                "The new checkpoint %s is saved; training goes on. Delete the old one by hand.",
+                                old, self.save_top_k, type(exc).__name__, exc, self.last_model_path)
+                    continue
                 if self.verbose:
                     log.info("ModelCheckpoint: removed %s (out of the top %d).", old, self.save_top_k)
 
-    def _path_for(self, trainer: AdvancedTrainer) -> Path:
+    def _path_for(self, trainer: AdvancedTrainer, entry: float | None) -> Path:
+        """The file for the new checkpoint: the template's name, or ``-vN`` when that name must stay."""
         fields = _Fields(epoch=trainer.state.epoch, step=trainer.state.step)
         fields |= trainer.state.metrics
-        try:
-            name = self.filename.format_map(fields)
-        except (KeyError, ValueError, IndexError) as exc:
-            raise ValueError(f"ModelCheckpoint(filename={self.filename!r}): cannot fill it ({exc!r}); "
-                             f"available fields: {', '.join(sorted(fields))}.") from exc
+        name = _fill(self.filename, fields, ", ".join(sorted(fields)))
         name = name.replace("/", "_").replace(os.sep, "_").replace("\0", "")
         base, n = name, 1
-        while (self._dir / f"{name}.pt").exists() or (self._dir / f"{name}.pt.manifest.json").exists():
+        while not self._free(self._dir / f"{name}.pt", entry):
             name, n = f"{base}-v{n}", n + 1
         return self._dir / f"{name}.pt"
+
+    def _free(self, path: Path, entry: float | None) -> bool:
+        """True when nothing is at ``path``, or a checkpoint of ours that this save evicts anyway."""
+        if not path.exists() and not path.with_name(path.name + io.MANIFEST_SUFFIX).exists():
+            return True
+        if str(path) not in self._created or path.is_symlink():
+            return False
+        trial = dict(self.best_k_models) | ({"": entry} if entry is not None else {})  # "": the new one
+        return str(path) not in self._top(trial)
 
     @property
     def _dir(self) -> Path:
@@ -227,7 +282,8 @@ class ModelCheckpoint(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"best_k_models": dict(self.best_k_models), "best_model_path": self.best_model_path,
                 "best_model_score": self.best_model_score, "last_model_path": self.last_model_path,
-                "created": list(self._created), "dirpath": str(self.dirpath) if self.dirpath else None}
+                "created": list(self._created), "dirpath": str(self.dirpath) if self.dirpath else None,
+                "unranked": [list(u) for u in self._unranked]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_k_models = dict(state_dict["best_k_models"])
@@ -235,6 +291,17 @@ class ModelCheckpoint(Callback):
         self.best_model_score = state_dict["best_model_score"]
         self.last_model_path = state_dict["last_model_path"]
         self._created = list(state_dict["created"])
+        self._unranked = [list(u) for u in state_dict.get("unranked", [])]   # absent before 0.1.x
+
+
+def _fill(template: str, fields: dict[str, Any], available: str) -> str:
+    """``template`` filled from ``fields``, or the one ValueError every template error gets."""
+    try:
+        return template.format_map(fields)
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError) as exc:
+        raise ValueError(f"ModelCheckpoint(filename={template!r}): cannot fill it ({exc!r}); available fields: "
+                         f"{available}. A field is a plain name: no '.', '[' or positional '{{}}' (a "
+                         "metric name with a dot cannot be used in a template).") from exc
 
 
 class _Fields(dict[str, Any]):

@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -277,15 +278,19 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | None = None) -> Path:
+def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | None = None,
+                 then: Callable[[], object] | None = None, clean: bool = False) -> Path:
     """Rank 0 writes ``obj`` with ``torchkeel.io.save`` (atomic, verified); the others wait.
 
-    Every rank learns whether the write worked (one all-reduce of a flag); if rank 0 failed, every
-    rank raises ``CheckpointWriteError`` with rank 0's message, so no rank trains on alone. The one
+    Every rank learns whether the save worked (one all-reduce of a flag); if anything failed on
+    rank 0 (cleaning, payload, manifest, ``then``), every rank raises ``CheckpointWriteError`` with
+    rank 0's message, so no rank trains on alone. One process: the error itself is raised. The one
     writer behind ``ModelCheckpoint``, ``DistributedTrainer`` and ``MultiGPUTrainer``.
 
     Args:
         obj: a flat dict of tensors and plain values. path: the file. meta: for the manifest.
+        then: run on rank 0 after the write, e.g. updating ``last.json``.
+        clean: first remove unfinished writes of killed saves (``io.clean_temporaries``) beside ``path``.
 
     Example:
         save_on_main({"format": 1, "model": model.state_dict()}, "ckpt/model.pt", meta={"epoch": 3})
@@ -295,7 +300,12 @@ def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | Non
     error, cause = "", None
     if is_main_process():
         try:
+            if clean and Path(path).parent.is_dir():
+                for tmp in io.clean_temporaries(Path(path).parent):
+                    log.info("save_checkpoint: removed an unfinished write %s", tmp)
             io.save(obj, path, meta=meta)
+            if then is not None:
+                then()
         except Exception as exc:
             error, cause = f"{type(exc).__name__}: {exc}", exc
             if not is_distributed():
@@ -410,7 +420,8 @@ class DistributedTrainer:
     def save_checkpoint(self, path: PathLike, **extra: Any) -> Path:
         """Rank 0 writes {"format": 1, "model": unwrapped state, **extra}; the others wait.
 
-        If rank 0 fails, every rank raises RuntimeError with rank 0's message.
+        Unfinished writes of killed saves in the folder are removed first (rank 0). If rank 0
+        fails, every rank raises CheckpointWriteError (a RuntimeError) with rank 0's message.
 
         Args:
             path: the file to write; extra: more entries, e.g. epoch=3.
@@ -420,7 +431,8 @@ class DistributedTrainer:
         """
         _check_extra("DistributedTrainer.save_checkpoint", extra)
         meta = {k: v for k, v in extra.items() if isinstance(v, (int, float, str))}
-        return save_on_main({"format": 1, "model": self.module.state_dict(), **extra}, path, meta=meta)
+        return save_on_main({"format": 1, "model": self.module.state_dict(), **extra}, path, meta=meta,
+                            clean=True)
 
     def load_checkpoint(self, path: PathLike) -> dict[str, Any]:
         """Load a checkpoint (weights_only, to cpu) into the unwrapped model; return the dict."""
@@ -489,6 +501,8 @@ class MultiGPUTrainer:
                         optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> Path:
         """Write {"format": 1, "model": unwrapped state, "epoch", "optimizer", **extra} atomically.
 
+        Unfinished writes of killed saves in the folder are removed first.
+
         Example:
             mg.save_checkpoint("ckpt.pt", epoch=10, optimizer=opt)
         """
@@ -498,7 +512,8 @@ class MultiGPUTrainer:
             ckpt["epoch"] = epoch
         if optimizer is not None:
             ckpt["optimizer"] = optimizer.state_dict()
-        return save_on_main(ckpt | extra, path, meta={"epoch": epoch} if epoch is not None else None)
+        return save_on_main(ckpt | extra, path, meta={"epoch": epoch} if epoch is not None else None,
+                            clean=True)
 
     def load_checkpoint(self, path: PathLike,
                         optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
