@@ -15,6 +15,7 @@ from conftest import loader, make_dataset, make_model
 from torch import nn
 
 from torchkeel import AdvancedTrainer, EarlyStopping, ModelCheckpoint
+from torchkeel.runs import format_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +71,16 @@ def test_inspect_runs_and_plot_on_a_real_run(run_dir: Path) -> None:
     proc = cli("plot", str(run_dir))
     png = Path(proc.stdout.strip())
     assert proc.returncode == 0 and png.exists() and png.stat().st_size > 0, proc.stderr
+
+
+def test_one_epoch_number_everywhere_a_person_sees_it(run_dir: Path) -> None:
+    """0-based, as in the file names: summary.json, the printed summary and `torchkeel runs` agree."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    epoch = summary["best"]["epoch"]
+    assert Path(summary["paths"]["best_checkpoint"]).name.startswith(f"epoch={epoch}-")
+    assert f"at epoch {epoch}\n" in format_summary(summary) + "\n"
+    proc = cli("runs", str(run_dir.parent.parent))
+    assert proc.returncode == 0 and f"(epoch {epoch})" in proc.stdout, proc.stderr
 
 
 def test_the_end_of_fit_summary_is_logged_and_written(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -193,7 +193,7 @@ def test_list_runs_statuses(runs_root: Path) -> None:
     table = format_runs(rows).splitlines()
     assert table[0].split() == ["name", "version", "status", "epochs", "best", "last", "checkpoint"]
     best = rows[0]["best"]
-    assert f"val_loss {best['value']:.4g} (epoch {best['epoch'] + 1})" in table[1]
+    assert f"val_loss {best['value']:.4g} (epoch {best['epoch']})" in table[1]   # 0-based, as the file names
     assert "stopped early" in table[2] and "interrupted" in table[3]
     assert table[1].endswith("checkpoints/epoch=2-step=24.pt")      # relative to the run folder
     assert list_runs(runs_root / "exp") == rows                      # one experiment's folder

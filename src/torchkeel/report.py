@@ -237,19 +237,19 @@ def _float(text: Any) -> float:
 
 
 def format_runs(rows: list[dict[str, Any]]) -> str:
-    """``list_runs`` rows as an aligned table; best epochs are counted from 1, as in the summary.
+    """``list_runs`` rows as an aligned table; best epochs are 0-based, as in file names and summaries.
 
     Example:
         >>> print(format_runs(list_runs("runs")))
         name    version  status         epochs  best                        last checkpoint
-        digits  0        stopped early  13      val_loss 0.04199 (epoch 8)  checkpoints/epoch=12-step=299.pt
+        digits  0        stopped early  13      val_loss 0.04199 (epoch 7)  checkpoints/epoch=12-step=299.pt
     """
     if not rows:
         return "no runs found."
     table = [("name", "version", "status", "epochs", "best", "last checkpoint")]
     for r in rows:
         b = r.get("best") or {}
-        best = f"{b['metric']} {_num(b['value'])} (epoch {b['epoch'] + 1})" if b else "-"
+        best = f"{b['metric']} {_num(b['value'])} (epoch {b['epoch']})" if b else "-"
         last = r.get("last_checkpoint") or "-"
         if last != "-" and Path(last).is_relative_to(r["run_dir"]):
             last = str(Path(last).relative_to(r["run_dir"]))

@@ -93,7 +93,7 @@ def build_summary(trainer: AdvancedTrainer, status: str, seconds: float, samples
     monitor = getattr(ckpt, "monitor", None) or getattr(trainer.early_stopping, "monitor", None)
     best: dict[str, Any] = {}
     if monitor and history.get(monitor):
-        values = [(v, i) for i, v in enumerate(history[monitor]) if v is not None and not math.isnan(v)]
+        values = [(v, i) for i, v in enumerate(history[monitor]) if v is not None and math.isfinite(v)]
         mode = getattr(ckpt, "mode", None) or getattr(trainer.early_stopping, "mode", "min")
         if values:
             value, i = (min if mode == "min" else max)(values)
@@ -113,14 +113,14 @@ def build_summary(trainer: AdvancedTrainer, status: str, seconds: float, samples
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    """The summary as a few aligned lines."""
+    """The summary as a few aligned lines; epochs are 0-based, as in file names and summary.json."""
     rows = [("status", s["status"] + (f" ({s['reason']})" if s["reason"] else "")),
             ("epochs", f"{s['epochs_run']} run, {s['epochs_total']} in total; {s['steps']} optimizer steps"
                        + (f", {s['skipped_steps']} skipped" if s["skipped_steps"] else "")),
             ("time", f"{s['seconds']:.1f}s" + (f", {s['samples_per_sec']:.0f} samples/s" if s["samples_per_sec"] else ""))]
     if s["best"]:
         b = s["best"]
-        rows.append(("best", f"{b['metric']} {b['value']:.4g} at epoch {b['epoch'] + 1}"))
+        rows.append(("best", f"{b['metric']} {b['value']:.4g} at epoch {b['epoch']}"))   # 0-based, as everywhere
     if s["last"]:
         rows.append(("last", "  ".join(f"{k} {v:.4g}" for k, v in s["last"].items() if k != "epoch_time")))
     rows += [(k.replace("_", " "), v) for k, v in s["paths"].items()]
