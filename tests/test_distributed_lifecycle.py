@@ -203,7 +203,7 @@ def test_torchrun_env_init_sharding_and_rank0_checkpoint(
     plain = nn.Linear(4, 2)
     plain.load_state_dict(ckpt["model"])
     assert plain.weight.tolist() == r0["weight"]
-    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []   # rank 1 planted one; rank 0 removed it
 
 
 @pytest.mark.distributed

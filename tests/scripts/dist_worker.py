@@ -55,6 +55,9 @@ def env(out: Path) -> None:
             opt.zero_grad()
             dt.model(torch.randn(8, 4) * (dt.rank + 1)).sum().backward()
             opt.step()
+        if dt.rank == 1:   # what a killed save leaves; the writer (rank 0) removes it before it writes
+            (out / ".ckpt.pt.tmp-0badf00d").write_bytes(b"half a checkpoint")
+        D.all_reduce_sum(torch.ones(1))   # planted before rank 0 writes
         dt.save_checkpoint(out / "ckpt.pt", epoch=7)
         save_error, seconds = failing_save(dt, out)
         total = D.all_reduce_sum(torch.tensor([dt.rank + 1]))
