@@ -62,11 +62,14 @@ def trainer_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -
 
 def check_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Raise before touching the model when ``state`` does not fit it exactly."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{source}: its 'model' entry is a {type(state).__name__}, not a state_dict.")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and own[k].shape != state[k].shape]
+    shapes = [f"{k}: checkpoint {tuple(getattr(state[k], 'shape', ()))} vs model {tuple(v.shape)}"
+              for k, v in own.items() if isinstance(v, torch.Tensor) and k in state
+              and getattr(state[k], "shape", None) != v.shape]
     if missing or unexpected or shapes:
         parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
                  f"shape mismatches [{'; '.join(shapes)}]" if shapes else ""]
@@ -153,22 +156,20 @@ def _check_rest(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str) -> 
     if not own and saved:
         log.warning("%s holds a GradScaler state, but this trainer uses none (no float16 AMP): it is ignored.",
                     source)
-    state, loop, data, ranks = ckpt["state"], ckpt["loop"], ckpt["data"], ckpt["ranks"]
-    problems = [
-        "state" if not (isinstance(state, dict) and all(isinstance(state.get(k), int)
-                                                         for k in ("epoch", "step"))) else "",
-        "loop" if not (isinstance(loop, dict) and {"epoch_loss", "epoch_samples", "accumulation_steps",
-                                                    "world_size", "batch_size"} <= set(loop)) else "",
-        "data" if not (isinstance(data, dict) and isinstance(data.get("batch"), int)) else "",
-        "history" if not (isinstance(ckpt["history"], dict)
-                          and all(isinstance(v, list) for v in ckpt["history"].values())) else "",
-        "callbacks" if not (isinstance(ckpt["callbacks"], dict)
-                            and all(isinstance(v, dict) for v in ckpt["callbacks"].values())) else "",
-        "ranks" if not (isinstance(ranks, list) and ranks and _rng_ok(
-            ranks[trainer.rank] if len(ranks) == trainer.world_size else ranks[0])) else ""]
-    if bad := [p for p in problems if p]:
-        raise ValueError(f"{source}: malformed {', '.join(repr(b) for b in bad)} entr{'ies' if len(bad) > 1 else 'y'}"
-                         " (damaged or written by another program?). Nothing was changed.")
+    ranks = ckpt["ranks"]
+    fine: dict[str, Callable[[dict[str, Any]], bool]] = {
+        "state": lambda v: all(isinstance(v.get(k), int) for k in ("epoch", "step")),
+        "loop": lambda v: {"epoch_loss", "epoch_samples", "accumulation_steps", "world_size", "batch_size"} <= set(v),
+        "data": lambda v: isinstance(v.get("batch"), int),
+        "history": lambda v: all(isinstance(x, list) for x in v.values()),
+        "callbacks": lambda v: all(isinstance(x, dict) for x in v.values())}
+    bad = [k for k, ok in fine.items() if not (isinstance(ckpt[k], dict) and ok(ckpt[k]))]
+    if not (isinstance(ranks, list) and ranks and _rng_ok(ranks[trainer.rank] if len(ranks) == trainer.world_size
+                                                          else ranks[0])):
+        bad.append("ranks")
+    if bad:
+        raise ValueError(f"{source}: malformed {', '.join(map(repr, bad))} entr{'ies' if len(bad) > 1 else 'y'} "
+                         "(damaged or written by another program?). Nothing was changed.")
 
 
 def _rng_ok(mine: Any) -> bool:
