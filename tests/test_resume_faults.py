@@ -249,7 +249,8 @@ def test_ranks_resume_from_the_same_checkpoint_or_all_raise(tmp_path: Path) -> N
     assert "rank 0 found no checkpoint and would start fresh" in fresh["error"] \
         and "rank 1: it has 1 checkpoint(s) rank 0 has not" in fresh["error"], fresh
     assert f"rank 1: its {ckpt} is another file" in other["error"], other
+    assert r0["last"]["error"].startswith("FileNotFoundError: fit(resume_from='last'): no valid checkpoint"), r0
     assert "rank 1: it has no file" in explicit["error"] and "explicit.pt" in explicit["error"], explicit
-    for phase in ("missing", "fresh", "other", "explicit"):
+    for phase in ("missing", "fresh", "last", "other", "explicit"):
         assert r0[phase]["step"] == 0, f"{phase}: a rank changed its state before the error: {r0[phase]}"
     assert r0["same"] == {"error": None, "step": 16, "weights_equal_across_ranks": True}, r0["same"]

@@ -370,15 +370,16 @@ def _agree(trainer: AdvancedTrainer, resume_from: str | Path,
                 ckpt, entry = io.load_verified(path)
                 choice.update(path=str(path), sha256=entry["sha256"])
         except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
-            own, choice["error"] = exc, f"{type(exc).__name__}: {exc}"
+            own, choice["error"] = exc, (type(exc).__name__, str(exc))
     box = [choice]
     dist.broadcast_object_list(box, src=0)
     choice = box[0]
-    if choice["error"] is not None:
+    if choice["error"] is not None:         # rank 0's error, raised as it is on every rank
         if own is not None:
             raise own
-        raise io.CheckpointError(f"fit(resume_from={str(resume_from)!r}) failed on rank 0, so on every rank: "
-                                 f"{choice['error']}")
+        kind, text = choice["error"]
+        known = (FileNotFoundError, ValueError, TypeError, io.CheckpointError)
+        raise next((k for k in known if k.__name__ == kind), RuntimeError)(text)
     problem = None
     try:
         if trainer.rank != 0:

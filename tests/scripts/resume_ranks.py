@@ -74,6 +74,7 @@ def main() -> None:
 
     arrange(lambda: (shutil.move(node0 / "ckpt", stash), shutil.copytree(stash, node1 / "ckpt")))
     record("fresh", "auto")                                   # only node 1 has one
+    record("last", "last")                                    # rank 0 finds none: its error, everywhere
 
     def other_file() -> None:
         shutil.copytree(stash, node0 / "ckpt")
