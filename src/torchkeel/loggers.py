@@ -65,13 +65,14 @@ def _summary(metrics: dict[str, float]) -> list[str]:
 
 
 def epoch_line(epoch: int, max_epochs: int | None, metrics: dict[str, float]) -> str:
-    """One plain line for a finished epoch (``epoch`` is 0-based; the line counts from 1).
+    """One plain line for a finished epoch: ``epoch`` is 0-based, and so is the line (``epoch
+    2/19`` is the third of 20, as in file names, history and the summary; Lightning prints the same).
 
     Example:
         >>> epoch_line(2, 20, {"train_loss": 0.4123, "val_loss": 0.3981, "lr": 1e-3, "epoch_time": 2.1})
-        'epoch 3/20  train_loss 0.4123  val_loss 0.3981  lr 1.00e-03  2.1s'
+        'epoch 2/19  train_loss 0.4123  val_loss 0.3981  lr 1.00e-03  2.1s'
     """
-    head = f"epoch {epoch + 1}/{max_epochs}" if max_epochs else f"epoch {epoch + 1}"
+    head = f"epoch {epoch}/{max_epochs - 1}" if max_epochs else f"epoch {epoch}"
     tail = [f"{metrics['epoch_time']:.1f}s"] if "epoch_time" in metrics else []
     return "  ".join([head, *_summary(metrics), *tail])
 

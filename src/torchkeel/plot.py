@@ -140,7 +140,7 @@ def _read_history(path: Path) -> Rows:
     rows = [{k: _float(v[i]) if i < len(v) else math.nan for k, v in columns.items()}
             for i in range(count)]
     for row in rows:
-        row["step"] = row["epoch"] + 1             # x axis: epochs counted from 1
+        row["step"] = row["epoch"]                 # x axis: the 0-based epoch, as everywhere
     return rows
 
 
