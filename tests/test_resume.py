@@ -424,6 +424,21 @@ def test_exact_resume_from_paths_epoch_boundary_with_workers_and_short_last_wind
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_at_an_epoch_boundary_with_the_loaders_own_generator(server: Server, tmp_path: Path,
+                                                                          workers: int) -> None:
+    """DataLoader(generator=...), as the demo builds it: 2 epochs, then a new process resumes to 3 and
+    ends as 3 uninterrupted epochs (the generator's state at the checkpoint is put back)."""
+    common = ("--generator", 11, "--workers", workers)
+    for run in train_resume(server, ("--save-dir", tmp_path / "a", "--out", tmp_path / "a.pt", *common),
+                            ("--save-dir", tmp_path / "b", "--epochs", 2, "--every-n-steps", 0, *common)):
+        run.ok()
+    train_resume(server, ("--save-dir", tmp_path / "b", "--resume", "auto", "--out", tmp_path / "b.pt",
+                          *common))[0].ok()
+    assert_same_run(tmp_path / "a.pt", tmp_path / "b.pt", resumed_after=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume_mid_epoch_with_random_augmentation(server: Server, tmp_path: Path, workers: int) -> None:
     """Augmentation draws from the RNG of whichever process loads the sample: the main process
     (skipped batches are never loaded; its RNG is restored) or 2 workers (seeded at the epoch's
@@ -495,6 +510,59 @@ def test_second_sigterm_during_the_save_does_not_corrupt_it(server: Server, refe
     assert len(saved) == 1 and saved[0][1]["meta"]["reason"] == "preempted", saved
     step = io.load(saved[0][0])["state"]["step"]
     assert 5 < step < 12
+    train_resume(server, ("--save-dir", run, "--resume", "auto", "--out", tmp_path / "d.pt"))[0].ok()
+    assert_same_run(references["w0.pt"], tmp_path / "d.pt", resumed_after=step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_finishes_the_step_saves_exits_130_and_resumes_exactly(
+        server: Server, references: dict[str, Path], tmp_path: Path, workers: int) -> None:
+    """SIGINT in micro-batch 10 (epoch 1, the first of the window ending at step 6), as SIGTERM. With 2
+    workers each worker gets a SIGINT too, as from a terminal: they leave it to the main process."""
+    run = tmp_path / "run"
+    extra = ("--workers", 2, "--worker-sigint") if workers else ()
+    stopped = train_resume(server, ("--save-dir", run, "--sigterm-at", "train:10", "--signal", "INT",
+                                     "--every-n-steps", 0, "--every-n-epochs", 0, *extra))[0].ok(code=130)
+    assert re.search(r"SIGINT received; stopped at epoch 1, step 6; saved .*Exit code 130\. Resume with "
+                     r"fit\(\.\.\., resume_from='auto'\)", stopped.stderr), stopped.stderr
+    assert "Traceback" not in stopped.stderr, stopped.stderr
+    (path, entry), = io.list_checkpoints(run, recursive=True)
+    assert entry["meta"]["reason"] == "preempted" and str(path) in stopped.stderr
+    state = io.load(path)
+    assert (state["state"]["epoch"], state["state"]["step"], state["data"]["batch"]) == (1, 6, 4)
+    train_resume(server, ("--save-dir", run, "--resume", "auto", "--out", tmp_path / "d.pt",
+                          *extra[:2]))[0].ok()
+    assert_same_run(references["w2.pt" if workers else "w0.pt"], tmp_path / "d.pt", resumed_after=6)
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_during_the_save_aborts_it_and_the_newest_valid_checkpoint_resumes(
+        server: Server, references: dict[str, Path], tmp_path: Path) -> None:
+    """The first Ctrl-C arrives after step 5; at step 6 the periodic save, then the preemption save, of a
+    48 MiB state begin; the second Ctrl-C, while the first of them is being built, aborts at once: no
+    preempted checkpoint, no temporary left, and the newest checkpoint (step 4, or 6 if its periodic
+    save was done) loads and resumes exactly."""
+    run, progress, marker = tmp_path / "run", tmp_path / "progress", tmp_path / "saving"
+    rid = server.start("train_resume", "--save-dir", run, "--every-n-steps", 2, "--every-n-epochs", 0,
+                       "--progress-file", progress, "--sleep-per-step", 0.1, "--ballast-mb", 48,
+                       "--save-marker", marker, output=tmp_path / "run")
+    pid = server.pid(rid)
+    _wait_for(progress, server, rid, "step 5\n")
+    saves = marker.read_text().count("save") if marker.exists() else 0
+    os.kill(pid, signal.SIGINT)
+    _wait_for(marker, server, rid, "save\n" * (saves + 1))      # a save after the first Ctrl-C has begun
+    os.kill(pid, signal.SIGINT)
+    assert server.wait(rid) == 130
+    stderr = (tmp_path / "run.err").read_text()
+    assert "KeyboardInterrupt" in stderr and "Exit code 130" not in stderr, stderr[-3000:]
+    assert temporaries(run) == []
+    saved = io.list_checkpoints(run, recursive=True)
+    assert saved and all(e["meta"]["reason"] == "step" for _, e in saved), saved
+    latest, _ = io.find_latest(run)
+    assert latest is not None
+    step = io.load(latest)["state"]["step"]
+    assert step in (4, 6), step            # step 6 if its periodic save ran before the first Ctrl-C
     train_resume(server, ("--save-dir", run, "--resume", "auto", "--out", tmp_path / "d.pt"))[0].ok()
     assert_same_run(references["w0.pt"], tmp_path / "d.pt", resumed_after=step)
 

@@ -259,12 +259,15 @@ def saved(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[s
 
     ``rng`` replaces the RNG states of this moment (an emergency save passes those of the last step).
     Each rank keeps the order of its epoch (``epoch_data``, drawn at the epoch's start) and of its
-    next epoch (``data_now``: generators and sampler states now), and a stateful loader's own state.
+    next epoch (``data_now``: generators and sampler states now), a stateful loader's own state and
+    its part of the epoch's loss sum.
     """
-    loader = _order(trainer).loader
+    loader, epoch_loss = _order(trainer).loader, trainer._epoch_loss
     here: dict[str, Any] = {"rng": rng or rng_state(), "epoch_data": trainer._data_state,
                             "data_now": data_state(loader, torch_rng=False) if loader is not None else {},
-                            "loader": loader.state_dict() if loader is not None and _stateful(loader) else None}
+                            "loader": loader.state_dict() if loader is not None and _stateful(loader) else None,
+                            # this rank's share of the epoch's loss sum (the loop entry holds rank 0's)
+                            "epoch_loss": epoch_loss.detach().cpu() if epoch_loss is not None else None}
     ranks: list[Any] = [here]
     if trainer.world_size > 1:          # each rank's RNG differs: dropout masks, augmentations
         ranks = [None] * trainer.world_size
@@ -285,7 +288,7 @@ def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
         trainer._resume_data = None
         _order(trainer).pending = {"order": mine.get("data_now", {}), "loader": mine.get("loader")}
         return
-    epoch_loss = loop["epoch_loss"]
+    epoch_loss = mine["epoch_loss"] if "epoch_loss" in mine else loop["epoch_loss"]
     trainer._epoch_loss = epoch_loss.to(trainer.device) if epoch_loss is not None else None
     trainer._epoch_samples = loop["epoch_samples"]
     old, new = data.get("batch_size", loop.get("batch_size")), trainer.batch_size

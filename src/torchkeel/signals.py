@@ -1,9 +1,20 @@
-"""Signals: SIGTERM (and Ctrl-C) set a flag; the loop saves at the next optimizer step and exits."""
+"""Signals: SIGTERM and the first Ctrl-C set a flag; the loop saves at the next optimizer step and exits.
+
+A second Ctrl-C aborts at once (``KeyboardInterrupt``). After the first signal a grace timer runs:
+if the save has not started within ``grace_seconds`` (a rank stuck in a collective, a step that never
+ends), the process writes why to stderr and exits with the signal's code, saving nothing; the
+checkpoints already on disk are complete (io's commit protocol) and the newest one resumes.
+"""
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
+import math
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -14,14 +25,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("torchkeel")
 
-EXIT_PREEMPTED = 143   # 128 + SIGTERM: what schedulers and torchrun expect from a terminated job
+EXIT_PREEMPTED = 143     # 128 + SIGTERM: what schedulers and torchrun expect from a terminated job
+EXIT_INTERRUPTED = 130   # 128 + SIGINT: Ctrl-C, as a shell reports it
+
+
+def exit_code(signum: int) -> int:
+    """The documented exit code after signal ``signum``: 128 + its number (143 SIGTERM, 130 SIGINT)."""
+    return 128 + signum
 
 
 class Preempted(SystemExit):
-    """Raised by ``fit`` after a signal: the state was saved (when a ModelCheckpoint is attached)."""
+    """Raised by ``fit`` after a signal: the state was saved (when a ModelCheckpoint is attached).
 
-    def __init__(self, message: str) -> None:
-        super().__init__(EXIT_PREEMPTED)
+    Its ``code`` is the process's exit code: 143 after SIGTERM, 130 after Ctrl-C (SIGINT).
+    """
+
+    def __init__(self, message: str, code: int = EXIT_PREEMPTED) -> None:
+        super().__init__(code)
         self.message = message
 
     def __str__(self) -> str:
@@ -30,40 +50,111 @@ class Preempted(SystemExit):
 
 # ---------------------------------------------------------------------------------- signals
 class SignalFlag:
-    """Signal handlers that only set a flag; the loop acts at the next optimizer step."""
+    """Signal handlers that only set a flag (and start the grace timer); the loop acts at the next step.
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), grace_seconds: float | None = None) -> None:
+    Args:
+        signals: the signals to catch while ``installed()``; SIGINT is left alone when it is ignored.
+        grace_seconds: exit (code 128 + signal) when the save has not started this long after the
+            first signal; ``None`` waits without limit.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+                 grace_seconds: float | None = None) -> None:
+        if grace_seconds is not None and (isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float))
+                                          or not math.isfinite(grace_seconds) or grace_seconds <= 0):
+            raise ValueError(f"AdvancedTrainer(signal_grace_seconds={grace_seconds!r}): must be a number of seconds "
+                             "> 0, or None to wait for the save without limit.")
         self.signals = signals
-        self.grace_seconds = grace_seconds   # TODO(signals helper): the grace timer (issue 15, item 7)
+        self.grace_seconds = grace_seconds
         self.received = False
         self.name = ""
+        self.signum = 0
+        self._pid = 0                          # the process that installed the handlers
+        self._gate: _thread.LockType | None = None   # held while the grace timer runs; released to cancel
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.received = True
-        self.name = signal.Signals(signum).name
+        if os.getpid() != self._pid:           # a forked DataLoader worker: the main process decides
+            return
+        if self.received:
+            if signum == signal.SIGINT:        # the second Ctrl-C: abort now, save nothing
+                self.cancel()
+                raise KeyboardInterrupt
+            return
+        self.received, self.signum, self.name = True, signum, signal.Signals(signum).name
+        if self.grace_seconds is not None:
+            self._start_timer(self.grace_seconds)
+
+    def _start_timer(self, seconds: float) -> None:
+        # a bare thread and lock: a signal handler must not take threading's locks (the main
+        # thread may hold one, e.g. while the checkpoint writer starts its threads)
+        gate = _thread.allocate_lock()
+        gate.acquire()
+        self._gate = gate
+        _thread.start_new_thread(self._wait, (gate, seconds, self.signum))
+
+    def _wait(self, gate: _thread.LockType, seconds: float, signum: int) -> None:
+        if gate.acquire(timeout=seconds):      # released: the save began or fit ended
+            return
+        name = signal.Signals(signum).name
+        message = (f"torchkeel: {name} received {seconds:g}s ago and the checkpoint save has not started (a rank "
+                   f"blocked in a collective, or a step that does not end); exiting with code {exit_code(signum)} "
+                   f"without saving (signal_grace_seconds={seconds:g}). The checkpoints already written are "
+                   "complete: resume from the newest with fit(..., resume_from='auto').\n")
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):   # nothing may stop the exit
+                stream.flush()
+        try:
+            os.write(2, message.encode())
+        finally:
+            os._exit(exit_code(signum))
+
+    def cancel(self) -> None:
+        """Stop the grace timer (the save begins, or fit ends)."""
+        gate, self._gate = self._gate, None
+        if gate is not None and gate.locked():
+            gate.release()
 
     @contextmanager
     def installed(self) -> Iterator[None]:
         import threading
 
+        self.received, self.signum, self.name = False, 0, ""
         if threading.current_thread() is not threading.main_thread() or not self.signals:
             yield
             return
-        previous = {s: signal.signal(s, self._handler) for s in self.signals}
+        self._pid = os.getpid()
+        catch = [s for s in self.signals if not (s == signal.SIGINT and signal.getsignal(s) is signal.SIG_IGN)]
+        previous = {s: signal.signal(s, self._handler) for s in catch}
         try:
             yield
         finally:
+            self.cancel()
             for s, h in previous.items():
                 signal.signal(s, h)
 
 
 def on_signal(trainer: AdvancedTrainer) -> None:
-    """Every rank reaches this at the same optimizer step: save, then raise ``Preempted``."""
-    name = trainer._signal.name or "a signal on another rank"
+    """Every rank reaches this at the same optimizer step: save, then raise ``Preempted``.
+
+    Ranks agree on the exit code too (the highest signal number any rank received: SIGTERM over SIGINT).
+    """
+    flag = trainer._signal
+    flag.cancel()                              # the save begins: the grace timer must never cut it
+    signum = flag.signum
+    if trainer.world_size > 1:
+        import torch
+        import torch.distributed as dist
+
+        agreed = torch.tensor([signum], dtype=torch.int64, device=trainer.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        signum = int(agreed.item())
+    signum = signum or signal.SIGTERM
+    name = flag.name or f"{signal.Signals(signum).name} on another rank"
     save_now = getattr(trainer.checkpoint, "save_now", None)
     saved = save_now(trainer, reason="preempted") if callable(save_now) else None
     where = f"saved {saved}" if saved else "nothing saved (no ModelCheckpoint attached)"
+    code = exit_code(signum)
     message = (f"torchkeel: {name} received; stopped at epoch {trainer.state.epoch}, step {trainer.state.step}; "
-               f"{where}. Exit code {EXIT_PREEMPTED}. Resume with fit(..., resume_from='auto').")
+               f"{where}. Exit code {code}. Resume with fit(..., resume_from='auto').")
     log.warning(message)
-    raise Preempted(message)
+    raise Preempted(message, code)

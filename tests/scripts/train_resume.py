@@ -1,14 +1,15 @@
 """One training run for tests/test_resume.py, in its own process: `train_resume.py --save-dir D --out O.pt`.
 
 The configuration is fixed so that two runs can be compared bit for bit: shuffled DataLoader (global
-RNG), dropout, AdamW, gradient accumulation 2 with a short last window (7 batches per epoch), a
+RNG, or its own generator with --generator SEED), dropout, AdamW, gradient accumulation 2 with a short last window (7 batches per epoch), a
 StepLR scheduler stepped per optimizer step, bf16 autocast on CPU, one intra-op thread.
 
 Ways to stop early, each leaving the newest checkpoint at a known optimizer step:
   --crash-after K        raise Crash at the first optimizer step after K (before ModelCheckpoint saves it)
   --epochs E             plain shorter run
   --sigterm-at train:M   the model sends SIGTERM to this process in training micro-batch M (1-based),
-  --sigterm-at val:M     or in validation batch M (counted over all epochs)
+  --sigterm-at val:M     or in validation batch M (counted over all epochs); --signal INT sends SIGINT
+                         (Ctrl-C) instead; --worker-sigint: each DataLoader worker sends itself SIGINT
 With --out, the final weights, optimizer and scheduler state, history and per-step losses are saved
 there (plain torch.save) for the test to compare. tests/scripts/train_server.py runs main() in forked
 children too.
@@ -40,8 +41,9 @@ EPOCHS = 3
 class Data(Dataset):
     """Fixed regression data; with ``augment``, every sample gets fresh noise from the global RNG."""
 
-    def __init__(self, augment: bool) -> None:
+    def __init__(self, augment: bool, worker_sigint: bool = False) -> None:
         g = torch.Generator().manual_seed(0)
+        self.worker_sigint = worker_sigint      # each worker sends itself SIGINT at its first sample
         self.x = torch.randn(N_SAMPLES, IN, generator=g)
         self.y = self.x @ torch.randn(IN, OUT, generator=g) + 0.3 * torch.randn(N_SAMPLES, OUT, generator=g)
         self.augment = augment
@@ -50,6 +52,9 @@ class Data(Dataset):
         return N_SAMPLES
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.worker_sigint and torch.utils.data.get_worker_info() is not None:
+            self.worker_sigint = False          # this worker's copy: once per worker process
+            os.kill(os.getpid(), signal.SIGINT) # as a terminal's Ctrl-C reaches every process of the job
         x = self.x[i]
         if self.augment:
             x = x + 0.1 * torch.randn(IN)
@@ -57,8 +62,9 @@ class Data(Dataset):
 
 
 class Net(nn.Module):
-    def __init__(self, sigterm_at: str | None) -> None:
+    def __init__(self, sigterm_at: str | None, signum: int = signal.SIGTERM) -> None:
         super().__init__()
+        self.signum = signum
         self.fc1 = nn.Linear(IN, 32)
         self.drop = nn.Dropout(0.3)
         self.fc2 = nn.Linear(32, OUT)
@@ -69,7 +75,7 @@ class Net(nn.Module):
         phase = "train" if self.training else "val"
         self.batches[phase] += 1
         if self.sigterm_at == f"{phase}:{self.batches[phase]}":
-            os.kill(os.getpid(), signal.SIGTERM)           # a real signal, mid-forward
+            os.kill(os.getpid(), self.signum)              # a real signal, mid-forward
         return self.fc2(self.drop(torch.tanh(self.fc1(x))))
 
 
@@ -141,6 +147,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--every-n-epochs", type=int, default=1)
     p.add_argument("--crash-after", type=int)
     p.add_argument("--sigterm-at")
+    p.add_argument("--signal", choices=["TERM", "INT"], default="TERM")
+    p.add_argument("--worker-sigint", action="store_true")
+    p.add_argument("--generator", type=int, help="the train loader draws its order from its own generator")
     p.add_argument("--progress-file")
     p.add_argument("--sleep-per-step", type=float, default=0.0)
     p.add_argument("--ballast-mb", type=int, default=0)
@@ -148,11 +157,12 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     torch.manual_seed(1234)
-    model = Net(args.sigterm_at)
+    model = Net(args.sigterm_at, getattr(signal, f"SIG{args.signal}"))
     opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
-    data = Data(args.augment)
-    train = DataLoader(data, batch_size=BATCH_SIZE, shuffle=True, num_workers=args.workers)
+    data = Data(args.augment, args.worker_sigint)
+    generator = torch.Generator().manual_seed(args.generator) if args.generator is not None else None
+    train = DataLoader(data, batch_size=BATCH_SIZE, shuffle=True, num_workers=args.workers, generator=generator)
     val = DataLoader(data, batch_size=32)
     ckpt = ModelCheckpoint(save_dir=args.save_dir, monitor=None, save_top_k=-1,
                            every_n_steps=args.every_n_steps or None, every_n_epochs=args.every_n_epochs)

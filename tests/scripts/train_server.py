@@ -28,7 +28,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
 torch.optim.AdamW(nn.Linear(1, 1).parameters())      # import, once, what every optimizer needs
-SCRIPTS = {name: importlib.import_module(name) for name in ("train_resume", "train_kill")}
+SCRIPTS = {name: importlib.import_module(name) for name in ("train_resume", "train_kill", "sig_grace")}
 
 
 def child(request: dict) -> None:
@@ -39,8 +39,11 @@ def child(request: dict) -> None:
     code = 1
     try:
         code = SCRIPTS[request["script"]].main(list(request["argv"]))
-    except SystemExit as exc:                     # Preempted is a SystemExit(143)
+    except SystemExit as exc:                     # Preempted is a SystemExit(143, or 130 after Ctrl-C)
         code = exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:                     # as the interpreter reports it: 128 + SIGINT
+        traceback.print_exc()
+        code = 130
     except BaseException:  # noqa: BLE001 - report anything, then exit with code 1
         traceback.print_exc()
     finally:
