@@ -1,9 +1,13 @@
 """The order of the data and where training is in it: RNG states, loader generators, skipping.
 
-Exact resume without replaying the loader (DESIGN.md): at each epoch's start we keep the RNG
-states that will order that epoch's batches. On resume we restore them, let the loader draw the
-same permutation, skip the consumed batches at the sampler level (indices only, no data loaded),
-then restore the RNG states saved at the checkpoint so dropout and the rest continue from there.
+Exact resume without replaying the loader (DESIGN.md): at each epoch's start we keep what will
+order that epoch's batches: the global RNG, every generator of the loader and its samplers, the
+state_dict of a sampler that has one, a DistributedSampler's seed (its epoch is set from
+``state.epoch``). On resume we put them back, let the loader draw the same permutation, skip the
+consumed samples at the sampler level (indices only, no data loaded), then restore the RNG states
+saved at the checkpoint so dropout and the rest continue from there. An epoch-end checkpoint keeps
+the generators' state at save time instead, and a loader with its own ``state_dict()``
+(torchdata's StatefulDataLoader) keeps its position itself.
 
 ``saved``/``restore`` are the checkpoint's view of this: what ``torchkeel.resume`` stores under
 ``"ranks"`` and ``"data"``, and how it is put back.
