@@ -292,6 +292,7 @@ def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
         trainer._resume_data = None
         _order(trainer).pending = {"order": mine.get("data_now", {}), "loader": mine.get("loader")}
         return
+    _order(trainer).pending = None
     epoch_loss = mine["epoch_loss"] if "epoch_loss" in mine else loop["epoch_loss"]
     trainer._epoch_loss = epoch_loss.to(trainer.device) if epoch_loss is not None else None
     trainer._epoch_samples = loop["epoch_samples"]
