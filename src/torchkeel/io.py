@@ -12,17 +12,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import itertools
 import json
 import mmap
 import os
 import pickle
-import re
 import secrets
-import stat
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -46,8 +43,6 @@ FORMAT = 2  # 1: one sha256 of the whole payload (still read); 2: a sha256 per c
 FORMATS = (1, 2)
 CHUNK_BYTES = 8 << 20  # hashed in parallel; big enough that thread hand-offs cost nothing
 MANIFEST_SUFFIX = ".manifest.json"
-_TEMP = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")  # ".<name>.tmp-<random>", ours and mkstemp's
-_STEP_IN_NAME = re.compile(r"step[=_-]?(\d+)", re.IGNORECASE)
 
 
 class CheckpointError(RuntimeError):
@@ -318,15 +313,6 @@ def verify(path: StrPath) -> dict[str, Any]:
         return _verify_open(Path(path), f, pool)
 
 
-def is_checkpoint(path: StrPath) -> bool:
-    """True when ``path`` has a manifest and the payload matches it (see ``verify``)."""
-    try:
-        verify(path)
-    except CheckpointError:
-        return False
-    return True
-
-
 def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
     """Verify the payload, then ``torch.load(weights_only=True)`` it.
 
@@ -343,12 +329,7 @@ def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
 
 
 def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """``load``, and the manifest entry the loaded bytes matched (its ``sha256`` names them).
-
-    Example:
-        >>> state, entry = load_verified("ckpt/step-000120.pt"); entry["sha256"][:8]
-        '3f2a9c1d'
-    """
+    """``load``, and the manifest entry the loaded bytes matched (its ``sha256`` names them)."""
     file = Path(path)
     with _open_payload(file) as f, ThreadPoolExecutor(_workers(), "torchkeel-io") as pool:
         stamp = _stamp(f)
@@ -411,156 +392,11 @@ def _into_memory(obj: Any, pool: ThreadPoolExecutor) -> None:
             t.set_(fresh[key], t.storage_offset(), t.size(), t.stride())
 
 
-# --------------------------------------------------------------------------------- discovery
-_VERSION_DIR = re.compile(r"^version_(\d+)$")
-
-
-def _key(version: int, step: Any, when: Any) -> tuple[int, int, float]:
-    # Most progress first: the later run (its version_N folder), then the higher step; the write
-    # time only breaks ties (a clock set wrong must not make an older checkpoint the newest).
-    ok = isinstance(step, int) and not isinstance(step, bool)
-    return version, step if ok else -1, when if isinstance(when, (int, float)) else 0.0
-
-
-def _version(root: str, folder: Path) -> int:
-    """N of the innermost ``version_N`` folder between ``folder`` and ``root``; -1 if none."""
-    parts = Path(root).relative_to(folder).parts
-    return next((int(m.group(1)) for part in reversed(parts) if (m := _VERSION_DIR.match(part))), -1)
-
-
-def _outside(path: Path, folder: Path) -> str:
-    """Why ``path`` or its manifest is refused: a symlink leading out of ``folder``; else ""."""
-    inside = folder.resolve()
-    for p in (path.with_name(path.name + MANIFEST_SUFFIX), path):
-        if p.is_symlink() and not p.resolve().is_relative_to(inside):
-            return (f"a symlink to {str(p.resolve())!r}, outside {str(folder)!r} (refused: only "
-                    "checkpoints inside the searched folder are loaded; copy it there to use it)")
-    return ""
-
-
-def _candidates(folders: Iterable[Path], recursive: bool) -> list[tuple[Any, Path, str]]:
-    """(progress, payload, reason it is already known to be invalid, or "") for every candidate."""
-    found = []
-    for folder in folders:
-        walk = os.walk(folder) if recursive else itertools.islice(os.walk(folder), 1)
-        for root, _, names in walk:  # os.walk does not follow symlinked folders
-            version = _version(root, folder)
-            for name in names:
-                path = Path(root, name.removesuffix(MANIFEST_SUFFIX))
-                if name.startswith("."):  # temporaries and hidden files are never checkpoints
-                    continue
-                if name.endswith(MANIFEST_SUFFIX):
-                    try:
-                        entry = _entries(path)[0]
-                        progress = _key(version, entry["meta"].get("step"), entry.get("created"))
-                        found.append((progress, path, _outside(path, folder)))
-                        continue
-                    except CheckpointError as exc:
-                        reason = exc.reason
-                elif name.endswith(".pt") and name + MANIFEST_SUFFIX not in names:
-                    reason = "no manifest (incomplete write or not a torchkeel checkpoint)"
-                else:
-                    continue
-                step = int(m.group(1)) if (m := _STEP_IN_NAME.search(path.name)) else None
-                with contextlib.suppress(OSError):
-                    found.append((_key(version, step, os.lstat(Path(root, name)).st_mtime), path, reason))
-    return sorted(found, key=lambda c: c[0], reverse=True)
-
-
-def _as_folders(folders: StrPath | Iterable[StrPath]) -> list[Path]:
-    return [Path(folders)] if isinstance(folders, (str, os.PathLike)) else list(map(Path, folders))
-
-
-def list_checkpoints(folder: StrPath, recursive: bool = False) -> list[tuple[Path, dict[str, Any]]]:
-    """The checkpoints in ``folder`` that verify (each is hashed), most progress first.
-
-    Progress: the run (``version_N`` folder), then the step; the write time breaks ties.
-    Symlinks leading out of ``folder`` are left out.
-
-    Args: folder: where to look. recursive: also look in subfolders.
-    Example:
-        >>> [(p.name, entry["meta"]["step"]) for p, entry in list_checkpoints("ckpt")]
-    """
-    valid = []
-    for progress, path, reason in _candidates(_as_folders(folder), recursive):
-        if not reason:
-            with contextlib.suppress(CheckpointError):
-                entry = verify(path)  # the "previous" entry after a cut-short overwrite
-                valid.append((_key(progress[0], entry["meta"].get("step"), entry.get("created")), path, entry))
-    return [(path, entry) for _, path, entry in sorted(valid, key=lambda v: v[0], reverse=True)]
-
-
-def find_latest(folder_or_folders: StrPath | Iterable[StrPath],
-                recursive: bool = True) -> tuple[Path | None, list[str]]:
-    """The checkpoint with the most progress that verifies, and why each one ahead was skipped.
-
-    Progress: the run (``version_N`` folder), then the step; the write time only breaks ties.
-    A payload or manifest that is a symlink leading out of its searched folder is skipped.
-
-    Args:
-        folder_or_folders: one folder or several; a missing one holds nothing.
-        recursive: also look in subfolders (``version_0/`` ...).
-    Example:
-        >>> path, skipped = find_latest("ckpt")
-        >>> skipped
-        ['ckpt/epoch=3-step=120.pt: sha256 mismatch (file corrupt)']
-    """
-    skipped: list[str] = []
-    for _, path, reason in _candidates(_as_folders(folder_or_folders), recursive):
-        if not reason:
-            try:
-                verify(path)
-                return path, skipped
-            except CheckpointError as exc:
-                reason = exc.reason
-        skipped.append(f"{path}: {reason}")
-    return None, skipped
-
-
-# ---------------------------------------------------------------------------------- deletion
-def clean_temporaries(folder: StrPath) -> list[Path]:
-    """Remove unfinished writes (``.<name>.tmp-<random>``) from ``folder``; return them.
-
-    Only regular files with such names; symlinks and every other file are left alone.
-    Example:
-        >>> clean_temporaries("ckpt")
-        [PosixPath('ckpt/.step-000120.pt.tmp-1f2e3d4c')]
-    """
-    removed = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if _TEMP.match(entry.name) and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed.append(Path(entry.path))
-    return removed
-
-
-def remove(path: StrPath, folder: StrPath | None = None, missing_ok: bool = False) -> None:
-    """Delete a checkpoint: its manifest first, then its payload (either may already be gone).
-
-    Raises ``ValueError``, deleting nothing, if either is a symlink or not a regular file, or if
-    ``folder`` is given and the checkpoint is not directly in it.
-
-    Args:
-        path: the payload. folder: the folder it must be in (symlinks resolved).
-        missing_ok: when neither file exists, return instead of raising ``FileNotFoundError``.
-    Example:
-        >>> remove("ckpt/step-000120.pt", folder="ckpt")
-    """
-    payload = Path(path)
-    if folder is not None and payload.parent.resolve() != Path(folder).resolve():
-        raise ValueError(f"remove(path={str(path)!r}, folder={str(folder)!r}): the checkpoint is "
-                         "not in that folder; pass a path directly inside it.")
-    present = []
-    for p in (payload.with_name(payload.name + MANIFEST_SUFFIX), payload):
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISREG(os.lstat(p).st_mode):
-                raise ValueError(f"remove(path={str(path)!r}): {str(p)!r} is a symlink or not a "
-                                 "regular file; torchkeel deletes only files it wrote.")
-            present.append(p)
-    if not present and not missing_ok:
-        raise FileNotFoundError(f"remove(path={str(path)!r}): no payload and no manifest there.")
-    for p in present:  # manifest first: dying in between leaves a payload that is no checkpoint
-        p.unlink()
-    _fsync_dir(payload.parent)
+# Finding and deleting checkpoints lives in torchkeel.discovery; its names stay importable from here.
+from torchkeel.discovery import (
+    clean_temporaries,
+    find_latest,
+    is_checkpoint,
+    list_checkpoints,
+    remove,
+)

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
-from torchkeel import dataorder, io
+from torchkeel import agree, dataorder, discovery, io
 from torchkeel.signals import EXIT_PREEMPTED, Preempted
 
 if TYPE_CHECKING:
@@ -311,9 +310,9 @@ def _choose(resume_from: str | Path, roots: list[Path]) -> tuple[Path | None, li
         return given, []
     for root in roots:       # unfinished writes of killed runs are never checkpoints
         for folder, _, _ in os.walk(root):
-            for tmp in io.clean_temporaries(folder):
+            for tmp in discovery.clean_temporaries(folder):
                 log.info("resume_from=%r removed an unfinished write %s", resume_from, tmp)
-    path, skipped = io.find_latest(roots)
+    path, skipped = discovery.find_latest(roots)
     for reason in skipped:
         log.warning("resume_from=%r skipped %s", resume_from, reason)
     passed = [reason.split(": ", 1)[0] for reason in skipped]
@@ -343,7 +342,7 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
                          "log_dir=... to know where to look, or pass a checkpoint path.")
     path: Path | None
     if trainer.world_size > 1:
-        path, ckpt = _agree(trainer, resume_from, roots)
+        path, ckpt = agree.agree(trainer, resume_from, roots, _choose, check_trainer_state)
     else:
         path = _choose(resume_from, roots)[0]
         ckpt = io.load(path) if path is not None else None
@@ -355,77 +354,3 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
     log.info("Resumed from %s at epoch %d, step %d.", path, trainer.state.epoch, trainer.state.step)
     return Path(path)
 
-
-# ------------------------------------------------------------------------- ranks that agree
-def _agree(trainer: AdvancedTrainer, resume_from: str | Path,
-           roots: list[Path]) -> tuple[Path | None, dict[str, Any] | None]:
-    """Rank 0 chooses; every rank loads that same checkpoint and checks it: all go on, or all raise."""
-    choice: dict[str, Any] = {"path": None, "sha256": None, "passed": [], "error": None}
-    ckpt: dict[str, Any] | None = None
-    own: Exception | None = None
-    if trainer.rank == 0:
-        try:
-            path, choice["passed"] = _choose(resume_from, roots)
-            if path is not None:
-                ckpt, entry = io.load_verified(path)
-                choice.update(path=str(path), sha256=entry["sha256"])
-        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
-            own, choice["error"] = exc, (type(exc).__name__, str(exc))
-    box = [choice]
-    dist.broadcast_object_list(box, src=0)
-    choice = box[0]
-    if choice["error"] is not None:         # rank 0's error, raised as it is on every rank
-        if own is not None:
-            raise own
-        kind, text = choice["error"]
-        known = (FileNotFoundError, ValueError, TypeError, io.CheckpointError)
-        raise next((k for k in known if k.__name__ == kind), RuntimeError)(text)
-    problem = None
-    try:
-        if trainer.rank != 0:
-            ckpt, problem = _read_same(resume_from, roots, choice)
-        if ckpt is not None:
-            check_trainer_state(trainer, ckpt, choice["path"])
-    except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
-        own, problem = exc, f"{exc}"
-    problems: list[Any] = [None] * trainer.world_size
-    dist.all_gather_object(problems, problem)
-    if any(problems):
-        raise io.CheckpointError(_disagreement(resume_from, choice, problems), path=choice["path"]) from own
-    return (Path(choice["path"]) if choice["path"] else None), ckpt
-
-
-def _read_same(resume_from: str | Path, roots: list[Path],
-               choice: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """On a rank other than 0: rank 0's checkpoint, loaded and verified, or why not."""
-    if choice["path"] is None:
-        if resume_from != "auto":
-            return None, None
-        passed = set(choice["passed"])
-        here = [p for _, p, why in io._candidates(roots, True) if not why and str(p) not in passed]
-        return None, f"it has {len(here)} checkpoint(s) rank 0 has not, e.g. {here[0]}" if here else None
-    path = Path(choice["path"])
-    if not path.exists():
-        return None, f"it has no file {path}"
-    try:
-        ckpt, entry = io.load_verified(path)
-    except io.CheckpointError as exc:
-        return None, f"it cannot read {path} ({exc.reason})"
-    if entry["sha256"] != choice["sha256"]:
-        return None, f"its {path} is another file (sha256 {entry['sha256'][:16]})"
-    return ckpt, None
-
-
-def _disagreement(resume_from: str | Path, choice: dict[str, Any], problems: list[str | None]) -> str:
-    start = f"fit(resume_from={str(resume_from)!r}): "
-    texts = [p for p in problems if p]
-    if len(texts) == len(problems) and len(set(texts)) == 1:       # the same on every rank: once
-        return f"{start}on every rank: {texts[0]}"
-    path = choice["path"]
-    head = f"rank 0 resumes from {path} (sha256 {choice['sha256'][:16]})" if path \
-        else "rank 0 found no checkpoint and would start fresh"
-    each = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
-    fix = f"copy {path} to the same path on every node" if path else \
-        "copy that checkpoint to the same path on rank 0's node, or remove it to start fresh"
-    return (f"{start}{head}, but {each}. Every rank must resume from the same checkpoint: keep checkpoints on a "
-            f"filesystem every node shares, or {fix}. Nothing was loaded on any rank.")
