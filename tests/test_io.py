@@ -207,6 +207,34 @@ def test_missing_or_invalid_manifest(tmp_path: Path) -> None:
         tkio.verify(path)
 
 
+
+def test_an_empty_path_says_best_model_path_is_empty_and_to_load_the_last(tmp_path: Path) -> None:
+    """README: ``load_checkpoint(checkpoint.best_model_path)``; it is "" when nothing was ranked."""
+    from conftest import make_dataset, make_model
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint, load_checkpoint
+
+    class NanScore(Callback):             # runs before ModelCheckpoint: a NaN is never ranked
+        def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+            trainer.state.metrics["val_loss"] = float("nan")
+
+    model, data = make_model(), make_dataset()
+    ckpt = ModelCheckpoint(save_dir=tmp_path, monitor="val_loss")
+    AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                    criterion=nn.MSELoss(), checkpoint=ckpt, callbacks=[NanScore()], progress=False,
+                    device="cpu").fit(DataLoader(data, batch_size=8), DataLoader(data, batch_size=32), epochs=1)
+    assert ckpt.best_model_path == "" and ckpt.no_best_reason and ckpt.last_model_path
+    said = (r"load_checkpoint\(path=''\): no path was given\. ModelCheckpoint\.best_model_path is '' when no "
+            r"checkpoint was ranked \(ModelCheckpoint\.no_best_reason says why\); load "
+            r"ModelCheckpoint\.last_model_path instead\.")
+    for load in (load_checkpoint, tkio.load, lambda p: tkio.load_verified(p)[0]):
+        with pytest.raises(tkio.CheckpointError, match=said) as got:
+            load(ckpt.best_model_path)
+        assert got.value.path is None and got.value.reason == "no path given"
+    assert torch.equal(load_checkpoint(ckpt.last_model_path)["model"]["fc1.weight"], model.fc1.weight)
+
 # ------------------------------------------------------------------------------- discovery
 def test_find_latest_skips_corrupt_and_incomplete(tmp_path: Path) -> None:
     run = tmp_path / "version_0"

@@ -330,6 +330,10 @@ def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
 
 def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """``load``, and the manifest entry the loaded bytes matched (its ``sha256`` names them)."""
+    if os.fspath(path) == "":  # Path("") is "." (a folder): say what was meant instead
+        raise CheckpointError("load_checkpoint(path=''): no path was given. ModelCheckpoint.best_model_path "
+                              "is '' when no checkpoint was ranked (ModelCheckpoint.no_best_reason says "
+                              "why); load ModelCheckpoint.last_model_path instead.", reason="no path given")
     file = Path(path)
     with _open_payload(file) as f, ThreadPoolExecutor(_workers(), "torchkeel-io") as pool:
         stamp = _stamp(f)
