@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     train_n, val_n, max_len, dim, layers, epochs, lr = (256, 64, 32, 32, 1, 2, 1e-2) if args.quick else \
-        (4000, 500, 64, 64, 2, 6, 2e-3)
+        (1500, 200, 64, 48, 2, 4, 3e-3)
     epochs = args.epochs or epochs
 
     torch.manual_seed(args.seed)
