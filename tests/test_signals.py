@@ -103,6 +103,14 @@ def test_second_ctrl_c_aborts_at_once_and_the_newest_checkpoint_resumes(tmp_path
     assert_params_equal(reference.model, again.model)
 
 
+def test_second_ctrl_c_saves_nothing_even_with_save_on_exception(tmp_path: Path) -> None:
+    trainer = build(tmp_path, (SendAt(5, signal.SIGINT, times=2),), every_n_steps=2, save_on_exception=True)
+    with pytest.raises(KeyboardInterrupt):
+        fit(trainer)
+    saved = io.list_checkpoints(tmp_path, recursive=True)
+    assert [e["meta"]["reason"] for _, e in saved] == ["step", "step"], "the abort was saved after all"
+
+
 def test_a_sigterm_then_a_ctrl_c_aborts_and_a_second_sigterm_does_not(tmp_path: Path) -> None:
     trainer = build(tmp_path, (SendAt(2, signal.SIGTERM, times=2),), every_n_epochs=0)
     with pytest.raises(Preempted) as info:

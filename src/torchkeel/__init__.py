@@ -10,10 +10,11 @@ from torchkeel.checkpoint import ModelCheckpoint
 from torchkeel.io import CheckpointError, CheckpointWriteError
 from torchkeel.io import load as load_checkpoint
 from torchkeel.loop import AdvancedTrainer
-from torchkeel.signals import EXIT_PREEMPTED, Preempted
+from torchkeel.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
 from torchkeel.state import History, State
 
 __all__ = [
+    "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
     "AdvancedTrainer",
     "Callback",

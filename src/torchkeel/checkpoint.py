@@ -160,8 +160,8 @@ class ModelCheckpoint(Callback):
                         "checkpoint is %r.", self.monitor, self.no_best_reason, self.last_model_path or None)
 
     def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
-        if not self.save_on_exception or isinstance(exc, SystemExit) or self.dirpath is None:
-            return
+        if not self.save_on_exception or isinstance(exc, (SystemExit, KeyboardInterrupt)) or self.dirpath is None:
+            return   # a preemption saved already; a second Ctrl-C means: stop now, save nothing
         if trainer.world_size > 1:
             log.warning("ModelCheckpoint(save_on_exception=True) does not save under DDP: the other ranks "
                         "may not reach the save. The last regular checkpoint stays valid.")
