@@ -17,6 +17,10 @@ Usage::
     python benchmarks/overhead.py            # the full run (about two minutes)
     python benchmarks/overhead.py --quick    # a short run while iterating
     python benchmarks/overhead.py --profile  # also: where the trainer's step time goes (cProfile)
+    python benchmarks/overhead.py --quick --device cuda   # on a GPU (benchmarks/gpu.sh runs this)
+
+With ``--device cuda`` both sides train on the GPU from batches already there, each block ends
+with ``torch.cuda.synchronize()`` inside its timing, and the memory children (host RSS) are skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import datetime as dt
 import importlib.util
 import io
 import json
+import logging
 import os
 import platform
 import re
@@ -60,6 +65,7 @@ CONFIGS = {   # name: (in, hidden, out, batch)
 # that it adds about 0.1%. Pairs alternate order, and their median drops load from other processes.
 PLAN = {"tiny": ((1000, 31), (400, 7)), "medium": ((48, 21), (12, 5))}
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
+DEVICE = torch.device("cpu")   # --device: where the timed sides train (the memory children stay on the CPU)
 
 
 # ------------------------------------------------------------------------------- set-up
@@ -128,7 +134,7 @@ class RawLoop:
     def run(self, batches: Batches) -> float:
         model, optimizer, criterion = self.model, self.optimizer, self.criterion
         model.train()
-        running = torch.zeros(())
+        running = torch.zeros((), device=batches[0][0].device)
         for x, y in batches:
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(x), y)
@@ -145,7 +151,7 @@ class TrainerLoop:
         from torchkeel import AdvancedTrainer
 
         self.trainer = AdvancedTrainer(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-                                       criterion=nn.CrossEntropyLoss())
+                                       criterion=nn.CrossEntropyLoss(), device=DEVICE)
         self.epochs = 0
         self.stderr: Any = _NullTTY() if progress == "bar" else None
 
@@ -164,18 +170,19 @@ def _peer_loops(model: nn.Module) -> dict[str, Callable[[Batches], Any]]:
         from ignite.engine import create_supervised_trainer
 
         m = copy.deepcopy(model)
-        engine = create_supervised_trainer(m, torch.optim.Adam(m.parameters(), lr=1e-3), nn.CrossEntropyLoss())
+        engine = create_supervised_trainer(m, torch.optim.Adam(m.parameters(), lr=1e-3), nn.CrossEntropyLoss(),
+                                           device=DEVICE)
         loops["ignite"] = lambda b: engine.run(b, max_epochs=1)
     if importlib.util.find_spec("accelerate") is not None:
         from accelerate import Accelerator
 
-        acc = Accelerator(cpu=True)
+        acc = Accelerator(cpu=DEVICE.type == "cpu")
         m = acc.prepare(copy.deepcopy(model))
         opt = acc.prepare(torch.optim.Adam(m.parameters(), lr=1e-3))
         crit = nn.CrossEntropyLoss()
 
         def run_accelerate(batches: Batches) -> float:
-            running = torch.zeros(())
+            running = torch.zeros((), device=batches[0][0].device)
             for x, y in batches:
                 opt.zero_grad(set_to_none=True)
                 loss = crit(m(x), y)
@@ -193,6 +200,9 @@ def _peer_loops(model: nn.Module) -> dict[str, Callable[[Batches], Any]]:
 
 
 def _lightning_loop(pl: Any, inner: nn.Module) -> Callable[[Batches], Any]:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):   # its per-fit info lines
+        logging.getLogger(name).setLevel(logging.ERROR)
+
     class Module(pl.LightningModule):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
             super().__init__()
@@ -207,7 +217,7 @@ def _lightning_loop(pl: Any, inner: nn.Module) -> Callable[[Batches], Any]:
     module = Module()
 
     def run_lightning(batches: Batches) -> None:   # a new Trainer per block: it fits once
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False,
+        trainer = pl.Trainer(accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1, max_epochs=1, logger=False,
                              enable_checkpointing=False, enable_model_summary=False,
                              enable_progress_bar=True, num_sanity_val_steps=0)
         with contextlib.redirect_stderr(_NullTTY()), contextlib.redirect_stdout(io.StringIO()):
@@ -219,8 +229,9 @@ def _lightning_loop(pl: Any, inner: nn.Module) -> Callable[[Batches], Any]:
 # ------------------------------------------------------------------------------ timing
 def time_interleaved(name: str, steps: int, repeats: int, progress: str, peers: bool) -> dict[str, Any]:
     """Alternate blocks of each side; per side the median µs/step, and the median paired ratio."""
-    base = make_model(name)
-    batches = make_batches(name, steps)
+    base = make_model(name).to(DEVICE)
+    batches = [(x.to(DEVICE), y.to(DEVICE)) for x, y in make_batches(name, steps)]
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     sides: dict[str, Callable[[Batches], Any]] = {
         "raw": RawLoop(copy.deepcopy(base)).run,
         "trainer": TrainerLoop(copy.deepcopy(base), progress).run,
@@ -238,6 +249,7 @@ def time_interleaved(name: str, steps: int, repeats: int, progress: str, peers: 
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0, t0 = time.process_time(), time.perf_counter()
             sides[side](batches)
+            sync()
             t1, c1 = time.perf_counter(), time.process_time()
             f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             wall[side].append((t1 - t0) / steps * 1e6)
@@ -263,7 +275,9 @@ def time_interleaved(name: str, steps: int, repeats: int, progress: str, peers: 
 
 def fit_fixed_cost(name: str, repeats: int) -> float:
     """µs a one-step ``fit`` takes beyond one raw step: set-up, epoch start/end, progress bar, summary."""
-    base, batches = make_model(name), make_batches(name, 1)
+    base = make_model(name).to(DEVICE)
+    batches = [(x.to(DEVICE), y.to(DEVICE)) for x, y in make_batches(name, 1)]
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     raw, trainer = RawLoop(copy.deepcopy(base)), TrainerLoop(copy.deepcopy(base), "bar")
     for _ in range(3):
         raw.run(batches)
@@ -275,6 +289,7 @@ def fit_fixed_cost(name: str, repeats: int) -> float:
                           else (("trainer", trainer.run), ("raw", raw.run))):
             t0 = time.perf_counter()
             run(batches)
+            sync()
             times[side] = time.perf_counter() - t0
         diffs.append((times["trainer"] - times["raw"]) * 1e6)
     return statistics.median(diffs)
@@ -484,12 +499,14 @@ def machine() -> dict[str, Any]:
     return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "torchkeel": torchkeel.__version__, "commit": git("rev-parse", "HEAD"),
             "src_dirty": bool(git("status", "--porcelain", "--", "src")),
-            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
+            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"}
 
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    where = (f"Measured {result['date']} on {m['cpu']} ({m['cores']} cores, 1 thread used), torch {m['torch']}, "
+    gpu = f", training on {m['device']}" if m.get("device", "cpu") != "cpu" else ""
+    where = (f"Measured {result['date']} on {m['cpu']} ({m['cores']} cores, 1 thread used{gpu}), torch {m['torch']}, "
              f"Python {m['python']}, torchkeel {m['torchkeel']} @ {m['commit'][:8]}"
              f"{' (+ local changes)' if m['src_dirty'] else ''}; progress display: {result['progress']}; "
              f"glibc malloc thresholds: {result['malloc']}; load average {m['load_avg_at_start'][0]} at start.")
@@ -541,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="pinned: fix glibc's adaptive mmap/trim thresholds for the timing (default); "
                              "see pin_malloc()")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory children")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both sides train (default cpu); cuda: absolute µs/step of the GPU path, "
+                             "no memory children")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of trainer vs raw on tiny")
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -549,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child_main(json.loads(args.child))))
         return 0
 
+    global DEVICE
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA GPU here. Use --device cpu.")
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     pinned = args.malloc == "pinned" and pin_malloc()
@@ -558,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
               "the paired ratios absorb some of it, the µs/step do not.", file=sys.stderr)
     result: dict[str, Any] = {"bench": "overhead", "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                               "mode": "quick" if args.quick else "full", "threads": 1, "progress": args.progress,
-                              "malloc": "pinned" if pinned else "default"}
+                              "malloc": "pinned" if pinned else "default", "device": args.device}
     from torchkeel import loggers  # noqa: F401  (the default progress callback must exist to be measured)
 
     result["timing"] = {}
@@ -566,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         steps, repeats = PLAN[name][1 if args.quick else 0]
         print(f"timing {name}: {repeats} x {steps} steps per side ...", file=sys.stderr, flush=True)
         result["timing"][name] = time_interleaved(name, steps, repeats, args.progress, args.peers)
-    if not args.no_memory:
+    if not args.no_memory and DEVICE.type == "cpu":
         print("memory: child processes ...", file=sys.stderr, flush=True)
         result["memory"] = measure_memory(args.quick)
     result["import"] = measure_import(3 if args.quick else 7)
