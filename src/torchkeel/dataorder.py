@@ -233,16 +233,17 @@ def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[A
         set_epoch = getattr(sampler, "set_epoch", None)
         if callable(set_epoch):             # DistributedSampler: this epoch's shuffle
             set_epoch(trainer.state.epoch)
-    pending, trainer._resume_data = trainer._resume_data, None
+    state = trainer.state
+    pending, state.resume = state.resume, None
     ended, order.pending = order.pending, None
     if ended is not None:                    # resumed at an epoch's end: the order goes on from there
         set_data_state(loader, ended["order"])
         if ended["loader"] is not None and _stateful(loader):
             loader.load_state_dict(ended["loader"])  # type: ignore[attr-defined]
     if pending is None:
-        trainer._data_state = data_state(loader)
+        state.epoch_data = data_state(loader)
         return iter(loader)
-    trainer._data_state = pending["epoch_data"]
+    state.epoch_data = pending["epoch_data"]
 
     def then() -> None:
         set_rng_state(pending["rng"])
@@ -266,8 +267,8 @@ def saved(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[s
     next epoch (``data_now``: generators and sampler states now), a stateful loader's own state and
     its part of the epoch's loss sum.
     """
-    loader, epoch_loss = _order(trainer).loader, trainer._epoch_loss
-    here: dict[str, Any] = {"rng": rng or rng_state(), "epoch_data": trainer._data_state,
+    loader, epoch_loss = _order(trainer).loader, trainer.state.epoch_loss
+    here: dict[str, Any] = {"rng": rng or rng_state(), "epoch_data": trainer.state.epoch_data,
                             "data_now": data_state(loader, torch_rng=False) if loader is not None else {},
                             "loader": loader.state_dict() if loader is not None and _stateful(loader) else None,
                             # this rank's share of the epoch's loss sum (the loop entry holds rank 0's)
@@ -276,7 +277,7 @@ def saved(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[s
     if trainer.world_size > 1:          # each rank's RNG differs: dropout masks, augmentations
         ranks = [None] * trainer.world_size
         dist.all_gather_object(ranks, here)
-    batch, size = trainer._batch_at_step, trainer.batch_size
+    batch, size = trainer.state.batch_at_step, trainer.batch_size
     return {"ranks": ranks, "data": {"batch": batch, "batch_size": size,
                                      "samples": batch * size if size is not None else None}}
 
@@ -286,16 +287,16 @@ def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
     ranks, loop, data = ckpt["ranks"], ckpt["loop"], ckpt["data"]
     mine = ranks[trainer.rank] if len(ranks) == trainer.world_size else ranks[0]
     state = trainer.state
-    state.batch = trainer._batch_at_step = data["batch"]
+    state.batch = state.batch_at_step = data["batch"]
     if state.epoch_finished:      # the epoch ended: the next iterator draws from the saved RNG state
         set_rng_state(mine["rng"])
-        trainer._resume_data = None
+        state.resume = None
         _order(trainer).pending = {"order": mine.get("data_now", {}), "loader": mine.get("loader")}
         return
     _order(trainer).pending = None
     epoch_loss = mine["epoch_loss"] if "epoch_loss" in mine else loop["epoch_loss"]
-    trainer._epoch_loss = epoch_loss.to(trainer.device) if epoch_loss is not None else None
-    trainer._epoch_samples = loop["epoch_samples"]
+    state.epoch_loss = epoch_loss.to(trainer.device) if epoch_loss is not None else None
+    state.epoch_items = loop["epoch_samples"]
     old, new = data.get("batch_size", loop.get("batch_size")), trainer.batch_size
     skip, drop, samples = state.batch, 0, state.batch * old if old is not None else None
     resized = old is not None and new is not None and old != new and mine.get("loader") is None
@@ -306,7 +307,7 @@ def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
                     "%d samples: continuing from sample %d (%d batches of %d skipped%s). The run will not equal "
                     "an uninterrupted one bit for bit.", state.epoch, new, old, samples, samples, skip, new,
                     f", then the first {drop} samples of the next" if drop else "")
-        state.batch = trainer._batch_at_step = skip   # batches of the new size (a partial one counts whole)
-    trainer._resume_data = {"epoch_data": mine["epoch_data"], "batch": skip, "rng": mine["rng"], "drop": drop,
+        state.batch = state.batch_at_step = skip   # batches of the new size (a partial one counts whole)
+    state.resume = {"epoch_data": mine["epoch_data"], "batch": skip, "rng": mine["rng"], "drop": drop,
                             "samples": samples, "batch_size": old, "resized": resized,
                             "loader": mine.get("loader")}

@@ -176,13 +176,9 @@ class AdvancedTrainer:
         )
         self._move = device.type != "cpu"
         self._bare = self.amp_dtype is None and not self.accum.is_ddp
-        self._epoch_loss: torch.Tensor | None = None
-        self._epoch_samples = 0
         self._counted = False         # this fit's training_step returns (loss, count)
+        self._window_batch_samples = 0   # counted: samples (not items) in the open window
         self._windows_at_fit = 0      # optimizer windows (stepped or skipped) before this fit
-        self._data_state: dict[str, Any] | None = None   # RNG that ordered this epoch's batches
-        self._resume_data: dict[str, Any] | None = None
-        self._batch_at_step = 0       # batches of this epoch consumed by completed optimizer windows
         self._signal = signals.SignalFlag(grace_seconds=signal_grace_seconds)
         self._preempt = False        # every rank agreed that a signal arrived: save and exit
         self.keep_step_rng = False   # set by ModelCheckpoint(save_on_exception=True)
@@ -262,14 +258,14 @@ class AdvancedTrainer:
                 loss = self.training_step(batch)
         self.state.batch += 1
         if isinstance(loss, tuple) or self._counted:
-            self._backward_counted(loss)
+            self._backward_counted(loss, batch)
         else:
             self.accum.backward(loss, batching.batch_size(batch), self._local_flags())
         if not self.accum.window_full:
             return False
         return self._after_window(self.accum.step())
 
-    def _backward_counted(self, out: Any) -> None:
+    def _backward_counted(self, out: Any, batch: Any) -> None:
         """``training_step`` returned ``(loss, count)``: the window weighs micro-batches by items."""
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(f"training_step returned {batching.shape(out)} at {self._where()} after returning "
@@ -280,6 +276,7 @@ class AdvancedTrainer:
                                 "plain loss earlier in this fit; return (loss, count) on every batch, or never.")
             self._counted = True
         loss, count = out
+        self._window_batch_samples += batching.batch_size(batch) * self.world_size   # ranks have even shards
         self.accum.backward(loss, flags=self._local_flags(),
                             count=as_count(count, f"training_step's (loss, count) at {self._where()}"))
 
@@ -293,7 +290,7 @@ class AdvancedTrainer:
 
     def _after_window(self, stepped: bool) -> bool:
         accum, state = self.accum, self.state
-        self._batch_at_step = state.batch
+        state.batch_at_step = state.batch
         if self.keep_step_rng:
             self.step_rng = dataorder.rng_state()
         loss = accum.window_loss
@@ -308,10 +305,12 @@ class AdvancedTrainer:
         if self._nonfinite.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
             return self._skipped("the loss was non-finite on every one (nan_policy='skip'): check the data "
                                  "(inf/NaN inputs or labels) and the learning rate")
-        if self._epoch_loss is None:
-            self._epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._epoch_loss.add_(loss, alpha=accum.window_ref)
-        self._epoch_samples += accum.window_samples
+        if state.epoch_loss is None:
+            state.epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        state.epoch_loss.add_(loss, alpha=accum.window_ref)
+        state.epoch_items += accum.window_samples
+        state.epoch_samples += accum.window_samples if not self._counted else self._window_batch_samples
+        self._window_batch_samples = 0
         if not stepped:
             state.skipped_steps += 1
             return self._skipped(f"GradScaler overflowed on every one (loss scale now {self.scaler.get_scale():.3g}): "
@@ -475,8 +474,9 @@ class AdvancedTrainer:
     def _begin_epoch(self, epoch: int, loader: Iterable[Any]) -> None:
         state = self.state
         state.epoch, state.epoch_finished = epoch, False
-        if self._resume_data is None:       # a mid-epoch resume keeps the epoch's progress
-            state.batch, self._batch_at_step, self._epoch_loss, self._epoch_samples = 0, 0, None, 0
+        if state.resume is None:            # a mid-epoch resume keeps the epoch's progress
+            state.batch = state.batch_at_step = state.epoch_samples = 0
+            state.epoch_loss, state.epoch_items = None, 0
         self.model.train()
 
     def _batches(self, loader: Iterable[Any]) -> Iterator[Any]:
@@ -497,12 +497,13 @@ class AdvancedTrainer:
         self.history.append({"epoch": state.epoch, **metrics})
 
     def _reduced_epoch_loss(self) -> float:
-        if self._epoch_loss is None or self._epoch_samples == 0:
+        state = self.state
+        if state.epoch_loss is None or state.epoch_items == 0:
             return math.nan
-        total = self._epoch_loss.clone()      # sum of loss_i * n_i on this rank
+        total = state.epoch_loss.clone()      # sum of loss_i * n_i on this rank
         if self.world_size > 1:
             dist.all_reduce(total)
-        return float(total) / self._epoch_samples             # global samples of the epoch
+        return float(total) / state.epoch_items             # global samples of the epoch
 
     def _request_stop(self, reason: str) -> None:
         self.state.should_stop = True

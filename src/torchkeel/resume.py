@@ -51,7 +51,7 @@ def trainer_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -
         "scaler": trainer.scaler.state_dict(),
         "state": state.state_dict(),
         **dataorder.saved(trainer, rng),            # "ranks" (RNG, epoch order), "data" (position)
-        "loop": {"epoch_loss": trainer._epoch_loss, "epoch_samples": trainer._epoch_samples,
+        "loop": {"epoch_loss": state.epoch_loss, "epoch_samples": state.epoch_items,   # read by older files' loads
                  "accumulation_steps": trainer.accum.accumulation_steps,
                  "batch_size": trainer.batch_size, "world_size": trainer.world_size},
         "history": dict(trainer.history),

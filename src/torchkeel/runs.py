@@ -69,7 +69,7 @@ class FitSummary(Callback):
         self._start, self._samples, self._epochs = time.perf_counter(), 0, 0
 
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
-        self._samples += trainer._epoch_samples
+        self._samples += trainer.state.epoch_samples
         self._epochs += 1
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:

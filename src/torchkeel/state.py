@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+PER_RANK = ("epoch_loss", "epoch_data", "resume")   # saved per rank by torchkeel.dataorder, or transient
 
 
 @dataclass
@@ -21,13 +25,23 @@ class State:
     metrics: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False
     stop_reason: str | None = None
+    stopped_by_budget: bool = False   # the stop came from epochs/max_steps: a larger budget continues
+    batch_at_step: int = 0         # batches of this epoch consumed by completed optimizer windows
+    epoch_samples: int = 0         # samples in those windows (throughput)
+    epoch_items: float = 0         # what train_loss averages over: samples, or training_step's counts
+    last_val_step: int = -1        # optimizer step of the last validation (-1: none yet)
+    epoch_loss: torch.Tensor | None = None      # this rank's sum of loss x items in the epoch
+    epoch_data: dict[str, Any] | None = None    # what ordered this epoch's batches (this rank)
+    resume: dict[str, Any] | None = None        # a mid-epoch resume's plan, used by the next epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The counters; the per-rank entries (``PER_RANK``) are saved by ``torchkeel.dataorder``."""
+        return {k: v for k, v in vars(self).items() if k not in PER_RANK} | {"metrics": dict(self.metrics)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         for key, value in state_dict.items():
-            setattr(self, key, dict(value) if key == "metrics" else value)
+            if key not in PER_RANK:
+                setattr(self, key, dict(value) if key == "metrics" else value)
 
 
 class History(dict[str, list[Any]]):
