@@ -72,3 +72,12 @@ def test_checkpoint_benchmark_small() -> None:
     out = run_bench("checkpoint.py", "--mb", "8", "-r", "3")
     for op in ("save", "load"):
         numbers(rf"{op}\s+torchkeel {NUMBER} s\s+plain {NUMBER} s\s+ratio {NUMBER}", out)
+
+
+def test_peers_benchmark_measures_imports_and_checkpoints_without_the_peers() -> None:
+    """peers.py runs with no peer installed (as here): torch and torchkeel rows, a warning for the rest."""
+    out = run_bench("peers.py", "--quick", "--only", "import", "--only", "checkpoint", "--mb", "4", codes=(0,))
+    numbers(rf"\| hand-written loop; torch.save / torch.load \|\s+\| {NUMBER} s, 1.00× \| {NUMBER} s, 1.00× \|", out)
+    numbers(rf"\| torch.save \+ fsync \|\s+\| {NUMBER} s, {NUMBER}× \| {NUMBER} s, {NUMBER}× \|", out)
+    numbers(rf"\| torchkeel [0-9.]+ \| {NUMBER} ms \| {NUMBER} s, {NUMBER}× \| {NUMBER} s, {NUMBER}× \|", out)
+    numbers(rf"`import torch` itself: {NUMBER} ms", out)
