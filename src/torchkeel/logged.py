@@ -1,0 +1,240 @@
+"""LoggedValues: the store behind ``trainer.log(name, value)``; device tensors, read only when logging.
+
+``log`` keeps the latest per-step value (a detached tensor, or the number given) and adds
+``value * count`` and ``count`` to per-name epoch sums with in-place adds on the values' device: no
+host read. ``step_values`` reads every per-step value at once (one ``torch.stack`` and ``tolist``);
+``epoch_values`` gives the count-weighted means, reduced across ranks with one ``all_reduce``.
+
+Names: training-phase names are kept as given (they may not start with ``val_``), validation-phase
+names get a ``val_`` prefix unless they have one. Built-in names (``train_loss``, ``val_loss``, ``lr``,
+``lr/...``, ``epoch_time``, ``epoch``, ``step``, ``kind``, ``loss``, ``grad_norm``,
+``samples_per_sec``) are refused.
+
+Example:
+    >>> logged = LoggedValues()
+    >>> logged.log("acc", torch.tensor(0.5), count=8, on_step=True, on_epoch=True, phase="train")
+    >>> logged.step_values(), logged.epoch_values(world_size=1, device="cpu")
+    ({'acc': 0.5}, {'acc': 0.5})
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+Phase = Literal["train", "val"]
+# metric and history names, CSV columns, and the loggers' own TensorBoard tags (train/loss, ...)
+RESERVED = frozenset({"train_loss", "val_loss", "lr", "epoch_time", "epoch", "step", "kind",
+                      "loss", "grad_norm", "samples_per_sec"})
+
+
+def epoch_name(name: str, phase: Phase) -> str:
+    """The metric name of ``name`` logged in ``phase``: ``val_`` prefixed for validation."""
+    return name if phase == "train" or name.startswith("val_") else f"val_{name}"
+
+
+class LoggedValues:
+    """Per-step values and count-weighted epoch sums of what ``trainer.log`` received.
+
+    Under DDP every rank must log the same names between two ``epoch_values`` calls (the reduction
+    is one ``all_reduce`` over all names); ``epoch_values`` checks that first and raises on every rank,
+    naming each rank's names, instead of hanging.
+
+    Args:
+        device: where sums of plain-number values live (the trainer's device).
+        reserved: more names to refuse, e.g. the validation metrics' ``val_<name>``.
+
+    Example:
+        >>> logged = LoggedValues(device="cpu", reserved={"val_acc"})
+    """
+
+    def __init__(self, device: str | torch.device | None = None, reserved: Iterable[str] = ()) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.reserved = RESERVED | frozenset(reserved)
+        self._step: dict[str, torch.Tensor | float] = {}
+        self._cache: dict[str, float] | None = None       # step_values() since the last log()
+        self._sums: dict[str, torch.Tensor] = {}          # epoch name -> sum of value * count
+        self._counts: dict[str, torch.Tensor] = {}        # epoch name -> sum of count
+        self._checked: set[tuple[str, str, bool, bool]] = set()   # (name, phase, on_step, on_epoch) seen
+
+    def log(self, name: str, value: float | torch.Tensor, count: float | torch.Tensor = 1,
+            on_step: bool = True, on_epoch: bool = True, phase: Phase = "train") -> None:
+        """Keep ``value`` (a number or a 0-dim tensor) for the loggers and the epoch mean; no host read.
+
+        Args:
+            name: the metric's name (see the module docstring for the rules).
+            value: a python number or a 0-dim tensor, finite or not (reported as is).
+            count: the value's weight in the epoch mean (samples, or items such as tokens).
+            on_step: keep it as the latest per-step value (training only; validation has no steps).
+            on_epoch: add it to the epoch's weighted mean.
+            phase: ``'train'`` (training_step, callbacks) or ``'val'`` (validation_step).
+
+        Example:
+            >>> logged.log("tokens_per_batch", n, count=1, on_step=True, on_epoch=False, phase="train")
+        """
+        if (name, phase, on_step, on_epoch) not in self._checked:
+            self._check_name(name, phase, on_step, on_epoch)
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 0:
+                raise ValueError(f"trainer.log({name!r}, value=...): expected a number or a 0-dim tensor, "
+                                 f"got a tensor of shape {tuple(value.shape)}. Reduce it first, e.g. value.mean().")
+            if value.is_complex():
+                raise TypeError(f"trainer.log({name!r}, value=...): got a complex tensor; log a real number.")
+            value = value.detach()
+        elif not isinstance(value, numbers.Real):
+            raise TypeError(f"trainer.log({name!r}, value={value!r}): expected a python number or a 0-dim "
+                            f"tensor, got {type(value).__name__}.")
+        if on_step and phase == "train":
+            self._step[name] = value
+            self._cache = None
+        if on_epoch:
+            self._accumulate(epoch_name(name, phase), value, count)
+
+    def _accumulate(self, key: str, value: float | torch.Tensor, count: float | torch.Tensor) -> None:
+        total = self._sums.get(key)
+        if total is None:
+            where = value.device if isinstance(value, torch.Tensor) else self.device
+            total = self._sums[key] = torch.zeros((), dtype=torch.float64, device=where)
+            self._counts[key] = torch.zeros((), dtype=torch.float64, device=where)
+        n = self._counts[key]
+        if isinstance(value, torch.Tensor) and value.device != total.device:
+            value = value.to(total.device, non_blocking=True)
+        if isinstance(count, torch.Tensor):
+            if count.dim() != 0:
+                raise ValueError(f"trainer.log({key!r}): count must be a number or a 0-dim tensor, "
+                                 f"got shape {tuple(count.shape)}.")
+            count = count.detach().to(total.device, non_blocking=True)
+            total.add_(count * value)
+            n.add_(count)
+        else:
+            if isinstance(count, bool) or not isinstance(count, numbers.Real) or count < 0:
+                raise ValueError(f"trainer.log({key!r}, count={count!r}): count must be a number >= 0 "
+                                 "(the value's weight: samples or items) or a 0-dim tensor.")
+            if isinstance(value, torch.Tensor):
+                total.add_(value, alpha=count)
+            else:
+                total.add_(float(value) * count)
+            n.add_(count)
+
+    def _check_name(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> None:
+        if phase not in ("train", "val"):
+            raise ValueError(f"LoggedValues.log(phase={phase!r}): use 'train' or 'val'.")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"trainer.log(name={name!r}): expected a non-empty str.")
+        key = epoch_name(name, phase)
+        if key in self.reserved or key.startswith("lr/"):
+            raise ValueError(f"trainer.log({name!r}): {key!r} is a built-in metric name "
+                             f"({', '.join(sorted(self.reserved))}, lr/<group>); pick another name.")
+        if phase == "train" and name.startswith("val_"):
+            raise ValueError(f"trainer.log({name!r}) during training: names starting with 'val_' are "
+                             "validation metrics; log it from validation_step, or drop the prefix.")
+        if not on_epoch and (phase == "val" or not on_step):
+            where = "from validation (its values are epoch means)" if phase == "val" else "with on_step=False"
+            raise ValueError(f"trainer.log({name!r}, on_epoch=False) {where}: the value would go nowhere; "
+                             "pass on_epoch=True.")
+        self._checked.add((name, phase, on_step, on_epoch))
+
+    def step_values(self) -> dict[str, float]:
+        """The latest per-step training values, read to the host at once; cached until the next ``log``."""
+        if self._cache is None:
+            out = {k: float(v) for k, v in self._step.items() if not isinstance(v, torch.Tensor)}
+            by_device: dict[torch.device, list[str]] = {}
+            for k, v in self._step.items():
+                if isinstance(v, torch.Tensor):
+                    by_device.setdefault(v.device, []).append(k)
+            for names in by_device.values():     # one device in practice: one read
+                stacked = torch.stack([self._step[k] for k in names])   # type: ignore[misc]
+                out |= {k: float(v) for k, v in zip(names, stacked.tolist())}
+            self._cache = {k: out[k] for k in self._step}
+        return dict(self._cache)
+
+    def names(self, phase: Phase | None = None) -> list[str]:
+        """The sorted epoch names with sums in ``phase`` (both when ``None``)."""
+        return sorted(k for k in self._sums if phase is None or (k.startswith("val_") == (phase == "val")))
+
+    def epoch_values(self, world_size: int = 1, device: str | torch.device | None = None,
+                     phase: Phase | None = None) -> dict[str, float]:
+        """Count-weighted means since ``reset_epoch``, summed over ranks first; NaN where the count is 0.
+
+        Under DDP every rank must call it (a collective), having logged the same names.
+
+        Args:
+            world_size: ranks to reduce over (1: no communication).
+            device: where the reduction runs (the trainer's device; gloo: CPU).
+            phase: only ``'train'`` or ``'val'`` names; ``None`` for both.
+
+        Example:
+            >>> state.metrics |= trainer.logged.epoch_values(trainer.world_size, trainer.device, "val")
+        """
+        names = self.names(phase)
+        if world_size > 1:
+            everyone: list[Any] = [None] * world_size
+            dist.all_gather_object(everyone, names)
+            if any(other != names for other in everyone):
+                shown = "; ".join(f"rank {r}: {other}" for r, other in enumerate(everyone))
+                raise RuntimeError(f"trainer.log: the ranks logged different names ({shown}). Every rank must "
+                                   "log the same names in an epoch (log 0.0 with count=0 where a rank has none).")
+        if not names:
+            return {}
+        where = torch.device(device) if device is not None else self._sums[names[0]].device
+        totals = torch.stack([self._sums[k].to(where) for k in names] + [self._counts[k].to(where) for k in names])
+        if world_size > 1:
+            dist.all_reduce(totals)
+        values = totals.tolist()
+        n = len(names)
+        return {k: values[i] / values[n + i] if values[n + i] else float("nan") for i, k in enumerate(names)}
+
+    def reset_epoch(self, phase: Phase | None = None) -> None:
+        """Forget the sums of ``phase`` (both when ``None``); training also forgets per-step values."""
+        for k in self.names(phase):
+            del self._sums[k], self._counts[k]
+        if phase != "val":
+            self._step.clear()
+            self._cache = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch sums as CPU tensors (``weights_only``-loadable); per-step values are not kept."""
+        names = self.names()
+        return {"names": names,
+                "sums": torch.stack([self._sums[k].cpu() for k in names]) if names else torch.zeros(0, dtype=torch.float64),
+                "counts": torch.stack([self._counts[k].cpu() for k in names]) if names else torch.zeros(0, dtype=torch.float64)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the epoch sums saved by ``state_dict`` (onto ``device``)."""
+        names, sums, counts = state_dict["names"], state_dict["sums"], state_dict["counts"]
+        if not (isinstance(names, list) and len(names) == len(sums) == len(counts)):
+            raise ValueError(f"LoggedValues.load_state_dict: expected names, sums and counts of one length, "
+                             f"got {len(names)} names, {len(sums)} sums, {len(counts)} counts.")
+        self._sums = {k: sums[i].to(self.device, torch.float64).clone() for i, k in enumerate(names)}
+        self._counts = {k: counts[i].to(self.device, torch.float64).clone() for i, k in enumerate(names)}
+        self._step.clear()
+        self._cache = None
+
+
+def lr_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    """One metric name per param group: ``lr`` for group 0, then ``lr/<name>`` or ``lr/group<i>``.
+
+    A group's ``"name"`` key names it; a name already taken falls back to ``lr/group<i>`` (unique).
+
+    Example:
+        >>> lr_names(torch.optim.SGD([{"params": a}, {"params": b, "name": "head"}, {"params": c}], lr=0.1))
+        ['lr', 'lr/head', 'lr/group2']
+    """
+    names: list[str] = []
+    for i, group in enumerate(optimizer.param_groups):
+        label = group.get("name")
+        name = "lr" if i == 0 else f"lr/{label}" if label not in (None, "") else f"lr/group{i}"
+        name = f"lr/group{i}" if name in names else name
+        while name in names:
+            name = f"{name}_{i}"
+        names.append(name)
+    return names
+
+
+def group_lrs(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, float]:
+    """The current LR of each param group under ``names`` (from ``lr_names`` at fit start)."""
+    return {name: float(group["lr"]) for name, group in zip(names, optimizer.param_groups)}

@@ -1,0 +1,169 @@
+"""LoggedValues: weighted epoch means, one host read per logging step, state round trip, errors, 2 ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from torchkeel.logged import LoggedValues, epoch_name
+
+
+def test_epoch_means_are_count_weighted() -> None:
+    logged = LoggedValues()
+    logged.log("acc", torch.tensor(0.5), count=8)
+    logged.log("acc", 1.0, count=8)                          # numbers and tensors mix
+    logged.log("acc", torch.tensor(0.25, dtype=torch.float64), count=4)
+    logged.log("tokens", torch.tensor(3.0), count=torch.tensor(6))   # a device count, as (loss, count) gives
+    logged.log("tokens", torch.tensor(1.0), count=torch.tensor(2))
+    logged.log("val_f1", torch.tensor(0.75), count=8, phase="val")
+    logged.log("val_f1", torch.tensor(0.25), count=24, phase="val")
+    assert logged.epoch_values() == {"acc": (4 + 8 + 1) / 20, "tokens": (18 + 2) / 8, "val_f1": (6 + 6) / 32}
+
+
+def test_val_phase_names_and_phase_filter() -> None:
+    logged = LoggedValues()
+    logged.log("err", torch.tensor(1.0), count=1, phase="train")
+    logged.log("err", torch.tensor(3.0), count=1, phase="val")
+    logged.log("val_top5", torch.tensor(0.5), count=2, phase="val")
+    assert logged.epoch_values(phase="train") == {"err": 1.0}
+    assert logged.epoch_values(phase="val") == {"val_err": 3.0, "val_top5": 0.5}
+    assert epoch_name("x", "val") == "val_x" and epoch_name("val_x", "val") == "val_x"
+    assert epoch_name("x", "train") == "x"
+    logged.reset_epoch("val")                               # a new validation: train sums stay
+    assert logged.epoch_values() == {"err": 1.0}
+    logged.reset_epoch("train")
+    assert logged.epoch_values() == {} and logged.step_values() == {}
+
+
+def test_non_finite_values_are_reported_as_is_and_zero_count_is_nan() -> None:
+    logged = LoggedValues()
+    logged.log("a", torch.tensor(float("inf")), count=2)
+    logged.log("b", 5.0, count=0)
+    got = logged.epoch_values()
+    assert got["a"] == float("inf") and got["b"] != got["b"]           # NaN: no weight at all
+
+
+def test_on_step_on_epoch_flags() -> None:
+    logged = LoggedValues()
+    logged.log("only_step", torch.tensor(1.0), count=4, on_step=True, on_epoch=False)
+    logged.log("only_epoch", torch.tensor(2.0), count=4, on_step=False, on_epoch=True)
+    logged.log("v", torch.tensor(7.0), count=4, on_step=True, phase="val")   # validation has no steps
+    assert logged.step_values() == {"only_step": 1.0}
+    assert logged.epoch_values() == {"only_epoch": 2.0, "val_v": 7.0}
+
+
+def test_step_values_read_the_host_once_and_log_never(host_reads: dict[str, int]) -> None:
+    logged = LoggedValues()
+    for step in range(5):
+        logged.log("a", torch.tensor(float(step)), count=8)
+        logged.log("b", torch.tensor(step * 2.0, dtype=torch.float64), count=torch.tensor(8))
+        logged.log("c", step * 3.0, count=8)
+    assert sum(host_reads.values()) == 0                    # log() keeps device tensors
+    assert logged.step_values() == {"a": 4.0, "b": 8.0, "c": 12.0}
+    assert host_reads["tolist"] == 1 and sum(host_reads.values()) == 1
+    assert logged.step_values() == {"a": 4.0, "b": 8.0, "c": 12.0}  # a second logger, same step: cached
+    assert sum(host_reads.values()) == 1
+    logged.log("a", torch.tensor(9.0), count=8)
+    assert logged.step_values()["a"] == 9.0 and sum(host_reads.values()) == 2
+    assert logged.epoch_values() == {"a": (10 + 9) * 8 / 48, "b": 20 * 8 / 40, "c": 30 / 5}
+    assert sum(host_reads.values()) == 3                    # one read for every epoch mean at once
+
+
+def test_state_dict_round_trip_resumes_exactly(tmp_path: Path) -> None:
+    values = [(torch.tensor(0.1 * i), 8 if i % 2 else 3) for i in range(6)]
+    whole = LoggedValues()
+    first = LoggedValues()
+    for i, (v, n) in enumerate(values):
+        whole.log("m", v, count=n)
+        whole.log("q", v * 2, count=n, phase="val")
+        if i < 3:
+            first.log("m", v, count=n)
+            first.log("q", v * 2, count=n, phase="val")
+    torch.save(first.state_dict(), tmp_path / "logged.pt")
+    second = LoggedValues()
+    second.load_state_dict(torch.load(tmp_path / "logged.pt", weights_only=True))
+    for v, n in values[3:]:
+        second.log("m", v, count=n)
+        second.log("q", v * 2, count=n, phase="val")
+    assert second.epoch_values() == whole.epoch_values()
+    assert all(t.device.type == "cpu" for t in first.state_dict().values() if isinstance(t, torch.Tensor))
+    empty = LoggedValues()
+    empty.load_state_dict(LoggedValues().state_dict())
+    assert empty.epoch_values() == {}
+
+
+@pytest.mark.parametrize(("kw", "error", "match"), [
+    ({"name": ""}, ValueError, r"trainer.log\(name=''\): expected a non-empty str"),
+    ({"name": 3}, ValueError, r"trainer.log\(name=3\): expected a non-empty str"),
+    ({"name": "train_loss"}, ValueError, r"'train_loss' is a built-in metric name"),
+    ({"name": "lr"}, ValueError, r"'lr' is a built-in metric name"),
+    ({"name": "lr/head"}, ValueError, r"'lr/head' is a built-in metric name"),
+    ({"name": "epoch_time"}, ValueError, r"built-in metric name"),
+    ({"name": "loss", "phase": "val"}, ValueError, r"trainer.log\('loss'\): 'val_loss' is a built-in"),
+    ({"name": "val_acc", "phase": "train"}, ValueError, r"names starting with 'val_' are validation metrics"),
+    ({"value": torch.ones(3)}, ValueError, r"0-dim tensor, got a tensor of shape \(3,\)"),
+    ({"value": torch.ones(1, 1)}, ValueError, r"shape \(1, 1\)"),
+    ({"value": "0.5"}, TypeError, r"expected a python number or a 0-dim tensor, got str"),
+    ({"count": -1}, ValueError, r"count=-1\): count must be a number >= 0"),
+    ({"count": torch.ones(2)}, ValueError, r"count must be a number or a 0-dim tensor, got shape \(2,\)"),
+    ({"on_step": False, "on_epoch": False}, ValueError, r"on_epoch=False\) with on_step=False: the value would go"),
+    ({"on_epoch": False, "phase": "val"}, ValueError, r"from validation \(its values are epoch means\)"),
+    ({"phase": "test"}, ValueError, r"phase='test'\): use 'train' or 'val'"),
+])
+def test_errors(kw: dict[str, Any], error: type[Exception], match: str) -> None:
+    args: dict[str, Any] = {"name": "m", "value": torch.tensor(1.0), "count": 1} | kw
+    with pytest.raises(error, match=match):
+        LoggedValues().log(**args)
+
+
+def test_reserved_extra_names() -> None:
+    logged = LoggedValues(reserved={"val_acc"})              # the trainer's own validation metrics
+    with pytest.raises(ValueError, match=r"'val_acc' is a built-in metric name"):
+        logged.log("acc", torch.tensor(1.0), count=1, phase="val")
+    logged.log("acc", torch.tensor(1.0), count=1, phase="train")       # train-phase 'acc' is another name
+
+
+# ------------------------------------------------------------------------------ two gloo ranks
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _two_ranks(rank: int, port: int, out: str) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        logged = LoggedValues()
+        # rank 0: acc 1.0 x 2 samples; rank 1: acc 0.0 x 6 samples -> global weighted mean 0.25
+        logged.log("acc", torch.tensor(1.0 - rank), count=2 + 4 * rank)
+        logged.log("loss2", torch.tensor(float(rank)), count=torch.tensor(1), phase="val")
+        same = logged.epoch_values(world_size=2, device="cpu")
+        if rank == 1:
+            logged.log("only_rank1", 1.0, count=1)
+        try:
+            logged.epoch_values(world_size=2, device="cpu")
+            mismatch = ""
+        except RuntimeError as exc:
+            mismatch = str(exc)
+        torch.save({"same": same, "mismatch": mismatch}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_epoch_values_two_gloo_ranks(tmp_path: Path) -> None:
+    mp.spawn(_two_ranks, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["same"] == {"acc": 0.25, "val_loss2": 0.5}
+        assert "the ranks logged different names (rank 0: ['acc', 'val_loss2']; " \
+               "rank 1: ['acc', 'only_rank1', 'val_loss2'])" in got["mismatch"]
