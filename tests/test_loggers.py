@@ -345,3 +345,112 @@ def test_ensure_console_logging(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
         assert capsys.readouterr().err == "visible by default\n"
     finally:
         logger.setLevel(level)
+
+
+# ------------------------------------------------------------- every param group, trainer.log values
+def _grouped_trainer(callbacks: list[Callback]) -> AdvancedTrainer:
+    """Three param groups (unnamed, 'head', unnamed), each on its own LR schedule, stepped per step."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(8, 16), nn.Linear(16, 3)
+    model = nn.Sequential(body, nn.ReLU(), head)
+    opt = torch.optim.SGD([{"params": body.weight}, {"params": head.parameters(), "name": "head", "lr": 0.5},
+                           {"params": body.bias, "lr": 0.01}], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 0.5 ** s, lambda s: 1.0 + s])
+    return AdvancedTrainer(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), device="cpu",
+                           scheduler=sched, scheduler_interval="step", progress=False, callbacks=callbacks)
+
+
+class _LogsAndRecords(Callback):
+    """Log a value per step into ``trainer.logged`` (as trainer.log will) and record what was logged."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, list[float]] = {}
+        self.values: dict[int, float] = {}
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        step = trainer.state.step
+        self.values[step] = step * 0.25
+        trainer.logged.log("my_value", torch.tensor(step * 0.25), count=8)   # type: ignore[attr-defined]
+        self.lrs[step] = [g["lr"] for g in trainer.optimizer.param_groups]
+
+
+@needs_tensorboard
+def test_every_param_group_lr_and_logged_values_reach_tensorboard_and_csv(tmp_path: Path) -> None:
+    from torchkeel.logged import LoggedValues
+
+    record = _LogsAndRecords()
+    trainer = _grouped_trainer([record, TensorBoardLogger(tmp_path / "tb", log_every_n_steps=2),
+                                CSVLogger(tmp_path / "m.csv", log_every_n_steps=2)])
+    trainer.logged = LoggedValues()                      # type: ignore[attr-defined]  (the loop's, once wired)
+    trainer.fit(_loaders()[0], epochs=2)                 # 5 steps per epoch: logged at 2, 4, 6, 8, 10
+    logged_steps = [2, 4, 6, 8, 10]
+    got = _scalars(tmp_path / "tb")
+    for i, tag in enumerate(("train/lr", "train/lr/head", "train/lr/group2")):
+        assert got[tag] == [(s, pytest.approx(record.lrs[s][i], rel=1e-6)) for s in logged_steps]
+    assert len({record.lrs[10][0], record.lrs[10][1], record.lrs[10][2]}) == 3    # three different LRs
+    assert got["train/my_value"] == [(s, record.values[s]) for s in logged_steps]
+    assert [s for s, _ in got["epoch/lr/head"]] == [5, 10]
+    assert [v for _, v in got["epoch/lr/group2"]] == pytest.approx([record.lrs[5][2], record.lrs[10][2]])
+
+    rows = _csv_rows(tmp_path / "m.csv")
+    header = list(rows[0])
+    assert header[:7] == ["step", "epoch", "kind", "train_loss", "lr", "lr/head", "lr/group2"]
+    assert (tmp_path / "m.csv").read_text().count("step,epoch,kind") == 1
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert [int(r["step"]) for r in steps] == logged_steps
+    for r in steps:
+        assert [float(r[k]) for k in ("lr", "lr/head", "lr/group2")] == record.lrs[int(r["step"])]
+        assert float(r["my_value"]) == record.values[int(r["step"])]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert [float(r["lr/head"]) for r in epochs] == [record.lrs[5][1], record.lrs[10][1]]
+
+
+def test_lr_names() -> None:
+    from torchkeel.logged import group_lrs, lr_names
+
+    groups: list[dict[str, Any]] = [{"name": "body"}, {"name": "group3"}, {}, {"name": "group2"},
+                                    {"name": "head"}, {"name": "head"}]
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], **g} for g in groups], lr=0.1)
+    names = lr_names(opt)          # group 0 keeps 'lr'; a taken name falls back to lr/group<i>, kept unique
+    assert names == ["lr", "lr/group3", "lr/group2", "lr/group3_3", "lr/head", "lr/group5"]
+    assert group_lrs(opt, names) == dict.fromkeys(names, 0.1)
+
+
+# ------------------------------------------------------------------ progress without a loader length
+class _Stream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """40 samples with no __len__, as a streaming source."""
+
+    def __iter__(self) -> Any:
+        x, y = _data(40).tensors
+        return iter(zip(x, y))
+
+
+@needs_tqdm
+def test_progress_bar_counts_steps_without_a_loader_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loggers, "time", _Clock())
+    tty = _TTY()
+    trainer = _trainer(callbacks=[ProgressBar(refresh_rate_hz=1e6, file=tty)], gradient_accumulation_steps=2)
+    trainer.fit(DataLoader(_Stream(), batch_size=4), epochs=2)     # 10 batches, 5 optimizer steps per epoch
+    out = tty.getvalue()
+    assert "epoch 0/1  step 5  [" in out and "epoch 1/1  step 10  [" in out
+    assert "step/s" in out and "batch" not in out and "%" not in out
+
+
+@needs_tqdm
+def test_progress_bar_counts_steps_to_max_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loggers, "time", _Clock())
+    tty = _TTY()
+    trainer = _trainer(callbacks=[ProgressBar(refresh_rate_hz=1e6, file=tty)])
+    trainer.max_steps = 20     # type: ignore[attr-defined]  (fit(max_steps=...) sets it)
+    trainer.fit(DataLoader(_Stream(), batch_size=8), epochs=2)
+    out = tty.getvalue()
+    assert "epoch 0/1  step 5/20  [" in out and "epoch 1/1  step 10/20  [" in out and "%" not in out
+
+
+def test_progress_lines_show_the_step_without_a_loader_length(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="torchkeel")
+    history = _trainer(callbacks=[ProgressBar(file=io.StringIO())]).fit(DataLoader(_Stream(), batch_size=8),
+                                                                         epochs=2)
+    lines = _epoch_records(caplog)
+    assert [line.split("  train_loss")[0] for line in lines] == ["epoch 0/1  step 5", "epoch 1/1  step 10"]
+    assert f"train_loss {history['train_loss'][1]:.4f}" in lines[1]

@@ -1,7 +1,8 @@
 """Progress display, TensorBoard and CSV callbacks. Rank 0 only; tensorboard and tqdm load lazily.
 
-On steps that do not log, ``on_step_end`` costs a few attribute reads; the loss is read to the host
-(``trainer.loss``) only on logging steps and progress refreshes.
+On steps that do not log, ``on_step_end`` costs a few attribute reads; the loss, the LR of every
+param group (``lr``, ``lr/<group name>`` or ``lr/group<i>``) and the values given to ``trainer.log``
+are read to the host only on logging steps and progress refreshes.
 
 Example:
     >>> callbacks = [ProgressBar(), TensorBoardLogger("runs/a"), CSVLogger("runs/a/metrics.csv")]
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from torchkeel.callbacks import Callback
+from torchkeel.logged import group_lrs, lr_names
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -64,15 +66,17 @@ def _summary(metrics: dict[str, float]) -> list[str]:
     return [f"{k} {_fmt(float(metrics[k]))}" for k in keys] + lr
 
 
-def epoch_line(epoch: int, max_epochs: int | None, metrics: dict[str, float]) -> str:
+def epoch_line(epoch: int, max_epochs: int | None, metrics: dict[str, float], step: int | None = None) -> str:
     """One plain line for a finished epoch: ``epoch`` is 0-based, and so is the line (``epoch
     2/19`` is the third of 20, as in file names, history and the summary; Lightning prints the same).
+    ``step`` (optimizer steps so far) is shown when given: for loaders without a length.
 
     Example:
         >>> epoch_line(2, 20, {"train_loss": 0.4123, "val_loss": 0.3981, "lr": 1e-3, "epoch_time": 2.1})
         'epoch 2/19  train_loss 0.4123  val_loss 0.3981  lr 1.00e-03  2.1s'
     """
     head = f"epoch {epoch}/{max_epochs - 1}" if max_epochs else f"epoch {epoch}"
+    head += f"  step {step}" if step is not None else ""
     tail = [f"{metrics['epoch_time']:.1f}s"] if "epoch_time" in metrics else []
     return "  ".join([head, *_summary(metrics), *tail])
 
@@ -81,7 +85,9 @@ class ProgressBar(Callback):
     """A tqdm bar per epoch on a terminal, else one ``torchkeel`` log line per epoch. Rank 0 only.
 
     The bar shows batches, it/s, ETA, loss and lr, refreshed at most ``refresh_rate_hz`` times a
-    second; between refreshes ``on_step_end`` only reads the clock.
+    second; between refreshes ``on_step_end`` only reads the clock. A loader without a length (an
+    ``IterableDataset``) has no percentage: the bar and the lines count optimizer steps (``step N``,
+    ``step N/max_steps`` when the trainer has ``max_steps``).
 
     Args:
         refresh_rate_hz: most bar refreshes per second.
@@ -101,8 +107,9 @@ class ProgressBar(Callback):
         self._tqdm: Any = None            # the tqdm class when drawing bars, else None
         self._bar: Any = None
         self._next = math.inf             # monotonic time of the next refresh
-        self._shown = 0                   # batches the bar has been told about
+        self._shown = 0                   # batches (or steps) the bar has been told about
         self._max_epochs: int | None = None
+        self._steps = False               # the loader has no length: count optimizer steps
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         self._active, self._tqdm = trainer.is_global_zero, None
@@ -110,6 +117,7 @@ class ProgressBar(Callback):
             return
         ensure_console_logging()
         self._max_epochs = getattr(trainer, "max_epochs", None)
+        self._steps = getattr(trainer, "num_batches", None) is None
         isatty = getattr(sys.stderr if self.file is None else self.file, "isatty", None)
         if callable(isatty) and isatty():
             try:
@@ -123,12 +131,17 @@ class ProgressBar(Callback):
         if self._tqdm is None:
             return
         self._close()
-        self._shown = trainer.state.batch      # > 0 after a mid-epoch resume
+        self._shown = self._position(trainer)      # > 0 after a mid-epoch resume
+        total, fmt = getattr(trainer, "num_batches", None), {}
+        if self._steps:
+            total = getattr(trainer, "max_steps", None)
+            fmt = {"bar_format": "{desc}  step {n_fmt}" + ("/{total_fmt}  [{elapsed}<{remaining}" if total
+                                                           else "  [{elapsed}") + ", {rate_fmt}{postfix}]"}
         self._bar = self._tqdm(
-            total=getattr(trainer, "num_batches", None), initial=self._shown, unit="batch",
+            total=total, initial=self._shown, unit="step" if self._steps else "batch",
             desc=epoch_line(trainer.state.epoch, self._max_epochs, {}),
             file=sys.stderr if self.file is None else self.file,
-            leave=True, mininterval=0, miniters=1, dynamic_ncols=True,
+            leave=True, mininterval=0, miniters=1, dynamic_ncols=True, **fmt,
         )
         self._next = time.monotonic() + 1.0 / self.refresh_rate_hz
 
@@ -139,20 +152,20 @@ class ProgressBar(Callback):
         if now < self._next:
             return
         self._next = now + 1.0 / self.refresh_rate_hz
-        batch = trainer.state.batch
+        position = self._position(trainer)
         self._bar.set_postfix_str(f"loss={trainer.loss:.4g}, lr={trainer.lr:.2e}", refresh=False)
-        self._bar.update(batch - self._shown)
-        self._shown = batch
+        self._bar.update(position - self._shown)
+        self._shown = position
 
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
         if not self._active:
             return
         state = trainer.state
         if self._bar is None:
-            log.info(epoch_line(state.epoch, self._max_epochs, state.metrics))
+            log.info(epoch_line(state.epoch, self._max_epochs, state.metrics, state.step if self._steps else None))
             return
         self._bar.set_postfix_str("  ".join(_summary(state.metrics)), refresh=False)
-        self._bar.update(state.batch - self._shown)
+        self._bar.update(self._position(trainer) - self._shown)
         self._close()
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:
@@ -160,6 +173,9 @@ class ProgressBar(Callback):
 
     def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
         self._close()
+
+    def _position(self, trainer: AdvancedTrainer) -> int:
+        return trainer.state.step if self._steps else trainer.state.batch
 
     def _close(self) -> None:
         bar, self._bar, self._next = self._bar, None, math.inf
@@ -170,9 +186,10 @@ class ProgressBar(Callback):
 class TensorBoardLogger(Callback):
     """Write loss, lr, grad norm, epoch metrics and hyperparameters to TensorBoard. Rank 0 only.
 
-    Every ``log_every_n_steps`` optimizer steps ``train/loss``, ``train/lr`` and (when clipping)
-    ``train/grad_norm``; each epoch ``epoch/<metric>`` and ``epoch/samples_per_sec`` at the global
-    step; at the end ``trainer.hparams`` with the final metrics (``hparam/<metric>``). A resumed run
+    Every ``log_every_n_steps`` optimizer steps ``train/loss``, ``train/lr`` (group 0; other param
+    groups ``train/lr/<name>`` or ``train/lr/group<i>``), ``train/<name>`` for each ``trainer.log``
+    step value and (when clipping) ``train/grad_norm``; each epoch ``epoch/<metric>`` (the groups'
+    ``epoch/lr/...`` too) and ``epoch/samples_per_sec`` at the global step; at the end ``trainer.hparams`` with the final metrics (``hparam/<metric>``). A resumed run
     hides every point the crashed one wrote after its checkpoint (``purge_step=state.step + 1``).
 
     Args:
@@ -194,6 +211,7 @@ class TensorBoardLogger(Callback):
         self.writer: Any = None
         self._every = 1
         self._samples = 0
+        self._lr_names: list[str] = []
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         if not trainer.is_global_zero:
@@ -203,6 +221,7 @@ class TensorBoardLogger(Callback):
         except ImportError as exc:
             raise ImportError(TENSORBOARD_MISSING) from exc
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        self._lr_names = lr_names(trainer.optimizer)
         # SummaryWriter hides events with step >= purge_step (a SessionLog.START at that step): the
         # checkpoint holds steps <= state.step, so everything after it is what the new run rewrites.
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=trainer.state.step + 1)
@@ -219,7 +238,8 @@ class TensorBoardLogger(Callback):
         if step % self._every:
             return
         writer.add_scalar("train/loss", trainer.loss, step)
-        writer.add_scalar("train/lr", trainer.lr, step)
+        for name, value in (group_lrs(trainer.optimizer, self._lr_names) | _step_values(trainer)).items():
+            writer.add_scalar(f"train/{name}", value, step)
         grad_norm = trainer.accum.grad_norm
         if grad_norm is not None:
             writer.add_scalar("train/grad_norm", float(grad_norm), step)
@@ -229,7 +249,7 @@ class TensorBoardLogger(Callback):
         if writer is None:
             return
         step, metrics = trainer.state.step, trainer.state.metrics
-        for name, value in metrics.items():
+        for name, value in (metrics | _other_lrs(trainer, self._lr_names)).items():
             writer.add_scalar(f"epoch/{name}", float(value), step)
         seconds = metrics.get("epoch_time")
         if seconds and self._samples:
@@ -267,8 +287,10 @@ class CSVLogger(Callback):
     """Append a row per logged step and per epoch to a CSV file, flushed per row. Rank 0 only.
 
     Columns: ``step``, ``epoch`` (0-based, as in the history), ``kind`` (``step``/``epoch``),
-    ``train_loss`` (the step's loss, or the epoch mean), ``lr``, then the epoch metrics. The header is
-    rewritten (atomically) only when a column first appears: at the first epoch's end. ``fit`` keeps
+    ``train_loss`` (the step's loss, or the epoch mean), ``lr``, the other param groups' LRs
+    (``lr/<name>`` or ``lr/group<i>``, for the groups there at fit start), then ``trainer.log`` step
+    values and the epoch metrics. The header is rewritten (atomically) only when a column first
+    appears: at the first logged value and the first epoch's end. ``fit`` keeps
     only the rows its checkpoint covers, so a resumed run has no duplicates; a fresh run starts empty.
 
     Args:
@@ -291,6 +313,7 @@ class CSVLogger(Callback):
         self._file: TextIO | None = None
         self._writer: Any = None
         self._every = 1
+        self._lr_names: list[str] = []
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         if not trainer.is_global_zero:
@@ -298,6 +321,8 @@ class CSVLogger(Callback):
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
         state = trainer.state
         self.columns, rows = self._read()
+        self._lr_names = lr_names(trainer.optimizer)
+        self.columns += [name for name in self._lr_names if name not in self.columns]
         kept = [r for r in rows if _covered(r, state.step, state.epoch, state.epoch_finished)]
         if len(kept) < len(rows):
             log.info("CSVLogger: dropped %d rows of %s past step %d, so this run does not repeat them.",
@@ -307,13 +332,14 @@ class CSVLogger(Callback):
     def on_step_end(self, trainer: AdvancedTrainer) -> None:
         state = trainer.state
         if self._file is not None and state.step % self._every == 0:
-            self._write({"step": state.step, "epoch": state.epoch, "kind": "step",
-                         "train_loss": trainer.loss, "lr": trainer.lr})
+            self._write({"step": state.step, "epoch": state.epoch, "kind": "step", "train_loss": trainer.loss,
+                         **group_lrs(trainer.optimizer, self._lr_names), **_step_values(trainer)})
 
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
         state = trainer.state
         if self._file is not None:
-            self._write({"step": state.step, "epoch": state.epoch, "kind": "epoch", **state.metrics})
+            self._write({"step": state.step, "epoch": state.epoch, "kind": "epoch", **state.metrics,
+                         **_other_lrs(trainer, self._lr_names)})
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:
         self._close()
@@ -359,6 +385,17 @@ class CSVLogger(Callback):
         file, self._file, self._writer = self._file, None, None
         if file is not None:
             file.close()
+
+
+def _step_values(trainer: AdvancedTrainer) -> dict[str, float]:
+    """``trainer.log``'s latest step values (one host read), or nothing before the trainer has them."""
+    logged = getattr(trainer, "logged", None)
+    return logged.step_values() if logged is not None else {}
+
+
+def _other_lrs(trainer: AdvancedTrainer, names: list[str]) -> dict[str, float]:
+    """The LRs of param groups 1, 2, ... (group 0's ``lr`` is already in the epoch metrics)."""
+    return dict(list(group_lrs(trainer.optimizer, names).items())[1:])
 
 
 def _covered(row: dict[str, str], step: int, epoch: int, epoch_finished: bool) -> bool:
