@@ -208,9 +208,9 @@ def test_history_is_a_json_dict_of_lists(make_trainer, dataset):
     trainer = make_trainer(metrics={"mae": lambda out, y: (out - y).abs().mean()})
     history = trainer.fit(train_loader=loader(dataset), val_loader=loader(dataset, 16), epochs=3)
     assert isinstance(history, History) and isinstance(history, dict)
-    assert set(history) == {"epoch", "train_loss", "val_loss", "val_mae", "lr", "epoch_time"}
+    assert set(history) == {"epoch", "step", "train_loss", "val_loss", "val_mae", "lr", "epoch_time"}
     assert all(len(column) == 3 for column in history.values())
-    assert history["epoch"] == [0, 1, 2]
+    assert history["epoch"] == [0, 1, 2] and history["step"] == [8, 16, 24]
     assert history["lr"] == [0.1, 0.1, 0.1]
     assert all(t > 0 for t in history["epoch_time"])
     assert history["val_loss"][-1] == pytest.approx(trainer.validate(loader(dataset, 16))["val_loss"], rel=1e-12)
@@ -221,7 +221,7 @@ def test_history_is_a_json_dict_of_lists(make_trainer, dataset):
 
 def test_history_without_validation_has_no_val_keys(make_trainer, dataset):
     history = make_trainer().fit(train_loader=loader(dataset), epochs=2)
-    assert set(history) == {"epoch", "train_loss", "lr", "epoch_time"}
+    assert set(history) == {"epoch", "step", "train_loss", "lr", "epoch_time"}
     assert len(history["train_loss"]) == 2
 
 

@@ -3,17 +3,29 @@
 The hook order, once, as a sketch of ``AdvancedTrainer.fit``::
 
     on_fit_begin(trainer)                      # after resume, before the first batch
-    for epoch in range(state.epoch, epochs):
+    for epoch in range(state.epoch, epochs):   # until epochs or max_steps, whichever comes first
         on_epoch_begin(trainer)
         for batch in train_loader:
             if trainer._step(batch):           # True once the optimizer stepped
                 on_step_end(trainer)           # once per real optimizer step
+                if state.step == max_steps: break
+                if state.step % val_every_n_steps == 0:      # mid-epoch validation point
+                    state.metrics = validate(val_loader)     # reduced across ranks; RNG kept
+                    on_validation_end(trainer)               # EarlyStopping, ModelCheckpoint
             if state.should_stop: break
-        state.metrics |= validate(val_loader)  # reduced across ranks
-        on_epoch_end(trainer)                  # fresh metrics; EarlyStopping, ModelCheckpoint
+        state.metrics = validate(val_loader)   # the epoch's (or the max_steps cut's) point
+        on_epoch_end(trainer)                  # LRScheduler (epoch interval, ReduceLROnPlateau)
+        on_validation_end(trainer)             # EarlyStopping, ModelCheckpoint (ranked saves)
         if state.should_stop: break
     on_fit_end(trainer)
     # any exception inside fit: on_exception(trainer, exc), then it propagates
+
+``on_validation_end`` was added for ``val_every_n_steps``: EarlyStopping (patience counts
+validations) and ModelCheckpoint (ranks the checkpoint of each validation) act on metrics, which
+exist at every validation point, not only at an epoch's end. It fires at the epoch's end too, even
+without a val_loader (train_loss monitors), after ``on_epoch_end``: a checkpoint then holds the
+epoch's scheduler step, and metrics a callback adds in ``on_epoch_end`` are seen. A ``max_steps`` cut mid-epoch runs both hooks with
+``state.epoch_finished`` False: the epoch goes on when the run is resumed with a larger budget.
 
 Only hooks a callback overrides are called: ``fit`` builds one list per hook.
 """
@@ -33,7 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("torchkeel")
 
-HOOKS = ("on_fit_begin", "on_epoch_begin", "on_step_end", "on_epoch_end", "on_fit_end", "on_exception")
+HOOKS = ("on_fit_begin", "on_epoch_begin", "on_step_end", "on_validation_end", "on_epoch_end", "on_fit_end",
+         "on_exception")
 
 Mode = Literal["min", "max", "auto"]
 _MAX_WORDS = {"acc", "accuracy", "f1", "auc", "auroc", "precision", "recall", "iou", "miou", "dice", "score",
@@ -66,6 +79,7 @@ class Callback:
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None: ...
     def on_epoch_begin(self, trainer: AdvancedTrainer) -> None: ...
     def on_step_end(self, trainer: AdvancedTrainer) -> None: ...
+    def on_validation_end(self, trainer: AdvancedTrainer) -> None: ...
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None: ...
     def on_fit_end(self, trainer: AdvancedTrainer) -> None: ...
     def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None: ...
@@ -115,7 +129,8 @@ class EarlyStopping(Callback):
     Args:
         monitor: metric name in ``trainer.state.metrics`` (default ``'val_loss'``).
         mode: ``'min'``, ``'max'`` or ``'auto'`` (inferred from the name: loss -> min, acc -> max).
-        patience: epochs without improvement before stopping.
+        patience: validations without improvement before stopping (epochs, unless ``fit`` validates
+            every N steps).
         min_delta: smallest change that counts as an improvement.
         baseline: stop if the metric has not beaten this after ``patience`` epochs.
         check_finite: stop at once when the metric is NaN or infinite.
@@ -170,13 +185,15 @@ class EarlyStopping(Callback):
         self.stopped_epoch = -1
         self.stopping_reason: str | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
+        self._unit = "epochs"          # what patience counts: validations when validating every N steps
 
     @property
     def state_key(self) -> str:
         return f"EarlyStopping[{self.monitor},{self.mode}]"
 
-    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+    def on_validation_end(self, trainer: AdvancedTrainer) -> None:
         state = trainer.state
+        self._unit = "validations" if getattr(trainer, "val_every_n_steps", None) else "epochs"
         if state.epoch < self.start_from_epoch:
             return
         if self.monitor not in state.metrics:
@@ -219,11 +236,11 @@ class EarlyStopping(Callback):
             return None
         self.wait += 1
         if self.verbose:
-            log.info("EarlyStopping: %s=%.6g, no improvement for %d/%d epochs.",
-                     self.monitor, value, self.wait, self.patience)
+            log.info("EarlyStopping: %s=%.6g, no improvement for %d/%d %s.",
+                     self.monitor, value, self.wait, self.patience, self._unit)
         if self.wait >= self.patience:
             return (f"{self.monitor} did not improve ({better} {self.best:.6g} by more than "
-                    f"min_delta={self.min_delta}) for {self.wait} epochs (patience={self.patience}).")
+                    f"min_delta={self.min_delta}) for {self.wait} {self._unit} (patience={self.patience}).")
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -246,7 +263,8 @@ class EarlyStopping(Callback):
 class LRScheduler(Callback):
     """Step an LR scheduler once per optimizer step (``'step'``) or per epoch (``'epoch'``).
 
-    ``ReduceLROnPlateau`` is stepped with ``trainer.state.metrics[monitor]`` at each epoch's end.
+    ``ReduceLROnPlateau`` is stepped with ``trainer.state.metrics[monitor]`` at each epoch's end
+    (the epoch's fresh metrics; mid-epoch validations do not step it).
     The scheduler's own state is saved by the trainer under ``"scheduler"``.
 
     Args:
@@ -276,7 +294,7 @@ class LRScheduler(Callback):
             self.scheduler.step()
 
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
-        if self.interval != "epoch":
+        if self.interval != "epoch" or not trainer.state.epoch_finished:   # a max_steps cut: the epoch goes on
             return
         if self.monitor is not None:
             self.scheduler.step(trainer.state.metrics[self.monitor])

@@ -131,7 +131,8 @@ class ModelCheckpoint(Callback):
             if isinstance(cb, EarlyStopping) and cb.monitor == self.monitor and cb.mode != self.mode:
                 log.warning("ModelCheckpoint(mode=%r) and EarlyStopping(mode=%r) disagree on %r: one of them "
                             "keeps the worst values.", self.mode, cb.mode, self.monitor)
-        if self.every_n_steps and self.monitor and self.save_top_k != 0 and trainer.is_global_zero:
+        if self.every_n_steps and self.monitor and self.save_top_k != 0 and trainer.is_global_zero \
+                and not getattr(trainer, "val_every_n_steps", None):
             log.warning("ModelCheckpoint(every_n_steps=%d, monitor=%r): step checkpoints are not ranked "
                         "(validation runs only at epoch end); each is kept as the last checkpoint until the "
                         "next save.%s", self.every_n_steps, self.monitor,
@@ -150,8 +151,14 @@ class ModelCheckpoint(Callback):
         if self.every_n_steps and trainer.state.step % self.every_n_steps == 0:
             self.save_now(trainer, reason="step", ranked=False)
 
-    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
-        if self.every_n_epochs and (trainer.state.epoch + 1) % self.every_n_epochs == 0:
+    def on_validation_end(self, trainer: AdvancedTrainer) -> None:
+        """A ranked save at every validation: mid-epoch ones, a max_steps cut, every_n_epochs-th epoch ends."""
+        state = trainer.state
+        if not self.every_n_epochs:
+            return
+        if not state.epoch_finished:
+            self.save_now(trainer, reason="validation", ranked=True)
+        elif (state.epoch + 1) % self.every_n_epochs == 0:
             self.save_now(trainer, reason="epoch", ranked=True)
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import batching, dataorder, resume, runs, signals
+from torchkeel import batching, dataorder, resume, runs, signals, steps
 from torchkeel.accumulate import GradientAccumulator, as_count
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.checkpoint import ModelCheckpoint
@@ -159,6 +161,14 @@ class AdvancedTrainer:
         self.state = State()
         self.history = History()
         self.max_epochs: int | None = None
+        self.max_steps: int | None = None
+        self.val_every_n_steps: int | None = None
+        self._limit_train: int | None = None
+        self._limit_val: int | None = None
+        self._boundary = sys.maxsize  # the next step at which the loop validates or ends
+        self._cut = False             # max_steps ended this epoch early
+        self._fresh = False           # the epoch's end validated (not done already at this step)
+        self._hooks: dict[str, list[Callback]] = {h: [] for h in HOOKS}
         self.num_batches: int | None = None
         self.batch_size: int | None = None
         self._val_batch: int | None = None     # index of the validation batch being evaluated
@@ -189,32 +199,35 @@ class AdvancedTrainer:
         self,
         train_loader: Iterable[Any],
         val_loader: Iterable[Any] | None = None,
-        epochs: int = 1,
+        epochs: int | None = None,
+        max_steps: int | None = None,
+        val_every_n_steps: int | None = None,
+        limit_train_batches: float | None = None,
+        limit_val_batches: float | None = None,
         resume_from: str | None = None,
     ) -> History:
-        """Train for ``epochs`` epochs (counting any already done when resuming); return the history."""
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"fit(epochs={epochs!r}): epochs must be an int >= 1.")
-        batching.check_loader(train_loader, "train_loader")
-        if val_loader is not None:
-            batching.check_loader(val_loader, "val_loader")
-        self._check_monitors(val_loader)
+        """Train until ``epochs`` epochs or ``max_steps`` optimizer steps, whichever comes first.
+
+        Counts include those done before a resume; with neither given, one epoch. Args:
+            val_every_n_steps: also validate (and run ``on_validation_end``) every this many steps.
+            limit_train_batches, limit_val_batches: batches per epoch / validation: an int, or a
+                fraction in (0, 1] of the loader's length.
+            resume_from: a checkpoint path, ``'last'`` or ``'auto'`` (see ``torchkeel.resume``).
+        """
+        self._plan(train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
+                   limit_val_batches)
         state = self.state
-        self.max_epochs, self.num_batches = epochs, batching.num_batches(train_loader)
-        self.batch_size = getattr(train_loader, "batch_size", None)
-        if self.world_size > 1:
-            self._check_even(train_loader, "train_loader")
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
-        self._counted, self._windows_at_fit = False, state.step + state.skipped_steps
+        self._continue_run(resumed)
         callbacks = self.callbacks + self._run_folder(resumed)
-        hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
+        hooks = self._hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
         try:
             with self._signal.installed():
                 for cb in hooks["on_fit_begin"]:
                     cb.on_fit_begin(self)
                 start = state.epoch + 1 if state.epoch_finished else state.epoch
-                for epoch in range(start, epochs):
-                    if state.should_stop:
+                for epoch in steps.epochs_range(start, self.max_epochs):
+                    if state.should_stop or self._budget_spent:
                         break
                     self._begin_epoch(epoch, train_loader)
                     for cb in hooks["on_epoch_begin"]:
@@ -224,6 +237,8 @@ class AdvancedTrainer:
                         if self._step(batch):
                             for cb in hooks["on_step_end"]:
                                 cb.on_step_end(self)
+                            if state.step >= self._boundary and self._at_boundary(val_loader):
+                                break
                         if self._preempt:
                             signals.on_signal(self)
                         if self._stop_agreed():
@@ -236,8 +251,12 @@ class AdvancedTrainer:
                     self._end_epoch(val_loader, time.perf_counter() - tic)
                     for cb in hooks["on_epoch_end"]:
                         cb.on_epoch_end(self)
+                    for cb in hooks["on_validation_end"] if self._fresh else ():   # after the LR step
+                        cb.on_validation_end(self)
                     if self._stop_agreed(sync=True):
                         break
+                if self._budget_spent and not state.should_stop:
+                    state.stop_reason = f"reached max_steps={self.max_steps}"
                 for cb in hooks["on_fit_end"]:
                     cb.on_fit_end(self)
         except BaseException as exc:
@@ -245,6 +264,73 @@ class AdvancedTrainer:
                 cb.on_exception(self, exc)
             raise
         return self.history
+
+    def _plan(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, epochs: Any, max_steps: Any,
+              val_every_n_steps: Any, limit_train: Any, limit_val: Any) -> None:
+        """Check ``fit``'s arguments and set what this fit runs: extent, validation points, limits."""
+        if epochs is None and max_steps is None:
+            epochs = 1                       # the seed's fit(loader): one epoch
+        self.max_epochs = steps.check_count("epochs", epochs)
+        self.max_steps = steps.check_count("max_steps", max_steps)
+        self.val_every_n_steps = steps.check_count("val_every_n_steps", val_every_n_steps)
+        batching.check_loader(train_loader, "train_loader")
+        if val_loader is not None:
+            batching.check_loader(val_loader, "val_loader")
+        steps.check_monitors(self, val_loader)
+        self._limit_train = steps.limit_of("limit_train_batches", limit_train, train_loader)
+        self._limit_val = steps.limit_of("limit_val_batches", limit_val, val_loader)
+        n = batching.num_batches(train_loader)
+        self.num_batches = n if self._limit_train is None or n is None else min(n, self._limit_train)
+        self.batch_size = getattr(train_loader, "batch_size", None)
+        if self.world_size > 1:
+            steps.check_even(self, train_loader, "train_loader")
+
+    def _continue_run(self, resumed: Path | None) -> None:
+        """After a resume: a larger budget continues; a callback's stop stays, and says why."""
+        state = self.state
+        self._counted, self._windows_at_fit = False, state.step + state.skipped_steps
+        if state.should_stop:
+            log.warning("fit(resume_from=...): %s was stopped (%s), so training does not continue. Resume from "
+                        "an earlier checkpoint, or start a new run, to train further.", resumed, state.stop_reason)
+        else:
+            state.stop_reason = None         # why the last fit ended (its budget) is no reason now
+        self._boundary = self._next_boundary()
+
+    @property
+    def _budget_spent(self) -> bool:
+        return self.max_steps is not None and self.state.step >= self.max_steps
+
+    def _next_boundary(self) -> int:
+        """The next optimizer step at which the loop validates or ends (``sys.maxsize``: none)."""
+        every, last = self.val_every_n_steps, self.max_steps if self.max_steps is not None else sys.maxsize
+        return min(last, (self.state.step // every + 1) * every) if every else last
+
+    def _at_boundary(self, val_loader: Iterable[Any] | None) -> bool:
+        """At ``max_steps`` or a validation step; True to end the epoch here."""
+        mid_epoch = self.num_batches is None or self.state.batch < self.num_batches
+        if self._budget_spent:
+            self._cut = mid_epoch            # the epoch is not done: a resume continues it
+            return True
+        if mid_epoch:                        # at the epoch's last batch, the epoch's end validates
+            self._validation_point(val_loader)
+            for cb in self._hooks["on_validation_end"]:
+                cb.on_validation_end(self)
+        self._boundary = self._next_boundary()
+        return self._stop_agreed(sync=True)
+
+    def _validation_point(self, val_loader: Iterable[Any] | None, extra: Mapping[str, float] = {},
+                          finished: bool = False) -> None:
+        """Validate and record one history row (the caller runs the hooks)."""
+        state = self.state
+        self.check_finite()
+        self.accum.zero_grad()
+        metrics: dict[str, float] = {"train_loss": self._reduced_epoch_loss()}
+        if val_loader is not None:
+            metrics |= self.validate(val_loader, self._limit_val) if self._limit_val else self.validate(val_loader)
+        state.metrics = metrics | {"lr": self.lr, **extra}
+        state.epoch_finished = finished
+        state.last_val_step = state.step
+        self.history.append({"epoch": state.epoch, "step": state.step, **state.metrics})
 
     def _step(self, batch: Any) -> bool:
         """One micro-batch; at a window's end, the optimizer step. True once the optimizer stepped."""
@@ -268,17 +354,17 @@ class AdvancedTrainer:
     def _backward_counted(self, out: Any, batch: Any) -> None:
         """``training_step`` returned ``(loss, count)``: the window weighs micro-batches by items."""
         if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(f"training_step returned {batching.shape(out)} at {self._where()} after returning "
+            raise TypeError(f"training_step returned {batching.shape(out)} at {steps.where(self)} after returning "
                             "(loss, count) earlier in this fit; return (loss, count) on every batch, or never.")
         if not self._counted:
             if self.accum.pending or self.state.step + self.state.skipped_steps != self._windows_at_fit:
-                raise TypeError(f"training_step returned (loss, count) at {self._where()} after returning a "
+                raise TypeError(f"training_step returned (loss, count) at {steps.where(self)} after returning a "
                                 "plain loss earlier in this fit; return (loss, count) on every batch, or never.")
             self._counted = True
         loss, count = out
         self._window_batch_samples += batching.batch_size(batch) * self.world_size   # ranks have even shards
         self.accum.backward(loss, flags=self._local_flags(),
-                            count=as_count(count, f"training_step's (loss, count) at {self._where()}"))
+                            count=as_count(count, f"training_step's (loss, count) at {steps.where(self)}"))
 
     def _finish_window(self) -> bool:
         """Step a short last window at the end of an epoch."""
@@ -333,9 +419,8 @@ class AdvancedTrainer:
 
     def training_step(self, batch: Any) -> torch.Tensor:
         """Forward one batch and return its mean loss. Override for custom batches or models."""
-        inputs, targets = self._split(batch)
-        outputs = self._forward(inputs)
-        return self._loss(outputs, targets, batch)
+        inputs, targets = steps.split(self, batch)
+        return steps.loss_of(self, steps.forward(self.model, inputs), targets, batch)
 
     def validation_step(self, batch: Any) -> tuple[Any, Any, Any]:
         """Forward one validation batch; return ``(loss, outputs, targets)``. Override as needed.
@@ -343,82 +428,16 @@ class AdvancedTrainer:
         ``loss`` may be ``(loss, count)``. For a model whose output has ``logits`` (and ``loss``),
         ``outputs`` are the logits and ``targets`` the batch's labels, which the metrics receive.
         """
-        inputs, targets = self._split(batch)
-        outputs = self._forward(inputs)
-        loss = self._loss(outputs, targets, batch)
-        if type(outputs) is not torch.Tensor:
-            logits = batching.logits_of(outputs)
-            if logits is not outputs and targets is None:
-                targets = batching.labels_of(batch)
-            outputs = logits
-        return loss, outputs, targets
+        return steps.validation_step(self, batch)
 
-    # ----------------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def validate(self, loader: Iterable[Any]) -> dict[str, float]:
-        """Mean validation loss and metrics over ``loader``, reduced across ranks."""
-        was_training = self.model.training
-        self.model.eval()
-        fns = {k: m for k, m in self.metrics.items() if not hasattr(m, "update")}
-        objs = {k: m for k, m in self.metrics.items() if hasattr(m, "update")}
-        for m in objs.values():
-            m.reset()
-        sums = torch.zeros(2 + len(fns), dtype=torch.float64, device=self.device)  # loss*n, metrics, loss n
-        count, counted, batches = 0, 0, 0
-        try:
-            for self._val_batch, batch in enumerate(loader):
-                if self._move:
-                    batch = batching.to_device(batch, self.device)
-                with self._autocast():
-                    loss, outputs, targets = self.validation_step(batch)
-                n = batching.batch_size(batch)
-                count, batches = count + n, batches + 1
-                if isinstance(loss, tuple):      # (loss, count): weighted by its items
-                    loss, items = loss
-                    counted += 1
-                    items = torch.as_tensor(items, dtype=torch.float64, device=self.device)
-                else:
-                    items = n
-                sums[0] += loss.detach().double() * items
-                sums[-1] += items
-                for i, fn in enumerate(fns.values(), start=1):
-                    sums[i] += torch.as_tensor(fn(outputs, targets), dtype=torch.float64) * n
-                for m in objs.values():
-                    m.update(outputs, targets)
-        finally:
-            self.model.train(was_training)
-            self._val_batch = None
-        if 0 < counted < batches:
-            raise TypeError("validation_step returned (loss, count) on some batches and a plain loss on others; "
-                            "return (loss, count) on every batch, or never.")
-        totals = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=self.device)])
-        if self.world_size > 1:
-            dist.all_reduce(totals)
-        *values, items_total, total = totals.tolist()
-        if total == 0:
-            raise ValueError("validate(loader): the loader yielded no batches. Pass a non-empty loader.")
-        out = {"val_loss": values[0] / items_total}
-        out |= {f"val_{k}": v / total for k, v in zip(fns, values[1:])}
-        out |= {f"val_{k}": float(m.compute()) for k, m in objs.items()}
-        return out
+    def validate(self, loader: Iterable[Any], limit_batches: int | None = None) -> dict[str, float]:
+        """Mean validation loss and metrics over ``loader`` (reduced across ranks); training's RNG is kept."""
+        return steps.validate(self, loader, limit_batches)
 
-    @torch.no_grad()
     def predict(self, loader: Iterable[Any]) -> Any:
         """Model outputs (a model output's ``logits``) for every batch, concatenated on the CPU when tensors."""
-        was_training = self.model.training
-        self.model.eval()
-        outs = []
-        try:
-            for batch in loader:
-                if self._move:
-                    batch = batching.to_device(batch, self.device)
-                inputs = batch if isinstance(batch, (torch.Tensor, Mapping)) else self._split(batch)[0]
-                with self._autocast():
-                    out = batching.logits_of(self._forward(inputs))
-                    outs.append(batching.to_device(out, torch.device("cpu")))
-        finally:
-            self.model.train(was_training)
-        return torch.cat(outs) if outs and all(isinstance(o, torch.Tensor) for o in outs) else outs
+        return steps.predict(self, loader)
+
 
     # --------------------------------------------------------------------------- helpers
     @property
@@ -480,21 +499,21 @@ class AdvancedTrainer:
         self.model.train()
 
     def _batches(self, loader: Iterable[Any]) -> Iterator[Any]:
-        return dataorder.epoch_batches(self, loader)
+        it = dataorder.epoch_batches(self, loader)
+        return it if self._limit_train is None else itertools.islice(it, max(0, self._limit_train - self.state.batch))
 
     def _end_epoch(self, val_loader: Iterable[Any] | None, seconds: float) -> None:
+        """The epoch's (or a ``max_steps`` cut's) validation point; a cut leaves the epoch unfinished."""
         state = self.state
         if state.batch == 0:
             raise ValueError(f"train_loader yielded no batches in epoch {state.epoch}. Pass a non-empty loader.")
-        self.check_finite()
-        self.accum.zero_grad()
-        metrics: dict[str, float] = {"train_loss": self._reduced_epoch_loss()}
-        if val_loader is not None:
-            metrics |= self.validate(val_loader)
-        metrics |= {"lr": self.lr, "epoch_time": seconds}
-        state.metrics = metrics
-        state.epoch_finished = True
-        self.history.append({"epoch": state.epoch, **metrics})
+        finished, self._cut = not self._cut, False
+        self._fresh = state.last_val_step != state.step   # else validated at this step: a stop or a stream's end
+        if self._fresh:
+            self._validation_point(val_loader, {"epoch_time": seconds}, finished)
+        else:
+            state.metrics["epoch_time"], state.epoch_finished = seconds, finished and not state.should_stop
+        self._boundary = self._next_boundary()
 
     def _reduced_epoch_loss(self) -> float:
         state = self.state
@@ -538,75 +557,3 @@ class AdvancedTrainer:
     def _too_many_skips(self) -> bool:
         limit = self.max_consecutive_skipped_steps
         return limit is not None and self.state.consecutive_skipped_steps >= limit
-
-    def _check_even(self, loader: Iterable[Any], name: str) -> None:
-        """Every rank must run the same number of batches, or a collective would wait forever."""
-        n = batching.num_batches(loader)
-        if n is None:
-            return
-        t = torch.tensor([n, -n], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        most, least = int(t[0]), -int(t[1])
-        if most != least:
-            raise ValueError(
-                f"fit({name}=...): ranks have between {least} and {most} batches per epoch; DDP would hang. "
-                "Use a DistributedSampler (DistributedTrainer.create_dataloader pads shards evenly) or drop_last."
-            )
-
-    def _split(self, batch: Any) -> tuple[Any, Any]:
-        if type(batch) in (tuple, list) and len(batch) == 2:     # the common case, checked first
-            return batch[0], batch[1]
-        if isinstance(batch, Mapping):
-            key = next((k for k in batching.TARGET_KEYS if k in batch), None)
-            if key is None or self.criterion is None:
-                return batch, None
-            return {k: v for k, v in batch.items() if k != key}, batch[key]
-        if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
-            return batch[0], batch[1] if len(batch) == 2 else None
-        kind = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) \
-            else type(batch).__name__
-        raise TypeError(
-            f"AdvancedTrainer cannot unpack a batch of type {kind} (epoch {self.state.epoch}, "
-            f"batch {self.state.batch}): expected (inputs, targets) or a dict with a 'labels'/'target' key. "
-            "Override training_step(batch) and validation_step(batch) for other batch layouts."
-        )
-
-    def _forward(self, inputs: Any) -> Any:
-        return self.model(inputs) if type(inputs) is torch.Tensor else \
-            self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
-
-    def _loss(self, outputs: Any, targets: Any, batch: Any) -> torch.Tensor:
-        if self.criterion is None:
-            return batching.own_loss(outputs, self.state)
-        if targets is None:
-            layout = f"dict with keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
-            raise TypeError(
-                f"AdvancedTrainer(criterion=...) needs targets, but the batch at {self._where()} has none "
-                f"({layout}). Yield (inputs, targets), add a 'labels'/'target' key, or leave the criterion out "
-                "when the model returns its own loss."
-            )
-        if type(outputs) is not torch.Tensor:
-            outputs = batching.logits_of(outputs)   # a model output object: the criterion gets its logits
-        try:
-            return self.criterion(outputs, targets)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            shapes = f"outputs {batching.shape(outputs)}, targets {batching.shape(targets)}"
-            raise type(exc)(f"criterion failed on {self._where()} ({shapes}): {exc}") from exc
-
-    def _where(self) -> str:
-        if self._val_batch is not None:
-            return f"validation batch {self._val_batch}"
-        return f"epoch {self.state.epoch}, batch {self.state.batch}"
-
-    def _check_monitors(self, val_loader: Iterable[Any] | None) -> None:
-        names = {"train_loss", "lr", "epoch_time"}
-        if val_loader is not None:
-            names |= {"val_loss"} | {f"val_{k}" for k in self.metrics}
-        for cb in self.callbacks:
-            monitor = getattr(cb, "monitor", None)
-            if isinstance(monitor, str) and monitor not in names:
-                hint = " (no val_loader was given)" if monitor.startswith("val_") and val_loader is None else ""
-                raise ValueError(
-                    f"{type(cb).__name__}: monitor={monitor!r} will never be computed{hint}. "
-                    f"Metrics this fit computes: {', '.join(sorted(names))}."
-                )

@@ -1,0 +1,241 @@
+"""What the loop does with one batch and around the loop: unpack, forward, loss, validate, predict, checks.
+
+``AdvancedTrainer`` keeps the loop; these take the trainer and keep no state of their own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from torchkeel import batching
+
+if TYPE_CHECKING:
+    from torchkeel.loop import AdvancedTrainer
+
+
+# ------------------------------------------------------------------------------ one batch
+def split(trainer: AdvancedTrainer, batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch: a pair, or a dict with a ``'labels'``/``'target'`` key."""
+    if type(batch) in (tuple, list) and len(batch) == 2:     # the common case, checked first
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping):
+        key = next((k for k in batching.TARGET_KEYS if k in batch), None)
+        if key is None or trainer.criterion is None:
+            return batch, None
+        return {k: v for k, v in batch.items() if k != key}, batch[key]
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        return batch[0], batch[1] if len(batch) == 2 else None
+    kind = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) \
+        else type(batch).__name__
+    raise TypeError(
+        f"AdvancedTrainer cannot unpack a batch of type {kind} (epoch {trainer.state.epoch}, "
+        f"batch {trainer.state.batch}): expected (inputs, targets) or a dict with a 'labels'/'target' key. "
+        "Override training_step(batch) and validation_step(batch) for other batch layouts."
+    )
+
+
+def forward(model: torch.nn.Module, inputs: Any) -> Any:
+    return model(inputs) if type(inputs) is torch.Tensor else \
+        model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def loss_of(trainer: AdvancedTrainer, outputs: Any, targets: Any, batch: Any) -> torch.Tensor:
+    """``criterion(outputs, targets)``, or the model's own loss when there is no criterion."""
+    if trainer.criterion is None:
+        return batching.own_loss(outputs, trainer.state)
+    if targets is None:
+        layout = f"dict with keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
+        raise TypeError(
+            f"AdvancedTrainer(criterion=...) needs targets, but the batch at {where(trainer)} has none "
+            f"({layout}). Yield (inputs, targets), add a 'labels'/'target' key, or leave the criterion out "
+            "when the model returns its own loss."
+        )
+    if type(outputs) is not torch.Tensor:
+        outputs = batching.logits_of(outputs)   # a model output object: the criterion gets its logits
+    try:
+        return trainer.criterion(outputs, targets)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        shapes = f"outputs {batching.shape(outputs)}, targets {batching.shape(targets)}"
+        raise type(exc)(f"criterion failed on {where(trainer)} ({shapes}): {exc}") from exc
+
+
+def where(trainer: AdvancedTrainer) -> str:
+    if trainer._val_batch is not None:
+        return f"validation batch {trainer._val_batch}"
+    return f"epoch {trainer.state.epoch}, batch {trainer.state.batch}"
+
+
+def validation_step(trainer: AdvancedTrainer, batch: Any) -> tuple[Any, Any, Any]:
+    """The default ``AdvancedTrainer.validation_step``."""
+    inputs, targets = split(trainer, batch)
+    outputs = forward(trainer.model, inputs)
+    loss = loss_of(trainer, outputs, targets, batch)
+    if type(outputs) is not torch.Tensor:
+        logits = batching.logits_of(outputs)
+        if logits is not outputs and targets is None:
+            targets = batching.labels_of(batch)
+        outputs = logits
+    return loss, outputs, targets
+
+
+# ------------------------------------------------------------------------ whole loaders
+class KeepRNG:
+    """Put the global torch RNG (CPU, and the device's on CUDA) back on exit.
+
+    A loader draws its base seed from the global RNG whenever an iterator is created, even
+    unshuffled: without this, validating would change the order and dropout of training.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.gpu = torch.cuda.get_rng_state_all() if self.cuda else []
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.gpu)
+
+
+def limited(loader: Iterable[Any], limit: int | None) -> Iterable[Any]:
+    return loader if limit is None else itertools.islice(loader, limit)
+
+
+@torch.no_grad()
+def validate(trainer: AdvancedTrainer, loader: Iterable[Any], limit: int | None = None) -> dict[str, float]:
+    """Mean validation loss and metrics over ``loader`` (its first ``limit`` batches), reduced across ranks."""
+    model, device = trainer.model, trainer.device
+    was_training = model.training
+    model.eval()
+    fns = {k: m for k, m in trainer.metrics.items() if not hasattr(m, "update")}
+    objs = {k: m for k, m in trainer.metrics.items() if hasattr(m, "update")}
+    for m in objs.values():
+        m.reset()
+    sums = torch.zeros(2 + len(fns), dtype=torch.float64, device=device)  # loss*n, metrics, loss n
+    count, counted, batches = 0, 0, 0
+    try:
+        with KeepRNG(device):
+            for trainer._val_batch, batch in enumerate(limited(loader, limit)):
+                if trainer._move:
+                    batch = batching.to_device(batch, device)
+                with trainer._autocast():
+                    loss, outputs, targets = trainer.validation_step(batch)
+                n = batching.batch_size(batch)
+                count, batches = count + n, batches + 1
+                if isinstance(loss, tuple):      # (loss, count): weighted by its items
+                    loss, items = loss
+                    counted += 1
+                    items = torch.as_tensor(items, dtype=torch.float64, device=device)
+                else:
+                    items = n
+                sums[0] += loss.detach().double() * items
+                sums[-1] += items
+                for i, fn in enumerate(fns.values(), start=1):
+                    sums[i] += torch.as_tensor(fn(outputs, targets), dtype=torch.float64) * n
+                for m in objs.values():
+                    m.update(outputs, targets)
+    finally:
+        model.train(was_training)
+        trainer._val_batch = None
+    if 0 < counted < batches:
+        raise TypeError("validation_step returned (loss, count) on some batches and a plain loss on others; "
+                        "return (loss, count) on every batch, or never.")
+    totals = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=device)])
+    if trainer.world_size > 1:
+        dist.all_reduce(totals)
+    *values, items_total, total = totals.tolist()
+    if total == 0:
+        raise ValueError("validate(loader): the loader yielded no batches. Pass a non-empty loader.")
+    out = {"val_loss": values[0] / items_total}
+    out |= {f"val_{k}": v / total for k, v in zip(fns, values[1:])}
+    out |= {f"val_{k}": float(m.compute()) for k, m in objs.items()}
+    return out
+
+
+@torch.no_grad()
+def predict(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Any:
+    """Model outputs (a model output's ``logits``) for every batch, concatenated on the CPU when tensors."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    outs = []
+    try:
+        for batch in loader:
+            if trainer._move:
+                batch = batching.to_device(batch, trainer.device)
+            inputs = batch if isinstance(batch, (torch.Tensor, Mapping)) else split(trainer, batch)[0]
+            with trainer._autocast():
+                out = batching.logits_of(forward(model, inputs))
+                outs.append(batching.to_device(out, torch.device("cpu")))
+    finally:
+        model.train(was_training)
+    return torch.cat(outs) if outs and all(isinstance(o, torch.Tensor) for o in outs) else outs
+
+
+# ----------------------------------------------------------------------------- fit's checks
+def check_count(name: str, value: Any) -> int | None:
+    """``None`` or an int >= 1, else the ValueError naming ``fit(name=...)``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"fit({name}={value!r}): {name} must be an int >= 1, or None.")
+    return value
+
+
+def limit_of(name: str, value: Any, loader: Iterable[Any] | None) -> int | None:
+    """``limit_*_batches`` as a number of batches: an int >= 1, or a fraction in (0, 1] of ``len(loader)``."""
+    if value is None or loader is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"fit({name}={value!r}): use an int (batches) or a float in (0, 1] (a fraction "
+                        "of the loader's batches).")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"fit({name}={value}): must be >= 1 batch (or None for the whole loader).")
+        return value
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise ValueError(f"fit({name}={value}): a fraction must be in (0, 1]; pass an int for a number of batches.")
+    n = batching.num_batches(loader)
+    if n is None:
+        raise ValueError(f"fit({name}={value}): a fraction needs a loader with len(); this "
+                         f"{type(loader).__name__} has none. Pass an int number of batches instead.")
+    return max(1, int(n * value))
+
+
+def check_even(trainer: AdvancedTrainer, loader: Iterable[Any], name: str) -> None:
+    """Every rank must run the same number of batches, or a collective would wait forever."""
+    n = batching.num_batches(loader)
+    if n is None:
+        return
+    t = torch.tensor([n, -n], dtype=torch.int64, device=trainer.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    most, least = int(t[0]), -int(t[1])
+    if most != least:
+        raise ValueError(
+            f"fit({name}=...): ranks have between {least} and {most} batches per epoch; DDP would hang. "
+            "Use a DistributedSampler (DistributedTrainer.create_dataloader pads shards evenly) or drop_last."
+        )
+
+
+def check_monitors(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> None:
+    names = {"train_loss", "lr", "epoch_time"}
+    if val_loader is not None:
+        names |= {"val_loss"} | {f"val_{k}" for k in trainer.metrics}
+    for cb in trainer.callbacks:
+        monitor = getattr(cb, "monitor", None)
+        if isinstance(monitor, str) and monitor not in names:
+            hint = " (no val_loader was given)" if monitor.startswith("val_") and val_loader is None else ""
+            raise ValueError(
+                f"{type(cb).__name__}: monitor={monitor!r} will never be computed{hint}. "
+                f"Metrics this fit computes: {', '.join(sorted(names))}."
+            )
+
+
+def epochs_range(start: int, epochs: int | None) -> Iterator[int]:
+    return iter(range(start, epochs)) if epochs is not None else itertools.count(start)

@@ -1,0 +1,246 @@
+"""Runs measured in steps: max_steps, validation every N steps, limits, extending a finished run.
+
+Real training on the conftest TinyNet (64 samples, batch 8: 8 batches per epoch), real checkpoint
+files. Weights are compared bitwise (``torch.equal``): dropout and a shuffled train loader make
+every draw of the global RNG show in the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_params_equal, make_dataset, make_model, params_of
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from torchkeel import AdvancedTrainer, Callback, EarlyStopping, ModelCheckpoint, io
+
+
+def make(accum: int = 1, callbacks: Sequence[Callback] = (), checkpoint: ModelCheckpoint | None = None,
+         early: EarlyStopping | None = None, **kwargs: Any) -> AdvancedTrainer:
+    model = make_model(dropout=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return AdvancedTrainer(model=model, optimizer=opt, criterion=nn.MSELoss(), gradient_accumulation_steps=accum,
+                           callbacks=list(callbacks), checkpoint=checkpoint, early_stopping=early, progress=False,
+                           device="cpu", **kwargs)
+
+
+def train_loader(seed: int = 0) -> DataLoader:
+    return DataLoader(make_dataset(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def val_loader() -> DataLoader:
+    return DataLoader(make_dataset(32, seed=1), batch_size=8)
+
+
+class Steps(Callback):
+    """Counts real optimizer steps (on_step_end) and the steps at which validations ended."""
+
+    def __init__(self) -> None:
+        self.steps, self.validations = 0, []
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        self.steps += 1
+
+    def on_validation_end(self, trainer: AdvancedTrainer) -> None:
+        self.validations.append(trainer.state.step)
+
+
+class Scripted(Callback):
+    """Replaces val_loss at each validation with the next scripted value (runs before the checkpoint)."""
+
+    def __init__(self, values: Sequence[float]) -> None:
+        self.values = list(values)
+        self.seen = 0
+
+    def on_validation_end(self, trainer: AdvancedTrainer) -> None:
+        trainer.state.metrics["val_loss"] = self.values[self.seen]
+        self.seen += 1
+
+
+# ---------------------------------------------------------------------------------- extent
+@pytest.mark.parametrize("accum, max_steps, finished", [(1, 5, False), (3, 5, False), (3, 6, True), (3, 7, False)])
+def test_max_steps_ends_at_exactly_n_optimizer_steps(accum: int, max_steps: int, finished: bool) -> None:
+    # accum=3 over 8 batches: windows of 3, 3 and a short last one of 2, so 3 steps per epoch
+    counter = Steps()
+    trainer = make(accum, [counter])
+    history = trainer.fit(train_loader(), val_loader(), max_steps=max_steps)
+    assert trainer.state.step == counter.steps == max_steps
+    assert trainer.state.epoch_finished is finished        # a cut mid-epoch leaves the epoch to go on
+    assert history["step"][-1] == max_steps and counter.validations[-1] == max_steps
+    assert trainer.summary["reason"] == f"reached max_steps={max_steps}"
+    assert trainer.summary["status"] == "finished"
+
+
+def test_with_both_whichever_comes_first_and_with_neither_one_epoch() -> None:
+    assert make().fit(train_loader(), epochs=1, max_steps=100)["step"] == [8]
+    assert make().fit(train_loader(), epochs=10, max_steps=3)["step"] == [3]
+    assert make().fit(train_loader())["step"] == [8]                 # the seed's fit(loader)
+
+
+def test_max_steps_at_an_epoch_end_equals_epochs() -> None:
+    by_steps = make(3)                  # each make() seeds the global RNG: build, then train
+    by_steps.fit(train_loader(), max_steps=6)
+    by_epochs = make(3)
+    by_epochs.fit(train_loader(), epochs=2)
+    assert_params_equal(by_steps.model, by_epochs.model)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"epochs": 0}, ValueError, r"fit\(epochs=0\): epochs must be an int >= 1, or None"),
+    ({"max_steps": 0}, ValueError, r"fit\(max_steps=0\)"),
+    ({"max_steps": 2.5}, ValueError, r"fit\(max_steps=2.5\)"),
+    ({"val_every_n_steps": 0}, ValueError, r"fit\(val_every_n_steps=0\)"),
+    ({"limit_train_batches": 0}, ValueError, r"fit\(limit_train_batches=0\): must be >= 1 batch"),
+    ({"limit_train_batches": 1.5}, ValueError, r"fit\(limit_train_batches=1.5\): a fraction must be in \(0, 1\]"),
+    ({"limit_val_batches": 0.0}, ValueError, r"fit\(limit_val_batches=0.0\)"),
+    ({"limit_val_batches": "all"}, TypeError, r"fit\(limit_val_batches='all'\): use an int"),
+])
+def test_bad_extent_arguments_name_the_argument(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        make().fit(train_loader(), val_loader(), **kwargs)
+
+
+class Stream(IterableDataset):
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        data = make_dataset()
+        return iter(zip(data.tensors[0], data.tensors[1]))
+
+
+def test_a_fraction_needs_a_loader_with_a_length() -> None:
+    with pytest.raises(ValueError, match=r"limit_train_batches=0.5\): a fraction needs a loader with len\(\)"):
+        make().fit(DataLoader(Stream(), batch_size=8), limit_train_batches=0.5)
+    history = make().fit(DataLoader(Stream(), batch_size=8), limit_train_batches=3, epochs=2)
+    assert history["step"] == [3, 6]
+
+
+def test_limit_train_and_val_batches() -> None:
+    trainer = make()
+    history = trainer.fit(train_loader(), val_loader(), epochs=2, limit_train_batches=0.5, limit_val_batches=1)
+    assert history["step"] == [4, 8] and trainer.num_batches == 4
+    first = DataLoader(make_dataset(32, seed=1), batch_size=8)
+    one_batch = trainer.validate([next(iter(first))])["val_loss"]
+    assert history["val_loss"][-1] == one_batch != trainer.validate(first)["val_loss"]
+
+
+# ---------------------------------------------------------------------- extending a run
+def test_a_run_ended_at_max_steps_resumed_with_more_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    whole = make(3)
+    whole.fit(train_loader(), val_loader(), max_steps=10)
+    first = make(3, checkpoint=ModelCheckpoint(save_dir=tmp_path, save_last=True))
+    first.fit(train_loader(), val_loader(), max_steps=4)              # cut mid-epoch 1
+    assert first.state.step == 4 and not first.state.epoch_finished
+    second = make(3, checkpoint=ModelCheckpoint(save_dir=tmp_path, save_last=True))
+    second.fit(train_loader(), val_loader(), max_steps=10, resume_from="last")
+    assert second.state.step == 10 and second.summary["reason"] == "reached max_steps=10"
+    assert_params_equal(second.model, whole.model)
+
+
+def test_an_early_stopping_stop_stays_a_stop_and_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    early = EarlyStopping(monitor="train_loss", patience=0, stopping_threshold=math.inf)
+    first = make(checkpoint=ModelCheckpoint(save_dir=tmp_path, monitor="train_loss"), early=early)
+    first.fit(train_loader(), epochs=5)
+    assert first.state.should_stop and first.state.epoch == 0
+    again = make(checkpoint=ModelCheckpoint(save_dir=tmp_path, monitor="train_loss"),
+                 early=EarlyStopping(monitor="train_loss", patience=0, stopping_threshold=math.inf))
+    before = params_of(again.model)
+    with caplog.at_level(logging.WARNING, logger="torchkeel"):
+        again.fit(train_loader(), epochs=10, resume_from="last")
+    assert again.state.step == 8                                      # nothing more was trained
+    assert "was stopped (EarlyStopping: train_loss=" in caplog.text and "reached stopping_threshold" in caplog.text
+    assert not all(torch.equal(a, b) for a, b in zip(before, params_of(again.model)))   # the checkpoint loaded
+
+
+# ---------------------------------------------------------------------- validation points
+def test_val_every_n_steps_validates_mid_epoch_and_at_epoch_ends() -> None:
+    counter = Steps()
+    trainer = make(callbacks=[counter])
+    history = trainer.fit(train_loader(), val_loader(), epochs=2, val_every_n_steps=3)
+    assert history["step"] == counter.validations == [3, 6, 8, 9, 12, 15, 16]
+    assert history["epoch"] == [0, 0, 0, 1, 1, 1, 1]
+    assert history["epoch_time"][0] is None and history["epoch_time"][2] > 0
+    assert all(math.isfinite(v) for v in history["val_loss"])
+
+
+def test_validation_every_n_steps_leaves_training_bitwise_unchanged() -> None:
+    plain = make(2)
+    plain.fit(train_loader(), val_loader(), epochs=3)
+    validating = make(2)
+    validating.fit(train_loader(), val_loader(), epochs=3, val_every_n_steps=1)
+    assert len(validating.history["step"]) > len(plain.history["step"])
+    assert_params_equal(plain.model, validating.model)
+
+
+class ValidateInside(Callback):
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        trainer.validate(self.loader)
+
+
+def test_validate_inside_a_callback_leaves_the_weights_equal() -> None:
+    # a loader draws its base seed from the global RNG for every iterator, even unshuffled
+    plain = make()
+    plain.fit(train_loader(), epochs=2)
+    inside = make(callbacks=[ValidateInside(val_loader())])
+    inside.fit(train_loader(), epochs=2)
+    assert_params_equal(plain.model, inside.model)
+
+
+def test_step_checkpoints_are_ranked_and_the_best_is_the_best(tmp_path: Path) -> None:
+    scores = [5.0, 3.0, 8.0, 1.0, 4.0, 2.0, 9.0, 7.0]      # validations at steps 2, 4, ..., 16
+    ckpt = ModelCheckpoint(save_dir=tmp_path, monitor="val_loss", mode="min", save_top_k=3)
+    trainer = make(callbacks=[Scripted(scores)], checkpoint=ckpt)
+    trainer.fit(train_loader(), val_loader(), epochs=2, val_every_n_steps=2)
+    steps = {io.verify(p)["meta"]["step"]: s for p, s in ckpt.best_k_models.items()}
+    assert list(steps) == [8, 12, 4] and list(steps.values()) == [1.0, 2.0, 3.0]        # best first
+    assert io.verify(ckpt.best_model_path)["meta"]["step"] == 8 and ckpt.best_model_score == 1.0
+    kept = sorted(io.verify(p)["meta"]["step"] for p in (tmp_path / "version_0").glob("*.pt"))
+    assert kept == [4, 8, 12, 16]                                   # the top 3 and the last; the rest pruned
+    best = io.load(ckpt.best_model_path)
+    assert best["state"]["step"] == 8 and best["state"]["metrics"]["val_loss"] == 1.0
+
+
+def test_early_stopping_patience_counts_validations(caplog: pytest.LogCaptureFixture) -> None:
+    counter = Steps()
+    early = EarlyStopping(monitor="val_loss", patience=2)
+    trainer = make(callbacks=[Scripted([3.0, 2.0, 2.5, 2.4, 1.0]), counter], early=early)
+    with caplog.at_level(logging.INFO, logger="torchkeel"):
+        history = trainer.fit(train_loader(), val_loader(), epochs=5, val_every_n_steps=3)
+    assert counter.validations == [3, 6, 8, 9] and trainer.state.step == 9    # stopped mid-epoch 1
+    assert history["step"] == [3, 6, 8, 9]                          # no second row at the stop's step
+    assert early.best == 2.0 and early.wait == 2
+    assert "for 2 validations (patience=2)" in trainer.state.stop_reason
+
+
+def test_resume_right_after_a_mid_epoch_validation_is_exact(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(save_dir=tmp_path, monitor="val_loss", save_top_k=-1)
+    whole = make(2, checkpoint=ckpt)
+    whole.fit(train_loader(), val_loader(), epochs=2, val_every_n_steps=3)
+    at_3 = next(p for p in ckpt.best_k_models if io.verify(p)["meta"]["step"] == 3)
+    assert io.verify(at_3)["meta"]["epoch_finished"] is False and io.verify(at_3)["meta"]["reason"] == "validation"
+    resumed = make(2, checkpoint=ModelCheckpoint(save_dir=tmp_path / "again", monitor="val_loss", save_top_k=-1))
+    history = resumed.fit(train_loader(), val_loader(), epochs=2, val_every_n_steps=3, resume_from=at_3)
+    assert_params_equal(resumed.model, whole.model)
+    assert history["step"] == whole.history["step"]
+    assert history["val_loss"] == whole.history["val_loss"]
+
+
+# --------------------------------------------------------------------------------- counts
+def test_samples_are_counted_apart_from_the_items_the_loss_averages_over() -> None:
+    class Counted(AdvancedTrainer):
+        def training_step(self, batch: Any) -> Any:
+            return super().training_step(batch), 3 * len(batch[0])   # e.g. 3 tokens per sample
+
+    model = make_model()
+    trainer = Counted(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), criterion=nn.MSELoss(),
+                      gradient_accumulation_steps=3, progress=False, device="cpu")
+    trainer.fit(train_loader(), epochs=1)
+    assert (trainer.state.epoch_samples, trainer.state.epoch_items) == (64, 192)
