@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import batching, dataorder, resume, runs, signals, steps
+from torchkeel import batching, dataorder, extent, resume, runs, signals, steps
 from torchkeel.accumulate import GradientAccumulator, as_count
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
-from torchkeel.checkpoint import ModelCheckpoint
 from torchkeel.distributed import unwrap_model
 from torchkeel.nonfinite import NanPolicy, NonFiniteGuard
 from torchkeel.runs import FitSummary
@@ -99,26 +98,8 @@ class AdvancedTrainer:
         max_consecutive_skipped_steps: int | None = 25,
     ) -> None:
         model, device = batching.resolve_model(model, device)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"AdvancedTrainer(model=...): expected an nn.Module, got {type(model).__name__}.")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"AdvancedTrainer(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}."
-            )
-        if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
-                or gradient_accumulation_steps < 1:
-            raise ValueError(f"AdvancedTrainer(gradient_accumulation_steps={gradient_accumulation_steps!r}): "
-                             "must be an int >= 1 (1 = no accumulation).")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(
-                f"AdvancedTrainer(scheduler_interval={scheduler_interval!r}): use 'epoch' or 'step'."
-            )
-        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"AdvancedTrainer(log_every_n_steps={log_every_n_steps!r}): must be an int >= 1.")
-        skips = max_consecutive_skipped_steps
-        if skips is not None and (isinstance(skips, bool) or not isinstance(skips, int) or skips < 1):
-            raise ValueError(f"AdvancedTrainer(max_consecutive_skipped_steps={skips!r}): must be an int >= 1, "
-                             "or None to never stop for skipped steps.")
+        skips = extent.check_trainer(model, optimizer, gradient_accumulation_steps, scheduler_interval,
+                                     log_every_n_steps, max_consecutive_skipped_steps)
         self.max_consecutive_skipped_steps = skips
         self.device = device
         self.model = model
@@ -214,19 +195,19 @@ class AdvancedTrainer:
                 fraction in (0, 1] of the loader's length.
             resume_from: a checkpoint path, ``'last'`` or ``'auto'`` (see ``torchkeel.resume``).
         """
-        self._plan(train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
-                   limit_val_batches)
+        extent.plan(self, train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
+                    limit_val_batches)
         state = self.state
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
-        self._continue_run(resumed)
-        callbacks = self.callbacks + self._run_folder(resumed)
+        extent.continue_run(self, resumed)
+        callbacks = self.callbacks + runs.open_folder(self, resumed)
         hooks = self._hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
         try:
             with self._signal.installed():
                 for cb in hooks["on_fit_begin"]:
                     cb.on_fit_begin(self)
                 start = state.epoch + 1 if state.epoch_finished else state.epoch
-                for epoch in steps.epochs_range(start, self.max_epochs):
+                for epoch in extent.epochs_range(start, self.max_epochs):
                     if state.should_stop or self._budget_spent:
                         break
                     self._begin_epoch(epoch, train_loader)
@@ -237,7 +218,7 @@ class AdvancedTrainer:
                         if self._step(batch):
                             for cb in hooks["on_step_end"]:
                                 cb.on_step_end(self)
-                            if state.step >= self._boundary and self._at_boundary(val_loader):
+                            if state.step >= self._boundary and extent.at_boundary(self, val_loader):
                                 break
                         if self._preempt:
                             signals.on_signal(self)
@@ -265,72 +246,9 @@ class AdvancedTrainer:
             raise
         return self.history
 
-    def _plan(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, epochs: Any, max_steps: Any,
-              val_every_n_steps: Any, limit_train: Any, limit_val: Any) -> None:
-        """Check ``fit``'s arguments and set what this fit runs: extent, validation points, limits."""
-        if epochs is None and max_steps is None:
-            epochs = 1                       # the seed's fit(loader): one epoch
-        self.max_epochs = steps.check_count("epochs", epochs)
-        self.max_steps = steps.check_count("max_steps", max_steps)
-        self.val_every_n_steps = steps.check_count("val_every_n_steps", val_every_n_steps)
-        batching.check_loader(train_loader, "train_loader")
-        if val_loader is not None:
-            batching.check_loader(val_loader, "val_loader")
-        steps.check_monitors(self, val_loader)
-        self._limit_train = steps.limit_of("limit_train_batches", limit_train, train_loader)
-        self._limit_val = steps.limit_of("limit_val_batches", limit_val, val_loader)
-        n = batching.num_batches(train_loader)
-        self.num_batches = n if self._limit_train is None or n is None else min(n, self._limit_train)
-        self.batch_size = getattr(train_loader, "batch_size", None)
-        if self.world_size > 1:
-            steps.check_even(self, train_loader, "train_loader")
-
-    def _continue_run(self, resumed: Path | None) -> None:
-        """After a resume: a larger budget continues; a callback's stop stays, and says why."""
-        state = self.state
-        self._counted, self._windows_at_fit = False, state.step + state.skipped_steps
-        if state.should_stop:
-            log.warning("fit(resume_from=...): %s was stopped (%s), so training does not continue. Resume from "
-                        "an earlier checkpoint, or start a new run, to train further.", resumed, state.stop_reason)
-        else:
-            state.stop_reason = None         # why the last fit ended (its budget) is no reason now
-        self._boundary = self._next_boundary()
-
     @property
     def _budget_spent(self) -> bool:
         return self.max_steps is not None and self.state.step >= self.max_steps
-
-    def _next_boundary(self) -> int:
-        """The next optimizer step at which the loop validates or ends (``sys.maxsize``: none)."""
-        every, last = self.val_every_n_steps, self.max_steps if self.max_steps is not None else sys.maxsize
-        return min(last, (self.state.step // every + 1) * every) if every else last
-
-    def _at_boundary(self, val_loader: Iterable[Any] | None) -> bool:
-        """At ``max_steps`` or a validation step; True to end the epoch here."""
-        mid_epoch = self.num_batches is None or self.state.batch < self.num_batches
-        if self._budget_spent:
-            self._cut = mid_epoch            # the epoch is not done: a resume continues it
-            return True
-        if mid_epoch:                        # at the epoch's last batch, the epoch's end validates
-            self._validation_point(val_loader)
-            for cb in self._hooks["on_validation_end"]:
-                cb.on_validation_end(self)
-        self._boundary = self._next_boundary()
-        return self._stop_agreed(sync=True)
-
-    def _validation_point(self, val_loader: Iterable[Any] | None, extra: Mapping[str, float] = {},
-                          finished: bool = False) -> None:
-        """Validate and record one history row (the caller runs the hooks)."""
-        state = self.state
-        self.check_finite()
-        self.accum.zero_grad()
-        metrics: dict[str, float] = {"train_loss": self._reduced_epoch_loss()}
-        if val_loader is not None:
-            metrics |= self.validate(val_loader, self._limit_val) if self._limit_val else self.validate(val_loader)
-        state.metrics = metrics | {"lr": self.lr, **extra}
-        state.epoch_finished = finished
-        state.last_val_step = state.step
-        self.history.append({"epoch": state.epoch, "step": state.step, **state.metrics})
 
     def _step(self, batch: Any) -> bool:
         """One micro-batch; at a window's end, the optimizer step. True once the optimizer stepped."""
@@ -476,20 +394,6 @@ class AdvancedTrainer:
         """The last fit's summary: status, best/last metrics, epochs, time, throughput, paths."""
         return self._summary.summary
 
-    def _run_folder(self, resumed: Path | None) -> list[Callback]:
-        """Pick ``run_dir`` (the resumed run's folder, else the next version) and its callbacks."""
-        if self.log_dir is None:
-            return []
-        root = self.log_dir / self.run_name
-        chosen = [str((resumed and runs.version_dir_of(resumed, root)) or runs.next_version(root))]
-        if self.world_size > 1:
-            dist.broadcast_object_list(chosen, src=0)
-        self.run_dir = Path(chosen[0])
-        if isinstance(self.checkpoint, ModelCheckpoint) and self.checkpoint.dirpath is None \
-                and self.checkpoint.save_dir is None:
-            self.checkpoint.dirpath = self.run_dir / "checkpoints"
-        return runs.run_callbacks(self, self.run_dir, self._summary)
-
     def _begin_epoch(self, epoch: int, loader: Iterable[Any]) -> None:
         state = self.state
         state.epoch, state.epoch_finished = epoch, False
@@ -510,19 +414,10 @@ class AdvancedTrainer:
         finished, self._cut = not self._cut, False
         self._fresh = state.last_val_step != state.step   # else validated at this step: a stop or a stream's end
         if self._fresh:
-            self._validation_point(val_loader, {"epoch_time": seconds}, finished)
+            steps.validation_point(self, val_loader, {"epoch_time": seconds}, finished)
         else:
             state.metrics["epoch_time"], state.epoch_finished = seconds, finished and not state.should_stop
-        self._boundary = self._next_boundary()
-
-    def _reduced_epoch_loss(self) -> float:
-        state = self.state
-        if state.epoch_loss is None or state.epoch_items == 0:
-            return math.nan
-        total = state.epoch_loss.clone()      # sum of loss_i * n_i on this rank
-        if self.world_size > 1:
-            dist.all_reduce(total)
-        return float(total) / state.epoch_items             # global samples of the epoch
+        self._boundary = extent.next_boundary(self)
 
     def _request_stop(self, reason: str) -> None:
         self.state.should_stop = True

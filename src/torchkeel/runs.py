@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch.distributed as dist
+
 from torchkeel import io
 from torchkeel.callbacks import Callback
 
@@ -163,3 +165,20 @@ def run_callbacks(trainer: AdvancedTrainer, run_dir: Path, summary: FitSummary) 
         log.info("Run folder %s: no TensorBoard events (pip install 'torchkeel[tensorboard]').", run_dir)
     out.append(RunFolder(run_dir, summary))
     return out
+
+
+def open_folder(trainer: AdvancedTrainer, resumed: Path | None) -> list[Callback]:
+    """Pick ``run_dir`` (the resumed run's folder, else the next version) and its callbacks."""
+    if trainer.log_dir is None:
+        return []
+    root = trainer.log_dir / trainer.run_name
+    chosen = [str((resumed and version_dir_of(resumed, root)) or next_version(root))]
+    if trainer.world_size > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    trainer.run_dir = Path(chosen[0])
+    from torchkeel.checkpoint import ModelCheckpoint  # checkpoint.py imports this module
+
+    if isinstance(trainer.checkpoint, ModelCheckpoint) and trainer.checkpoint.dirpath is None \
+            and trainer.checkpoint.save_dir is None:
+        trainer.checkpoint.dirpath = trainer.run_dir / "checkpoints"
+    return run_callbacks(trainer, trainer.run_dir, trainer._summary)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -180,62 +180,27 @@ def predict(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Any:
     return torch.cat(outs) if outs and all(isinstance(o, torch.Tensor) for o in outs) else outs
 
 
-# ----------------------------------------------------------------------------- fit's checks
-def check_count(name: str, value: Any) -> int | None:
-    """``None`` or an int >= 1, else the ValueError naming ``fit(name=...)``."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"fit({name}={value!r}): {name} must be an int >= 1, or None.")
-    return value
-
-
-def limit_of(name: str, value: Any, loader: Iterable[Any] | None) -> int | None:
-    """``limit_*_batches`` as a number of batches: an int >= 1, or a fraction in (0, 1] of ``len(loader)``."""
-    if value is None or loader is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"fit({name}={value!r}): use an int (batches) or a float in (0, 1] (a fraction "
-                        "of the loader's batches).")
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"fit({name}={value}): must be >= 1 batch (or None for the whole loader).")
-        return value
-    if not (0.0 < value <= 1.0) or math.isnan(value):
-        raise ValueError(f"fit({name}={value}): a fraction must be in (0, 1]; pass an int for a number of batches.")
-    n = batching.num_batches(loader)
-    if n is None:
-        raise ValueError(f"fit({name}={value}): a fraction needs a loader with len(); this "
-                         f"{type(loader).__name__} has none. Pass an int number of batches instead.")
-    return max(1, int(n * value))
-
-
-def check_even(trainer: AdvancedTrainer, loader: Iterable[Any], name: str) -> None:
-    """Every rank must run the same number of batches, or a collective would wait forever."""
-    n = batching.num_batches(loader)
-    if n is None:
-        return
-    t = torch.tensor([n, -n], dtype=torch.int64, device=trainer.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    most, least = int(t[0]), -int(t[1])
-    if most != least:
-        raise ValueError(
-            f"fit({name}=...): ranks have between {least} and {most} batches per epoch; DDP would hang. "
-            "Use a DistributedSampler (DistributedTrainer.create_dataloader pads shards evenly) or drop_last."
-        )
-
-
-def check_monitors(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> None:
-    names = {"train_loss", "lr", "epoch_time"}
+def validation_point(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None, extra: Mapping[str, float] = {},
+                     finished: bool = False) -> None:
+    """Validate and record one history row (the caller runs the hooks)."""
+    state = trainer.state
+    trainer.check_finite()
+    trainer.accum.zero_grad()
+    metrics: dict[str, float] = {"train_loss": epoch_loss(trainer)}
     if val_loader is not None:
-        names |= {"val_loss"} | {f"val_{k}" for k in trainer.metrics}
-    for cb in trainer.callbacks:
-        monitor = getattr(cb, "monitor", None)
-        if isinstance(monitor, str) and monitor not in names:
-            hint = " (no val_loader was given)" if monitor.startswith("val_") and val_loader is None else ""
-            raise ValueError(
-                f"{type(cb).__name__}: monitor={monitor!r} will never be computed{hint}. "
-                f"Metrics this fit computes: {', '.join(sorted(names))}."
-            )
+        limit = trainer._limit_val
+        metrics |= trainer.validate(val_loader, limit) if limit else trainer.validate(val_loader)
+    state.metrics = metrics | {"lr": trainer.lr, **extra}
+    state.epoch_finished = finished
+    state.last_val_step = state.step
+    trainer.history.append({"epoch": state.epoch, "step": state.step, **state.metrics})
 
 
-def epochs_range(start: int, epochs: int | None) -> Iterator[int]:
-    return iter(range(start, epochs)) if epochs is not None else itertools.count(start)
+def epoch_loss(trainer: AdvancedTrainer) -> float:
+    state = trainer.state
+    if state.epoch_loss is None or state.epoch_items == 0:
+        return math.nan
+    total = state.epoch_loss.clone()      # sum of loss_i * n_i on this rank
+    if trainer.world_size > 1:
+        dist.all_reduce(total)
+    return float(total) / state.epoch_items             # global samples of the epoch

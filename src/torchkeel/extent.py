@@ -1,0 +1,162 @@
+"""What one ``fit`` runs: its extent (epochs, max_steps), validation points, batch limits, and the checks.
+
+``fit`` calls ``plan`` before anything else and ``continue_run`` after a resume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchkeel import batching, steps
+
+if TYPE_CHECKING:
+    from torchkeel.loop import AdvancedTrainer
+
+log = logging.getLogger("torchkeel")
+
+
+def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, epochs: Any,
+         max_steps: Any, val_every_n_steps: Any, limit_train: Any, limit_val: Any) -> None:
+    """Check ``fit``'s arguments and set what this fit runs: extent, validation points, limits."""
+    if epochs is None and max_steps is None:
+        epochs = 1                       # the seed's fit(loader): one epoch
+    trainer.max_epochs = check_count("epochs", epochs)
+    trainer.max_steps = check_count("max_steps", max_steps)
+    trainer.val_every_n_steps = check_count("val_every_n_steps", val_every_n_steps)
+    batching.check_loader(train_loader, "train_loader")
+    if val_loader is not None:
+        batching.check_loader(val_loader, "val_loader")
+    check_monitors(trainer, val_loader)
+    trainer._limit_train = limit_of("limit_train_batches", limit_train, train_loader)
+    trainer._limit_val = limit_of("limit_val_batches", limit_val, val_loader)
+    n = batching.num_batches(train_loader)
+    trainer.num_batches = n if trainer._limit_train is None or n is None else min(n, trainer._limit_train)
+    trainer.batch_size = getattr(train_loader, "batch_size", None)
+    if trainer.world_size > 1:
+        check_even(trainer, train_loader, "train_loader")
+
+
+def continue_run(trainer: AdvancedTrainer, resumed: Path | None) -> None:
+    """After a resume: a larger budget continues; a callback's stop stays, and says why."""
+    state = trainer.state
+    trainer._counted, trainer._windows_at_fit = False, state.step + state.skipped_steps
+    if state.should_stop:
+        log.warning("fit(resume_from=...): %s was stopped (%s), so training does not continue. Resume from "
+                    "an earlier checkpoint, or start a new run, to train further.", resumed, state.stop_reason)
+    else:
+        state.stop_reason = None         # why the last fit ended (its budget) is no reason now
+    trainer._boundary = next_boundary(trainer)
+
+
+def next_boundary(trainer: AdvancedTrainer) -> int:
+    """The next optimizer step at which the loop validates or ends (``sys.maxsize``: none)."""
+    every, last = trainer.val_every_n_steps, trainer.max_steps if trainer.max_steps is not None else sys.maxsize
+    return min(last, (trainer.state.step // every + 1) * every) if every else last
+
+
+def at_boundary(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> bool:
+    """At ``max_steps`` or a validation step; True to end the epoch here."""
+    mid_epoch = trainer.num_batches is None or trainer.state.batch < trainer.num_batches
+    if trainer._budget_spent:
+        trainer._cut = mid_epoch            # the epoch is not done: a resume continues it
+        return True
+    if mid_epoch:                        # at the epoch's last batch, the epoch's end validates
+        steps.validation_point(trainer, val_loader)
+        for cb in trainer._hooks["on_validation_end"]:
+            cb.on_validation_end(trainer)
+    trainer._boundary = next_boundary(trainer)
+    return trainer._stop_agreed(sync=True)
+
+
+def check_trainer(model: Any, optimizer: Any, accumulation: Any, scheduler_interval: Any, log_every_n_steps: Any,
+                  skips: Any) -> int | None:
+    """``AdvancedTrainer``'s argument checks; returns ``max_consecutive_skipped_steps``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"AdvancedTrainer(model=...): expected an nn.Module, got {type(model).__name__}.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"AdvancedTrainer(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}."
+        )
+    if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+        raise ValueError(f"AdvancedTrainer(gradient_accumulation_steps={accumulation!r}): "
+                         "must be an int >= 1 (1 = no accumulation).")
+    if scheduler_interval not in ("epoch", "step"):
+        raise ValueError(
+            f"AdvancedTrainer(scheduler_interval={scheduler_interval!r}): use 'epoch' or 'step'."
+        )
+    if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+        raise ValueError(f"AdvancedTrainer(log_every_n_steps={log_every_n_steps!r}): must be an int >= 1.")
+    if skips is not None and (isinstance(skips, bool) or not isinstance(skips, int) or skips < 1):
+        raise ValueError(f"AdvancedTrainer(max_consecutive_skipped_steps={skips!r}): must be an int >= 1, "
+                         "or None to never stop for skipped steps.")
+    return skips
+
+
+def check_count(name: str, value: Any) -> int | None:
+    """``None`` or an int >= 1, else the ValueError naming ``fit(name=...)``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"fit({name}={value!r}): {name} must be an int >= 1, or None.")
+    return value
+
+
+def limit_of(name: str, value: Any, loader: Iterable[Any] | None) -> int | None:
+    """``limit_*_batches`` as a number of batches: an int >= 1, or a fraction in (0, 1] of ``len(loader)``."""
+    if value is None or loader is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"fit({name}={value!r}): use an int (batches) or a float in (0, 1] (a fraction "
+                        "of the loader's batches).")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"fit({name}={value}): must be >= 1 batch (or None for the whole loader).")
+        return value
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise ValueError(f"fit({name}={value}): a fraction must be in (0, 1]; pass an int for a number of batches.")
+    n = batching.num_batches(loader)
+    if n is None:
+        raise ValueError(f"fit({name}={value}): a fraction needs a loader with len(); this "
+                         f"{type(loader).__name__} has none. Pass an int number of batches instead.")
+    return max(1, int(n * value))
+
+
+def check_even(trainer: AdvancedTrainer, loader: Iterable[Any], name: str) -> None:
+    """Every rank must run the same number of batches, or a collective would wait forever."""
+    n = batching.num_batches(loader)
+    if n is None:
+        return
+    t = torch.tensor([n, -n], dtype=torch.int64, device=trainer.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    most, least = int(t[0]), -int(t[1])
+    if most != least:
+        raise ValueError(
+            f"fit({name}=...): ranks have between {least} and {most} batches per epoch; DDP would hang. "
+            "Use a DistributedSampler (DistributedTrainer.create_dataloader pads shards evenly) or drop_last."
+        )
+
+
+def check_monitors(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> None:
+    names = {"train_loss", "lr", "epoch_time"}
+    if val_loader is not None:
+        names |= {"val_loss"} | {f"val_{k}" for k in trainer.metrics}
+    for cb in trainer.callbacks:
+        monitor = getattr(cb, "monitor", None)
+        if isinstance(monitor, str) and monitor not in names:
+            hint = " (no val_loader was given)" if monitor.startswith("val_") and val_loader is None else ""
+            raise ValueError(
+                f"{type(cb).__name__}: monitor={monitor!r} will never be computed{hint}. "
+                f"Metrics this fit computes: {', '.join(sorted(names))}."
+            )
+
+
+def epochs_range(start: int, epochs: int | None) -> Iterator[int]:
+    return iter(range(start, epochs)) if epochs is not None else itertools.count(start)
