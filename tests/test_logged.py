@@ -167,3 +167,39 @@ def test_epoch_values_two_gloo_ranks(tmp_path: Path) -> None:
         assert got["same"] == {"acc": 0.25, "val_loss2": 0.5}
         assert "the ranks logged different names (rank 0: ['acc', 'val_loss2']; " \
                "rank 1: ['acc', 'only_rank1', 'val_loss2'])" in got["mismatch"]
+
+
+# --------------------------------------------------------------- monitors only trainer.log can give
+def _with(cls: type[Any], *callbacks: Any) -> Any:
+    from torch import nn
+
+    model = nn.Linear(4, 2)
+    return cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.MSELoss(),
+               device="cpu", progress=False, callbacks=list(callbacks), metrics={"acc": lambda o, t: 1.0})
+
+
+def test_check_monitors(caplog: pytest.LogCaptureFixture) -> None:
+    from torchkeel import AdvancedTrainer, EarlyStopping
+    from torchkeel.logged import check_logged_monitors, check_monitors
+
+    class Logs(AdvancedTrainer):
+        def validation_step(self, batch: Any) -> tuple[Any, Any, Any]:
+            return super().validation_step(batch)
+
+    val = object()
+    early, train_side = EarlyStopping(monitor="val_my", mode="min"), EarlyStopping(monitor="grad_scale", mode="max")
+    assert check_monitors(_with(Logs, early, train_side), val) == [("EarlyStopping", "val_my"),
+                                                                   ("EarlyStopping", "grad_scale")]
+    warned = [r.getMessage() for r in caplog.records if "is not a metric this fit computes" in r.getMessage()]
+    assert "monitor='val_my'" in warned[0] and "trainer.log('my', ...) in validation_step" in warned[0]
+    assert "trainer.log('grad_scale', ...) in training_step or a callback" in warned[1]
+    assert check_monitors(_with(Logs, EarlyStopping(monitor="val_acc", mode="max")), val) == []  # computed
+    with pytest.raises(ValueError, match=r"monitor='val_my' will never be computed. Metrics this fit computes: "
+                                         r"epoch_time, lr, train_loss, val_acc, val_loss\."):
+        check_monitors(_with(AdvancedTrainer, early), val)     # its validation_step cannot log
+    with pytest.raises(ValueError, match=r"monitor='val_my' will never be computed \(no val_loader was given\)"):
+        check_monitors(_with(Logs, early), None)
+    check_logged_monitors([("EarlyStopping", "val_my")], {"val_my": 1.0, "train_loss": 2.0})
+    with pytest.raises(ValueError, match=r"EarlyStopping: monitor='val_my' is not in this epoch's metrics \(lr, "
+                                         r"train_loss\): no trainer.log\('my', ...\) in validation_step gave it"):
+        check_logged_monitors([("EarlyStopping", "val_my")], {"train_loss": 2.0, "lr": 0.1})

@@ -19,12 +19,18 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import numbers
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torchkeel.loop import AdvancedTrainer
+
+log = logging.getLogger("torchkeel")
 
 Phase = Literal["train", "val"]
 # metric and history names, CSV columns, and the loggers' own TensorBoard tags (train/loss, ...)
@@ -238,3 +244,51 @@ def lr_names(optimizer: torch.optim.Optimizer) -> list[str]:
 def group_lrs(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, float]:
     """The current LR of each param group under ``names`` (from ``lr_names`` at fit start)."""
     return {name: float(group["lr"]) for name, group in zip(names, optimizer.param_groups)}
+
+
+def check_monitors(trainer: AdvancedTrainer, val_loader: object | None) -> list[tuple[str, str]]:
+    """At fit start: refuse a callback monitor nothing can compute; warn about one only ``trainer.log`` can.
+
+    A ``val_`` monitor can come from ``trainer.log`` only when there is a ``val_loader`` and
+    ``validation_step`` is overridden; any other name, from ``training_step`` or a callback. Returns the
+    ``(callback, monitor)`` pairs to check with ``check_logged_monitors`` at the first epoch end.
+
+    Example:
+        >>> pending = check_monitors(trainer, val_loader)     # fit, before training
+    """
+    from torchkeel.loop import AdvancedTrainer
+
+    names = {"train_loss", "lr", "epoch_time"}
+    if val_loader is not None:
+        names |= {"val_loss"} | {f"val_{k}" for k in trainer.metrics}
+    logs_val = val_loader is not None and type(trainer).validation_step is not AdvancedTrainer.validation_step
+    pending = []
+    for cb in trainer.callbacks:
+        monitor = getattr(cb, "monitor", None)
+        if not isinstance(monitor, str) or monitor in names:
+            continue
+        owner, is_val = type(cb).__name__, monitor.startswith("val_")
+        if logs_val or not is_val:
+            log.warning("%s: monitor=%r is not a metric this fit computes (%s); it must come from trainer.log(%r, "
+                        "...)%s.", owner, monitor, ", ".join(sorted(names)), monitor.removeprefix("val_"),
+                        " in validation_step" if is_val else " in training_step or a callback")
+            pending.append((owner, monitor))
+            continue
+        hint = " (no val_loader was given)" if is_val and val_loader is None else ""
+        raise ValueError(f"{owner}: monitor={monitor!r} will never be computed{hint}. "
+                         f"Metrics this fit computes: {', '.join(sorted(names))}.")
+    return pending
+
+
+def check_logged_monitors(pending: list[tuple[str, str]], metrics: Mapping[str, float]) -> None:
+    """At the first epoch end: a monitor left to ``trainer.log`` that did not appear is an error.
+
+    Example:
+        >>> check_logged_monitors(pending, state.metrics)    # then pending.clear()
+    """
+    for owner, monitor in pending:
+        if monitor not in metrics:
+            where = " in validation_step" if monitor.startswith("val_") else ""
+            raise ValueError(f"{owner}: monitor={monitor!r} is not in this epoch's metrics ({', '.join(sorted(metrics))}"
+                             f"): no trainer.log({monitor.removeprefix('val_')!r}, ...){where} gave it. Log it with "
+                             "on_epoch=True, or monitor one of those.")
