@@ -15,11 +15,13 @@ the generators' state at save time instead, and a loader with its own ``state_di
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
 log = logging.getLogger("torchkeel")
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------ RNG states
@@ -81,6 +84,24 @@ def _generators(loader: Any) -> dict[str, torch.Generator]:
 
 def _stateful(part: Any) -> bool:
     return callable(getattr(part, "state_dict", None)) and callable(getattr(part, "load_state_dict", None))
+
+
+def _dataset_source(loader: Any) -> tuple[Any, str]:
+    """A stateful ``IterableDataset`` whose position this process sees, or ``None`` and why not.
+
+    A loader with its own ``state_dict()`` keeps the position itself (checked first, by the caller).
+    With ``num_workers > 0`` the dataset is copied into the workers and its state here never moves.
+    """
+    dataset = getattr(loader, "dataset", None)
+    if not (isinstance(loader, DataLoader) and isinstance(dataset, IterableDataset)):
+        return None, "this loader has no index-level sampler and no state_dict()"
+    name = type(dataset).__name__
+    if not _stateful(dataset):
+        return None, f"its {name} (an IterableDataset) has no state_dict()/load_state_dict()"
+    if loader.num_workers > 0:
+        return None, (f"its {name} has a state_dict(), but with num_workers={loader.num_workers} it is read in "
+                      "worker processes, so its state in this process does not move")
+    return dataset, ""
 
 
 def _samplers(loader: Any) -> dict[str, Any]:
@@ -177,17 +198,18 @@ def _indexed(loader: Any) -> bool:
 
 
 def _skipping_iter(loader: Any, skip: int, then: Callable[[], None], drop: int = 0,
-                   resized: bool = False) -> Iterator[Any]:
+                   resized: bool = False, why: str = "", replay: bool = True) -> Iterator[Any]:
     """The loader's batches after the first ``skip`` (and ``drop`` indices), drawn as the uninterrupted run drew them.
 
     Skipped as indices when samples are loaded in this process (``then()`` restores its RNG before
     the first one). Worker processes seed their RNGs when the iterator starts and advance them with
     every sample they load, so with ``num_workers > 0`` the skipped batches are loaded and dropped
     instead: random augmentation in the workers continues exactly too. After a change of batch size
-    (``resized``) nothing is exact any more, and indices are always skipped.
+    (``resized``), or when replay is refused (``replay=False``), indices are always skipped.
+    A loader with no index-level sampler (a stream) is always replayed: ``why`` says why.
     """
     indexed = _indexed(loader)
-    if indexed and (loader.num_workers == 0 or loader.persistent_workers or resized):
+    if indexed and (loader.num_workers == 0 or loader.persistent_workers or resized or not replay):
         kwargs: dict[str, Any] = {
             "batch_sampler": _SkipBatches(loader.batch_sampler, skip, then, drop),
             "num_workers": loader.num_workers,
@@ -198,18 +220,35 @@ def _skipping_iter(loader: Any, skip: int, then: Callable[[], None], drop: int =
         if loader.num_workers > 0:
             kwargs["prefetch_factor"] = loader.prefetch_factor
             if not resized:
-                log.warning("Resuming mid-epoch with persistent_workers=True: the batch order is exact, but "
-                            "random augmentation inside worker processes will not repeat the uninterrupted "
-                            "run's draws (its workers were seeded when they first started).")
+                log.warning("Resuming mid-epoch with %s: the batch order is exact, but random augmentation inside "
+                            "worker processes will not repeat the uninterrupted run's draws (%s).",
+                            "persistent_workers=True" if loader.persistent_workers else "replay_data=False",
+                            "its workers were seeded when they first started" if loader.persistent_workers
+                            else "the skipped samples are not loaded again")
         return iter(DataLoader(loader.dataset, **kwargs))
-    why = f"its {loader.num_workers} workers draw augmentation as they load" if indexed \
-        else "this loader has no index-level sampler"
-    log.info("Resuming mid-epoch by loading and dropping %d batches: %s.", skip, why)
-    it = iter(loader)
-    for _ in range(skip):
-        next(it, None)
+    why = f"its {loader.num_workers} workers draw augmentation as they load" if indexed else why
+    tic, it = time.perf_counter(), iter(loader)
+    replayed = sum(1 for _ in itertools.islice(it, skip))
+    if replayed < skip:
+        log.warning("Resuming mid-epoch: train_loader ran out after %d of the %d batches to replay; it does "
+                    "not yield what the run that wrote the checkpoint saw.", replayed, skip)
     then()
+    log.info("Resuming mid-epoch: replayed %d batches of train_loader (loaded and dropped) in %.2f s: %s.",
+             replayed, time.perf_counter() - tic, why)
     return cast("Iterator[Any]", it)
+
+
+def _check_replay(trainer: AdvancedTrainer, pending: dict[str, Any], why: str) -> None:
+    """Refuse, before any step, to replay a stream when the trainer was told not to (``replay_data=False``)."""
+    if getattr(trainer, "replay_data", True):
+        return
+    batches = pending["batch"]
+    raise ValueError(
+        f"fit(train_loader=...): resuming mid-epoch {trainer.state.epoch} needs the loader to replay the "
+        f"{batches} batches this epoch already consumed, and replay_data=False: {why}. Give the dataset "
+        "state_dict()/load_state_dict() (torchdata's Stateful protocol; read with num_workers=0), or use a "
+        "loader with its own state_dict() such as torchdata's StatefulDataLoader (any num_workers), or pass "
+        "replay_data=True, or resume from a checkpoint written at the end of an epoch.")
 
 
 def _check_resized(trainer: AdvancedTrainer, loader: Any, pending: dict[str, Any]) -> None:
@@ -226,7 +265,25 @@ def _check_resized(trainer: AdvancedTrainer, loader: Any, pending: dict[str, Any
 
 
 def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
-    """This epoch's batches; after a mid-epoch resume, the ones not yet consumed, in the same order."""
+    """This epoch's batches; after a mid-epoch resume, the ones not yet consumed, in the same order.
+
+    Under DDP a loader without ``len()`` (a stream, each rank its own) ends on every rank at once.
+    """
+    it = _epoch_iter(trainer, loader)
+    if trainer.world_size > 1 and not _sized(loader):
+        return agreed_batches(it, trainer.accum.accumulation_steps, trainer.device)
+    return it
+
+
+def _sized(loader: Any) -> bool:
+    try:
+        len(loader)
+    except TypeError:           # an IterableDataset's DataLoader has __len__ and raises
+        return False
+    return True
+
+
+def _epoch_iter(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
     order = _order(trainer)
     order.loader = loader                    # saved() reads its generators' state at save time
     for _, sampler in _parts(loader)[1:]:
@@ -240,6 +297,7 @@ def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[A
         set_data_state(loader, ended["order"])
         if ended["loader"] is not None and _stateful(loader):
             loader.load_state_dict(ended["loader"])  # type: ignore[attr-defined]
+        _load_dataset(loader, ended.get("dataset"))
     if pending is None:
         state.epoch_data = data_state(loader)
         return iter(loader)
@@ -253,9 +311,93 @@ def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[A
         it = iter(loader)
         then()
         return it
+    if _load_dataset(loader, pending.get("dataset")):    # a stateful IterableDataset, read in this process
+        it = iter(loader)
+        then()
+        return it
     _check_resized(trainer, loader, pending)
+    why = _dataset_source(loader)[1] if not _stateful(loader) else \
+        f"the checkpoint holds no state of this {type(loader).__name__}"
+    if not _indexed(loader):
+        _check_replay(trainer, pending, why)
     set_data_state(loader, pending["epoch_data"])      # the loader draws this epoch's order again
-    return _skipping_iter(loader, pending["batch"], then, pending["drop"], pending["resized"])
+    return _skipping_iter(loader, pending["batch"], then, pending["drop"], pending["resized"], why,
+                          replay=getattr(trainer, "replay_data", True))
+
+
+def _load_dataset(loader: Any, saved: Any) -> bool:
+    """Put a stateful IterableDataset's saved position back; False (and why, logged) when it cannot be."""
+    if saved is None or _stateful(loader):
+        return False
+    dataset, why = _dataset_source(loader)
+    if dataset is None:
+        log.warning("Resuming: the checkpoint holds the position of train_loader's dataset, but %s; replaying "
+                    "the consumed batches instead (use num_workers=0, or a loader with its own state_dict()).",
+                    why)
+        return False
+    dataset.load_state_dict(saved)
+    return True
+
+
+# ------------------------------------------------------------------------------ streams
+def agreed_batches(batches: Iterable[T], window: int = 1, device: torch.device | str | None = None,
+                   group: Any = None) -> Iterator[T]:
+    """Yield ``batches`` window by window until any rank runs out; every rank yields the same number.
+
+    Each window (``window`` micro-batches, one optimizer step) is fetched whole, then one all-reduce
+    (MIN) of how many each rank got decides how many every rank yields; a short count ends the epoch
+    on all ranks after that (short) window, so no rank waits in a collective the others never join.
+    Fetching at the window's start keeps a stateful source's position equal to the consumed batches
+    when a checkpoint is written after the step. One process: ``batches`` unchanged.
+
+    Args:
+        batches: this rank's batches (e.g. a DataLoader over a sharded IterableDataset).
+        window: micro-batches per optimizer step (``gradient_accumulation_steps``).
+        device: where the count is reduced (CPU for gloo, the rank's GPU for NCCL).
+        group: the process group; default the world.
+
+    Example:
+        >>> for batch in agreed_batches(loader, window=accum, device=device):
+        ...     train_step(batch)
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"agreed_batches(window={window!r}): window must be an int >= 1 (micro-batches per step).")
+    it = iter(batches)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        yield from it
+        return
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    while True:
+        got = list(itertools.islice(it, window))
+        count.fill_(len(got))
+        dist.all_reduce(count, op=dist.ReduceOp.MIN, group=group)
+        agreed = int(count.item())
+        if agreed < len(got):
+            log.info("A rank's train_loader ran out: this rank drops %d batch(es) so every rank ends the epoch "
+                     "at the same step.", len(got) - agreed)
+        yield from got[:agreed]
+        if agreed < window:
+            return
+
+
+def shard_iterable(items: Iterable[T], rank: int | None = None, world_size: int | None = None) -> Iterator[T]:
+    """This rank's and this DataLoader worker's share of ``items``: every ``world_size * workers``-th item.
+
+    Call it inside an ``IterableDataset.__iter__``; rank and world size default to the process group's.
+
+    Example:
+        >>> def __iter__(self):
+        ...     return shard_iterable(read_lines(self.files))
+    """
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if rank is None:
+        rank = dist.get_rank() if world_size > 1 else 0
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard_iterable(rank={rank}, world_size={world_size}): need 0 <= rank < world_size.")
+    info = torch.utils.data.get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    return itertools.islice(items, rank * workers + worker, None, world_size * workers)
 
 
 # ------------------------------------------------------------------------- in the checkpoint
@@ -268,9 +410,11 @@ def saved(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[s
     its part of the epoch's loss sum.
     """
     loader, epoch_loss = _order(trainer).loader, trainer.state.epoch_loss
+    dataset = _dataset_source(loader)[0] if loader is not None and not _stateful(loader) else None
     here: dict[str, Any] = {"rng": rng or rng_state(), "epoch_data": trainer.state.epoch_data,
                             "data_now": data_state(loader, torch_rng=False) if loader is not None else {},
                             "loader": loader.state_dict() if loader is not None and _stateful(loader) else None,
+                            "dataset": dataset.state_dict() if dataset is not None else None,   # a stream's
                             # this rank's share of the epoch's loss sum (the loop entry holds rank 0's)
                             "epoch_loss": epoch_loss.detach().cpu() if epoch_loss is not None else None}
     ranks: list[Any] = [here]
@@ -291,7 +435,8 @@ def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
     if state.epoch_finished:      # the epoch ended: the next iterator draws from the saved RNG state
         set_rng_state(mine["rng"])
         state.resume = None
-        _order(trainer).pending = {"order": mine.get("data_now", {}), "loader": mine.get("loader")}
+        _order(trainer).pending = {"order": mine.get("data_now", {}), "loader": mine.get("loader"),
+                                   "dataset": mine.get("dataset")}
         return
     _order(trainer).pending = None
     epoch_loss = mine["epoch_loss"] if "epoch_loss" in mine else loop["epoch_loss"]
@@ -299,7 +444,8 @@ def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
     state.epoch_items = loop["epoch_samples"]
     old, new = data.get("batch_size", loop.get("batch_size")), trainer.batch_size
     skip, drop, samples = state.batch, 0, state.batch * old if old is not None else None
-    resized = old is not None and new is not None and old != new and mine.get("loader") is None
+    resized = old is not None and new is not None and old != new and mine.get("loader") is None \
+        and mine.get("dataset") is None
     if resized and samples is not None and new is not None:   # from the first unseen sample, at the new size
         samples = data.get("samples") or samples
         skip, drop = divmod(samples, new)
@@ -310,4 +456,4 @@ def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
         state.batch = state.batch_at_step = skip   # batches of the new size (a partial one counts whole)
     state.resume = {"epoch_data": mine["epoch_data"], "batch": skip, "rng": mine["rng"], "drop": drop,
                             "samples": samples, "batch_size": old, "resized": resized,
-                            "loader": mine.get("loader")}
+                            "loader": mine.get("loader"), "dataset": mine.get("dataset")}
