@@ -241,9 +241,15 @@ def lr_names(optimizer: torch.optim.Optimizer) -> list[str]:
     return names
 
 
-def group_lrs(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, float]:
-    """The current LR of each param group under ``names`` (from ``lr_names`` at fit start)."""
-    return {name: float(group["lr"]) for name, group in zip(names, optimizer.param_groups)}
+def group_lrs(optimizer: torch.optim.Optimizer, names: list[str], first: int = 0) -> dict[str, float]:
+    """The current LR of each param group from ``first`` on, under ``names`` (``lr_names`` at fit start)."""
+    return {name: float(group["lr"]) for name, group in list(zip(names, optimizer.param_groups))[first:]}
+
+
+def step_values_of(trainer: AdvancedTrainer) -> dict[str, float]:
+    """``trainer.logged.step_values()`` (one host read), or nothing for a trainer without ``logged``."""
+    store = getattr(trainer, "logged", None)
+    return store.step_values() if isinstance(store, LoggedValues) else {}
 
 
 def check_monitors(trainer: AdvancedTrainer, val_loader: object | None) -> list[tuple[str, str]]:

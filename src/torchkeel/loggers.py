@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from torchkeel.callbacks import Callback
-from torchkeel.logged import group_lrs, lr_names
+from torchkeel.logged import group_lrs, lr_names, step_values_of
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -238,7 +238,7 @@ class TensorBoardLogger(Callback):
         if step % self._every:
             return
         writer.add_scalar("train/loss", trainer.loss, step)
-        for name, value in (group_lrs(trainer.optimizer, self._lr_names) | _step_values(trainer)).items():
+        for name, value in (group_lrs(trainer.optimizer, self._lr_names) | step_values_of(trainer)).items():
             writer.add_scalar(f"train/{name}", value, step)
         grad_norm = trainer.accum.grad_norm
         if grad_norm is not None:
@@ -249,7 +249,7 @@ class TensorBoardLogger(Callback):
         if writer is None:
             return
         step, metrics = trainer.state.step, trainer.state.metrics
-        for name, value in (metrics | _other_lrs(trainer, self._lr_names)).items():
+        for name, value in (metrics | group_lrs(trainer.optimizer, self._lr_names, first=1)).items():
             writer.add_scalar(f"epoch/{name}", float(value), step)
         seconds = metrics.get("epoch_time")
         if seconds and self._samples:
@@ -333,13 +333,13 @@ class CSVLogger(Callback):
         state = trainer.state
         if self._file is not None and state.step % self._every == 0:
             self._write({"step": state.step, "epoch": state.epoch, "kind": "step", "train_loss": trainer.loss,
-                         **group_lrs(trainer.optimizer, self._lr_names), **_step_values(trainer)})
+                         **group_lrs(trainer.optimizer, self._lr_names), **step_values_of(trainer)})
 
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
         state = trainer.state
         if self._file is not None:
             self._write({"step": state.step, "epoch": state.epoch, "kind": "epoch", **state.metrics,
-                         **_other_lrs(trainer, self._lr_names)})
+                         **group_lrs(trainer.optimizer, self._lr_names, first=1)})
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:
         self._close()
@@ -385,17 +385,6 @@ class CSVLogger(Callback):
         file, self._file, self._writer = self._file, None, None
         if file is not None:
             file.close()
-
-
-def _step_values(trainer: AdvancedTrainer) -> dict[str, float]:
-    """``trainer.log``'s latest step values (one host read), or nothing before the trainer has them."""
-    logged = getattr(trainer, "logged", None)
-    return logged.step_values() if logged is not None else {}
-
-
-def _other_lrs(trainer: AdvancedTrainer, names: list[str]) -> dict[str, float]:
-    """The LRs of param groups 1, 2, ... (group 0's ``lr`` is already in the epoch metrics)."""
-    return dict(list(group_lrs(trainer.optimizer, names).items())[1:])
 
 
 def _covered(row: dict[str, str], step: int, epoch: int, epoch_finished: bool) -> bool:
