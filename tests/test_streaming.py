@@ -29,7 +29,7 @@ from torchkeel.dataorder import agreed_batches, shard_iterable
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-from stream_train import BATCH, PlainStream, StatefulStream, make_trainer
+from stream_train import BATCH, Dies, PlainStream, StatefulStream, make_trainer
 
 TIMEOUT = 120
 
@@ -123,6 +123,22 @@ def test_replay_data_false_resumes_a_stateful_stream(tmp_path: Path) -> None:
     reference, path = trained("stateful", tmp_path)
     resumed = make_trainer(None)
     resumed.replay_data = False
+    resumed.fit(stream_loader("stateful"), epochs=2, resume_from=str(path))
+    assert_params_equal(resumed.model, reference.model)
+
+
+def test_a_save_after_a_crash_mid_window_holds_the_streams_state_at_the_last_step(tmp_path: Path) -> None:
+    reference = make_trainer(None)
+    reference.fit(stream_loader("stateful"), epochs=2)
+    crashing = make_trainer(str(tmp_path / "ckpt"), every_n_steps=100, save_on_exception=True)
+    # the stream raises while serving sample 94 (batch 7 of epoch 1), after batch 6 went into its window
+    loader = DataLoader(StatefulStream(dies=Dies(94, "crash")), batch_size=BATCH)
+    with pytest.raises(RuntimeError, match="injected crash at sample 94"):
+        crashing.fit(loader, epochs=2)
+    assert crashing.state.batch == 7 and crashing.state.batch_at_step == 6
+    path = checkpoint_at(tmp_path / "ckpt", 11, "exception: RuntimeError")
+    assert torch.load(path, weights_only=True)["ranks"][0]["dataset"]["pos"] == 6 * BATCH   # not 7 * BATCH + 2
+    resumed = make_trainer(None)
     resumed.fit(stream_loader("stateful"), epochs=2, resume_from=str(path))
     assert_params_equal(resumed.model, reference.model)
 

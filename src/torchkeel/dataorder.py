@@ -151,6 +151,8 @@ class _Order:
     def __init__(self) -> None:
         self.loader: Any = None
         self.pending: dict[str, Any] | None = None   # an epoch-end resume: the loader's order, at the next epoch
+        self.given = -1                     # batches handed out this epoch, counted only by _at_window_starts
+        self.snapshot: tuple[int, Any] = (-1, None)   # (batch, a stateful source's state at that window start)
 
 
 _ORDERS: weakref.WeakKeyDictionary[Any, _Order] = weakref.WeakKeyDictionary()
@@ -272,7 +274,28 @@ def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[A
     it = _epoch_iter(trainer, loader)
     if trainer.world_size > 1 and not _sized(loader):
         return agreed_batches(it, trainer.accum.accumulation_steps, trainer.device)
+    _order(trainer).given = -1
+    source = _source(loader)
+    if trainer.keep_step_rng and source is not None:    # an emergency save may come mid-window
+        return _at_window_starts(trainer, it, source)
     return it
+
+
+def _source(loader: Any) -> Any:
+    """What saves a stream's position: the loader itself, or a stateful IterableDataset read here."""
+    return loader if _stateful(loader) else _dataset_source(loader)[0]
+
+
+def _at_window_starts(trainer: AdvancedTrainer, it: Iterator[Any], source: Any) -> Iterator[Any]:
+    """``it``, keeping the source's state at each window's start for a save after a crash mid-window."""
+    order, state = _order(trainer), trainer.state
+    order.given = state.batch
+    order.snapshot = (order.given, source.state_dict())
+    for batch in it:
+        order.given += 1
+        yield batch
+        if state.batch_at_step == order.given:     # the window ended: the next batch starts one
+            order.snapshot = (order.given, source.state_dict())
 
 
 def _sized(loader: Any) -> bool:
@@ -409,12 +432,18 @@ def saved(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[s
     next epoch (``data_now``: generators and sampler states now), a stateful loader's own state and
     its part of the epoch's loss sum.
     """
-    loader, epoch_loss = _order(trainer).loader, trainer.state.epoch_loss
-    dataset = _dataset_source(loader)[0] if loader is not None and not _stateful(loader) else None
+    order, epoch_loss = _order(trainer), trainer.state.epoch_loss
+    loader = order.loader
+    source = _source(loader) if loader is not None else None
+    position = None                         # the source's state after the batches of completed steps
+    if source is not None:
+        at, snapshot = order.snapshot
+        mid_window = order.given not in (-1, trainer.state.batch_at_step)     # a save after a crash
+        position = snapshot if mid_window and at == trainer.state.batch_at_step else source.state_dict()
     here: dict[str, Any] = {"rng": rng or rng_state(), "epoch_data": trainer.state.epoch_data,
                             "data_now": data_state(loader, torch_rng=False) if loader is not None else {},
-                            "loader": loader.state_dict() if loader is not None and _stateful(loader) else None,
-                            "dataset": dataset.state_dict() if dataset is not None else None,   # a stream's
+                            "loader": position if source is loader else None,
+                            "dataset": position if source is not loader else None,   # a stream's
                             # this rank's share of the epoch's loss sum (the loop entry holds rank 0's)
                             "epoch_loss": epoch_loss.detach().cpu() if epoch_loss is not None else None}
     ranks: list[Any] = [here]
