@@ -244,3 +244,25 @@ def test_samples_are_counted_apart_from_the_items_the_loss_averages_over() -> No
                       gradient_accumulation_steps=3, progress=False, device="cpu")
     trainer.fit(train_loader(), epochs=1)
     assert (trainer.state.epoch_samples, trainer.state.epoch_items) == (64, 192)
+
+
+class Hooks(Callback):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
+        self.calls.append("on_fit_begin")
+
+    def on_epoch_begin(self, trainer: AdvancedTrainer) -> None:
+        self.calls.append("on_epoch_begin")
+
+
+def test_a_batch_size_that_cannot_continue_mid_epoch_is_refused_before_any_hook(tmp_path: Path) -> None:
+    first = make(checkpoint=ModelCheckpoint(save_dir=tmp_path, every_n_steps=3, monitor=None))
+    first.fit(DataLoader(Stream(), batch_size=8), max_steps=3)        # a step checkpoint after 24 samples
+    hooks = Hooks()
+    again = make(callbacks=[hooks], log_dir=tmp_path / "logs")
+    path = str(tmp_path / "version_0" / "epoch=0-step=3.pt")
+    with pytest.raises(ValueError, match=r"cannot resume mid-epoch 0 with batch_size=5: .* 24 samples at batch_size=8"):
+        again.fit(DataLoader(Stream(), batch_size=5), epochs=2, resume_from=path)
+    assert hooks.calls == [] and not (tmp_path / "logs").exists()   # no hook ran, no run folder was made

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import batching, steps
+from torchkeel import batching, dataorder, steps
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -46,9 +46,12 @@ def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iter
         check_even(trainer, train_loader, "train_loader")
 
 
-def continue_run(trainer: AdvancedTrainer, resumed: Path | None) -> None:
-    """After a resume: a larger budget continues; a callback's stop stays, and says why."""
-    state = trainer.state
+def continue_run(trainer: AdvancedTrainer, resumed: Path | None, loader: Iterable[Any]) -> None:
+    """After a resume, before any hook: refuse a position the loader cannot continue from; a larger budget
+    continues; a callback's stop stays, and says why."""
+    state, pending = trainer.state, trainer.state.resume
+    if pending is not None and not (pending["loader"] is not None and dataorder._stateful(loader)):
+        dataorder._check_resized(trainer, loader, pending)     # raised by epoch_batches too, after the hooks
     trainer._counted, trainer._windows_at_fit = False, state.step + state.skipped_steps
     if state.should_stop:
         log.warning("fit(resume_from=...): %s was stopped (%s), so training does not continue. Resume from "

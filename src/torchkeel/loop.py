@@ -199,7 +199,7 @@ class AdvancedTrainer:
                     limit_val_batches)
         state = self.state
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
-        extent.continue_run(self, resumed)
+        extent.continue_run(self, resumed, train_loader)
         callbacks = self.callbacks + runs.open_folder(self, resumed)
         hooks = self._hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
         try:
