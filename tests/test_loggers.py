@@ -441,10 +441,10 @@ def test_progress_bar_counts_steps_to_max_steps(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(loggers, "time", _Clock())
     tty = _TTY()
     trainer = _trainer(callbacks=[ProgressBar(refresh_rate_hz=1e6, file=tty)])
-    trainer.max_steps = 20     # type: ignore[attr-defined]  (fit(max_steps=...) sets it)
-    trainer.fit(DataLoader(_Stream(), batch_size=8), epochs=2)
+    trainer.fit(DataLoader(_Stream(), batch_size=8), epochs=3, max_steps=8)     # 5 steps per epoch
     out = tty.getvalue()
-    assert "epoch 0/1  step 5/20  [" in out and "epoch 1/1  step 10/20  [" in out and "%" not in out
+    assert "epoch 0/2  step 5/8  [" in out and "epoch 1/2  step 8/8  [" in out and "%" not in out
+    assert "epoch 2/2" not in out
 
 
 def test_progress_lines_show_the_step_without_a_loader_length(caplog: pytest.LogCaptureFixture) -> None:
