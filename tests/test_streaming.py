@@ -72,6 +72,18 @@ def test_an_iterable_dataset_trains_as_the_same_batches_from_a_map_style_dataset
     assert_params_equal(streamed.model, indexed.model)
 
 
+def test_a_stream_trains_to_max_steps_and_resumes_from_the_last_step_exactly(tmp_path: Path) -> None:
+    reference = make_trainer(None)
+    reference.fit(stream_loader("stateful"), max_steps=20)       # 8 steps per epoch: ends in epoch 2
+    assert reference.state.step == 20 and reference.state.epoch == 2
+    first = make_trainer(str(tmp_path / "ckpt"))
+    first.fit(stream_loader("stateful"), max_steps=13)            # ends mid-epoch 1, mid-stream
+    resumed = make_trainer(None)
+    resumed.fit(stream_loader("stateful"), max_steps=20, resume_from=str(checkpoint_at(tmp_path / "ckpt", 12)))
+    assert resumed.state.step == 20
+    assert_params_equal(resumed.model, reference.model)
+
+
 def test_a_stateful_stream_resumes_from_its_saved_state(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     reference, path = trained("stateful", tmp_path)
     saved = torch.load(path, weights_only=True)["ranks"][0]["dataset"]
@@ -204,14 +216,14 @@ def stream_train(tmp_path: Path, name: str, *args: str) -> tuple[int, str]:
 
 def assert_same_weights(tmp_path: Path, a: str, b: str) -> None:
     ra, rb = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in (a, b))
-    assert ra["step"] == rb["step"] == 24
+    assert ra["step"] == rb["step"] == 20
     for name, value in ra["model"].items():
         assert torch.equal(value, rb["model"][name]), f"{name} differs from the uninterrupted run"
     assert ra["history"]["train_loss"] == rb["history"]["train_loss"]
 
 
 @pytest.mark.slow
-def test_a_stateful_stream_resumes_exactly_after_kill_9(tmp_path: Path) -> None:
+def test_a_stateful_stream_run_to_max_steps_resumes_exactly_after_kill_9(tmp_path: Path) -> None:
     code, out = stream_train(tmp_path, "ref", "--source", "stateful")
     assert code == 0, out[-3000:]
     # SIGKILL while the stream serves sample 94: batch 7 of epoch 1, mid-window; newest checkpoint: step 10
@@ -225,7 +237,7 @@ def test_a_stateful_stream_resumes_exactly_after_kill_9(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_plain_stream_with_workers_resumes_exactly_after_a_crash_by_replay(tmp_path: Path) -> None:
+def test_a_plain_stream_run_to_max_steps_with_workers_resumes_exactly_after_a_crash_by_replay(tmp_path: Path) -> None:
     code, out = stream_train(tmp_path, "ref", "--source", "plain", "--workers", "2")
     assert code == 0, out[-3000:]
     code, out = stream_train(tmp_path, "run", "--source", "plain", "--workers", "2", "--crash-step", "11")

@@ -8,7 +8,7 @@ across epochs), with `state_dict()`/`load_state_dict()`: only its saved state ca
 DataLoader workers with `dataorder.shard_iterable`; it has no state, so a resume replays it.
 `--die-at K`: SIGKILL itself (`kill`) or raise (`crash`) when the stream serves its K-th sample in
 this process (num_workers=0); `--crash-step S`: raise after optimizer step S (any num_workers).
-Always `resume_from='auto'`; checkpoints every 2 optimizer steps; writes OUT.pt at the end.
+Runs to `--max-steps` (20), always `resume_from='auto'`; checkpoints every 2 optimizer steps; writes OUT.pt.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--source", choices=["stateful", "plain"], required=True)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=20)    # 8 steps per epoch: ends in epoch 2
     p.add_argument("--die-at", type=int)
     p.add_argument("--how", choices=["kill", "crash"], default="kill")
     p.add_argument("--crash-step", type=int)
@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
     dies = Dies(args.die_at, args.how)
     data = StatefulStream(dies=dies) if args.source == "stateful" else PlainStream(dies=dies)
     trainer = make_trainer(args.save_dir, [CrashAt(args.crash_step)])
-    trainer.fit(DataLoader(data, batch_size=BATCH, num_workers=args.workers), epochs=args.epochs,
+    trainer.fit(DataLoader(data, batch_size=BATCH, num_workers=args.workers), max_steps=args.max_steps,
                 resume_from="auto")
     torch.save({"model": trainer.model.state_dict(), "step": trainer.state.step, "history": dict(trainer.history)}, args.out)
     return 0
