@@ -24,7 +24,7 @@ from conftest import assert_params_equal
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import torchkeel
-from torchkeel import io
+from torchkeel import dataorder, io
 from torchkeel.dataorder import agreed_batches, shard_iterable
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -129,6 +129,17 @@ def test_replay_data_false_refuses_a_stream_without_state_before_any_step(tmp_pa
     saved = torch.load(path, weights_only=True)["model"]
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, saved[name]), name
+
+
+def test_check_resume_refuses_right_after_loading_before_fit_runs_a_hook(tmp_path: Path) -> None:
+    _, path = trained("plain", tmp_path)
+    resumed = make_trainer(None)
+    resumed.replay_data = False
+    resumed.load_state_dict(io.load(path))
+    with pytest.raises(ValueError, match=r"replay_data=False: its PlainStream \(an IterableDataset\) has no"):
+        dataorder.check_resume(resumed, stream_loader("plain"))
+    resumed.replay_data = True
+    dataorder.check_resume(resumed, stream_loader("plain"))
 
 
 def test_replay_data_false_resumes_a_stateful_stream(tmp_path: Path) -> None:

@@ -338,14 +338,34 @@ def _epoch_iter(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any
         it = iter(loader)
         then()
         return it
-    _check_resized(trainer, loader, pending)
-    why = _dataset_source(loader)[1] if not _stateful(loader) else \
-        f"the checkpoint holds no state of this {type(loader).__name__}"
-    if not _indexed(loader):
-        _check_replay(trainer, pending, why)
+    why = _why_replay(loader)
+    check_resume(trainer, loader, pending)
     set_data_state(loader, pending["epoch_data"])      # the loader draws this epoch's order again
     return _skipping_iter(loader, pending["batch"], then, pending["drop"], pending["resized"], why,
                           replay=getattr(trainer, "replay_data", True))
+
+
+def _why_replay(loader: Any) -> str:
+    source = _source(loader)
+    if source is None:
+        return _dataset_source(loader)[1]
+    return f"the checkpoint holds no state of this {type(source).__name__} (written with another source?)"
+
+
+def check_resume(trainer: AdvancedTrainer, loader: Iterable[Any], pending: dict[str, Any] | None = None) -> None:
+    """Raise now if the mid-epoch resume loaded into ``trainer`` cannot continue on ``loader``.
+
+    That is another batch size without an index-level sampler, or a replay of consumed batches
+    with ``replay_data=False``. ``fit`` may call it right after loading a checkpoint, so the error
+    comes before any hook; ``epoch_batches`` calls it anyway.
+    """
+    pending = pending if pending is not None else trainer.state.resume
+    if pending is None or (pending["loader"] is not None and _stateful(loader)) \
+            or (pending.get("dataset") is not None and _source(loader) is not None and not _stateful(loader)):
+        return
+    _check_resized(trainer, loader, pending)
+    if not _indexed(loader):
+        _check_replay(trainer, pending, _why_replay(loader))
 
 
 def _load_dataset(loader: Any, saved: Any) -> bool:
