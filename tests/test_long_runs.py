@@ -7,8 +7,13 @@ every draw of the global RNG show in the result.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -266,3 +271,34 @@ def test_a_batch_size_that_cannot_continue_mid_epoch_is_refused_before_any_hook(
     with pytest.raises(ValueError, match=r"cannot resume mid-epoch 0 with batch_size=5: .* 24 samples at batch_size=8"):
         again.fit(DataLoader(Stream(), batch_size=5), epochs=2, resume_from=path)
     assert hooks.calls == [] and not (tmp_path / "logs").exists()   # no hook ran, no run folder was made
+
+
+# ------------------------------------------------------------------------- a real kill -9
+SCRIPT = Path(__file__).parent / "scripts" / "long_run.py"
+
+
+def _long_run(root: Path, *args: int) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(SCRIPT), str(root), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=240, check=False)
+
+
+@pytest.mark.slow
+def test_a_step_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    # 8 batches, 2 per window: 4 steps per epoch; validations every 3 steps; killed after step 7,
+    # whose newest checkpoint is the validation at step 6 (mid-epoch 1)
+    whole = _long_run(tmp_path / "whole", 20)
+    assert whole.returncode == 0, whole.stderr
+    killed = _long_run(tmp_path / "cut", 20, 7)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = _long_run(tmp_path / "cut", 20)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step 20" in resumed.stdout and "step 20" in whole.stdout
+    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    folder = tmp_path / "cut" / "default" / "version_0" / "checkpoints"
+    pointer = json.loads((folder / "last.json").read_text())
+    assert len(pointer["best_k_models"]) == 3                       # the best 3 and the last, nothing else
+    assert {p.name for p in folder.glob("*.pt")} == set(pointer["best_k_models"]) | {pointer["last"]}
+    assert whole.stdout.split("best ")[1].rsplit("/", 1)[1] == resumed.stdout.split("best ")[1].rsplit("/", 1)[1]

@@ -37,9 +37,11 @@ class ModelCheckpoint(Callback):
         filename: template with ``{epoch}`` (0-based), ``{step}`` and metric names, e.g.
             ``'{epoch}-{val_loss:.3f}'``; checked here. A name this instance wrote that falls out
             anyway is overwritten (atomically), so a fixed name with ``save_top_k=1`` stays one file.
-        every_n_epochs: save at the end of every n-th epoch (0: never at epoch end).
-        every_n_steps: also save every n optimizer steps (mid-epoch; resumes exactly). Step
-            checkpoints are never ranked (validation runs at epoch end): each is kept as the last.
+        every_n_epochs: save, ranked, at the end of every n-th epoch, at each validation of
+            ``fit(val_every_n_steps=...)`` and at a ``max_steps`` end (0: none of these).
+        every_n_steps: also save every n optimizer steps (mid-epoch; resumes exactly). These are
+            not ranked (no fresh metrics): each is kept as the last. To rank step checkpoints,
+            validate there: ``fit(val_every_n_steps=n)``.
 
     A non-finite score (nan, inf, -inf) is never ranked: that checkpoint is kept only as the last.
     ``no_best_reason`` says why ``best_model_path`` is ``""``; fit's end warns when it is.

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import batching, dataorder, steps
+from torchkeel import batching, dataorder, signals, steps
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -163,3 +163,17 @@ def check_monitors(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -
 
 def epochs_range(start: int, epochs: int | None) -> Iterator[int]:
     return iter(range(start, epochs)) if epochs is not None else itertools.count(start)
+
+
+def agree_stop(trainer: AdvancedTrainer) -> bool:
+    """At a validation point or an epoch's end: one all-reduce agrees on stop requests and signals."""
+    flags = [float(trainer.state.should_stop), float(trainer._signal.received)]
+    if trainer.world_size > 1:
+        t = torch.tensor(flags, device=trainer.device)
+        dist.all_reduce(t)
+        flags = t.tolist()
+    if flags[1] > 0:
+        signals.on_signal(trainer)
+    if flags[0] > 0:
+        trainer._request_stop("a stop was requested on another rank")
+    return trainer.state.should_stop

@@ -153,14 +153,9 @@ class AdvancedTrainer:
         self.num_batches: int | None = None
         self.batch_size: int | None = None
         self._val_batch: int | None = None     # index of the validation batch being evaluated
-        self.hparams: dict[str, Any] = {
-            "optimizer": type(optimizer).__name__, "lr": float(optimizer.param_groups[0]["lr"]),
-            "gradient_accumulation_steps": gradient_accumulation_steps, "max_grad_norm": max_grad_norm,
-            "gradient_clip_value": gradient_clip_value, "amp_dtype": str(self.amp_dtype),
-            "scheduler": type(scheduler).__name__ if scheduler is not None else None,
-            "scheduler_interval": scheduler_interval, "nan_policy": nan_policy,
-            "max_consecutive_skipped_steps": skips,
-            "world_size": self.world_size, "device": str(device)}
+        self.hparams: dict[str, Any] = runs.hparams(
+            self, gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
+            gradient_clip_value=gradient_clip_value, scheduler_interval=scheduler_interval)
         no_context = nullcontext()   # reusable, so a step without AMP creates no context object
         self._autocast: Callable[[], AbstractContextManager[Any]] = (
             (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else (lambda: no_context)
@@ -356,7 +351,6 @@ class AdvancedTrainer:
         """Model outputs (a model output's ``logits``) for every batch, concatenated on the CPU when tensors."""
         return steps.predict(self, loader)
 
-
     # --------------------------------------------------------------------------- helpers
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -431,16 +425,7 @@ class AdvancedTrainer:
         """
         if not sync:
             return self.state.should_stop and (self.world_size == 1 or self._agreed_stop)
-        flags = [float(self.state.should_stop), float(self._signal.received)]
-        if self.world_size > 1:
-            t = torch.tensor(flags, device=self.device)
-            dist.all_reduce(t)
-            flags = t.tolist()
-        if flags[1] > 0:
-            signals.on_signal(self)
-        if flags[0] > 0:
-            self._request_stop("a stop was requested on another rank")
-        return self.state.should_stop
+        return extent.agree_stop(self)
 
     @property
     def _agreed_stop(self) -> bool:

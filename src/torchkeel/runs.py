@@ -182,3 +182,15 @@ def open_folder(trainer: AdvancedTrainer, resumed: Path | None) -> list[Callback
             and trainer.checkpoint.save_dir is None:
         trainer.checkpoint.dirpath = trainer.run_dir / "checkpoints"
     return run_callbacks(trainer, trainer.run_dir, trainer._summary)
+
+
+def hparams(trainer: AdvancedTrainer, **given: Any) -> dict[str, Any]:
+    """The trainer's configuration as ``hparams.json`` records it (plain values)."""
+    opt, scheduler = trainer.optimizer, trainer.scheduler
+    return {"optimizer": type(opt).__name__, "lr": float(opt.param_groups[0]["lr"]),
+            "gradient_accumulation_steps": given["gradient_accumulation_steps"],
+            "max_grad_norm": given["max_grad_norm"], "gradient_clip_value": given["gradient_clip_value"],
+            "amp_dtype": str(trainer.amp_dtype), "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+            "scheduler_interval": given["scheduler_interval"], "nan_policy": trainer.nan_policy,
+            "max_consecutive_skipped_steps": trainer.max_consecutive_skipped_steps,
+            "world_size": trainer.world_size, "device": str(trainer.device)}
