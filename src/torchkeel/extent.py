@@ -49,9 +49,8 @@ def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iter
 def continue_run(trainer: AdvancedTrainer, resumed: Path | None, loader: Iterable[Any]) -> None:
     """After a resume, before any hook: refuse a position the loader cannot continue from; a larger budget
     continues; a callback's stop stays, and says why."""
-    state, pending = trainer.state, trainer.state.resume
-    if pending is not None and not (pending["loader"] is not None and dataorder._stateful(loader)):
-        dataorder._check_resized(trainer, loader, pending)     # raised by epoch_batches too, after the hooks
+    state = trainer.state
+    dataorder.check_resume(trainer, loader)      # epoch_batches checks too, but after the hooks
     trainer._counted, trainer._windows_at_fit = False, state.step + state.skipped_steps
     if state.should_stop:
         log.warning("fit(resume_from=...): %s was stopped (%s), so training does not continue. Resume from "
