@@ -22,9 +22,10 @@ def test_epoch_means_are_count_weighted() -> None:
     logged.log("acc", torch.tensor(0.25, dtype=torch.float64), count=4)
     logged.log("tokens", torch.tensor(3.0), count=torch.tensor(6))   # a device count, as (loss, count) gives
     logged.log("tokens", torch.tensor(1.0), count=torch.tensor(2))
+    logged.log("tokens", 2.0, count=4)                       # a number count beside tensor counts
     logged.log("val_f1", torch.tensor(0.75), count=8, phase="val")
     logged.log("val_f1", torch.tensor(0.25), count=24, phase="val")
-    assert logged.epoch_values() == {"acc": (4 + 8 + 1) / 20, "tokens": (18 + 2) / 8, "val_f1": (6 + 6) / 32}
+    assert logged.epoch_values() == {"acc": (4 + 8 + 1) / 20, "tokens": (18 + 2 + 8) / 12, "val_f1": (6 + 6) / 32}
 
 
 def test_val_phase_names_and_phase_filter() -> None:

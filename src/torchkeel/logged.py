@@ -1,8 +1,8 @@
 """LoggedValues: the store behind ``trainer.log(name, value)``; device tensors, read only when logging.
 
 ``log`` keeps the latest per-step value (a detached tensor, or the number given) and adds
-``value * count`` and ``count`` to per-name epoch sums with in-place adds on the values' device: no
-host read. ``step_values`` reads every per-step value at once (one ``torch.stack`` and ``tolist``);
+``value * count`` and ``count`` to per-name epoch sums: one in-place add on the value's device for a
+tensor with a number count, python arithmetic for numbers; no host read. ``step_values`` reads every per-step value at once (one ``torch.stack`` and ``tolist``);
 ``epoch_values`` gives the count-weighted means, reduced across ranks with one ``all_reduce``.
 
 Names: training-phase names are kept as given (they may not start with ``val_``), validation-phase
@@ -38,6 +38,27 @@ RESERVED = frozenset({"train_loss", "val_loss", "lr", "epoch_time", "epoch", "st
                       "loss", "grad_norm", "samples_per_sec"})
 
 
+class _Sums:
+    """One name's epoch sums: numbers on the host where numbers came, device tensors where tensors came."""
+
+    __slots__ = ("count", "count_t", "value", "value_t")
+
+    def __init__(self, value_t: torch.Tensor | None = None, count_t: torch.Tensor | None = None) -> None:
+        self.value, self.count = 0.0, 0.0
+        self.value_t, self.count_t = value_t, count_t
+
+    def device(self, default: torch.device) -> torch.device:
+        tensor = self.value_t if self.value_t is not None else self.count_t
+        return tensor.device if tensor is not None else default
+
+    def totals(self, where: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        def total(number: float, tensor: torch.Tensor | None) -> torch.Tensor:
+            if tensor is None:
+                return torch.tensor(number, dtype=torch.float64, device=where)
+            return tensor.to(where, torch.float64) + number
+        return total(self.value, self.value_t), total(self.count, self.count_t)
+
+
 def epoch_name(name: str, phase: Phase) -> str:
     """The metric name of ``name`` logged in ``phase``: ``val_`` prefixed for validation."""
     return name if phase == "train" or name.startswith("val_") else f"val_{name}"
@@ -63,8 +84,7 @@ class LoggedValues:
         self.reserved = RESERVED | frozenset(reserved)
         self._step: dict[str, torch.Tensor | float] = {}
         self._cache: dict[str, float] | None = None       # step_values() since the last log()
-        self._sums: dict[str, torch.Tensor] = {}          # epoch name -> sum of value * count
-        self._counts: dict[str, torch.Tensor] = {}        # epoch name -> sum of count
+        self._sums: dict[str, _Sums] = {}                 # epoch name -> sums of value * count and of count
         self._checked: set[tuple[str, str, bool, bool]] = set()   # (name, phase, on_step, on_epoch) seen
 
     def log(self, name: str, value: float | torch.Tensor, count: float | torch.Tensor = 1,
@@ -90,7 +110,8 @@ class LoggedValues:
                                  f"got a tensor of shape {tuple(value.shape)}. Reduce it first, e.g. value.mean().")
             if value.is_complex():
                 raise TypeError(f"trainer.log({name!r}, value=...): got a complex tensor; log a real number.")
-            value = value.detach()
+            if value.requires_grad:
+                value = value.detach()
         elif not isinstance(value, numbers.Real):
             raise TypeError(f"trainer.log({name!r}, value={value!r}): expected a python number or a 0-dim "
                             f"tensor, got {type(value).__name__}.")
@@ -101,30 +122,29 @@ class LoggedValues:
             self._accumulate(epoch_name(name, phase), value, count)
 
     def _accumulate(self, key: str, value: float | torch.Tensor, count: float | torch.Tensor) -> None:
-        total = self._sums.get(key)
-        if total is None:
-            where = value.device if isinstance(value, torch.Tensor) else self.device
-            total = self._sums[key] = torch.zeros((), dtype=torch.float64, device=where)
-            self._counts[key] = torch.zeros((), dtype=torch.float64, device=where)
-        n = self._counts[key]
-        if isinstance(value, torch.Tensor) and value.device != total.device:
-            value = value.to(total.device, non_blocking=True)
+        acc = self._sums.get(key)
+        if acc is None:
+            acc = self._sums[key] = _Sums()
         if isinstance(count, torch.Tensor):
             if count.dim() != 0:
                 raise ValueError(f"trainer.log({key!r}): count must be a number or a 0-dim tensor, "
                                  f"got shape {tuple(count.shape)}.")
-            count = count.detach().to(total.device, non_blocking=True)
-            total.add_(count * value)
-            n.add_(count)
-        else:
-            if isinstance(count, bool) or not isinstance(count, numbers.Real) or count < 0:
-                raise ValueError(f"trainer.log({key!r}, count={count!r}): count must be a number >= 0 "
-                                 "(the value's weight: samples or items) or a 0-dim tensor.")
-            if isinstance(value, torch.Tensor):
-                total.add_(value, alpha=count)
-            else:
-                total.add_(float(value) * count)
-            n.add_(count)
+            count = count.detach()
+            weighted = (count * value).double()
+            acc.value_t = weighted if acc.value_t is None else acc.value_t.add_(weighted.to(acc.value_t.device))
+            acc.count_t = count.to(torch.float64, copy=True) if acc.count_t is None \
+                else acc.count_t.add_(count.to(acc.count_t.device))
+            return
+        if isinstance(count, bool) or not isinstance(count, numbers.Real) or count < 0:
+            raise ValueError(f"trainer.log({key!r}, count={count!r}): count must be a number >= 0 "
+                             "(the value's weight: samples or items) or a 0-dim tensor.")
+        acc.count += count                         # numbers stay on the host: no device work
+        if not isinstance(value, torch.Tensor):
+            acc.value += float(value) * count
+        elif acc.value_t is None:
+            acc.value_t = value.to(torch.float64, copy=True).mul_(count)
+        else:                                      # the common case: one in-place add on the device
+            acc.value_t.add_(value.to(acc.value_t.device), alpha=count)
 
     def _check_name(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> None:
         if phase not in ("train", "val"):
@@ -186,8 +206,9 @@ class LoggedValues:
                                    "log the same names in an epoch (log 0.0 with count=0 where a rank has none).")
         if not names:
             return {}
-        where = torch.device(device) if device is not None else self._sums[names[0]].device
-        totals = torch.stack([self._sums[k].to(where) for k in names] + [self._counts[k].to(where) for k in names])
+        where = torch.device(device) if device is not None else self._sums[names[0]].device(self.device)
+        pairs = [self._sums[k].totals(where) for k in names]
+        totals = torch.stack([v for v, _ in pairs] + [n for _, n in pairs])
         if world_size > 1:
             dist.all_reduce(totals)
         values = totals.tolist()
@@ -197,17 +218,18 @@ class LoggedValues:
     def reset_epoch(self, phase: Phase | None = None) -> None:
         """Forget the sums of ``phase`` (both when ``None``); training also forgets per-step values."""
         for k in self.names(phase):
-            del self._sums[k], self._counts[k]
+            del self._sums[k]
         if phase != "val":
             self._step.clear()
             self._cache = None
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch sums as CPU tensors (``weights_only``-loadable); per-step values are not kept."""
-        names = self.names()
-        return {"names": names,
-                "sums": torch.stack([self._sums[k].cpu() for k in names]) if names else torch.zeros(0, dtype=torch.float64),
-                "counts": torch.stack([self._counts[k].cpu() for k in names]) if names else torch.zeros(0, dtype=torch.float64)}
+        names, cpu = self.names(), torch.device("cpu")
+        pairs = [self._sums[k].totals(cpu) for k in names]
+        empty = torch.zeros(0, dtype=torch.float64)
+        return {"names": names, "sums": torch.stack([v for v, _ in pairs]) if names else empty,
+                "counts": torch.stack([n for _, n in pairs]) if names else empty}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the epoch sums saved by ``state_dict`` (onto ``device``)."""
@@ -215,8 +237,8 @@ class LoggedValues:
         if not (isinstance(names, list) and len(names) == len(sums) == len(counts)):
             raise ValueError(f"LoggedValues.load_state_dict: expected names, sums and counts of one length, "
                              f"got {len(names)} names, {len(sums)} sums, {len(counts)} counts.")
-        self._sums = {k: sums[i].to(self.device, torch.float64).clone() for i, k in enumerate(names)}
-        self._counts = {k: counts[i].to(self.device, torch.float64).clone() for i, k in enumerate(names)}
+        self._sums = {k: _Sums(sums[i].to(self.device, torch.float64, copy=True),
+                               counts[i].to(self.device, torch.float64, copy=True)) for i, k in enumerate(names)}
         self._step.clear()
         self._cache = None
 
