@@ -119,8 +119,7 @@ def test_a_plain_stream_is_replayed_and_the_replay_is_logged(tmp_path: Path,
 
 def test_replay_data_false_refuses_a_stream_without_state_before_any_step(tmp_path: Path) -> None:
     _, path = trained("plain", tmp_path)
-    resumed = make_trainer(None)
-    resumed.replay_data = False  # AdvancedTrainer(replay_data=False) once the lead adds it
+    resumed = make_trainer(None, replay_data=False)
     with pytest.raises(ValueError, match=r"resuming mid-epoch 1 needs the loader to replay the 4 batches .* "
                                          r"replay_data=False: its PlainStream \(an IterableDataset\) has no "
                                          r"state_dict\(\)/load_state_dict\(\)\. Give the dataset state_dict"):
@@ -133,8 +132,7 @@ def test_replay_data_false_refuses_a_stream_without_state_before_any_step(tmp_pa
 
 def test_check_resume_refuses_right_after_loading_before_fit_runs_a_hook(tmp_path: Path) -> None:
     _, path = trained("plain", tmp_path)
-    resumed = make_trainer(None)
-    resumed.replay_data = False
+    resumed = make_trainer(None, replay_data=False)
     resumed.load_state_dict(io.load(path))
     with pytest.raises(ValueError, match=r"replay_data=False: its PlainStream \(an IterableDataset\) has no"):
         dataorder.check_resume(resumed, stream_loader("plain"))
@@ -144,8 +142,7 @@ def test_check_resume_refuses_right_after_loading_before_fit_runs_a_hook(tmp_pat
 
 def test_replay_data_false_resumes_a_stateful_stream(tmp_path: Path) -> None:
     reference, path = trained("stateful", tmp_path)
-    resumed = make_trainer(None)
-    resumed.replay_data = False
+    resumed = make_trainer(None, replay_data=False)
     resumed.fit(stream_loader("stateful"), epochs=2, resume_from=str(path))
     assert_params_equal(resumed.model, reference.model)
 
@@ -170,8 +167,7 @@ def test_a_save_after_a_crash_mid_window_holds_the_streams_state_at_the_last_ste
 def test_a_stateful_dataset_read_by_workers_is_not_saved_and_the_refusal_says_why(tmp_path: Path) -> None:
     _, path = trained("stateful", tmp_path, epochs=1, workers=2)
     assert torch.load(path, weights_only=True)["ranks"][0]["dataset"] is None   # its state here never moved
-    resumed = make_trainer(None)
-    resumed.replay_data = False
+    resumed = make_trainer(None, replay_data=False)
     with pytest.raises(ValueError, match=r"StatefulStream has a state_dict\(\), but with num_workers=2 it is read "
                                          r"in worker processes.*StatefulDataLoader \(any num_workers\)"):
         resumed.fit(stream_loader("stateful", workers=2), epochs=1, resume_from=str(path))

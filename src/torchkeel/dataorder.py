@@ -465,7 +465,8 @@ def saved(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[s
                             "loader": position if source is loader else None,
                             "dataset": position if source is not loader else None,   # a stream's
                             # this rank's share of the epoch's loss sum (the loop entry holds rank 0's)
-                            "epoch_loss": epoch_loss.detach().cpu() if epoch_loss is not None else None}
+                            "epoch_loss": epoch_loss.detach().cpu() if epoch_loss is not None else None,
+                            "logged": trainer.logged.state_dict()}     # this rank's trainer.log epoch sums
     ranks: list[Any] = [here]
     if trainer.world_size > 1:          # each rank's RNG differs: dropout masks, augmentations
         ranks = [None] * trainer.world_size
@@ -491,6 +492,8 @@ def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
     epoch_loss = mine["epoch_loss"] if "epoch_loss" in mine else loop["epoch_loss"]
     state.epoch_loss = epoch_loss.to(trainer.device) if epoch_loss is not None else None
     state.epoch_items = loop["epoch_samples"]
+    if "logged" in mine:
+        trainer.logged.load_state_dict(mine["logged"])
     old, new = data.get("batch_size", loop.get("batch_size")), trainer.batch_size
     skip, drop, samples = state.batch, 0, state.batch * old if old is not None else None
     resized = old is not None and new is not None and old != new and mine.get("loader") is None \

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import batching, dataorder, signals, steps
+from torchkeel import batching, dataorder, logged, signals, steps
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -36,7 +36,7 @@ def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iter
     batching.check_loader(train_loader, "train_loader")
     if val_loader is not None:
         batching.check_loader(val_loader, "val_loader")
-    check_monitors(trainer, val_loader)
+    trainer._pending_monitors = logged.check_monitors(trainer, val_loader)
     trainer._limit_train = limit_of("limit_train_batches", limit_train, train_loader)
     trainer._limit_val = limit_of("limit_val_batches", limit_val, val_loader)
     n = batching.num_batches(train_loader)
@@ -144,20 +144,6 @@ def check_even(trainer: AdvancedTrainer, loader: Iterable[Any], name: str) -> No
             f"fit({name}=...): ranks have between {least} and {most} batches per epoch; DDP would hang. "
             "Use a DistributedSampler (DistributedTrainer.create_dataloader pads shards evenly) or drop_last."
         )
-
-
-def check_monitors(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> None:
-    names = {"train_loss", "lr", "epoch_time"}
-    if val_loader is not None:
-        names |= {"val_loss"} | {f"val_{k}" for k in trainer.metrics}
-    for cb in trainer.callbacks:
-        monitor = getattr(cb, "monitor", None)
-        if isinstance(monitor, str) and monitor not in names:
-            hint = " (no val_loader was given)" if monitor.startswith("val_") and val_loader is None else ""
-            raise ValueError(
-                f"{type(cb).__name__}: monitor={monitor!r} will never be computed{hint}. "
-                f"Metrics this fit computes: {', '.join(sorted(names))}."
-            )
 
 
 def epochs_range(start: int, epochs: int | None) -> Iterator[int]:

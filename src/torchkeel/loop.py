@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import batching, dataorder, extent, resume, runs, signals, steps
+from torchkeel import batching, dataorder, extent, logged, resume, runs, signals, steps
 from torchkeel.accumulate import GradientAccumulator, as_count
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.distributed import unwrap_model
@@ -60,6 +60,9 @@ class AdvancedTrainer:
         max_consecutive_skipped_steps: stop training, with a warning, after this many optimizer steps
             in a row were skipped (GradScaler overflow, or a non-finite loss under
             ``nan_policy='skip'``); ``None`` never stops for that.
+        replay_data: on a mid-epoch resume, a train loader that cannot restore its position (no
+            ``state_dict()``, no index sampler) is fast-forwarded by loading and dropping the
+            consumed batches; ``False`` refuses that with an error before training.
 
     ``training_step`` may return ``(loss, count)``: ``loss`` is the mean over ``count`` items
     (tokens...), and a window then weighs its micro-batches by items (across ranks too), as one
@@ -96,11 +99,15 @@ class AdvancedTrainer:
         run_name: str = "default",
         signal_grace_seconds: float | None = 10.0,
         max_consecutive_skipped_steps: int | None = 25,
+        replay_data: bool = True,
     ) -> None:
         model, device = batching.resolve_model(model, device)
         skips = extent.check_trainer(model, optimizer, gradient_accumulation_steps, scheduler_interval,
                                      log_every_n_steps, max_consecutive_skipped_steps)
         self.max_consecutive_skipped_steps = skips
+        if not isinstance(replay_data, bool):
+            raise TypeError(f"AdvancedTrainer(replay_data={replay_data!r}): pass True or False.")
+        self.replay_data = replay_data
         self.device = device
         self.model = model
         self.optimizer = optimizer
@@ -169,6 +176,10 @@ class AdvancedTrainer:
         self._preempt = False        # every rank agreed that a signal arrived: save and exit
         self.keep_step_rng = False   # set by ModelCheckpoint(save_on_exception=True)
         self.step_rng: dict[str, Any] | None = None   # RNG states at the last optimizer step
+        self.logged = logged.LoggedValues(device, reserved={f"val_{k}" for k in self.metrics})  # trainer.log's
+        self._log_phase: Literal["train", "val"] = "train"
+        self._log_count = 1              # samples of the batch in progress: trainer.log's default weight
+        self._pending_monitors: list[tuple[str, str]] = []   # monitors only trainer.log can give
 
     # ----------------------------------------------------------------------------- the loop
     def fit(
@@ -250,6 +261,7 @@ class AdvancedTrainer:
         self.accum.zero_grad()              # the last window's, before the forward, as by hand
         if self._move:
             batch = batching.to_device(batch, self.device)
+        self._log_count = n = batching.batch_size(batch)
         if self._bare:                      # one process, no AMP: no context to enter
             loss = self.training_step(batch)
         else:
@@ -259,7 +271,7 @@ class AdvancedTrainer:
         if isinstance(loss, tuple) or self._counted:
             self._backward_counted(loss, batch)
         else:
-            self.accum.backward(loss, batching.batch_size(batch), self._local_flags())
+            self.accum.backward(loss, n, self._local_flags())
         if not self.accum.window_full:
             return False
         return self._after_window(self.accum.step())
@@ -352,6 +364,20 @@ class AdvancedTrainer:
         return steps.predict(self, loader)
 
     # --------------------------------------------------------------------------- helpers
+    def log(self, name: str, value: float | torch.Tensor, on_step: bool = True, on_epoch: bool = True,
+            count: float | torch.Tensor | None = None) -> None:
+        """Log a number or 0-dim tensor from training_step, validation_step or a callback; no host read.
+
+        Per-step values (training only) reach the loggers on logging steps; epoch values are means
+        weighted by ``count`` (default: the batch's samples), reduced across ranks, in the metrics and
+        history; from validation_step as ``val_<name>``. Every rank must log the same names.
+
+        Example:
+            >>> self.log("acc", (outputs.argmax(1) == targets).float().mean())
+        """
+        self.logged.log(name, value, self._log_count if count is None else count, on_step, on_epoch,
+                        self._log_phase)
+
     @property
     def unwrapped_model(self) -> nn.Module:
         """The model without DataParallel/DDP/torch.compile wrappers."""
@@ -394,6 +420,7 @@ class AdvancedTrainer:
         if state.resume is None:            # a mid-epoch resume keeps the epoch's progress
             state.batch = state.batch_at_step = state.epoch_samples = 0
             state.epoch_loss, state.epoch_items = None, 0
+            self.logged.reset_epoch("train")
         self.model.train()
 
     def _batches(self, loader: Iterable[Any]) -> Iterator[Any]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from torchkeel import batching
+from torchkeel import batching, logged
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -121,14 +121,16 @@ def validate(trainer: AdvancedTrainer, loader: Iterable[Any], limit: int | None 
         m.reset()
     sums = torch.zeros(2 + len(fns), dtype=torch.float64, device=device)  # loss*n, metrics, loss n
     count, counted, batches = 0, 0, 0
+    trainer.logged.reset_epoch("val")
+    trainer._log_phase, log_count = "val", trainer._log_count
     try:
         with KeepRNG(device):
             for trainer._val_batch, batch in enumerate(limited(loader, limit)):
                 if trainer._move:
                     batch = batching.to_device(batch, device)
+                trainer._log_count = n = batching.batch_size(batch)
                 with trainer._autocast():
                     loss, outputs, targets = trainer.validation_step(batch)
-                n = batching.batch_size(batch)
                 count, batches = count + n, batches + 1
                 if isinstance(loss, tuple):      # (loss, count): weighted by its items
                     loss, items = loss
@@ -145,6 +147,7 @@ def validate(trainer: AdvancedTrainer, loader: Iterable[Any], limit: int | None 
     finally:
         model.train(was_training)
         trainer._val_batch = None
+        trainer._log_phase, trainer._log_count = "train", log_count
     if 0 < counted < batches:
         raise TypeError("validation_step returned (loss, count) on some batches and a plain loss on others; "
                         "return (loss, count) on every batch, or never.")
@@ -157,7 +160,7 @@ def validate(trainer: AdvancedTrainer, loader: Iterable[Any], limit: int | None 
     out = {"val_loss": values[0] / items_total}
     out |= {f"val_{k}": v / total for k, v in zip(fns, values[1:])}
     out |= {f"val_{k}": float(m.compute()) for k, m in objs.items()}
-    return out
+    return out | trainer.logged.epoch_values(trainer.world_size, device, "val")
 
 
 @torch.no_grad()
@@ -187,10 +190,13 @@ def validation_point(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None,
     trainer.check_finite()
     trainer.accum.zero_grad()
     metrics: dict[str, float] = {"train_loss": epoch_loss(trainer)}
+    metrics |= trainer.logged.epoch_values(trainer.world_size, trainer.device, "train")
     if val_loader is not None:
         limit = trainer._limit_val
         metrics |= trainer.validate(val_loader, limit) if limit else trainer.validate(val_loader)
     state.metrics = metrics | {"lr": trainer.lr, **extra}
+    logged.check_logged_monitors(trainer._pending_monitors, state.metrics)
+    trainer._pending_monitors = []
     state.epoch_finished = finished
     state.last_val_step = state.step
     trainer.history.append({"epoch": state.epoch, "step": state.step, **state.metrics})

@@ -96,14 +96,16 @@ class PlainStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
             yield self.x[i], self.y[i]
 
 
-def make_trainer(save_dir: str | None, callbacks: list[Callback] | None = None, **ckpt: Any) -> AdvancedTrainer:
+def make_trainer(save_dir: str | None, callbacks: list[Callback] | None = None, replay_data: bool = True,
+                 **ckpt: Any) -> AdvancedTrainer:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 2))
     kwargs = {"monitor": None, "save_top_k": -1, "every_n_steps": 2} | ckpt
     checkpoint = ModelCheckpoint(save_dir=save_dir, **kwargs) if save_dir else None
     return AdvancedTrainer(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
                            criterion=nn.MSELoss(), gradient_accumulation_steps=ACCUM, progress=False,
-                           device="cpu", checkpoint=checkpoint, callbacks=callbacks or [])
+                           device="cpu", checkpoint=checkpoint, callbacks=callbacks or [],
+                           replay_data=replay_data)
 
 
 def main(argv: list[str]) -> int:
