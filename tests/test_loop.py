@@ -8,6 +8,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -823,3 +824,14 @@ def test_max_consecutive_skipped_steps_errors(value):
     with pytest.raises(ValueError, match=rf"AdvancedTrainer\(max_consecutive_skipped_steps={value!r}\): must be an "
                                          r"int >= 1, or None to never stop for skipped steps"):
         AdvancedTrainer(model=model, optimizer=_sgd(model), max_consecutive_skipped_steps=value)
+
+
+def test_hparams_record_the_configured_lr_not_the_warm_up_start(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    warm_up = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.05 * (step + 1))   # starts at 0.005
+    trainer = AdvancedTrainer(model=model, optimizer=opt, criterion=nn.MSELoss(), scheduler=warm_up,
+                              progress=False, log_dir=tmp_path)
+    trainer.fit(DataLoader(make_dataset(), batch_size=16), epochs=1)
+    assert trainer.run_dir is not None
+    assert json.loads((trainer.run_dir / "hparams.json").read_text())["lr"] == 0.1

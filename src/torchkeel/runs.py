@@ -187,7 +187,8 @@ def open_folder(trainer: AdvancedTrainer, resumed: Path | None) -> list[Callback
 def hparams(trainer: AdvancedTrainer, **given: Any) -> dict[str, Any]:
     """The trainer's configuration as ``hparams.json`` records it (plain values)."""
     opt, scheduler = trainer.optimizer, trainer.scheduler
-    return {"optimizer": type(opt).__name__, "lr": float(opt.param_groups[0]["lr"]),
+    group = opt.param_groups[0]     # a scheduler keeps the configured LR as initial_lr (a warm-up lowers lr)
+    return {"optimizer": type(opt).__name__, "lr": float(group.get("initial_lr", group["lr"])),
             "gradient_accumulation_steps": given["gradient_accumulation_steps"],
             "max_grad_norm": given["max_grad_norm"], "gradient_clip_value": given["gradient_clip_value"],
             "amp_dtype": str(trainer.amp_dtype), "scheduler": type(scheduler).__name__ if scheduler is not None else None,
