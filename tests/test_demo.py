@@ -79,6 +79,15 @@ def test_demo_command_reaches_95_percent(tmp_path: Path) -> None:
     assert max(history["lr"]) <= 3e-3 + 1e-9            # warm-up then cosine, never above the peak
     assert re.search(r"\bepoch 1\b", proc.stderr + proc.stdout)   # the progress display ran
     print(f"demo: {n} epochs, val_acc {history['val_acc'][-1]:.4f}, {seconds:.1f}s wall")
+    assert f"trained {n} epochs" in proc.stdout
+
+    # --resume of the finished run trains nothing and says so (it printed "trained 13 epochs ... in 0.3s")
+    again = subprocess.run([sys.executable, "-m", "torchkeel", "demo", "--out", str(out), "--resume", "--no-progress"],
+                           check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"nothing left to train: the run in {out / 'runs' / 'digits' / 'version_0'} already ran {n} epochs" \
+        in again.stdout, again.stdout
+    assert "trained" not in again.stdout
 
 
 @pytest.mark.slow

@@ -83,8 +83,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     if result.get("rank", 0) != 0:
         return 0 if result["val_acc"] > 0.95 else 1
     history = result["history"]
-    print(f"trained {result['epochs_run']} epochs on {result['train_size']} images in {result['seconds']:.1f}s"
-          + (f"; stopped early: {result['stop_reason'].removeprefix('EarlyStopping: ')}" if result["stop_reason"] else ""))
+    stopped = f"; stopped early: {result['stop_reason'].removeprefix('EarlyStopping: ')}" if result["stop_reason"] else ""
+    if result["epochs_run"]:
+        print(f"trained {result['epochs_run']} epochs on {result['train_size']} images in {result['seconds']:.1f}s"
+              + stopped)
+    else:                                     # --resume of a run that had already ended
+        print(f"nothing left to train: the run in {result['paths']['run folder']} already ran "
+              f"{result['epochs_total']} epochs{stopped}")
     print(f"final: train_loss {history['train_loss'][-1]:.4f}  val_loss {history['val_loss'][-1]:.4f}  "
           f"val_acc {result['val_acc']:.4f} ({result['val_acc']:.2%} of {result['val_size']} held-out images)")
     print("wrote:")

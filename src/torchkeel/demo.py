@@ -162,7 +162,7 @@ def run_demo(
         resume: continue the newest run under ``out_dir/runs/digits`` from its last checkpoint.
 
     Returns:
-        ``{'val_acc', 'best_val_acc', 'epochs_run', 'stop_reason', 'seconds', 'history', 'paths',
+        ``{'val_acc', 'best_val_acc', 'epochs_run', 'epochs_total', 'stop_reason', 'seconds', 'history', 'paths',
         'rank', 'world_size'}`` (the same numbers on every rank; under torchrun also
         ``'rank_batch_size'``).
 
@@ -240,7 +240,8 @@ def _result(trainer: AdvancedTrainer, history: Any, seconds: float, out: Path,
     return {
         "val_acc": val_acc[-1] if val_acc else math.nan,
         "best_val_acc": max(val_acc, default=math.nan),
-        "epochs_run": len(history.get("epoch", [])),
+        "epochs_run": trainer.summary.get("epochs_run", 0),       # by this fit (0: a finished run resumed)
+        "epochs_total": len(history.get("epoch", [])),
         "stop_reason": trainer.state.stop_reason or getattr(trainer.early_stopping, "stopping_reason", None),
         "seconds": seconds,
         "train_size": len(train_set),
