@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,6 +34,13 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a test's torchrun or spawn rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def make_model(seed: int = 0, dropout: float = 0.0) -> TinyNet:

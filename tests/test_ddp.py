@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from torchkeel import io
 
@@ -30,15 +30,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def torchrun(out: Path, *args: str, nproc: int = 2, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), "--out", str(out), *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), "--out", str(out), *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
@@ -169,7 +163,7 @@ def test_resuming_with_another_world_size_warns(tmp_path: Path) -> None:
 def test_sigterm_to_one_rank_saves_the_same_step_on_both_and_exits(tmp_path: Path, hook: list[str]) -> None:
     """The flags travel the same way with the user's own comm hook."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), "--out", str(tmp_path),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), "--out", str(tmp_path),
            "--epochs", "50", "--slow", "0.05", "--ckpt", str(tmp_path / "ck"), *hook]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

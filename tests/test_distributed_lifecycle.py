@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -46,12 +46,6 @@ def torchrun(script: str, *args: str, timeout: float = 90) -> subprocess.Complet
 
 def reports(out: Path, scenario: str) -> list[dict[str, Any]]:
     return [json.loads((out / f"{scenario}-rank{r}.json").read_text()) for r in range(2)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from torchkeel.logged import LoggedValues, epoch_name
 
@@ -132,12 +132,6 @@ def test_reserved_extra_names() -> None:
 
 
 # ------------------------------------------------------------------------------ two gloo ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _two_ranks(rank: int, port: int, out: str) -> None:
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -162,7 +156,7 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_epoch_values_two_gloo_ranks(tmp_path: Path) -> None:
-    mp.spawn(_two_ranks, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert got["same"] == {"acc": 0.25, "val_loss2": 0.5}

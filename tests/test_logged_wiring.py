@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -215,14 +216,6 @@ def test_trainer_log_costs_no_host_read_between_logging_steps(host_reads: dict[s
 
 
 # ------------------------------------------------------------------------------ two gloo ranks
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _RankLogging(AdvancedTrainer):
     extra_on_rank1 = False
 
@@ -266,7 +259,7 @@ def _ranks_fit(rank: int, port: int, out: str) -> None:
 def test_two_ranks_reduce_logged_values_and_refuse_a_name_on_one_rank(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_ranks_fit, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ranks_fit, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert set(got) == {"history-False", "error-True"}

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_state_equal, make_dataset, make_model, params_of
+from conftest import assert_state_equal, free_port, make_dataset, make_model, params_of
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -221,19 +220,13 @@ def test_each_folder_is_searched_once(tmp_path: Path, caplog: pytest.LogCaptureF
 
 
 # ----------------------------------------------------------------------- ranks that agree
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ranks_resume_from_the_same_checkpoint_or_all_raise(tmp_path: Path) -> None:
     """Per-node disks: each rank works in its own folder, so the same relative path names two files."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(ROOT / "tests" / "scripts" / "resume_ranks.py"), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-6000:]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_params_equal
+from conftest import assert_params_equal, free_port
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import torchkeel
@@ -255,18 +254,12 @@ def test_a_plain_stream_run_to_max_steps_with_workers_resumes_exactly_after_a_cr
     assert_same_weights(tmp_path, "ref", "run")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["loop", "fit"])
 def test_two_ranks_whose_streams_run_out_at_different_times_end_together(tmp_path: Path, mode: str) -> None:
     code = run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPTS / "stream_ddp.py"),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPTS / "stream_ddp.py"),
                 "--out", str(tmp_path), "--mode", mode], tmp_path / "torchrun.log")
     log = (tmp_path / "torchrun.log").read_text()
     assert code == 0 and "terminate called" not in log, log[-4000:]
