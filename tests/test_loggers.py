@@ -454,3 +454,74 @@ def test_progress_lines_show_the_step_without_a_loader_length(caplog: pytest.Log
     lines = _epoch_records(caplog)
     assert [line.split("  train_loss")[0] for line in lines] == ["epoch 0/1  step 5", "epoch 1/1  step 10"]
     assert f"train_loss {history['train_loss'][1]:.4f}" in lines[1]
+
+
+# ------------------------------------------------------------------- validations every N steps
+class _AtValidation(Callback):
+    """Keep the trainer state after the validation at ``step`` (what its ranked save holds); crash at ``crash``."""
+
+    def __init__(self, step: int, crash: int | None = None) -> None:
+        self.step, self.crash = step, crash
+        self.state: dict[str, Any] | None = None
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        if trainer.state.step == self.crash:
+            raise RuntimeError("simulated crash")
+
+    def on_validation_end(self, trainer: AdvancedTrainer) -> None:
+        if trainer.state.step == self.step:
+            self.state = copy.deepcopy(trainer.state_dict())
+
+
+def _validation_rows(path: Path) -> list[dict[str, str]]:
+    return [r for r in _csv_rows(path) if r["kind"] != "step"]
+
+
+@needs_tensorboard
+@pytest.mark.parametrize("every", [3, 5], ids=["mid-epoch", "at-epoch-ends"])
+def test_every_validation_reaches_tensorboard_and_csv_once(tmp_path: Path, every: int) -> None:
+    tb_dir, csv_path = tmp_path / "tb", tmp_path / "m.csv"
+    trainer = _trainer(callbacks=[TensorBoardLogger(tb_dir), CSVLogger(csv_path)])
+    history = trainer.fit(*_loaders(), epochs=2, val_every_n_steps=every)    # 5 steps per epoch
+    expected = [3, 5, 6, 9, 10] if every == 3 else [5, 10]
+    assert history["step"] == expected
+    got = _scalars(tb_dir)
+    for name in ("val_loss", "val_acc", "train_loss", "lr"):
+        assert [s for s, _ in got[f"epoch/{name}"]] == expected
+        assert [v for _, v in got[f"epoch/{name}"]] == pytest.approx(history[name], rel=1e-6)
+    assert [s for s, _ in got["epoch/samples_per_sec"]] == [5, 10]          # epoch ends only
+    rows = _validation_rows(csv_path)
+    assert [int(r["step"]) for r in rows] == expected
+    assert [r["kind"] for r in rows] == (["validation", "epoch", "validation", "validation", "epoch"]
+                                         if every == 3 else ["epoch", "epoch"])
+    for name in ("train_loss", "val_loss", "val_acc", "lr"):
+        assert [float(r[name]) for r in rows] == history[name]
+    assert [int(r["epoch"]) for r in rows] == history["epoch"]
+
+
+@needs_tensorboard
+def test_resume_after_a_mid_epoch_validation_no_duplicates(tmp_path: Path) -> None:
+    tb_dir, csv_path = tmp_path / "tb", tmp_path / "m.csv"
+
+    def loggers() -> list[Callback]:
+        return [TensorBoardLogger(tb_dir, log_every_n_steps=1), CSVLogger(csv_path, log_every_n_steps=1)]
+
+    at = _AtValidation(step=6, crash=8)
+    with pytest.raises(RuntimeError, match="simulated crash"):   # validations 3, 5, 6 written, then steps 7, 8
+        _trainer(callbacks=[*loggers(), at]).fit(*_loaders(), epochs=2, val_every_n_steps=3)
+    assert at.state is not None and at.state["state"]["last_val_step"] == 6
+    start = int(time.time())          # event files sort by creation second: a real resume is later
+    while int(time.time()) == start:
+        time.sleep(0.02)
+    resumed = _trainer(callbacks=loggers())
+    resumed.load_state_dict(at.state)
+    history = resumed.fit(*_loaders(), epochs=2, val_every_n_steps=3)
+    assert history["step"] == [3, 5, 6, 9, 10]
+    got = _scalars(tb_dir)
+    assert [s for s, _ in got["epoch/val_loss"]] == [3, 5, 6, 9, 10]
+    assert [v for _, v in got["epoch/val_loss"]] == pytest.approx(history["val_loss"], rel=1e-6)
+    assert [s for s, _ in got["train/loss"]] == list(range(1, 11))
+    rows = _validation_rows(csv_path)
+    assert [int(r["step"]) for r in rows] == [3, 5, 6, 9, 10]
+    assert [float(r["val_loss"]) for r in rows] == history["val_loss"]
+    assert [int(r["step"]) for r in _csv_rows(csv_path) if r["kind"] == "step"] == list(range(1, 11))

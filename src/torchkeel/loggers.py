@@ -188,8 +188,10 @@ class TensorBoardLogger(Callback):
 
     Every ``log_every_n_steps`` optimizer steps ``train/loss``, ``train/lr`` (group 0; other param
     groups ``train/lr/<name>`` or ``train/lr/group<i>``), ``train/<name>`` for each ``trainer.log``
-    step value and (when clipping) ``train/grad_norm``; each epoch ``epoch/<metric>`` (the groups'
-    ``epoch/lr/...`` too) and ``epoch/samples_per_sec`` at the global step; at the end ``trainer.hparams`` with the final metrics (``hparam/<metric>``). A resumed run
+    step value and (when clipping) ``train/grad_norm``; at each validation (every epoch's end, each
+    ``val_every_n_steps`` point) ``epoch/<metric>`` (the groups' ``epoch/lr/...`` too; at an epoch's end
+    ``epoch/samples_per_sec``) at the global step, once; at the end ``trainer.hparams`` with the
+    final metrics (``hparam/<metric>``). A resumed run
     hides every point the crashed one wrote after its checkpoint (``purge_step=state.step + 1``).
 
     Args:
@@ -244,7 +246,7 @@ class TensorBoardLogger(Callback):
         if grad_norm is not None:
             writer.add_scalar("train/grad_norm", float(grad_norm), step)
 
-    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+    def on_validation_end(self, trainer: AdvancedTrainer) -> None:
         writer = self.writer
         if writer is None:
             return
@@ -284,13 +286,14 @@ class TensorBoardLogger(Callback):
 
 
 class CSVLogger(Callback):
-    """Append a row per logged step and per epoch to a CSV file, flushed per row. Rank 0 only.
+    """Append a row per logged step and per validation to a CSV file, flushed per row. Rank 0 only.
 
-    Columns: ``step``, ``epoch`` (0-based, as in the history), ``kind`` (``step``/``epoch``),
+    Columns: ``step``, ``epoch`` (0-based, as in the history), ``kind`` (``step``; ``epoch`` at an
+    epoch's end; ``validation`` mid-epoch: ``val_every_n_steps``, a ``max_steps`` cut),
     ``train_loss`` (the step's loss, or the epoch mean), ``lr``, the other param groups' LRs
     (``lr/<name>`` or ``lr/group<i>``, for the groups there at fit start), then ``trainer.log`` step
     values and the epoch metrics. The header is rewritten (atomically) only when a column first
-    appears: at the first logged value and the first epoch's end. ``fit`` keeps
+    appears: at the first logged value and the first validation. ``fit`` keeps
     only the rows its checkpoint covers, so a resumed run has no duplicates; a fresh run starts empty.
 
     Args:
@@ -323,7 +326,7 @@ class CSVLogger(Callback):
         self.columns, rows = self._read()
         self._lr_names = lr_names(trainer.optimizer)
         self.columns += [name for name in self._lr_names if name not in self.columns]
-        kept = [r for r in rows if _covered(r, state.step, state.epoch, state.epoch_finished)]
+        kept = [r for r in rows if _covered(r, state.step, state.last_val_step)]
         if len(kept) < len(rows):
             log.info("CSVLogger: dropped %d rows of %s past step %d, so this run does not repeat them.",
                      len(rows) - len(kept), self.path, state.step)
@@ -335,10 +338,11 @@ class CSVLogger(Callback):
             self._write({"step": state.step, "epoch": state.epoch, "kind": "step", "train_loss": trainer.loss,
                          **group_lrs(trainer.optimizer, self._lr_names), **step_values_of(trainer)})
 
-    def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
+    def on_validation_end(self, trainer: AdvancedTrainer) -> None:
         state = trainer.state
         if self._file is not None:
-            self._write({"step": state.step, "epoch": state.epoch, "kind": "epoch", **state.metrics,
+            kind = "epoch" if state.epoch_finished else "validation"
+            self._write({"step": state.step, "epoch": state.epoch, "kind": kind, **state.metrics,
                          **group_lrs(trainer.optimizer, self._lr_names, first=1)})
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:
@@ -349,7 +353,7 @@ class CSVLogger(Callback):
 
     def _write(self, row: dict[str, Any]) -> None:
         new = [k for k in row if k not in self.columns]
-        if new:                                   # the first epoch row: widen the header, once
+        if new:                                   # the first validation row: widen the header, once
             self._close()
             rows = self._read()[1]
             self.columns += new
@@ -387,12 +391,10 @@ class CSVLogger(Callback):
             file.close()
 
 
-def _covered(row: dict[str, str], step: int, epoch: int, epoch_finished: bool) -> bool:
-    """True when a checkpoint at (step, epoch, epoch_finished) already includes this row."""
+def _covered(row: dict[str, str], step: int, last_val_step: int) -> bool:
+    """True when a checkpoint at ``step`` (last validated at ``last_val_step``) already includes this row."""
     try:
-        row_step, row_epoch = int(row["step"]), int(row["epoch"])
+        row_step = int(row["step"])
     except (TypeError, ValueError):
         return False
-    if row_step > step:
-        return False
-    return row.get("kind") != "epoch" or row_epoch < epoch or (row_epoch == epoch and epoch_finished)
+    return row_step < step or (row_step == step and (row.get("kind") == "step" or last_val_step == step))
