@@ -238,6 +238,40 @@ def test_resume_right_after_a_mid_epoch_validation_is_exact(tmp_path: Path) -> N
     assert history["val_loss"] == whole.history["val_loss"]
 
 
+def _rows(history: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """History as rows, without the times (they differ from run to run)."""
+    keys = [k for k in history if k != "epoch_time"]
+    return [dict(zip(keys, values)) for values in zip(*(history[k] for k in keys))]
+
+
+@pytest.mark.parametrize("at", [3, 6], ids=["epoch-0", "epoch-1"])
+def test_resume_from_a_step_checkpoint_where_a_validation_was_due_runs_it(tmp_path: Path, at: int) -> None:
+    # 4 steps per epoch (accum 2), validations at 3, 4, 6, 8: the step checkpoint at 3 (or 6) is written in
+    # on_step_end, before that step's validation; the resumed run must validate there as the whole run did
+    def ckpt(folder: Path) -> ModelCheckpoint:
+        return ModelCheckpoint(save_dir=folder, monitor=None, every_n_steps=3, every_n_epochs=0, save_top_k=-1)
+
+    counter = Steps()
+    whole = make(2, [counter], checkpoint=ckpt(tmp_path / "whole"))
+    whole.fit(train_loader(), val_loader(), epochs=2, val_every_n_steps=3)
+    assert whole.history["step"] == counter.validations == [3, 4, 6, 8]
+    path = tmp_path / "whole" / "version_0" / f"epoch={(at - 1) // 4}-step={at}.pt"
+    assert io.verify(path)["meta"]["reason"] == "step"
+    again = Steps()
+    ranked = ModelCheckpoint(save_dir=tmp_path / "again", monitor="val_loss", save_top_k=-1)
+    resumed = make(2, [again], checkpoint=ranked)
+    history = resumed.fit(train_loader(), val_loader(), epochs=2, val_every_n_steps=3, resume_from=str(path))
+    assert again.validations == [v for v in counter.validations if v >= at]
+    assert _rows(history) == _rows(whole.history)          # same validations, same steps, same numbers
+    assert_params_equal(resumed.model, whole.model)
+    # the ranked save of that validation holds the step's RNG and data position: resuming from it is exact too
+    saved = next(p for p in ranked.best_k_models if io.verify(p)["meta"]["step"] == at)
+    third = make(2)
+    third.fit(train_loader(), val_loader(), epochs=2, val_every_n_steps=3, resume_from=saved)
+    assert _rows(third.history) == _rows(whole.history)
+    assert_params_equal(third.model, whole.model)
+
+
 # --------------------------------------------------------------------------------- counts
 def test_samples_are_counted_apart_from_the_items_the_loss_averages_over() -> None:
     class Counted(AdvancedTrainer):

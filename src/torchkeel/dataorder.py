@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("torchkeel")
 T = TypeVar("T")
+FirstBatch = Callable[["AdvancedTrainer", "dict[str, Any] | None"], bool]
 
 
 # ------------------------------------------------------------------------------ RNG states
@@ -153,6 +154,7 @@ class _Order:
         self.pending: dict[str, Any] | None = None   # an epoch-end resume: the loader's order, at the next epoch
         self.given = -1                     # batches handed out this epoch, counted only by _at_window_starts
         self.snapshot: tuple[int, Any] = (-1, None)   # (batch, a stateful source's state at that window start)
+        self.first: FirstBatch | None = None  # runs once, before this fit's first batch (see before_first_batch)
 
 
 _ORDERS: weakref.WeakKeyDictionary[Any, _Order] = weakref.WeakKeyDictionary()
@@ -266,12 +268,23 @@ def _check_resized(trainer: AdvancedTrainer, loader: Any, pending: dict[str, Any
             "end of an epoch.")
 
 
+def before_first_batch(trainer: AdvancedTrainer, run: FirstBatch | None) -> None:
+    """Have ``epoch_batches`` call ``run(trainer, rng)`` once, at this fit's first epoch, after the loader's
+    position is restored and before its first batch; ``rng``: the RNG states of a mid-epoch resume's step
+    (else ``None``). When it returns True the epoch yields nothing (a stop every rank agreed on)."""
+    _order(trainer).first = run
+
+
 def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
     """This epoch's batches; after a mid-epoch resume, the ones not yet consumed, in the same order.
 
     Under DDP a loader without ``len()`` (a stream, each rank its own) ends on every rank at once.
     """
+    order, pending = _order(trainer), trainer.state.resume
     it = _epoch_iter(trainer, loader)
+    first, order.first = order.first, None
+    if first is not None and first(trainer, pending["rng"] if pending is not None else None):
+        return iter(())                          # a stop agreed at the resumed step's validation
     if trainer.world_size > 1 and not _sized(loader):
         return agreed_batches(it, trainer.accum.accumulation_steps, trainer.device)
     _order(trainer).given = -1

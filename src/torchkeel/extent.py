@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -44,6 +45,7 @@ def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iter
     trainer.batch_size = getattr(train_loader, "batch_size", None)
     if trainer.world_size > 1:
         check_even(trainer, train_loader, "train_loader")
+    dataorder.before_first_batch(trainer, functools.partial(resumed_validation, val_loader=val_loader))
 
 
 def continue_run(trainer: AdvancedTrainer, resumed: Path | None, loader: Iterable[Any]) -> None:
@@ -78,6 +80,27 @@ def at_boundary(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> b
             cb.on_validation_end(trainer)
     trainer._boundary = next_boundary(trainer)
     return trainer._stop_agreed(sync=True)
+
+
+def resumed_validation(trainer: AdvancedTrainer, rng: dict[str, Any] | None,
+                       val_loader: Iterable[Any] | None) -> bool:
+    """Before a resumed fit's first batch: the validation due at the resumed step, if it has not run.
+
+    A step checkpoint (``every_n_steps``, an emergency save) is written in ``on_step_end``, before that
+    step's validation: the resumed run validates there first, as the interrupted one did, with the RNG
+    states of that step (what a checkpoint saved there holds). True when every rank agreed to stop.
+    """
+    state, every = trainer.state, trainer.val_every_n_steps
+    if not every or state.step == 0 or state.step % every or state.last_val_step == state.step \
+            or state.epoch_finished or trainer._budget_spent:
+        return False
+    keep = dataorder.rng_state()
+    if rng is not None:
+        dataorder.set_rng_state(rng)
+    try:
+        return at_boundary(trainer, val_loader)
+    finally:
+        dataorder.set_rng_state(keep)     # what orders the rest of the epoch: the loader's draw comes next
 
 
 def check_trainer(model: Any, optimizer: Any, accumulation: Any, scheduler_interval: Any, log_every_n_steps: Any,
