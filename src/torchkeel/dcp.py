@@ -1,0 +1,445 @@
+"""Sharded checkpoint directories (torch.distributed.checkpoint) with ``torchkeel.io``'s promises.
+
+A sharded checkpoint is a directory ``NAME/``: DCP's shard files and ``.metadata``, plus
+``manifest.json`` (format, versions, world size, meta, every file's size and sha256) written last.
+``save`` (every rank): shards into ``.NAME.tmp-<random>/`` beside ``NAME`` (a temporary to
+``torchkeel.io``'s discovery), every rank hashes its own files, rank 0 writes the manifest, fsyncs,
+renames the directory into place (an atomic exchange when ``NAME`` exists) and fsyncs the folder;
+a failure on any rank fails every rank with that rank's message. ``load``: the manifest and hashes
+first, then DCP's ``.metadata`` through an unpickler that admits only DCP's metadata classes, and
+non-tensor values through ``torch.load(weights_only=True)``: nothing in the files can run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import io
+import json
+import os
+import pickle
+import secrets
+import shutil
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    _EmptyStateDictLoadPlanner,
+)
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from torchkeel.discovery import _TEMP
+from torchkeel.io import CheckpointError, CheckpointWriteError, _fsync_dir, write_text_atomic
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.planner import ReadItem
+
+    from torchkeel.io import StrPath
+
+__all__ = ["clean_temporaries", "is_sharded", "load", "load_full", "save", "verify"]
+
+FORMAT = 1
+KIND = "torchkeel-dcp"
+MANIFEST = "manifest.json"
+METADATA = ".metadata"
+
+
+def _fail(path: Path, reason: str, hint: str = "") -> CheckpointError:
+    return CheckpointError(f"sharded checkpoint {str(path)!r}: {reason}.{' ' + hint if hint else ''}",
+                           path=path, reason=reason)
+
+
+# ------------------------------------------------------------------------ ranks agreeing
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _agree(error: str, where: str, kind: type[CheckpointError] = CheckpointWriteError) -> None:
+    """Raise ``kind`` on every rank if ``error`` is set on any (the lowest such rank's message)."""
+    if not _distributed():
+        if error:
+            raise kind(f"{where}: {error}")
+        return
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    if failed:
+        rank, message = failed[0]
+        raise kind(f"{where} failed on rank {rank}: {message}")
+
+
+def _broadcast(obj: Any) -> Any:
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _message(exc: BaseException) -> str:
+    """The root cause of a DCP ``CheckpointException`` (one per failed rank), else the error."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (inner, _) = next(iter(sorted(exc.failures.items())))
+        return f"{type(inner).__name__}: {inner} (rank {rank})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ----------------------------------------------------------------------------------- hashing
+def _sha256(path: Path) -> dict[str, Any]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _hash_all(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    with ThreadPoolExecutor(max(1, min(8, len(names))), "torchkeel-dcp") as pool:
+        return dict(zip(names, pool.map(lambda n: _sha256(folder / n), names)))
+
+
+# ------------------------------------------------------------------------------------ saving
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory names atomically (Linux renameat2); False where that is unsupported."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise OSError(err, os.strerror(err), str(b))
+    return True
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``; an existing ``final`` is swapped out whole, then deleted."""
+    if not final.exists() and not final.is_symlink():
+        os.rename(tmp, final)
+    else:
+        if final.is_symlink() or not final.is_dir():
+            raise FileExistsError(f"{str(final)!r} exists and is not a directory torchkeel wrote")
+        if not _exchange(tmp, final):  # the step is briefly absent; earlier steps are not touched
+            aside = final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
+            os.rename(final, aside)
+            os.rename(tmp, final)
+            tmp = aside
+        _fsync_dir(final.parent)
+        _remove_tree(tmp)  # the old directory, now under a temporary's name
+    _fsync_dir(final.parent)
+
+
+def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``state`` as a sharded checkpoint directory; call it on every rank (collective).
+
+    Args:
+        state: e.g. ``{"model": msd, "optimizer": osd, "step": 3}`` with ``msd, osd =
+            get_state_dict(model, optimizer)`` (DTensor shards under FSDP2); plain values too.
+        path: the directory to create, e.g. ``ckpt/step-000120``; its folder is created.
+        meta: JSON-serializable facts for the manifest (``step``, ``epoch``).
+    Example:
+        >>> save({"model": msd, "optimizer": osd}, "ckpt/step-000120", meta={"step": 120})
+    """
+    final, where = Path(path), f"sharded save({str(path)!r})"
+    if not isinstance(state, dict):
+        raise TypeError(f"{where}: state is a {type(state).__name__}; pass a dict such as "
+                        "{'model': model_state_dict}.")
+    if final.name.startswith(".") or final.name in ("", "..") or final.name.endswith(".json"):
+        raise ValueError(f"{where}: the name may not start with '.' or end with '.json' "
+                         "(torchkeel's own files); use e.g. 'step-000120'.")
+    try:
+        json.dumps(meta)
+        if not isinstance(meta, (dict, type(None))):
+            raise TypeError(f"a {type(meta).__name__}, not a dict")
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{where}: meta={meta!r} must be a JSON-serializable dict ({exc}).") from exc
+    rank = dist.get_rank() if _distributed() else 0
+    world = dist.get_world_size() if _distributed() else 1
+    error, tmp = "", final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
+    if rank == 0:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()  # a new directory: never an existing name
+        except OSError as exc:
+            error = _message(exc)
+    error, tmp = _broadcast((error, tmp))
+    _agree(error, where)
+    error, files = "", {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
+            dcp_save(state, storage_writer=FileSystemWriter(tmp, overwrite=False))
+        mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_"))
+        files = _hash_all(tmp, mine + ([METADATA] if rank == 0 else []))
+    except BaseException as exc:  # CheckpointException is a BaseException
+        if not isinstance(exc, (Exception, CheckpointException)):
+            raise
+        error = _message(exc)
+    gathered: list[Any] = [files]
+    if _distributed():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, files)
+    try:
+        _agree(error, where)
+        if rank == 0:
+            try:
+                listed = {name: entry for part in gathered for name, entry in part.items()}
+                on_disk = set(os.listdir(tmp))
+                if on_disk != set(listed):
+                    raise RuntimeError(f"files nobody hashed {sorted(on_disk - set(listed))} or "
+                                       f"hashed but absent {sorted(set(listed) - on_disk)}")
+                manifest = {"format": FORMAT, "kind": KIND, "world_size": world,
+                            "torchkeel": getattr(sys.modules.get("torchkeel"), "__version__", "0"),
+                            "torch": torch.__version__, "created": time.time(), "meta": meta or {},
+                            "files": dict(sorted(listed.items()))}
+                write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last; fsyncs tmp/
+                _commit(tmp, final)
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
+                error = _message(exc)
+        _agree(_broadcast(error), where)
+    finally:
+        if rank == 0 and tmp.exists():
+            with contextlib.suppress(OSError):
+                _remove_tree(tmp)
+    return final
+
+
+# ------------------------------------------------------------------------------ verification
+def _read_manifest(path: Path) -> dict[str, Any]:
+    where = path / MANIFEST
+    if not path.is_dir():
+        raise _fail(path, "not a directory" if path.exists() else "missing")
+    try:
+        if where.is_symlink():
+            raise _fail(path, "manifest.json is a symlink (refused)")
+        data = json.loads(where.read_bytes())
+    except FileNotFoundError:
+        raise _fail(path, "no manifest (incomplete write or not a torchkeel checkpoint)") from None
+    except (OSError, ValueError) as exc:
+        raise _fail(path, f"unreadable manifest ({exc})") from exc
+    if not isinstance(data, dict) or data.get("kind") != KIND or data.get("format") != FORMAT:
+        found = {k: data.get(k) for k in ("kind", "format")} if isinstance(data, dict) else data
+        raise _fail(path, f"unknown manifest {found!r}", f"This torchkeel reads {KIND!r} format "
+                    f"{FORMAT}; a newer torchkeel may read it.")
+    files = data.get("files")
+    if not (isinstance(files, dict) and METADATA in files and isinstance(data.get("meta"), dict)
+            and all(isinstance(e, dict) and isinstance(e.get("size"), int)
+                    and isinstance(e.get("sha256"), str) and "/" not in n and not n.startswith("..")
+                    for n, e in files.items())):
+        raise _fail(path, "invalid manifest (no files with size and sha256, or no meta)")
+    return data
+
+
+def verify(path: StrPath) -> dict[str, Any]:
+    """Check every file of a sharded checkpoint against its manifest; return the manifest.
+
+    Refuses a missing, truncated, corrupt or extra file and symlinks.
+    Args: path: the checkpoint directory.
+    Example:
+        >>> verify("ckpt/step-000120")["meta"]
+        {'step': 120}
+    """
+    folder = Path(path)
+    manifest = _read_manifest(folder)
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    on_disk = set(os.listdir(folder)) - {MANIFEST}
+    if on_disk != set(files):
+        missing, extra = sorted(set(files) - on_disk), sorted(on_disk - set(files))
+        raise _fail(folder, f"files missing {missing}" if missing else f"unexpected files {extra}",
+                    "A file was deleted or added after the save; load an older checkpoint.")
+    for name in files:
+        if not (folder / name).is_file() or (folder / name).is_symlink():
+            raise _fail(folder, f"{name!r} is a symlink or not a regular file (refused)")
+    for name, got in _hash_all(folder, sorted(files)).items():
+        if got["size"] != files[name]["size"]:
+            raise _fail(folder, f"size mismatch in {name!r}: the manifest says "
+                        f"{files[name]['size']} bytes, the file has {got['size']}")
+        if got["sha256"] != files[name]["sha256"]:
+            raise _fail(folder, f"sha256 mismatch in {name!r} (file corrupt)",
+                        "Restore the file or load an older checkpoint.")
+    return manifest
+
+
+def is_sharded(path: StrPath) -> bool:
+    """True when ``path`` is a directory with a torchkeel sharded-checkpoint manifest (not hashed)."""
+    try:
+        _read_manifest(Path(path))
+    except CheckpointError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------- loading
+_ALLOWED = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes, dtypes and plain containers; refuses any other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not one of DCP's metadata classes")
+
+
+def _read_metadata(folder: Path, expected: dict[str, Any]) -> Metadata:
+    data = (folder / METADATA).read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:  # the bytes parsed are those verified
+        raise _fail(folder, "'.metadata' changed after it was verified", "Something wrote to it.")
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:
+        raise _fail(folder, f"'.metadata' refused ({exc})", "It holds objects other than DCP's "
+                    "metadata; it was not loaded and nothing in it ran.") from exc
+    if not isinstance(metadata, Metadata):
+        raise _fail(folder, f"'.metadata' holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
+def _safe_bytes(value: io.BytesIO) -> Any:
+    try:
+        return torch.load(value, map_location="cpu", weights_only=True)  # explicit: not overridable
+    except pickle.UnpicklingError as exc:
+        raise pickle.UnpicklingError("a non-tensor value was refused by torch.load(weights_only=True): "
+                                     + str(exc).split("\n")[0]) from exc
+
+
+class _VerifiedReader(FileSystemReader):
+    """A ``FileSystemReader`` that hands DCP metadata we already read, verified and safely."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        super().__init__(path)
+        self._metadata = _read_metadata(path, manifest["files"][METADATA])
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:  # torchkeel writes one global .metadata, nothing per rank
+            raise FileNotFoundError("no per-rank metadata in a torchkeel checkpoint")
+        metadata = self._metadata
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
+        return metadata
+
+
+def _load_bytes(planner: DefaultLoadPlanner, read_item: ReadItem, value: io.BytesIO) -> None:
+    obj = _safe_bytes(value)
+    if planner.flatten_state_dict:
+        from torch.distributed.checkpoint._nested_dict import set_element  # type: ignore[attr-defined]
+        set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
+    else:
+        planner.state_dict[read_item.dest_index.fqn] = obj
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        _load_bytes(self, read_item, value)
+
+
+class _SafeFullPlanner(_EmptyStateDictLoadPlanner):
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        _load_bytes(self, read_item, value)
+
+
+def load(path: StrPath, state: dict[str, Any]) -> dict[str, Any]:
+    """Verify, then load a sharded checkpoint into ``state`` in place; every rank (collective).
+
+    ``state`` gives the layout wanted (e.g. ``get_state_dict`` of the model as sharded now, in any
+    world size); tensors are filled in, plain values replaced. Returns the manifest.
+    Args: path: the checkpoint directory. state: what to fill, keys as saved.
+    Example:
+        >>> msd, osd = get_state_dict(model, opt); state = {"model": msd, "optimizer": osd}
+        >>> load("ckpt/step-000120", state); set_state_dict(model, opt, model_state_dict=state["model"],
+        ...                                                  optim_state_dict=state["optimizer"])
+    """
+    folder, error, manifest = Path(path), "", None
+    if not _distributed() or dist.get_rank() == 0:
+        try:
+            manifest = verify(folder)
+        except CheckpointError as exc:
+            error = str(exc)
+    _agree(_broadcast(error), f"sharded load({str(path)!r})", CheckpointError)
+    manifest = cast("dict[str, Any]", _broadcast(manifest))
+    error, reader = "", None
+    try:
+        reader = _VerifiedReader(folder, manifest)
+    except (CheckpointError, OSError) as exc:
+        error = str(exc)
+    _agree(error, f"sharded load({str(path)!r})", CheckpointError)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp_load(state, storage_reader=reader, planner=_SafePlanner())
+    except BaseException as exc:
+        if not isinstance(exc, (Exception, CheckpointException)):
+            raise
+        raise _fail(folder, f"load failed ({_message(exc)})") from None
+    return manifest
+
+
+def load_full(path: StrPath) -> dict[str, Any]:
+    """The whole consolidated state of a sharded checkpoint, in this one process (CPU tensors).
+
+    Needs no process group and no model. Verifies first, as ``load`` does.
+    Example:
+        >>> model.load_state_dict(load_full("ckpt/step-000120")["model"])
+    """
+    folder = Path(path)
+    manifest, state = verify(folder), cast("dict[str, Any]", {})
+    reader = _VerifiedReader(folder, manifest)
+    try:
+        _load_state_dict(state, storage_reader=reader,
+                         planner=_SafeFullPlanner(), no_dist=True)  # type: ignore[no-untyped-call]
+    except BaseException as exc:
+        if not isinstance(exc, (Exception, CheckpointException)):
+            raise
+        raise _fail(folder, f"load failed ({_message(exc)})") from None
+    return state
+
+
+# ---------------------------------------------------------------------------------- cleaning
+def _remove_tree(folder: Path) -> None:
+    """Delete a directory of regular files (what DCP and torchkeel write); symlinks are unlinked."""
+    shutil.rmtree(folder)  # rmtree never follows symlinks inside the tree
+
+
+def clean_temporaries(folder: StrPath) -> list[Path]:
+    """Remove unfinished sharded writes (``.<name>.tmp-<random>/`` directories); return them.
+
+    Only directories with such names that hold nothing but regular files; all else is left alone.
+    Example:
+        >>> clean_temporaries("ckpt")
+        [PosixPath('ckpt/.step-000120.tmp-1f2e3d4c')]
+    """
+    removed = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if _TEMP.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                inside = list(os.scandir(entry.path))
+                if all(e.is_file(follow_symlinks=False) for e in inside):
+                    _remove_tree(Path(entry.path))
+                    removed.append(Path(entry.path))
+    return removed
