@@ -28,8 +28,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from torchkeel import streams
+from torchkeel.streams import (  # re-exported: the stream helpers' old home
+    agreed_batches,
+    shard_iterable,
+)
+
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
+
+__all__ = ["agreed_batches", "before_first_batch", "check_resume", "data_state", "epoch_batches", "restore",
+           "rng_state", "saved", "set_data_state", "set_rng_state", "shard_iterable"]
 
 log = logging.getLogger("torchkeel")
 T = TypeVar("T")
@@ -83,31 +92,9 @@ def _generators(loader: Any) -> dict[str, torch.Generator]:
     return found
 
 
-def _stateful(part: Any) -> bool:
-    return callable(getattr(part, "state_dict", None)) and callable(getattr(part, "load_state_dict", None))
-
-
-def _dataset_source(loader: Any) -> tuple[Any, str]:
-    """A stateful ``IterableDataset`` whose position this process sees, or ``None`` and why not.
-
-    A loader with its own ``state_dict()`` keeps the position itself (checked first, by the caller).
-    With ``num_workers > 0`` the dataset is copied into the workers and its state here never moves.
-    """
-    dataset = getattr(loader, "dataset", None)
-    if not (isinstance(loader, DataLoader) and isinstance(dataset, IterableDataset)):
-        return None, "this loader has no index-level sampler and no state_dict()"
-    name = type(dataset).__name__
-    if not _stateful(dataset):
-        return None, f"its {name} (an IterableDataset) has no state_dict()/load_state_dict()"
-    if loader.num_workers > 0:
-        return None, (f"its {name} has a state_dict(), but with num_workers={loader.num_workers} it is read in "
-                      "worker processes, so its state in this process does not move")
-    return dataset, ""
-
-
 def _samplers(loader: Any) -> dict[str, Any]:
     """Samplers with their own ``state_dict()``/``load_state_dict()`` (not the loader itself)."""
-    return {name: part for name, part in _parts(loader)[1:] if _stateful(part)}
+    return {name: part for name, part in _parts(loader)[1:] if streams.stateful(part)}
 
 
 def _seeded(loader: Any) -> dict[str, Any]:
@@ -152,7 +139,7 @@ class _Order:
     def __init__(self) -> None:
         self.loader: Any = None
         self.pending: dict[str, Any] | None = None   # an epoch-end resume: the loader's order, at the next epoch
-        self.given = -1                     # batches handed out this epoch, counted only by _at_window_starts
+        self.given = -1                     # batches handed out this epoch (counted by streams.at_window_starts)
         self.snapshot: tuple[int, Any] = (-1, None)   # (batch, a stateful source's state at that window start)
         self.first: FirstBatch | None = None  # runs once, before this fit's first batch (see before_first_batch)
 
@@ -242,19 +229,6 @@ def _skipping_iter(loader: Any, skip: int, then: Callable[[], None], drop: int =
     return cast("Iterator[Any]", it)
 
 
-def _check_replay(trainer: AdvancedTrainer, pending: dict[str, Any], why: str) -> None:
-    """Refuse, before any step, to replay a stream when the trainer was told not to (``replay_data=False``)."""
-    if getattr(trainer, "replay_data", True):
-        return
-    batches = pending["batch"]
-    raise ValueError(
-        f"fit(train_loader=...): resuming mid-epoch {trainer.state.epoch} needs the loader to replay the "
-        f"{batches} batches this epoch already consumed, and replay_data=False: {why}. Give the dataset "
-        "state_dict()/load_state_dict() (torchdata's Stateful protocol; read with num_workers=0), or use a "
-        "loader with its own state_dict() such as torchdata's StatefulDataLoader (any num_workers), or pass "
-        "replay_data=True, or resume from a checkpoint written at the end of an epoch.")
-
-
 def _check_resized(trainer: AdvancedTrainer, loader: Any, pending: dict[str, Any]) -> None:
     """Refuse, before any step, a new batch size that cannot continue from the first unseen sample."""
     if pending["drop"] and not _indexed(loader):
@@ -285,38 +259,13 @@ def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[A
     first, order.first = order.first, None
     if first is not None and first(trainer, pending["rng"] if pending is not None else None):
         return iter(())                          # a stop agreed at the resumed step's validation
-    if trainer.world_size > 1 and not _sized(loader):
+    if trainer.world_size > 1 and not streams.sized(loader):
         return agreed_batches(it, trainer.accum.accumulation_steps, trainer.device)
     _order(trainer).given = -1
-    source = _source(loader)
+    source = streams.stream_source(loader)
     if trainer.keep_step_rng and source is not None:    # an emergency save may come mid-window
-        return _at_window_starts(trainer, it, source)
+        return streams.at_window_starts(trainer, _order(trainer), it, source)
     return it
-
-
-def _source(loader: Any) -> Any:
-    """What saves a stream's position: the loader itself, or a stateful IterableDataset read here."""
-    return loader if _stateful(loader) else _dataset_source(loader)[0]
-
-
-def _at_window_starts(trainer: AdvancedTrainer, it: Iterator[Any], source: Any) -> Iterator[Any]:
-    """``it``, keeping the source's state at each window's start for a save after a crash mid-window."""
-    order, state = _order(trainer), trainer.state
-    order.given = state.batch
-    order.snapshot = (order.given, source.state_dict())
-    for batch in it:
-        order.given += 1
-        yield batch
-        if state.batch_at_step == order.given:     # the window ended: the next batch starts one
-            order.snapshot = (order.given, source.state_dict())
-
-
-def _sized(loader: Any) -> bool:
-    try:
-        len(loader)
-    except TypeError:           # an IterableDataset's DataLoader has __len__ and raises
-        return False
-    return True
 
 
 def _epoch_iter(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
@@ -331,9 +280,9 @@ def _epoch_iter(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any
     ended, order.pending = order.pending, None
     if ended is not None:                    # resumed at an epoch's end: the order goes on from there
         set_data_state(loader, ended["order"])
-        if ended["loader"] is not None and _stateful(loader):
+        if ended["loader"] is not None and streams.stateful(loader):
             loader.load_state_dict(ended["loader"])  # type: ignore[attr-defined]
-        _load_dataset(loader, ended.get("dataset"))
+        streams.load_dataset(loader, ended.get("dataset"))
     if pending is None:
         state.epoch_data = data_state(loader)
         return iter(loader)
@@ -342,27 +291,20 @@ def _epoch_iter(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any
     def then() -> None:
         set_rng_state(pending["rng"])
 
-    if pending["loader"] is not None and _stateful(loader):   # torchdata's StatefulDataLoader protocol
+    if pending["loader"] is not None and streams.stateful(loader):   # torchdata's StatefulDataLoader protocol
         loader.load_state_dict(pending["loader"])  # type: ignore[attr-defined]
         it = iter(loader)
         then()
         return it
-    if _load_dataset(loader, pending.get("dataset")):    # a stateful IterableDataset, read in this process
+    if streams.load_dataset(loader, pending.get("dataset")):    # a stateful IterableDataset, read in this process
         it = iter(loader)
         then()
         return it
-    why = _why_replay(loader)
+    why = streams.why_replay(loader)
     check_resume(trainer, loader, pending)
     set_data_state(loader, pending["epoch_data"])      # the loader draws this epoch's order again
     return _skipping_iter(loader, pending["batch"], then, pending["drop"], pending["resized"], why,
                           replay=getattr(trainer, "replay_data", True))
-
-
-def _why_replay(loader: Any) -> str:
-    source = _source(loader)
-    if source is None:
-        return _dataset_source(loader)[1]
-    return f"the checkpoint holds no state of this {type(source).__name__} (written with another source?)"
 
 
 def check_resume(trainer: AdvancedTrainer, loader: Iterable[Any], pending: dict[str, Any] | None = None) -> None:
@@ -373,87 +315,13 @@ def check_resume(trainer: AdvancedTrainer, loader: Iterable[Any], pending: dict[
     comes before any hook; ``epoch_batches`` calls it anyway.
     """
     pending = pending if pending is not None else trainer.state.resume
-    if pending is None or (pending["loader"] is not None and _stateful(loader)) \
-            or (pending.get("dataset") is not None and _source(loader) is not None and not _stateful(loader)):
+    stateful = streams.stateful(loader)
+    if pending is None or (pending["loader"] is not None and stateful) \
+            or (pending.get("dataset") is not None and streams.stream_source(loader) is not None and not stateful):
         return
     _check_resized(trainer, loader, pending)
     if not _indexed(loader):
-        _check_replay(trainer, pending, _why_replay(loader))
-
-
-def _load_dataset(loader: Any, saved: Any) -> bool:
-    """Put a stateful IterableDataset's saved position back; False (and why, logged) when it cannot be."""
-    if saved is None or _stateful(loader):
-        return False
-    dataset, why = _dataset_source(loader)
-    if dataset is None:
-        log.warning("Resuming: the checkpoint holds the position of train_loader's dataset, but %s; replaying "
-                    "the consumed batches instead (use num_workers=0, or a loader with its own state_dict()).",
-                    why)
-        return False
-    dataset.load_state_dict(saved)
-    return True
-
-
-# ------------------------------------------------------------------------------ streams
-def agreed_batches(batches: Iterable[T], window: int = 1, device: torch.device | str | None = None,
-                   group: Any = None) -> Iterator[T]:
-    """Yield ``batches`` window by window until any rank runs out; every rank yields the same number.
-
-    Each window (``window`` micro-batches, one optimizer step) is fetched whole, then one all-reduce
-    (MIN) of how many each rank got decides how many every rank yields; a short count ends the epoch
-    on all ranks after that (short) window, so no rank waits in a collective the others never join.
-    Fetching at the window's start keeps a stateful source's position equal to the consumed batches
-    when a checkpoint is written after the step. One process: ``batches`` unchanged.
-
-    Args:
-        batches: this rank's batches (e.g. a DataLoader over a sharded IterableDataset).
-        window: micro-batches per optimizer step (``gradient_accumulation_steps``).
-        device: where the count is reduced (CPU for gloo, the rank's GPU for NCCL).
-        group: the process group; default the world.
-
-    Example:
-        >>> for batch in agreed_batches(loader, window=accum, device=device):
-        ...     train_step(batch)
-    """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"agreed_batches(window={window!r}): window must be an int >= 1 (micro-batches per step).")
-    it = iter(batches)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        yield from it
-        return
-    count = torch.zeros(1, dtype=torch.int64, device=device)
-    while True:
-        got = list(itertools.islice(it, window))
-        count.fill_(len(got))
-        dist.all_reduce(count, op=dist.ReduceOp.MIN, group=group)
-        agreed = int(count.item())
-        if agreed < len(got):
-            log.info("A rank's train_loader ran out: this rank drops %d batch(es) so every rank ends the epoch "
-                     "at the same step.", len(got) - agreed)
-        yield from got[:agreed]
-        if agreed < window:
-            return
-
-
-def shard_iterable(items: Iterable[T], rank: int | None = None, world_size: int | None = None) -> Iterator[T]:
-    """This rank's and this DataLoader worker's share of ``items``: every ``world_size * workers``-th item.
-
-    Call it inside an ``IterableDataset.__iter__``; rank and world size default to the process group's.
-
-    Example:
-        >>> def __iter__(self):
-        ...     return shard_iterable(read_lines(self.files))
-    """
-    if world_size is None:
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if rank is None:
-        rank = dist.get_rank() if world_size > 1 else 0
-    if not 0 <= rank < world_size:
-        raise ValueError(f"shard_iterable(rank={rank}, world_size={world_size}): need 0 <= rank < world_size.")
-    info = torch.utils.data.get_worker_info()
-    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-    return itertools.islice(items, rank * workers + worker, None, world_size * workers)
+        streams.check_replay(trainer, pending, streams.why_replay(loader))
 
 
 # ------------------------------------------------------------------------- in the checkpoint
@@ -467,7 +335,7 @@ def saved(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[s
     """
     order, epoch_loss = _order(trainer), trainer.state.epoch_loss
     loader = order.loader
-    source = _source(loader) if loader is not None else None
+    source = streams.stream_source(loader) if loader is not None else None
     position = None                         # the source's state after the batches of completed steps
     if source is not None:
         at, snapshot = order.snapshot
