@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -114,7 +114,7 @@ def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | Non
     return Path(path)
 
 
-def _load_into(module: nn.Module, path: PathLike, where: str) -> dict[str, Any]:
+def _load_into(module: nn.Module | None, path: PathLike, where: str) -> dict[str, Any]:
     from torchkeel import io
 
     if not Path(path).is_file():
@@ -122,7 +122,8 @@ def _load_into(module: nn.Module, path: PathLike, where: str) -> dict[str, Any]:
     ckpt = io.load(path, map_location="cpu")
     if "model" not in ckpt:
         raise ValueError(f"{where}: {str(path)!r} is not a torchkeel checkpoint (no 'model' key).")
-    module.load_state_dict(_strip_prefixes(ckpt["model"]))
+    if module is not None:
+        module.load_state_dict(_strip_prefixes(ckpt["model"]))
     return ckpt
 
 
@@ -130,6 +131,30 @@ def _check_extra(where: str, extra: dict[str, Any]) -> None:
     clash = sorted(set(extra) & {"format", "model"})
     if clash:
         raise ValueError(f"{where}: {clash} are reserved checkpoint keys; rename them.")
+
+
+def _check_strategy(model: nn.Module, strategy: object, fsdp_options: dict[str, Any],
+                    find_unused_parameters: bool, ddp_kwargs: dict[str, Any]) -> None:
+    where = "DistributedTrainer"
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"{where}(strategy={strategy!r}): strategy must be 'ddp' (replicate the model, "
+                         "the default) or 'fsdp' (shard it with FSDP2's fully_shard).")
+    defaults = {"shard_modules": None, "min_params": None, "reshard_after_forward": True,
+                "amp_dtype": None, "activation_checkpointing": False, "cpu_offload": False}
+    if strategy == "ddp":
+        given = sorted(k for k, v in fsdp_options.items() if v != defaults[k])
+        if given:
+            raise ValueError(f"{where}: {given} apply to strategy='fsdp' only; pass strategy='fsdp' "
+                             "to shard the model, or drop them.")
+        return
+    ddp_only = sorted(ddp_kwargs) + (["find_unused_parameters"] if find_unused_parameters else [])
+    if ddp_only:
+        raise ValueError(f"{where}(strategy='fsdp'): {ddp_only} are DistributedDataParallel options; "
+                         "drop them or use strategy='ddp'.")
+    from torchkeel.sharded import find_units, mixed_precision
+
+    find_units(model, fsdp_options["shard_modules"], fsdp_options["min_params"])  # checks them now
+    mixed_precision(fsdp_options["amp_dtype"])
 
 
 class DistributedTrainer:
@@ -145,15 +170,24 @@ class DistributedTrainer:
         device: default cuda:LOCAL_RANK with CUDA, else cpu.
         timeout: collective timeout.
         find_unused_parameters, ddp_kwargs: passed to DistributedDataParallel.
+        strategy: "ddp" (replicate the model) or "fsdp" (shard parameters, gradients and
+            optimizer state with FSDP2's fully_shard; see torchkeel.sharded.shard_model).
+        shard_modules, min_params, reshard_after_forward, amp_dtype, activation_checkpointing,
+            cpu_offload: for "fsdp" only, as in torchkeel.sharded.shard_model.
 
     Example:
         with DistributedTrainer(model) as dt:
             loader = dt.create_dataloader(train_set, batch_size=32)
+        dt = DistributedTrainer(gpt, strategy="fsdp", shard_modules=(Block,))
     """
 
     def __init__(self, model: nn.Module, rank: int | None = None, world_size: int | None = None,
                  backend: str | None = None, device: str | torch.device | None = None,
                  timeout: timedelta = timedelta(minutes=5), find_unused_parameters: bool = False,
+                 *, strategy: Literal["ddp", "fsdp"] = "ddp",
+                 shard_modules: tuple[type[nn.Module], ...] | None = None, min_params: int | None = None,
+                 reshard_after_forward: bool = True, amp_dtype: torch.dtype | None = None,
+                 activation_checkpointing: bool = False, cpu_offload: bool = False,
                  **ddp_kwargs: Any) -> None:
         where = "DistributedTrainer"
         if not isinstance(model, nn.Module):
@@ -161,6 +195,12 @@ class DistributedTrainer:
         if isinstance(model, (DataParallel, DistributedDataParallel)):
             raise TypeError(f"{where}: model is already a {type(model).__name__}; pass the plain "
                             "module (model.module) and let DistributedTrainer wrap it.")
+        fsdp_options: dict[str, Any] = {
+            "shard_modules": shard_modules, "min_params": min_params,
+            "reshard_after_forward": reshard_after_forward, "amp_dtype": amp_dtype,
+            "activation_checkpointing": activation_checkpointing, "cpu_offload": cpu_offload}
+        _check_strategy(model, strategy, fsdp_options, find_unused_parameters, ddp_kwargs)
+        self.strategy: Literal["ddp", "fsdp"] = strategy
         distributed = init_process_group(backend, rank, world_size, timeout)
         self.rank, self.world_size, self.local_rank = get_rank(), get_world_size(), get_local_rank()
         if device is None:
@@ -168,7 +208,11 @@ class DistributedTrainer:
         self.device = torch.device(device)
         model = model.to(self.device)
         self.model: nn.Module = model
-        if distributed:
+        if distributed and strategy == "fsdp":
+            from torchkeel.sharded import shard_model
+
+            self.model = shard_model(model, **fsdp_options)
+        elif distributed:
             ids = [self.device] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(
                 model, device_ids=ids, find_unused_parameters=find_unused_parameters, **ddp_kwargs)
@@ -226,12 +270,28 @@ class DistributedTrainer:
         """
         _check_extra("DistributedTrainer.save_checkpoint", extra)
         meta = {k: v for k, v in extra.items() if isinstance(v, (int, float, str))}
-        return save_on_main({"format": 1, "model": self.module.state_dict(), **extra}, path, meta=meta,
+        return save_on_main({"format": 1, "model": self.model_state_dict(), **extra}, path, meta=meta,
                             clean=True)
 
+    def model_state_dict(self) -> dict[str, Any]:
+        """The unwrapped model's full state; under "fsdp" gathered to rank 0 (every rank calls it)."""
+        from torchkeel.sharded import full_state_dict, is_sharded
+
+        return full_state_dict(self.model) if is_sharded(self.model) else self.module.state_dict()
+
     def load_checkpoint(self, path: PathLike) -> dict[str, Any]:
-        """Load a checkpoint (weights_only, to cpu) into the unwrapped model; return the dict."""
-        return _load_into(self.module, path, "DistributedTrainer.load_checkpoint")
+        """Load a checkpoint (weights_only, to cpu) into the unwrapped model; return the dict.
+
+        Under "fsdp" every rank reads the full file and keeps its own shards.
+        """
+        from torchkeel.sharded import is_sharded, load_full_state_dict
+
+        where = "DistributedTrainer.load_checkpoint"
+        if not is_sharded(self.model):
+            return _load_into(self.module, path, where)
+        ckpt = _load_into(None, path, where)
+        load_full_state_dict(self.model, _strip_prefixes(ckpt["model"]))
+        return ckpt
 
     def close(self) -> None:
         """Free the process group (see shutdown()); the model cannot sync afterwards."""
