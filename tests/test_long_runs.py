@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_params_equal, make_dataset, make_model, params_of
+from conftest import assert_params_equal, free_port, make_dataset, make_model, params_of
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -336,3 +336,65 @@ def test_a_step_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_
     assert len(pointer["best_k_models"]) == 3                       # the best 3 and the last, nothing else
     assert {p.name for p in folder.glob("*.pt")} == set(pointer["best_k_models"]) | {pointer["last"]}
     assert whole.stdout.split("best ")[1].rsplit("/", 1)[1] == resumed.stdout.split("best ")[1].rsplit("/", 1)[1]
+
+
+# ------------------------------------------------------------------------ 2 gloo ranks (slow)
+DDP_SCRIPT = Path(__file__).parent / "scripts" / "long_ddp.py"
+
+
+def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(DDP_SCRIPT), "--out", str(out), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)           # torchrun and both ranks
+        proc.communicate()
+        raise AssertionError(f"torchrun {args} did not end within 120 s (a hang?)") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
+
+
+def _ranks(out: Path) -> list[dict[str, Any]]:
+    return [torch.load(out / f"result-rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_on_stateful_streams_killed_mid_epoch_resume_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    whole = _torchrun(tmp_path / "whole", "--mode", "stream")
+    assert whole.returncode == 0, whole.stdout[-4000:]
+    killed = _torchrun(tmp_path / "cut", "--mode", "stream", "--kill-at", "7")   # rank 1: SIGKILL after step 7
+    assert killed.returncode != 0 and not (tmp_path / "cut" / "result-rank0.pt").exists(), killed.stdout[-4000:]
+    resumed = _torchrun(tmp_path / "cut", "--mode", "stream")
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "step=6.pt at epoch 0, step 6" in resumed.stdout                   # mid-epoch 0 (8 steps per epoch)
+    expected = _ranks(tmp_path / "whole")
+    for rank, got in enumerate(_ranks(tmp_path / "cut")):
+        assert got["steps"] == expected[rank]["steps"] == 12
+        for name, value in expected[rank]["model"].items():
+            assert torch.equal(got["model"][name], value), f"rank {rank}: {name} differs from the uninterrupted run"
+        assert got["history"]["train_loss"] == expected[rank]["history"]["train_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_mid_epoch_validation_on_two_ranks_is_reduced_the_same_on_both_and_ranks_step_checkpoints(
+        tmp_path: Path) -> None:
+    run = _torchrun(tmp_path, "--mode", "validate")                  # 4 steps per epoch, validations every 3
+    assert run.returncode == 0, run.stdout[-4000:]
+    ranks = _ranks(tmp_path)
+    histories = [{k: v for k, v in r["history"].items() if k != "epoch_time"} for r in ranks]
+    assert histories[0] == histories[1]                              # the same rows, bit for bit, on both ranks
+    assert histories[0]["step"] == [3, 4, 6, 8, 9, 12]
+    # the reduced val_loss is the mean over the union of both ranks' halves (float64 sums: order may differ)
+    assert histories[0]["val_loss"] == pytest.approx(ranks[0]["by_hand"], rel=1e-12, abs=0)
+    assert ranks[0]["by_hand"] == ranks[1]["by_hand"]
+    assert ranks[0]["best_k"] == ranks[1]["best_k"] and ranks[0]["best"] == ranks[1]["best"]
+    rows = sorted(zip(histories[0]["val_loss"], histories[0]["step"]))[:2]      # the best 2 validations
+    assert sorted(ranks[0]["best_k"].values()) == [loss for loss, _ in rows]
+    assert ranks[0]["best"].endswith(f"step={rows[0][1]}.pt")
+    assert set(ranks[0]["files"]) == set(ranks[0]["best_k"]) | {"epoch=2-step=12.pt"}   # the best 2 and the last
+
