@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -230,6 +231,17 @@ def test_resharded_loads_equal_the_saved_full_state(tmp_path: Path) -> None:
     assert _equal(consolidated["optimizer"], saved["optimizer"]) and consolidated["step"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_failed_write_on_one_rank_fails_every_rank_with_its_message(tmp_path: Path) -> None:
+    _run(2, "--out", str(tmp_path), "--mode", "fail", "--width", "64")
+    for rank in (0, 1):
+        message = (tmp_path / f"error-rank{rank}.txt").read_text()
+        assert "step-2')" in message and "failed on rank 1" in message and "File too large" in message, message
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step-1"]  # no temporary, no step-2
+    dcp.verify(tmp_path / "ckpt" / "step-1")
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] not in "ZX"
@@ -255,14 +267,14 @@ def test_sigkill_during_sharded_saves_leaves_the_previous_checkpoint_newest_and_
             if line.startswith("saving 4"):
                 break
         ckpt = out / "ckpt"
-        while proc.poll() is None and not (writing := [p for p in ckpt.glob(".step-4.tmp-*")
-                                              if any(p.glob("*.distcp"))]):
+        while proc.poll() is None and not (writing := [p for p in (*ckpt.glob(".step-4.tmp-*"), ckpt / "step-4")
+                                                      if p.is_dir() and any(p.glob("*.distcp"))]):
             time.sleep(0.001)  # until shards of step 4 are being written: inside the save
         time.sleep(random.uniform(0.0, 0.05))
         ranks = [int(line.split()[1]) for line in seen if line.startswith("pid ")]
-        for pid in ranks:  # both ranks at once (torchrun starts them in sessions of their own)
-            os.kill(pid, signal.SIGKILL)
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [*ranks, proc.pid]:  # both ranks at once (torchrun gives them sessions of their own)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=60)
         for pid in ranks:
             while _alive(pid):

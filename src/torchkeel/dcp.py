@@ -46,9 +46,13 @@ from torchkeel.discovery import _TEMP
 from torchkeel.io import CheckpointError, CheckpointWriteError, _fsync_dir, write_text_atomic
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from torch.distributed.checkpoint.planner import ReadItem
 
     from torchkeel.io import StrPath
+
+    Error: TypeAlias = "str | tuple[int, str]"
 
 __all__ = ["clean_temporaries", "is_sharded", "load", "load_full", "save", "verify"]
 
@@ -68,18 +72,19 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _agree(error: str, where: str, kind: type[CheckpointError] = CheckpointWriteError) -> None:
-    """Raise ``kind`` on every rank if ``error`` is set on any (the lowest such rank's message)."""
-    if not _distributed():
-        if error:
-            raise kind(f"{where}: {error}")
-        return
-    errors: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+def _agree(error: Error, where: str, kind: type[CheckpointError] = CheckpointWriteError) -> None:
+    """Raise ``kind`` on every rank if ``error`` is set on any (the lowest failed rank's message).
+
+    An error is a message, or ``(rank, message)`` for one DCP relayed from the rank it happened on.
+    """
+    errors: list[Any] = [error]
+    if _distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = sorted(e if isinstance(e, tuple) else (rank, e) for rank, e in enumerate(errors) if e)
     if failed:
         rank, message = failed[0]
-        raise kind(f"{where} failed on rank {rank}: {message}")
+        raise kind(f"{where} failed on rank {rank}: {message}" if _distributed() else f"{where}: {message}")
 
 
 def _broadcast(obj: Any) -> Any:
@@ -90,12 +95,16 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _message(exc: BaseException) -> str:
-    """The root cause of a DCP ``CheckpointException`` (one per failed rank), else the error."""
+def _message(exc: BaseException) -> Error:
+    """The root cause of a DCP ``CheckpointException`` with the rank it happened on, else the error."""
     if isinstance(exc, CheckpointException) and exc.failures:
         rank, (inner, _) = next(iter(sorted(exc.failures.items())))
-        return f"{type(inner).__name__}: {inner} (rank {rank})"
+        return rank, f"{type(inner).__name__}: {inner}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _text(error: Error) -> str:
+    return f"{error[1]} (rank {error[0]})" if isinstance(error, tuple) else error
 
 
 # ----------------------------------------------------------------------------------- hashing
@@ -171,7 +180,8 @@ def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = Non
         raise TypeError(f"{where}: meta={meta!r} must be a JSON-serializable dict ({exc}).") from exc
     rank = dist.get_rank() if _distributed() else 0
     world = dist.get_world_size() if _distributed() else 1
-    error, tmp = "", final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
+    error: Error = ""
+    tmp = final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
     if rank == 0:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -396,7 +406,7 @@ def load(path: StrPath, state: dict[str, Any]) -> dict[str, Any]:
     except BaseException as exc:
         if not isinstance(exc, (Exception, CheckpointException)):
             raise
-        raise _fail(folder, f"load failed ({_message(exc)})") from None
+        raise _fail(folder, f"load failed ({_text(_message(exc))})") from None
     return manifest
 
 
@@ -416,7 +426,7 @@ def load_full(path: StrPath) -> dict[str, Any]:
     except BaseException as exc:
         if not isinstance(exc, (Exception, CheckpointException)):
             raise
-        raise _fail(folder, f"load failed ({_message(exc)})") from None
+        raise _fail(folder, f"load failed ({_text(_message(exc))})") from None
     return state
 
 

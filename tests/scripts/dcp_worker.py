@@ -4,12 +4,16 @@
              torchkeel.dcp.save, write the full state to OUT/reference.pt (rank 0).
 --mode load --src DIR: a model with other weights, load DIR, write the full state to OUT/loaded.pt.
 --mode loop: save step-1, step-2, ... until killed, printing "saving N" / "saved N".
+--mode fail: save step-1, then step-2 with rank 1 limited to 4 KiB files (RLIMIT_FSIZE); each rank
+             writes the error it got to OUT/error-rank<r>.txt.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from torchkeel import dcp
+from torchkeel.io import CheckpointWriteError
 from torchkeel.process_group import init_process_group, shutdown
 
 
@@ -84,7 +89,7 @@ def load(args: argparse.Namespace, distributed: bool, rank: int) -> tuple[nn.Mod
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mode", choices=["save", "load", "loop"], required=True)
+    p.add_argument("--mode", choices=["save", "load", "loop", "fail"], required=True)
     p.add_argument("--src", type=Path)
     p.add_argument("--width", type=int, default=10)
     args = p.parse_args()
@@ -105,6 +110,22 @@ def main() -> None:
             torch.save(ref, args.out / "reference.pt")
     elif args.mode == "load":
         model, opt = load(args, distributed, rank)
+    elif args.mode == "fail":
+        model, opt = build(0, args.width, distributed)
+        train(model, opt, 1, args.width)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optimizer": osd}, args.out / "ckpt" / "step-1", meta={"step": 1})
+        if rank == 1:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            dcp.save({"model": msd, "optimizer": osd}, args.out / "ckpt" / "step-2", meta={"step": 2})
+            message = "no error"
+        except CheckpointWriteError as exc:
+            message = str(exc)
+        if rank == 1:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        (args.out / f"error-rank{rank}.txt").write_text(message)
     else:
         model, opt = build(0, args.width, distributed)
         print(f"pid {os.getpid()}", flush=True)
