@@ -10,14 +10,19 @@ import gc
 import importlib
 import logging
 import os
+import secrets
 import sys
+import time
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+if TYPE_CHECKING:
+    from torch._C._distributed_c10d import Store
 
 log = logging.getLogger("torchkeel")
 
@@ -127,11 +132,55 @@ def init_process_group(backend: str | None = None, rank: int | None = None,
     # in default arguments, keeping the group alive until interpreter teardown. Imported now,
     # before any group exists, they capture None.
     importlib.import_module("torch.distributed.nn.functional")
+    store = _attempt_store(rank, world_size, timeout) if init_method is None else None
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timeout)
+                            timeout=timeout, store=store)
     _local_rank = local_rank
     _register_atexit()
     return True
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> Store | None:
+    """Under torchrun's agent store: that store under a prefix no earlier attempt used; else None.
+
+    torchrun (static rendezvous, and c10d unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) keeps one
+    TCPStore for the whole job. After a restart, the keys of the killed group are still in it: a
+    restarted rank that reads a peer's old gloo address before the peer rewrites it connects to a
+    dead port ("Connection refused") or waits on a dead peer. Rank 0 picks a fresh prefix and hands
+    it to each rank in answer to a nonce that rank just made, so no rank can read a stale prefix.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or world_size == 1:
+        return None
+    from torch._C._distributed_c10d import PrefixStore, TCPStore
+
+    store = TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), world_size,
+                     is_master=False, timeout=timeout)
+    base = "torchkeel/attempt/"
+    if rank != 0:
+        nonce = secrets.token_hex(8)
+        store.set(f"{base}hello/{rank}", nonce)
+        token = store.get(f"{base}welcome/{rank}/{nonce}").decode()  # waits up to `timeout`
+        store.set(f"{base}ready/{token}/{rank}", "1")
+    else:
+        token, answered = secrets.token_hex(8), dict[int, str]()
+        waiting, deadline = set(range(1, world_size)), time.monotonic() + timeout.total_seconds()
+        while waiting:
+            for r in sorted(waiting):  # answer every hello seen: a stale one costs one dead key
+                if store.check([f"{base}ready/{token}/{r}"]):
+                    waiting.discard(r)
+                elif store.check([f"{base}hello/{r}"]):
+                    nonce = store.get(f"{base}hello/{r}").decode()
+                    if answered.get(r) != nonce:
+                        store.set(f"{base}welcome/{r}/{nonce}", token)
+                        answered[r] = nonce
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"init_process_group: rank(s) {sorted(waiting)} did not join within "
+                                   f"timeout={timeout} (torchrun's store at {os.environ['MASTER_ADDR']}:"
+                                   f"{os.environ['MASTER_PORT']}).")
+            time.sleep(0.005)
+    return PrefixStore(f"torchkeel/{token}/", store)
 
 
 def _register_atexit() -> None:
