@@ -290,3 +290,48 @@ def test_sigkill_during_sharded_saves_leaves_the_previous_checkpoint_newest_and_
     assert dcp.load_full(ckpt / newest)["step"] == int(newest.split("-")[1])
     dcp.clean_temporaries(ckpt)  # an unfinished write, if the kill left one, is removed
     assert sorted(os.listdir(ckpt)) == finished
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 3)
+        self.out = torch.nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight  # tied: one storage under two names
+
+
+@pytest.mark.parametrize("layout", ["file", "sharded"])
+def test_export_safetensors_loads_into_the_plain_model(tmp_path: Path, layout: str) -> None:
+    from safetensors.torch import load_file
+
+    from torchkeel import io
+
+    torch.manual_seed(0)
+    model = _Tied()
+    ckpt = {"model": model.state_dict(), "step": 3}
+    if layout == "file":
+        src = io.save(ckpt, tmp_path / "step-3.pt")
+    else:
+        src = dcp.save(ckpt, tmp_path / "step-3")
+    out = dcp.export_safetensors(src, tmp_path / "model.safetensors")
+    assert sorted(os.listdir(tmp_path)) == sorted([src.name, "model.safetensors"]
+                                                  + ([src.name + ".manifest.json"] if layout == "file" else []))
+    weights = load_file(out)
+    assert weights.keys() == model.state_dict().keys()
+    fresh = _Tied()
+    fresh.load_state_dict(weights)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_export_refuses_what_safetensors_cannot_hold(tmp_path: Path) -> None:
+    src = dcp.save({"model": {"w": torch.ones(2), "note": "text"}, "step": 1}, tmp_path / "step-1")
+    with pytest.raises(ValueError, match=r"\['note'\] in 'model' are not tensors"):
+        dcp.export_safetensors(src, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"no 'ema' state dict \(keys: \['model', 'step'\]\)"):
+        dcp.export_safetensors(src, tmp_path / "m.safetensors", key="ema")
+    data = bytearray((src / "__0_0.distcp").read_bytes())
+    data[-1] ^= 0xFF
+    (src / "__0_0.distcp").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        dcp.export_safetensors(src, tmp_path / "m.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["step-1"]  # nothing written
