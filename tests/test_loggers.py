@@ -458,18 +458,21 @@ def test_progress_lines_show_the_step_without_a_loader_length(caplog: pytest.Log
 
 # ------------------------------------------------------------------- validations every N steps
 class _AtValidation(Callback):
-    """Keep the trainer state after the validation at ``step`` (what its ranked save holds); crash at ``crash``."""
+    """Keep the trainer state after the validation at ``step`` (what its ranked save holds), or ``before`` it
+    (what a step checkpoint there holds); crash at ``crash``."""
 
-    def __init__(self, step: int, crash: int | None = None) -> None:
-        self.step, self.crash = step, crash
+    def __init__(self, step: int, crash: int | None = None, before: bool = False) -> None:
+        self.step, self.crash, self.before = step, crash, before
         self.state: dict[str, Any] | None = None
 
     def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        if trainer.state.step == self.step and self.before:
+            self.state = copy.deepcopy(trainer.state_dict())
         if trainer.state.step == self.crash:
             raise RuntimeError("simulated crash")
 
     def on_validation_end(self, trainer: AdvancedTrainer) -> None:
-        if trainer.state.step == self.step:
+        if trainer.state.step == self.step and not self.before:
             self.state = copy.deepcopy(trainer.state_dict())
 
 
@@ -500,16 +503,17 @@ def test_every_validation_reaches_tensorboard_and_csv_once(tmp_path: Path, every
 
 
 @needs_tensorboard
-def test_resume_after_a_mid_epoch_validation_no_duplicates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("before", [False, True], ids=["after-its-validation", "before-its-validation"])
+def test_resume_after_a_mid_epoch_validation_no_duplicates(tmp_path: Path, before: bool) -> None:
     tb_dir, csv_path = tmp_path / "tb", tmp_path / "m.csv"
 
     def loggers() -> list[Callback]:
         return [TensorBoardLogger(tb_dir, log_every_n_steps=1), CSVLogger(csv_path, log_every_n_steps=1)]
 
-    at = _AtValidation(step=6, crash=8)
+    at = _AtValidation(step=6, crash=8, before=before)
     with pytest.raises(RuntimeError, match="simulated crash"):   # validations 3, 5, 6 written, then steps 7, 8
         _trainer(callbacks=[*loggers(), at]).fit(*_loaders(), epochs=2, val_every_n_steps=3)
-    assert at.state is not None and at.state["state"]["last_val_step"] == 6
+    assert at.state is not None and at.state["state"]["last_val_step"] == (5 if before else 6)
     start = int(time.time())          # event files sort by creation second: a real resume is later
     while int(time.time()) == start:
         time.sleep(0.02)
@@ -520,7 +524,8 @@ def test_resume_after_a_mid_epoch_validation_no_duplicates(tmp_path: Path) -> No
     got = _scalars(tb_dir)
     assert [s for s, _ in got["epoch/val_loss"]] == [3, 5, 6, 9, 10]
     assert [v for _, v in got["epoch/val_loss"]] == pytest.approx(history["val_loss"], rel=1e-6)
-    assert [s for s, _ in got["train/loss"]] == list(range(1, 11))
+    # validating at step 6 again hides the crashed run's step-6 points: its train/ ones are not rewritten
+    assert [s for s, _ in got["train/loss"]] == [s for s in range(1, 11) if not (before and s == 6)]
     rows = _validation_rows(csv_path)
     assert [int(r["step"]) for r in rows] == [3, 5, 6, 9, 10]
     assert [float(r["val_loss"]) for r in rows] == history["val_loss"]

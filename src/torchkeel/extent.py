@@ -82,6 +82,13 @@ def at_boundary(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> b
     return trainer._stop_agreed(sync=True)
 
 
+def validation_due(trainer: AdvancedTrainer) -> bool:
+    """A validation point is due at ``state.step`` and has not run (a checkpoint written before it)."""
+    state, every = trainer.state, trainer.val_every_n_steps
+    return every is not None and state.step > 0 and state.step % every == 0 \
+        and state.last_val_step != state.step and not state.epoch_finished and not trainer._budget_spent
+
+
 def resumed_validation(trainer: AdvancedTrainer, rng: dict[str, Any] | None,
                        val_loader: Iterable[Any] | None) -> bool:
     """Before a resumed fit's first batch: the validation due at the resumed step, if it has not run.
@@ -90,9 +97,7 @@ def resumed_validation(trainer: AdvancedTrainer, rng: dict[str, Any] | None,
     step's validation: the resumed run validates there first, as the interrupted one did, with the RNG
     states of that step (what a checkpoint saved there holds). True when every rank agreed to stop.
     """
-    state, every = trainer.state, trainer.val_every_n_steps
-    if not every or state.step == 0 or state.step % every or state.last_val_step == state.step \
-            or state.epoch_finished or trainer._budget_spent:
+    if not validation_due(trainer):
         return False
     keep = dataorder.rng_state()
     if rng is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from torchkeel.callbacks import Callback
+from torchkeel.extent import validation_due
 from torchkeel.logged import group_lrs, lr_names, step_values_of
 
 if TYPE_CHECKING:
@@ -191,8 +192,8 @@ class TensorBoardLogger(Callback):
     step value and (when clipping) ``train/grad_norm``; at each validation (every epoch's end, each
     ``val_every_n_steps`` point) ``epoch/<metric>`` (the groups' ``epoch/lr/...`` too; at an epoch's end
     ``epoch/samples_per_sec``) at the global step, once; at the end ``trainer.hparams`` with the
-    final metrics (``hparam/<metric>``). A resumed run
-    hides every point the crashed one wrote after its checkpoint (``purge_step=state.step + 1``).
+    final metrics (``hparam/<metric>``). A resumed run hides what the crashed one wrote after its checkpoint,
+    and at its step when that validation runs again (that step's ``train/`` points are then lost).
 
     Args:
         log_dir: folder for the event files; a resumed run must use the same one.
@@ -224,9 +225,10 @@ class TensorBoardLogger(Callback):
             raise ImportError(TENSORBOARD_MISSING) from exc
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
         self._lr_names = lr_names(trainer.optimizer)
-        # SummaryWriter hides events with step >= purge_step (a SessionLog.START at that step): the
-        # checkpoint holds steps <= state.step, so everything after it is what the new run rewrites.
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=trainer.state.step + 1)
+        # SummaryWriter hides events with step >= purge_step (a SessionLog.START at that step): the run
+        # rewrites the steps after its checkpoint's, and that one too when it validates there again.
+        step = trainer.state.step
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=step if validation_due(trainer) else step + 1)
 
     def on_epoch_begin(self, trainer: AdvancedTrainer) -> None:
         self._samples = 0
