@@ -74,6 +74,14 @@ def test_shard_model_needs_a_process_group() -> None:
         sharded.shard_model(Net())
 
 
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="the refusal is for machines without one")
+def test_cpu_offload_without_an_accelerator_is_refused() -> None:
+    with pytest.raises(ValueError, match="cpu_offload=True moves shards off an accelerator"):
+        sharded.shard_model(Net(), cpu_offload=True)
+    with pytest.raises(ValueError, match=r"cpu_offload=True\): CPU offload moves shards off an accelerator"):
+        DistributedTrainer(Net(), strategy="fsdp", cpu_offload=True)
+
+
 def test_strategy_is_checked_before_any_process_group() -> None:
     with pytest.raises(ValueError, match=r"strategy='zero3'\): strategy must be 'ddp'.*or 'fsdp'"):
         DistributedTrainer(Net(), strategy="zero3")  # type: ignore[arg-type]
@@ -127,6 +135,8 @@ def test_fsdp_equals_ddp_equals_one_process(tmp_path: Path) -> None:
     for key in ("fsdp_vs_one", "fsdp_ac_vs_one", "ddp_vs_one", "dt_file_vs_one", "dt_reloaded_vs_one"):
         assert r[key] <= 1e-5, (key, r)
     assert r["dt_before_vs_one"] > 1e-2  # the reload changed other weights into the saved ones
+    # amp_dtype=bf16: computed in bf16 (not equal to fp32, but close); the master weights stay fp32
+    assert 1e-6 < r["bf16_vs_one"] < 1e-2 and r["bf16_master_dtypes"] == ["torch.float32"], r
     for kind, norms in r["norms"].items():  # the norm of the full gradients, on every path
         assert all(n > 0.5 for n in norms), (kind, norms)  # clipping bound (MAX_NORM = 0.5)
         assert max(abs(a - b) for a, b in zip(norms, r["norms"]["one"])) <= 1e-5, (kind, r["norms"])

@@ -155,6 +155,9 @@ def _check_strategy(model: nn.Module, strategy: object, fsdp_options: dict[str, 
 
     find_units(model, fsdp_options["shard_modules"], fsdp_options["min_params"])  # checks them now
     mixed_precision(fsdp_options["amp_dtype"])
+    if fsdp_options["cpu_offload"] and not torch.accelerator.is_available():
+        raise ValueError(f"{where}(strategy='fsdp', cpu_offload=True): CPU offload moves shards off an "
+                         "accelerator, and this machine has none; drop cpu_offload.")
 
 
 class DistributedTrainer:

@@ -119,15 +119,18 @@ def shard_model(model: nn.Module, *, shard_modules: tuple[type[nn.Module], ...] 
         raise TypeError(f"shard_model: model is a {type(model).__name__}; pass an nn.Module.")
     if isinstance(model, FSDPModule):
         raise TypeError("shard_model: the model is already sharded (an FSDPModule); pass the plain model.")
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("shard_model: no process group; call torchkeel.init_process_group() first "
-                           "(under torchrun), or use DistributedTrainer(model, strategy='fsdp').")
+    units = find_units(model, shard_modules, min_params)
     kwargs: dict[str, Any] = {
         "reshard_after_forward": bool(reshard_after_forward), "mp_policy": mixed_precision(amp_dtype),
         "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
+    if cpu_offload and not torch.accelerator.is_available():
+        raise ValueError("shard_model: cpu_offload=True moves shards off an accelerator, and this "
+                         "machine has none (the shards are on the CPU already); drop cpu_offload.")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("shard_model: no process group; call torchkeel.init_process_group() first "
+                           "(under torchrun), or use DistributedTrainer(model, strategy='fsdp').")
     if mesh is not None:
         kwargs["mesh"] = mesh
-    units = find_units(model, shard_modules, min_params)
     if activation_checkpointing:
         # composable: the parameter names stay as they were (no wrapper module)
         from torch.distributed._composable import checkpoint  # type: ignore[attr-defined]

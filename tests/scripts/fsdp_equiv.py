@@ -101,6 +101,10 @@ def main() -> None:
     dt = DistributedTrainer(make(), strategy="fsdp", shard_modules=(Block,))
     norms = {kind: train(model, batches, rank, kind.split("-")[0])
              for model, kind in ((fsdp, "fsdp"), (fsdp_ac, "fsdp-ac"), (ddp, "ddp"), (dt.model, "fsdp-dt"))}
+    bf16 = sharded.shard_model(make(), amp_dtype=torch.bfloat16)
+    bf16_norms = train(bf16, batches, rank, "fsdp")  # compute in bf16: close to fp32, not equal
+    master = sorted({str(p.dtype) for p in bf16.parameters()})
+    full_bf16 = sharded.full_state_dict(bf16)
     full, full_ac = sharded.full_state_dict(fsdp), sharded.full_state_dict(fsdp_ac)
     dt.save_checkpoint(args.out / "dt.pt", epoch=1)  # the full weights, one file by rank 0
     torch.manual_seed(5)
@@ -118,13 +122,15 @@ def main() -> None:
                   "dt_file_vs_one": max_diff(io.load(args.out / "dt.pt")["model"], ref),
                   "dt_reloaded_vs_one": max_diff(reloaded, ref), "dt_before_vs_one": max_diff(before, ref),
                   "dt_units": len(sharded.find_units(make(), (Block,))),
+                  "bf16_vs_one": max_diff(full_bf16, ref),
+                  "bf16_master_dtypes": master, "bf16_norms": bf16_norms,
                   "ddp_vs_one": max_diff(ddp.module.state_dict(), ref), "moved": moved,
                   "local_numel": shards, "total_numel": sum(t.numel() for t in ref.values()),
                   "units": [type(m).__name__ for m in sharded.find_units(make())],
                   "sharded": sharded.is_sharded(fsdp), "norms": norms}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(result))
-    shutdown(ddp, dt.model, again.model)
+    shutdown(ddp)
 
 
 if __name__ == "__main__":
