@@ -24,6 +24,7 @@ Usage::
     python benchmarks/ddp.py --quick    # a short run while iterating
     python benchmarks/ddp.py --control  # A/A: raw vs raw, the noise floor
     python benchmarks/ddp.py --alone raw --malloc default   # one side per process; compare launches
+    python benchmarks/ddp.py --runs 3   # three launches and an A/A control: the median of the three
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import json
 import os
 import resource
 import socket
@@ -55,7 +57,7 @@ for _path in (SRC, ROOT / "benchmarks"):
 
 from overhead import append_result, pin_malloc
 
-BUDGET = 1.05
+BUDGET = 1.02       # issue 13: the median of three full runs, beside the A/A control
 SHAPE = (512, 2048, 10)
 BATCH = 128          # per rank
 NPROC = 2
@@ -120,7 +122,7 @@ class TrainerLoop:
 
 
 def small_all_reduce_cost(n: int = 200) -> tuple[float, float]:
-    """(wall, CPU) µs of one 5-number all-reduce here: what the trainer's per-step agreement pays."""
+    """(wall, CPU) µs of one 5-number all-reduce here: what one of the trainer's agreements pays."""
     t = torch.zeros(5)
     dist.barrier()
     ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -205,10 +207,12 @@ def worker(quick: bool, save: bool, malloc: str = "pinned", control: bool = Fals
         print(f"  pair ratios: quartiles {quartiles[0]:.3f} / {quartiles[1]:.3f} / {quartiles[2]:.3f}")
         print(f"  ratio (median of pairs)            {ratio:9.3f}  budget {BUDGET}  "
               f"{'ok' if result['within_budget'] else 'OVER BUDGET'}")
-    print(f"  one 5-number all-reduce (the trainer's per-step agreement): {agreement_us[0]:.0f} us wall, "
-          f"{agreement_us[1]:.0f} us CPU on rank 0")
+    print(f"  one 5-number all-reduce (the cost of one agreement: every sync_every_n_steps, at an epoch's end): "
+          f"{agreement_us[0]:.0f} us wall, {agreement_us[1]:.0f} us CPU on rank 0")
     if save:
         print(f"  appended to {append_result(result).relative_to(ROOT)}")
+    if os.environ.get("TORCHKEEL_BENCH_OUT"):    # --runs: the launcher reads each run's result back
+        Path(os.environ["TORCHKEEL_BENCH_OUT"]).write_text(json.dumps(result))
     return 0   # over budget too: a rank exiting 1 makes torchrun print a ChildFailedError traceback
 
 
@@ -224,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                              "noise floor of this machine and allocator")
     parser.add_argument("--alone", choices=("trainer", "raw"),
                         help="time one side only, in a process of its own (no ratio: compare launches)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="launch this many full runs, then one A/A control, and report the median "
+                             "of the runs' ratios against the budget")
     args = parser.parse_args(argv)
     if "WORLD_SIZE" in os.environ:
         if args.malloc == "pinned":
@@ -232,8 +239,30 @@ def main(argv: list[str] | None = None) -> int:
                       alone=args.alone)
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--runs" in given:                  # the workers run one each
+        del given[given.index("--runs"):given.index("--runs") + 2]
+    given = [a for a in given if not a.startswith("--runs=")]
+    if args.runs == 1:
+        return launch(given, env)
+    ratios = []
+    for i, extra in enumerate([[]] * args.runs + [["--control"]]):
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"torchkeel-ddp-bench-{os.getpid()}-{i}.json"
+        code = launch([*given, *extra], env | {"TORCHKEEL_BENCH_OUT": str(out)})
+        if code != 0 or not out.exists():
+            return code or 1
+        ratios.append(json.loads(out.read_text())["ratio"])
+        out.unlink()
+    median = statistics.median(ratios[:-1])
+    print(f"runs: {', '.join(f'{r:.3f}' for r in ratios[:-1])} -> median {median:.3f}, budget {BUDGET}: "
+          f"{'ok' if median <= BUDGET else 'OVER BUDGET'}; A/A control {ratios[-1]:.3f}")
+    return 0
+
+
+def launch(args: list[str], env: dict[str, str]) -> int:
+    """One torchrun of this file with ``args``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NPROC),
-           str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])]
+           str(Path(__file__).resolve()), *args]
     return subprocess.run(cmd, env=env, check=False).returncode
 
 

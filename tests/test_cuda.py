@@ -307,3 +307,61 @@ def test_nccl_is_picked_and_each_rank_pins_its_own_gpu(tmp_path: Path) -> None:
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == {"backend": "nccl", "device": rank, "sum": 3.0, "model_device": f"cuda:{rank}",
                        "local_rank": rank}, got
+
+
+DDP_NO_SYNC_WORKER = """
+import json, os, sys, torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from torchkeel import AdvancedTrainer, Callback
+from torchkeel.distributed import DistributedTrainer
+
+class SyncErrorsBetween(Callback):
+    def __init__(self, start, stop):
+        self.start, self.stop, self.covered = start, stop, 0
+    def on_step_end(self, trainer):
+        step = trainer.state.step
+        if step == self.start:
+            torch.cuda.set_sync_debug_mode("error")
+        elif step == self.stop:
+            torch.cuda.set_sync_debug_mode(0)
+        elif self.start < step < self.stop:
+            self.covered += 1
+
+torch.manual_seed(0)
+g = torch.Generator().manual_seed(0)
+data = TensorDataset(torch.randn(2048, 16, generator=g), torch.randint(0, 4, (2048,), generator=g))
+with DistributedTrainer(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))) as dt:
+    loader = dt.create_dataloader(data, batch_size=8, pin_memory=True)
+    guard = SyncErrorsBetween(start=2, stop=22)
+    trainer = AdvancedTrainer(model=dt, optimizer=torch.optim.Adam(dt.model.parameters(), lr=1e-3),
+                              criterion=nn.CrossEntropyLoss(), nan_policy="raise", gradient_accumulation_steps=2,
+                              log_every_n_steps=50, progress=False, callbacks=[guard])
+    try:
+        trainer.fit(train_loader=loader, epochs=1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    out = {"covered": guard.covered, "step": trainer.state.step, "even": trainer.accum.even_shards}
+    with open(os.path.join(sys.argv[1], f"rank{dt.rank}.json"), "w") as f:
+        json.dump(out, f)
+"""
+
+
+@two_gpus
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_steps_on_nccl_make_no_host_sync_between_agreements(tmp_path: Path) -> None:
+    """2 ranks on NCCL, even shards, accumulation 2, nan_policy='raise': steps 3..22 (no agreement:
+    sync_every_n_steps = log_every_n_steps = 50) never wait for a GPU; any sync raises there."""
+    script = tmp_path / "ddp_no_sync.py"
+    script.write_text(DDP_NO_SYNC_WORKER)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"covered": 19, "step": 64, "even": True}, got

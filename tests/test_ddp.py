@@ -66,25 +66,42 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path: Path, accum: int) -> N
     assert h0 == h1                                                        # reduced metrics agree
 
 
-def test_the_step_agreement_is_one_async_all_reduce_issued_before_the_gradients(tmp_path: Path) -> None:
-    """Per optimizer step: one 5-number all-reduce (counts, NaN flag, stop and signal flags), issued
-    asynchronously before the window's last backward so it travels while gradients are computed,
-    and before DDP's gradient all-reduce, which is left as DDP does it (the user's comm hook too)."""
-    ok(torchrun(tmp_path / "ours", "--accum", "2", "--count-collectives", "--samples", "128"))
-    ok(torchrun(tmp_path / "theirs", "--accum", "2", "--count-collectives", "--samples", "128",
-                "--own-comm-hook"))
-    ok(torchrun(tmp_path / "view", "--accum", "2", "--samples", "128", "--bucket-view"))
+def test_a_step_issues_no_collective_of_its_own(tmp_path: Path) -> None:
+    """Even shards (DistributedSampler, one batch_size): between the ranks' agreements a step issues
+    no all-reduce but DDP's gradients (the user's comm hook's buckets, when it has one); every
+    sync_every_n_steps (here 4) steps one 3-number all-reduce agrees on stop, signal and non-finite."""
+    common = ("--accum", "2", "--count-collectives", "--samples", "192", "--sync-every", "4")
+    ok(torchrun(tmp_path / "ours", *common))
+    ok(torchrun(tmp_path / "theirs", *common, "--own-comm-hook"))
+    ok(torchrun(tmp_path / "view", "--accum", "2", "--samples", "192", "--sync-every", "4", "--bucket-view"))
     ours, theirs, view = result(tmp_path / "ours"), result(tmp_path / "theirs"), result(tmp_path / "view")
     for key, value in ours["model"].items():                      # grads that are bucket views too
         assert torch.equal(view["model"][key], value), key
-    agreement, bucket = (5, True), (6 * 16 + 16 + 16 * 3 + 3, True)
-    assert len(ours["collectives_per_step"]) >= 6
-    assert all(calls == [agreement] for calls in ours["collectives_per_step"]), ours["collectives_per_step"]
-    assert all(calls == [agreement, bucket] for calls in theirs["collectives_per_step"]), \
-        theirs["collectives_per_step"]                            # the agreement first, then their hook's
+    agreement, bucket = (3, False), (6 * 16 + 16 + 16 * 3 + 3, True)
+    per_step = ours["collectives_per_step"]                       # (step, calls) of full windows
+    assert len(per_step) >= 8, per_step
+    for step, calls in per_step:
+        assert calls == ([agreement] if step % 4 == 0 else []), (step, calls)
+    for step, calls in theirs["collectives_per_step"]:
+        assert calls == ([bucket, agreement] if step % 4 == 0 else [bucket]), (step, calls)
     for key, value in ours["model"].items():
         assert torch.equal(theirs["model"][key], value), key
     assert ours["state"]["step"] == theirs["state"]["step"]
+
+
+def test_uneven_shards_all_reduce_the_window_count_and_equal_one_process(tmp_path: Path) -> None:
+    """A plain list of batches (no sampler to check): each window's count and loss sum travel in one
+    all-reduce before its last backward; ranks hold batches of different sizes (rank 0: 5, rank 1: 11),
+    and the result equals one process on the union."""
+    ok(torchrun(tmp_path / "ddp", "--uneven", "--accum", "2", "--count-collectives", "--sync-every", "1000"))
+    ok(single(tmp_path / "one", "--uneven", "--accum", "2"))
+    ddp0, ddp1, one = result(tmp_path / "ddp", 0), result(tmp_path / "ddp", 1), result(tmp_path / "one")
+    for key, value in one["model"].items():
+        assert torch.equal(ddp0["model"][key], ddp1["model"][key]), key
+        assert torch.allclose(ddp0["model"][key], value, atol=1e-6), key
+    assert all(calls == [(2, False)] for _, calls in ddp0["collectives_per_step"]), ddp0["collectives_per_step"]
+    h0, h = json.loads(ddp0["history"]), json.loads(one["history"])
+    assert h0["train_loss"] == pytest.approx(h["train_loss"], rel=1e-5)
 
 
 def test_token_counts_that_differ_by_rank_equal_one_process_on_the_union(tmp_path: Path) -> None:
@@ -128,6 +145,19 @@ def test_non_finite_loss_on_one_rank_raises_on_both(tmp_path: Path) -> None:
     proc = torchrun(tmp_path, "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "raise")
     assert proc.returncode != 0
     assert proc.stderr.count("FloatingPointError: Non-finite loss at epoch 0") >= 2, proc.stderr[-4000:]
+
+
+def test_a_non_finite_loss_with_finite_gradients_on_one_rank_is_reported_on_both(tmp_path: Path) -> None:
+    """The loss is inf in value only (its gradients are finite): 'skip' cannot see it before the
+    step, so the ranks' next agreement reports it on both ranks; 'raise' raises on both."""
+    ok(proc := torchrun(tmp_path / "skip", "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "skip",
+                        "--inf-value-only"))
+    assert proc.stderr.count("but its averaged gradients were finite, so the step was taken") == 2, proc.stderr[-4000:]
+    assert result(tmp_path / "skip", 0)["state"]["skipped_steps"] == 0
+    raised = torchrun(tmp_path / "raise", "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "raise",
+                      "--inf-value-only")
+    assert raised.returncode != 0
+    assert raised.stderr.count("FloatingPointError: Non-finite loss at epoch 0") >= 2, raised.stderr[-4000:]
 
 
 def test_a_stop_requested_on_one_rank_stops_both_at_the_same_epoch(tmp_path: Path) -> None:
@@ -186,3 +216,32 @@ def test_sigterm_to_one_rank_saves_the_same_step_on_both_and_exits(tmp_path: Pat
     assert path is not None and not skipped
     meta = io.verify(path)["meta"]
     assert meta["reason"] == "preempted"
+
+
+def test_a_signal_waits_for_the_next_agreement_and_the_grace_period_counts_from_the_last_step(
+        tmp_path: Path) -> None:
+    """SIGTERM to rank 1 at step 3 or 4 with sync_every_n_steps=12, 0.25 s steps and
+    signal_grace_seconds=1: the ranks agree at step 12, 2 s later, yet no grace timer fires (each
+    step restarts it); both save step 12."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), "--out", str(tmp_path),
+           "--epochs", "50", "--samples", "400", "--slow", "0.25", "--sync-every", "12", "--grace", "1",
+           "--ckpt", str(tmp_path / "ck")]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = tmp_path / "ready-rank1"
+        deadline = time.monotonic() + 90
+        while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert ready.exists(), "rank 1 never started training"
+        os.kill(int(ready.read_text()), signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "no optimizer step ended" not in stderr, stderr[-4000:]
+    assert stderr.count("Exit code 143") >= 2, stderr[-4000:]
+    path, skipped = io.find_latest(tmp_path / "ck")
+    assert path is not None and not skipped
+    meta = io.verify(path)["meta"]
+    assert meta["reason"] == "preempted" and meta["step"] % 12 == 0, meta      # at an agreement

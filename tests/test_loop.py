@@ -517,7 +517,9 @@ def _sgd(model: nn.Module) -> torch.optim.Optimizer:
      r"amp_dtype=torch.float32\): use torch.bfloat16 or torch.float16"),
     ({"max_grad_norm": 0.0}, ValueError, r"max_grad_norm=0.0\): must be > 0"),
     ({"callbacks": [object()]}, TypeError, r"is not a torchkeel.Callback"),
-], ids=["accum0", "accum_neg", "interval", "fp16_cpu", "amp_dtype", "clip0", "callback"])
+    ({"sync_every_n_steps": 0}, ValueError, r"sync_every_n_steps=0\): pass an int >= 1.*or None for log_every_n_steps"),
+    ({"sync_every_n_steps": 2.5}, ValueError, r"sync_every_n_steps=2.5\): pass an int >= 1"),
+], ids=["accum0", "accum_neg", "interval", "fp16_cpu", "amp_dtype", "clip0", "callback", "sync0", "sync_float"])
 def test_init_errors(kwargs, error, match):
     model = make_model()
     with pytest.raises(error, match=match):

@@ -159,7 +159,7 @@ def test_the_grace_timer_ends_a_process_whose_save_never_starts(server: Server, 
                                                                  name: str, code: int) -> None:
     run = grace_run(server, tmp_path, 0.5, name, "block").ok(code)
     assert f"received SIG{name}" in run.stdout and "still here" not in run.stdout
-    assert re.search(rf"SIG{name} received 0.5s ago and the checkpoint save has not started.*exiting with code "
+    assert re.search(rf"SIG{name} received and the checkpoint save has not started; no optimizer step ended for 0.5s.*exiting with code "
                      rf"{code} without saving.*complete: resume .*resume_from='auto'", run.stderr), run.stderr
 
 
@@ -233,20 +233,21 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_resumed_run_is_exac
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_rank_blocked_when_the_signal_comes_ends_the_job_within_the_grace_period(tmp_path: Path) -> None:
-    """Rank 0 gets SIGTERM after step 2; rank 1 then sleeps 60 s in its next step, so rank 0 waits in the
-    step's collective and the save never starts. Rank 0's timer ends it after the grace period; torchrun
-    then sends rank 1 SIGTERM and its own timer ends it: the job is over in about two grace periods
-    (a bound far below the 60 s that rank 1 sleeps), and the checkpoint of step 2 still verifies."""
+    """Rank 0 gets SIGTERM after step 4 (no agreement there: checkpoints every 3 steps, epochs of 3);
+    rank 1 then sleeps 60 s in its next step, so rank 0 waits in step 5's gradient all-reduce, no step
+    ends and the save never starts. Rank 0's timer ends it after the grace period; torchrun then sends
+    rank 1 SIGTERM and its own timer ends it: the job is over in about two grace periods (a bound far
+    below the 60 s that rank 1 sleeps), and the checkpoint of step 3 still verifies."""
     grace = 3.0
-    proc = torchrun(tmp_path / "out", "--ckpt", tmp_path / "ck", "--send-rank", 0, "--send-step", 2,
+    proc = torchrun(tmp_path / "out", "--ckpt", tmp_path / "ck", "--send-rank", 0, "--send-step", 4, "--every", 3,
                     "--block-rank", 1, "--block-seconds", 60, "--grace", grace, timeout=120)
     ended = time.time()
     assert (tmp_path / "out" / "blocked-rank1").exists(), proc.stderr[-4000:]
     took = ended - float((tmp_path / "out" / "signalled").read_text())
     assert took < 6 * grace, f"the job took {took:.1f}s after the signal (grace {grace}s)"
-    assert re.search(r"SIGTERM received 3s ago and the checkpoint save has not started.*exiting with code 143",
+    assert re.search(r"SIGTERM received and the checkpoint save has not started; no optimizer step ended for 3s.*exiting with code 143",
                      proc.stderr), proc.stderr[-4000:]
     assert "stopped at epoch" not in proc.stderr, "a save started"
     latest, skipped = io.find_latest(tmp_path / "ck")
-    assert latest is not None and io.verify(latest)["meta"]["step"] == 2, (latest, skipped)
-    assert not [p for p, e in io.list_checkpoints(tmp_path / "ck", recursive=True) if e["meta"]["step"] > 2]
+    assert latest is not None and io.verify(latest)["meta"]["step"] == 3, (latest, skipped)
+    assert not [p for p, e in io.list_checkpoints(tmp_path / "ck", recursive=True) if e["meta"]["step"] > 3]

@@ -159,7 +159,7 @@ def test_gradient_accumulator_with_counts_in_a_hand_loop() -> None:
             acc.backward(token_loss(model(tokens), labels), count=int((labels != IGNORE).sum()))
         acc.step()
     assert acc.flush() is True                            # the short last window of 2
-    assert acc.window_samples == COUNTS[8] + COUNTS[9]
+    assert acc.window_items == COUNTS[8] + COUNTS[9]
     reference, *_ = big_batch_reference(4)
     assert_params_close(model, reference, atol=1e-6)
 

@@ -5,26 +5,31 @@ One optimizer step, in this order (DESIGN.md):
 1. each micro-batch: forward and backward under ``no_sync`` except the window's last micro-batch;
    the loss is weighted by its samples relative to the window's first micro-batch (``n_i / n_ref``,
    exactly 1 for equal micro-batches, so no multiply);
-2. at the window's end, one small all-reduce agrees on the window's global sample count ``N``,
-   whether any rank saw a non-finite loss, and the caller's flags (stop, save, signal). Under DDP
-   it is issued asynchronously just before the window's last backward, so it travels while the
-   gradients are computed and DDP's own all-reduce (and any comm hook) is left as it is;
-3. gradients are scaled by ``world * n_ref / N`` (skipped when it is 1: no accumulation, equal
-   shards), so k micro-batches on W ranks equal one batch of their total size, short windows too;
-4. ``scaler.unscale_`` -> clip once -> ``scaler.step`` -> ``scaler.update`` -> zero grads.
+2. at the window's end the gradients are scaled by ``n_ref / n`` (``n``: the window's samples on this
+   rank; skipped when it is 1), so k micro-batches on W ranks equal one batch of their total size,
+   short windows too;
+3. ``scaler.unscale_`` -> clip once -> ``scaler.step`` -> ``scaler.update``; the grads are freed by the
+   next backward (or ``zero_grad()``).
 
-Counted items (``backward(loss, count=n)``, e.g. tokens): one process weighs micro-batches as
-above, with counts for samples. Under DDP the counts differ by rank, so the window's last backward
-waits for a blocking all-reduce of the local counts (and the agreement); with ``N`` the global
-count, the grads accumulated so far are multiplied by ``n_ref * W / N`` and the last loss weighted
-by ``n_last * W / N``: DDP's average then gives ``(1/N) * sum n_i * grad(loss_i)``, no post-scaling.
-A short window (``flush()``) scales each rank's grads the same way before averaging them by hand.
+No collective of its own under DDP when shards are even (``even_shards=True``: every rank's i-th
+micro-batch has as many samples as every other rank's, which AdvancedTrainer checks once at fit
+start): the global count is ``W * n``. Otherwise (``even_shards=False``, or ``backward(loss,
+count=n)`` with item counts such as tokens, which differ by rank), the window's local count and
+loss sum are all-reduced as one device tensor just before its last backward; the grads accumulated
+so far are multiplied by ``n_ref * W / N`` and the last loss weighted by ``n_last * W / N`` (device
+tensors: no host read), so DDP's average gives ``(1/N) * sum n_i * grad(loss_i)``. A short window
+(``flush()``) scales each rank's grads the same way before averaging them by hand.
+
+Non-finite losses (``check_finite``): one process reads the window's loss before the optimizer
+steps. Under DDP a non-finite loss on any rank makes the averaged gradients non-finite on every
+rank, so each rank checks those (one fused norm, one host read) and all decide alike with no
+collective; with a GradScaler, its own inf check does that (the step is skipped as an overflow).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -43,8 +48,11 @@ class GradientAccumulator:
         optimizer: its optimizer.
         accumulation_steps: micro-batches per optimizer step (>= 1).
         max_grad_norm: clip the global gradient norm to this value once per step.
-        gradient_clip_value: clip every gradient element to ``[-value, value]``.
         scaler: a ``torch.amp.GradScaler`` for float16; ``None`` means no scaling.
+        gradient_clip_value: clip every gradient element to ``[-value, value]``.
+        even_shards: under DDP, promise that every rank's i-th micro-batch holds as many samples as
+            the others' (a ``DistributedSampler`` with the same ``batch_size`` everywhere): windows then
+            need no communication. ``False`` all-reduces each window's count (correct for any shards).
 
     Example:
         >>> acc = GradientAccumulator(model, optimizer, accumulation_steps=4, max_grad_norm=1.0)
@@ -64,6 +72,7 @@ class GradientAccumulator:
         max_grad_norm: float | None = None,
         scaler: torch.amp.GradScaler | None = None,
         gradient_clip_value: float | None = None,
+        even_shards: bool = False,
     ) -> None:
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
                 or accumulation_steps < 1:
@@ -86,25 +95,28 @@ class GradientAccumulator:
         self.is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)  # no_sync, all-reduces
         self._world = dist.get_world_size() if self.is_ddp else 1
         self._group = getattr(model, "process_group", None) if self.is_ddp else None
-        self._agreement: tuple[torch.Tensor, Any] | None = None   # (sums, async work) of this window
+        self.even_shards = even_shards
+        self._agreed: torch.Tensor | None = None   # weighted DDP window: [global count, global loss sum]
         self._n_ref = 0            # samples in the window's first micro-batch
         self._micro = 0            # micro-batches in the current window
-        self._window_n = 0         # local samples in the current window
+        self._window_n = 0         # local samples (or items) in the current window
+        self._samples = 0          # local samples in the current window
         self._window_loss: torch.Tensor | None = None
         self._counted = 0          # micro-batches of the current window given as (loss, count)
         self._unsynced = False     # last backward ran under no_sync
-        self.window_loss: torch.Tensor | None = None   # sum of loss_i * n_i / n_ref, last window
+        self.window_loss: torch.Tensor | None = None   # sum of loss_i * n_i / n_ref, last window, this rank
         self.window_ref = 0        # n_ref of the last window: window_loss * window_ref = sum loss_i * n_i
-        self.window_samples = 0    # global samples in the last window
+        self.window_local = 0      # this rank's samples (or items) in the last window
+        self.window_samples = 0    # this rank's samples x world size: exact for even shards (throughput)
+        self.window_items: int | torch.Tensor = 0      # all ranks' samples (items), exact; a device tensor
+        #                            on an accelerator when the window's counts were all-reduced
         self.window_micro_batches = 0
-        self.window_total: float | None = None   # counted windows under DDP: sum of loss_i * n_i, all ranks
+        self.window_total: float | torch.Tensor | None = None   # weighted DDP: sum of loss_i * n_i, all ranks
         self.grad_norm: torch.Tensor | None = None     # before clipping, last step
-        self.nonfinite = False     # the last window had a non-finite loss on some rank
+        self.nonfinite = False     # the last window's loss (one process) or averaged grads (DDP) were non-finite
         self.scaler_skipped = False
-        self.flags: list[float] = []
-        self._window_flags: tuple[float, ...] = ()   # given to the backward that ended the window
         self._grads_stale = False  # the last window's grads are still on the parameters
-        self.check_finite = True   # False: one process never reads the loss here (see torchkeel.nonfinite)
+        self.check_finite = True   # False: never read the loss or grads here (see torchkeel.nonfinite)
 
     @property
     def pending(self) -> bool:
@@ -137,126 +149,85 @@ class GradientAccumulator:
             self._unsynced = False
             yield
 
-    def backward(self, loss: torch.Tensor, num_samples: int | None = None, flags: Sequence[float] = (), *,
+    def backward(self, loss: torch.Tensor, num_samples: int | None = None, *,
                  count: int | torch.Tensor | None = None) -> None:
         """Backpropagate ``loss`` (the micro-batch mean) weighted by its share of the window.
 
         ``count``: ``loss`` is the mean over this many items (tokens...), which then weigh the
-        window instead of samples; every micro-batch of a window gives one, or none does. Under
-        DDP, pass it inside ``no_sync()`` as for samples.
-        ``flags``: under DDP, numbers to sum across ranks with the window's agreement when this
-        micro-batch ends the window (e.g. stop requested, signal received); ``self.flags`` after
-        ``step()`` holds the sums.
+        window instead of samples (``num_samples`` then only counts samples for throughput); every
+        micro-batch of a window gives one, or none does. Under DDP, pass it inside ``no_sync()``.
         """
+        n = 1 if num_samples is None else int(num_samples)
+        self._samples += n
         if count is not None:
-            self._backward_counted(loss, as_count(count, "GradientAccumulator.backward(count=...)"), flags)
+            self._counted += 1
+            self._backward_weighted(loss, as_count(count, "GradientAccumulator.backward(count=...)"))
+            return
+        if self.is_ddp and not self.even_shards:
+            self._backward_weighted(loss, n)
             return
         if self._grads_stale:
             self.zero_grad()
-        n = 1 if num_samples is None else int(num_samples)
         if self._micro == 0:
-            self._n_ref, self._agreement = n, None   # none left from an unfinished window
+            self._n_ref, self._agreed = n, None   # none left from an unfinished window
         scaled = loss if n == self._n_ref else loss * (n / self._n_ref)
         detached = scaled.detach()
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         self._window_n += n
         self._micro += 1
-        if self._micro >= self.accumulation_steps:
-            self._window_flags = tuple(flags)
-            if self.is_ddp:    # in flight during this backward; waited for in step()
-                t = self._agreement_tensor(self._window_loss, self._window_flags)
-                self._agreement = t, dist.all_reduce(t, group=self._group, async_op=True)
         (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()  # type: ignore[no-untyped-call]
 
-    def _backward_counted(self, loss: torch.Tensor, n: int, flags: Sequence[float]) -> None:
+    def _backward_weighted(self, loss: torch.Tensor, n: int) -> None:
         if self._grads_stale:
             self.zero_grad()
         if self._micro == 0:
-            self._n_ref, self._agreement, self._counted = n, None, 0
-        self._counted += 1
+            self._n_ref, self._agreed = n, None
         detached = loss.detach() * (n / self._n_ref)
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         self._window_n += n
         self._micro += 1
-        weight = n / self._n_ref
-        if self._micro >= self.accumulation_steps:
-            self._window_flags = tuple(flags)
-            if self.is_ddp:    # every rank's weight needs the global count before DDP averages
-                t = self._agreement_tensor(self._window_loss, self._window_flags)
-                dist.all_reduce(t, group=self._group)
-                self._agreement = t, None
-                n_global = float(t[0])
-                if self._micro > 1:
-                    self._scale_grads(self._n_ref * self._world / n_global)
-                weight = n * self._world / n_global
+        weight: float | torch.Tensor = n / self._n_ref
+        if self._micro >= self.accumulation_steps and self.is_ddp:
+            n_global = self._all_reduce_window(self._window_loss)
+            if self._micro > 1:
+                self._scale_grads(self._n_ref * self._world / n_global)
+            weight = (n * self._world / n_global).to(loss.dtype)
         scaled = loss * weight
         (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()  # type: ignore[no-untyped-call]
 
-    def step(self, flags: Sequence[float] = ()) -> bool:
+    def _all_reduce_window(self, window_loss: torch.Tensor) -> torch.Tensor:
+        """All-reduce [local count, local loss sum] as one device tensor; return the global count.
+
+        Filled on the device (``fill_`` and a device copy), so no host read or blocking copy on an
+        accelerator; float64 keeps counts exact (float32 where the device has no float64).
+        """
+        device = window_loss.device
+        t = torch.zeros(2, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+        t[0] = self._window_n
+        t[1] = window_loss.detach() * self._n_ref
+        dist.all_reduce(t, group=self._group)
+        self._agreed = t
+        return t[0]
+
+    def step(self) -> bool:
         """Step once the window is full; return True when the optimizer stepped."""
         if self._micro < self.accumulation_steps:
             return False
-        return self._finish(flags)
+        return self._finish()
 
-    def flush(self, flags: Sequence[float] = ()) -> bool:
+    def flush(self) -> bool:
         """Step a short last window, if any; return True when the optimizer stepped."""
         if self._micro == 0:
             return False
-        if self._counted and self.is_ddp:   # scale each rank's grads by its own n_ref before averaging
+        if self.is_ddp and (self._counted or not self.even_shards):   # each rank's own n_ref, before averaging
             assert self._window_loss is not None
-            self._window_flags = (*self._window_flags, *flags)
-            t = self._agreement_tensor(self._window_loss, self._window_flags)
-            dist.all_reduce(t, group=self._group)
-            self._agreement, flags = (t, None), ()
-            self._scale_grads(self._n_ref * self._world / float(t[0]))
+            n_global = self._all_reduce_window(self._window_loss)
+            self._scale_grads(self._n_ref * self._world / n_global)
         if self._unsynced:
             self._all_reduce_grads()
-        return self._finish(flags)
+        return self._finish()
 
-    def _agree(self, loss: torch.Tensor, flags: Sequence[float]) -> tuple[int, bool, list[float]]:
-        """The one host read per optimizer step: is the window's loss finite on every rank?
-
-        ``nan_policy`` must act before the optimizer steps, so this read cannot wait for a logging
-        step; it is one scalar (cheaper than an isfinite kernel plus a flag read).
-        """
-        flags = (*self._window_flags, *flags)   # given to backward(), then to step()/flush()
-        if not self.is_ddp:
-            return self._window_n, self.check_finite and not math.isfinite(loss.item()), list(flags)
-        if self._agreement is not None:   # issued with the window's last backward
-            (t, work), self._agreement = self._agreement, None
-            if work is not None:
-                work.wait()
-            if len(flags) > len(self._window_flags):   # flags given to step() too: one more all-reduce
-                extra = torch.tensor(flags[len(self._window_flags):], dtype=t.dtype, device=t.device)
-                dist.all_reduce(extra, group=self._group)
-                t = torch.cat([t, extra])
-        else:                             # a short window, ended by flush()
-            t = self._agreement_tensor(loss, flags)
-            dist.all_reduce(t, group=self._group)
-        n, nonfinite, refs, *agreed = t.tolist()
-        if self._counted:                 # slot 2 carries the window's sum of loss_i * n_i instead
-            self.window_total = refs
-        elif refs != self._n_ref * self._world:
-            raise ValueError(
-                f"GradientAccumulator: ranks started this window with micro-batches of different sizes "
-                f"(this rank {self._n_ref}, mean {refs / self._world:g}); use a DistributedSampler so that "
-                "shards are even."
-            )
-        return int(n), nonfinite > 0, agreed
-
-    def _agreement_tensor(self, loss: torch.Tensor, flags: Sequence[float]) -> torch.Tensor:
-        """[local samples, loss non-finite, n_ref, *flags]: summed across ranks, all exact in float32.
-
-        Counted windows carry the local sum of ``loss_i * n_i`` in place of ``n_ref`` (which may
-        differ by rank there), so ``window_total`` is the global sum, from the same all-reduce.
-        """
-        t = torch.tensor([self._window_n, 0.0, self._n_ref, *flags], dtype=torch.float32, device=loss.device)
-        t[1] = ~torch.isfinite(loss)
-        if self._counted:
-            t[2] = loss.detach().float() * self._n_ref
-        return t
-
-    def _finish(self, flags: Sequence[float]) -> bool:
+    def _finish(self) -> bool:
         if self._window_loss is None:
             raise RuntimeError("GradientAccumulator.step() before any backward() in this window.")
         if 0 < self._counted < self._micro:
@@ -265,39 +236,60 @@ class GradientAccumulator:
                 "GradientAccumulator.backward(): a window mixed micro-batches with count=... and without; "
                 "give every backward of a fit its count, or none."
             )
-        self.window_total = None
-        n_global, self.nonfinite, self.flags = self._agree(self._window_loss, flags)
-        self.window_loss, self.window_samples, self.window_ref = self._window_loss, n_global, self._n_ref
+        weighted = self._agreed is not None       # counts all-reduced: the grads are weighted already
+        self.window_loss, self.window_ref, self.window_local = self._window_loss, self._n_ref, self._window_n
         self.window_micro_batches = self._micro
-        counted_ddp = self._counted and self.is_ddp
+        if weighted:
+            t, self._agreed = self._agreed, None
+            assert t is not None
+            on_cpu = t.device.type == "cpu"       # a host read there is a memory load
+            self.window_items = int(t[0]) if on_cpu else t[0]
+            self.window_total = float(t[1]) if on_cpu else t[1]
+        else:
+            self.window_items, self.window_total = self._window_n * self._world, None
+        self.window_samples = self._samples * self._world
         self._reset_window()
         self.scaler_skipped = False
+        self.nonfinite = self.check_finite and self._nonfinite_now()
         if self.nonfinite:
             self._zero_grad()      # non-finite: nothing worth reading
             return False
         self.scaler.unscale_(self.optimizer)
-        factor = 1.0 if counted_ddp else self._world * self._n_ref / n_global   # counted DDP: weighted already
-        if factor != 1.0:
-            self._scale_grads(factor)
+        if not weighted and self.window_local != self.window_ref:   # n_ref / n: 1 for one equal micro-batch
+            self._scale_grads(self.window_ref / self.window_local)
         if self.max_grad_norm is not None:
             self.grad_norm = nn.utils.clip_grad_norm_(self._params, self.max_grad_norm, foreach=True)
         if self.gradient_clip_value is not None:
             nn.utils.clip_grad_value_(self._params, self.gradient_clip_value, foreach=True)
-        if self.scaler.is_enabled():
-            scale = self.scaler.get_scale()
+        if self.scaler.is_enabled():   # skipped: update() lowered the scale (one host read, not two)
+            before = self.scaler._scale.clone() if self.scaler._scale is not None else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.scaler_skipped = self.scaler.get_scale() < scale
+            after = self.scaler._scale
+            self.scaler_skipped = before is not None and after is not None and bool(after < before)
         else:
             self.optimizer.step()
         self._grads_stale = True   # freed by zero_grad() or the next backward, as a hand-written loop does
         return not self.scaler_skipped
 
-    def _reset_window(self) -> None:
-        self._micro, self._window_n, self._window_loss, self._window_flags, self._counted = 0, 0, None, (), 0
+    def _nonfinite_now(self) -> bool:
+        """One process: the window's loss (one scalar read). DDP: the averaged grads, alike on every rank."""
+        if not self.is_ddp:
+            assert self.window_loss is not None
+            return not math.isfinite(self.window_loss.item())
+        if self.scaler.is_enabled():      # unscale_ finds the infs/NaNs and the scaler skips the step
+            return False
+        grads = [p.grad for p in self._params if p.grad is not None]
+        return bool(grads) and not bool(torch.stack(torch._foreach_norm(grads)).sum().isfinite())
 
-    def _scale_grads(self, factor: float) -> None:
-        torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], factor)
+    def _reset_window(self) -> None:
+        self._micro, self._window_n, self._samples, self._window_loss, self._counted = 0, 0, 0, None, 0
+
+    def _scale_grads(self, factor: float | torch.Tensor) -> None:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if isinstance(factor, torch.Tensor) and grads:
+            factor = factor.to(grads[0].dtype)
+        torch._foreach_mul_(grads, factor)
 
     def zero_grad(self) -> None:
         """Free the last window's gradients now; otherwise the next ``backward`` does.

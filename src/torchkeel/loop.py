@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import batching, dataorder, extent, logged, resume, runs, signals, steps
+from torchkeel import batching, dataorder, extent, logged, resume, runs, signals, steps, sync
 from torchkeel.accumulate import GradientAccumulator, as_count
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.distributed import unwrap_model
@@ -53,6 +53,9 @@ class AdvancedTrainer:
         nan_policy: on a non-finite loss, ``'raise'``, ``'skip'`` the step, or ``'stop'`` training.
         progress: show a progress bar (rank 0, terminal) or one line per epoch (otherwise).
         log_every_n_steps: how often callbacks that log read the loss to the host.
+        sync_every_n_steps: under DDP, how often (in optimizer steps) the ranks agree on stop
+            requests, signals and non-finite losses; default ``log_every_n_steps``. A SIGTERM or a
+            stop on one rank takes effect on every rank within this many steps (see ``torchkeel.sync``).
         log_dir: write each fit to ``<log_dir>/<run_name>/version_N/`` (see ``torchkeel.runs``).
         run_name: the experiment's folder name under ``log_dir``.
         signal_grace_seconds: after SIGTERM or Ctrl-C, exit with a clear message if the save has
@@ -100,6 +103,7 @@ class AdvancedTrainer:
         signal_grace_seconds: float | None = 10.0,
         max_consecutive_skipped_steps: int | None = 25,
         replay_data: bool = True,
+        sync_every_n_steps: int | None = None,
     ) -> None:
         model, device = batching.resolve_model(model, device)
         skips = extent.check_trainer(model, optimizer, gradient_accumulation_steps, scheduler_interval,
@@ -117,6 +121,7 @@ class AdvancedTrainer:
         self.nan_policy = nan_policy
         self.progress = progress
         self.log_every_n_steps = log_every_n_steps
+        self.sync_every_n_steps = sync.check_cadence(sync_every_n_steps, log_every_n_steps)
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.is_global_zero = self.rank == 0
@@ -125,7 +130,7 @@ class AdvancedTrainer:
         self.accum = GradientAccumulator(
             model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value
         )
-        self._nonfinite = NonFiniteGuard(nan_policy, eager=device.type == "cpu" or self.world_size > 1)
+        self._nonfinite = NonFiniteGuard(nan_policy, eager=device.type == "cpu", ranks=self.world_size)
         self.accum.check_finite = self._nonfinite.eager
         self.early_stopping = early_stopping
         self.checkpoint = checkpoint
@@ -170,10 +175,10 @@ class AdvancedTrainer:
         self._move = device.type != "cpu"
         self._bare = self.amp_dtype is None and not self.accum.is_ddp
         self._counted = False         # this fit's training_step returns (loss, count)
-        self._window_batch_samples = 0   # counted: samples (not items) in the open window
         self._windows_at_fit = 0      # optimizer windows (stepped or skipped) before this fit
         self._signal = signals.SignalFlag(grace_seconds=signal_grace_seconds)
         self._preempt = False        # every rank agreed that a signal arrived: save and exit
+        self._stop_shared = False    # should_stop is a decision every rank shares (agreed or derived alike)
         self.keep_step_rng = False   # set by ModelCheckpoint(save_on_exception=True)
         self.step_rng: dict[str, Any] | None = None   # RNG states at the last optimizer step
         self.logged = logged.LoggedValues(device, reserved={f"val_{k}" for k in self.metrics})  # trainer.log's
@@ -206,6 +211,8 @@ class AdvancedTrainer:
         state = self.state
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
         extent.continue_run(self, resumed, train_loader)
+        self.accum.even_shards = sync.even_shards(self, train_loader)
+        self._stop_shared = self._preempt = False
         callbacks = self.callbacks + runs.open_folder(self, resumed)
         hooks = self._hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
         try:
@@ -269,14 +276,14 @@ class AdvancedTrainer:
                 loss = self.training_step(batch)
         self.state.batch += 1
         if isinstance(loss, tuple) or self._counted:
-            self._backward_counted(loss, batch)
+            self._backward_counted(loss, n)
         else:
-            self.accum.backward(loss, n, self._local_flags())
+            self.accum.backward(loss, n)
         if not self.accum.window_full:
             return False
         return self._after_window(self.accum.step())
 
-    def _backward_counted(self, out: Any, batch: Any) -> None:
+    def _backward_counted(self, out: Any, n: int) -> None:
         """``training_step`` returned ``(loss, count)``: the window weighs micro-batches by items."""
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(f"training_step returned {batching.shape(out)} at {steps.where(self)} after returning "
@@ -287,17 +294,11 @@ class AdvancedTrainer:
                                 "plain loss earlier in this fit; return (loss, count) on every batch, or never.")
             self._counted = True
         loss, count = out
-        self._window_batch_samples += batching.batch_size(batch) * self.world_size   # ranks have even shards
-        self.accum.backward(loss, flags=self._local_flags(),
-                            count=as_count(count, f"training_step's (loss, count) at {steps.where(self)}"))
+        self.accum.backward(loss, n, count=as_count(count, f"training_step's (loss, count) at {steps.where(self)}"))
 
     def _finish_window(self) -> bool:
         """Step a short last window at the end of an epoch."""
-        return self._after_window(self.accum.flush(self._local_flags())) if self.accum.pending else False
-
-    def _local_flags(self) -> tuple[float, ...]:
-        """What the ranks agree on with each step's all-reduce; one process needs no agreement."""
-        return (float(self.state.should_stop), float(self._signal.received)) if self.world_size > 1 else ()
+        return self._after_window(self.accum.flush()) if self.accum.pending else False
 
     def _after_window(self, stepped: bool) -> bool:
         accum, state = self.accum, self.state
@@ -308,26 +309,24 @@ class AdvancedTrainer:
         assert loss is not None  # _after_window follows a finished window
         if self.world_size == 1:            # one process: its own signal flag decides
             self._preempt = self._signal.received
-        else:
-            if accum.flags[0] > 0:
-                self._request_stop(state.stop_reason or "a stop was requested on another rank")
-            if accum.flags[1] > 0:
-                self._preempt = True     # saved after this step's hooks, at the step boundary
+        elif self._signal.received:         # the ranks agree at the next sync; a rank still stepping is not stuck
+            self._signal.beat()
         if self._nonfinite.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
             return self._skipped("the loss was non-finite on every one (nan_policy='skip'): check the data "
                                  "(inf/NaN inputs or labels) and the learning rate")
         if state.epoch_loss is None:
             state.epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         state.epoch_loss.add_(loss, alpha=accum.window_ref)
-        state.epoch_items += accum.window_samples
-        state.epoch_samples += accum.window_samples if not self._counted else self._window_batch_samples
-        self._window_batch_samples = 0
+        state.epoch_items = state.epoch_items + accum.window_items   # a device tensor stays one: no host read
+        state.epoch_samples += accum.window_samples
         if not stepped:
             state.skipped_steps += 1
             return self._skipped(f"GradScaler overflowed on every one (loss scale now {self.scaler.get_scale():.3g}): "
                                  "check the loss scale, the data and the learning rate, or use bfloat16")
         state.step += 1
         state.consecutive_skipped_steps = 0
+        if self.world_size > 1 and state.step % self.sync_every_n_steps == 0:
+            sync.agree(self)                # stop, signal, non-finite: acted on after this step's hooks
         return True
 
     def _skipped(self, why: str) -> bool:
@@ -339,7 +338,7 @@ class AdvancedTrainer:
             log.warning("AdvancedTrainer: %d optimizer steps in a row were skipped (max_consecutive_skipped_steps=%d); "
                         "%s. Training stops; pass max_consecutive_skipped_steps=None to keep going.",
                         n, self.max_consecutive_skipped_steps, why)
-            self._request_stop(f"{n} consecutive skipped steps: {why}")
+            self._request_stop(f"{n} consecutive skipped steps: {why}", shared=True)   # ranks skip alike
         return False
 
     def training_step(self, batch: Any) -> torch.Tensor:
@@ -385,18 +384,27 @@ class AdvancedTrainer:
 
     @property
     def loss(self) -> float:
-        """Mean loss of the last optimizer window (reads the device; call only when logging)."""
-        self.check_finite()
+        """Mean loss of the last optimizer window (reads the device; call only when logging).
+
+        Under DDP: this rank's, or all ranks' where the window's counts were all-reduced anyway
+        (counts from ``training_step``, shards not provably even).
+        """
+        if self.world_size == 1:
+            self._nonfinite.check(self)
         accum = self.accum
         if accum.window_loss is None:
             return math.nan
-        if accum.window_total is not None:      # counted under DDP: the global sum of loss_i * n_i
-            return accum.window_total / accum.window_samples
-        return float(accum.window_loss) * accum.window_ref * self.world_size / accum.window_samples
+        if accum.window_total is not None:      # counts all-reduced: the global sum of loss_i * n_i
+            return float(accum.window_total) / float(accum.window_items)
+        return float(accum.window_loss) * accum.window_ref / accum.window_local
 
     def check_finite(self) -> None:
-        """Apply ``nan_policy`` to window losses not yet checked; a no-op where every step is checked."""
-        self._nonfinite.check(self)
+        """Apply ``nan_policy`` to window losses not yet checked; a no-op where every step is checked.
+
+        Under DDP this is the ranks' agreement (``torchkeel.sync.agree``): call it on every rank at
+        the same point, as ModelCheckpoint does before it saves.
+        """
+        sync.agree(self)
 
     @property
     def lr(self) -> float:
@@ -440,25 +448,21 @@ class AdvancedTrainer:
             state.metrics["epoch_time"], state.epoch_finished = seconds, finished and not state.should_stop
         self._boundary = extent.next_boundary(self)
 
-    def _request_stop(self, reason: str) -> None:
+    def _request_stop(self, reason: str, shared: bool = False) -> None:
+        """``shared``: every rank requests it at this point (agreed, or derived from the same numbers)."""
         self.state.should_stop = True
         self.state.stop_reason = self.state.stop_reason or reason
+        self._stop_shared = self._stop_shared or shared
 
     def _stop_agreed(self, sync: bool = False) -> bool:
         """Stop only on a decision every rank shares.
 
-        Between micro-batches (``sync=False``) the flags of the last step's all-reduce decide; at an
-        epoch's end (``sync=True``) one more all-reduce agrees on stop requests and signals.
+        Between micro-batches (``sync=False``) a stop every rank shares decides (agreed at the last
+        sync, or derived alike); at an epoch's end (``sync=True``) one more all-reduce agrees.
         """
         if not sync:
-            return self.state.should_stop and (self.world_size == 1 or self._agreed_stop)
+            return self.state.should_stop and (self.world_size == 1 or self._stop_shared)
         return extent.agree_stop(self)
-
-    @property
-    def _agreed_stop(self) -> bool:
-        return bool(self.accum.flags and (self.accum.flags[0] > 0 or self.accum.flags[1] > 0)) \
-            or (self.accum.nonfinite and self.nan_policy == "stop") \
-            or self._too_many_skips     # the ranks skip the same steps: an agreed decision
 
     @property
     def _too_many_skips(self) -> bool:

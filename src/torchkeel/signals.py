@@ -1,9 +1,11 @@
 """Signals: SIGTERM and the first Ctrl-C set a flag; the loop saves at the next optimizer step and exits.
 
 A second Ctrl-C aborts at once (``KeyboardInterrupt``). After the first signal a grace timer runs:
-if the save has not started within ``grace_seconds`` (a rank stuck in a collective, a step that never
-ends), the process writes why to stderr and exits with the signal's code, saving nothing; the
-checkpoints already on disk are complete (io's commit protocol) and the newest one resumes.
+if the save has not started and no optimizer step has ended for ``grace_seconds`` (a rank stuck in a
+collective, a step that never ends), the process writes why to stderr and exits with the signal's
+code, saving nothing; the checkpoints already on disk are complete (io's commit protocol) and the
+newest one resumes. Under DDP the ranks act on a signal at their next agreement (within
+``sync_every_n_steps`` steps, see ``torchkeel.sync``); a rank that keeps stepping until then is not stuck.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -54,8 +57,8 @@ class SignalFlag:
 
     Args:
         signals: the signals to catch while ``installed()``; SIGINT is left alone when it is ignored.
-        grace_seconds: exit (code 128 + signal) when the save has not started this long after the
-            first signal; ``None`` waits without limit.
+        grace_seconds: exit (code 128 + signal) when, this long after the first signal (or after the
+            last ``beat()``), the save has not started; ``None`` waits without limit.
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
@@ -71,6 +74,7 @@ class SignalFlag:
         self.signum = 0
         self._pid = 0                          # the process that installed the handlers
         self._gate: _thread.LockType | None = None   # held while the grace timer runs; released to cancel
+        self._beat = 0.0                       # time.monotonic() of the last sign of progress after the signal
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:           # a forked DataLoader worker: the main process decides
@@ -81,6 +85,7 @@ class SignalFlag:
                 raise KeyboardInterrupt
             return
         self.received, self.signum, self.name = True, signum, signal.Signals(signum).name
+        self._beat = time.monotonic()
         if self.grace_seconds is not None:
             self._start_timer(self.grace_seconds)
 
@@ -92,13 +97,22 @@ class SignalFlag:
         self._gate = gate
         _thread.start_new_thread(self._wait, (gate, seconds, self.signum))
 
+    def beat(self) -> None:
+        """Training still progresses (an optimizer step ended): the grace period starts again."""
+        self._beat = time.monotonic()
+
     def _wait(self, gate: _thread.LockType, seconds: float, signum: int) -> None:
-        if gate.acquire(timeout=seconds):      # released: the save began or fit ended
+        wait = seconds
+        while not gate.acquire(timeout=wait):  # released: the save began or fit ended
+            wait = self._beat + seconds - time.monotonic()
+            if wait <= 0:
+                break
+        else:
             return
         name = signal.Signals(signum).name
-        message = (f"torchkeel: {name} received {seconds:g}s ago and the checkpoint save has not started (a rank "
-                   f"blocked in a collective, or a step that does not end); exiting with code {exit_code(signum)} "
-                   f"without saving (signal_grace_seconds={seconds:g}). The checkpoints already written are "
+        message = (f"torchkeel: {name} received and the checkpoint save has not started; no optimizer step ended for "
+                   f"{seconds:g}s (a rank blocked in a collective, or a step that does not end); exiting with code "
+                   f"{exit_code(signum)} without saving (signal_grace_seconds={seconds:g}). The checkpoints already written are "
                    "complete: resume from the newest with fit(..., resume_from='auto').\n")
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):   # nothing may stop the exit

@@ -28,7 +28,7 @@ class State:
     stopped_by_budget: bool = False   # the stop came from epochs/max_steps: a larger budget continues
     batch_at_step: int = 0         # batches of this epoch consumed by completed optimizer windows
     epoch_samples: int = 0         # samples in those windows (throughput)
-    epoch_items: float = 0         # what train_loss averages over: samples, or training_step's counts
+    epoch_items: float | torch.Tensor = 0   # what train_loss averages over (all ranks): samples, or counts
     last_val_step: int = -1        # optimizer step of the last validation (-1: none yet)
     epoch_loss: torch.Tensor | None = None      # this rank's sum of loss x items in the epoch
     epoch_data: dict[str, Any] | None = None    # what ordered this epoch's batches (this rank)

@@ -209,4 +209,4 @@ def epoch_loss(trainer: AdvancedTrainer) -> float:
     total = state.epoch_loss.clone()      # sum of loss_i * n_i on this rank
     if trainer.world_size > 1:
         dist.all_reduce(total)
-    return float(total) / state.epoch_items             # global samples of the epoch
+    return float(total) / float(state.epoch_items)      # global samples (items) of the epoch

@@ -7,6 +7,7 @@ fit returns.
   --send-rank R --send TERM|INT --send-step S   rank R sends itself the signal after optimizer step S
   --block-rank B        rank B then sleeps in its next micro-batch (--block-seconds), as if stuck
   --grace G             AdvancedTrainer(signal_grace_seconds=G)
+  --every N             ModelCheckpoint(every_n_steps=N) (default 1; each save is also the ranks' agreement)
 (Not --signal...: torchrun takes any unambiguous prefix of its own --signals-to-handle.)
 Before sending, the rank writes the wall-clock time to <out>/signalled.
 """
@@ -67,6 +68,7 @@ def main() -> None:
     p.add_argument("--block-rank", type=int)
     p.add_argument("--block-seconds", type=float, default=60.0)
     p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--every", type=int, default=1, help="ModelCheckpoint(every_n_steps=...)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["SIG_OUT"] = str(args.out)
@@ -84,7 +86,7 @@ def main() -> None:
     if args.send_rank is not None:
         callbacks.append(SignalSelf(args.out, args.send_rank, getattr(signal, f"SIG{args.send}"),
                                     args.send_step))
-    ckpt = ModelCheckpoint(save_dir=args.ckpt, monitor=None, save_top_k=-1, every_n_steps=1)
+    ckpt = ModelCheckpoint(save_dir=args.ckpt, monitor=None, save_top_k=-1, every_n_steps=args.every)
     Blocking.block_rank, Blocking.after_step, Blocking.block_seconds = \
         args.block_rank, args.send_step, args.block_seconds
     trainer = Blocking(model=dt, optimizer=optimizer, criterion=nn.MSELoss(), scheduler=scheduler,

@@ -45,12 +45,12 @@ class Slow(Callback):
 
 
 class CountCollectives(Callback):
-    """The all-reduces issued from Python between two optimizer steps of full windows in one epoch,
-    in order, as (number of elements, async_op)."""
+    """The all-reduces issued from Python up to each optimizer step of a full window since the
+    previous step in the same epoch, in order: (step, [(number of elements, async_op), ...])."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, bool]] = []
-        self.per_step: list[list[tuple[int, bool]]] = []
+        self.per_step: list[tuple[int, list[tuple[int, bool]]]] = []
         self._last: tuple[int, int] | None = None
         real = torch.distributed.all_reduce
 
@@ -64,7 +64,7 @@ class CountCollectives(Callback):
         here = (trainer.state.epoch, len(self.calls))
         full = trainer.accum.window_micro_batches == trainer.accum.accumulation_steps
         if self._last is not None and self._last[0] == here[0] and full:
-            self.per_step.append(self.calls[self._last[1]:here[1]])
+            self.per_step.append((trainer.state.step, self.calls[self._last[1]:here[1]]))
         self._last = here
 
 
@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--nan-rank", type=int)
     p.add_argument("--nan-step", type=int, default=2)
     p.add_argument("--nan-policy", default="skip")
+    p.add_argument("--inf-value-only", action="store_true",
+                   help="the injected bad loss is inf in value only (a detached inf added): its gradients stay finite")
     p.add_argument("--stop-rank", type=int)
     p.add_argument("--stop-epoch", type=int, default=1)
     p.add_argument("--ckpt", type=Path)
@@ -113,6 +115,10 @@ def main() -> None:
     p.add_argument("--count-collectives", action="store_true")
     p.add_argument("--bucket-view", action="store_true", help="DDP(gradient_as_bucket_view=True)")
     p.add_argument("--own-comm-hook", action="store_true", help="the model has the user's DDP comm hook")
+    p.add_argument("--sync-every", type=int, help="AdvancedTrainer(sync_every_n_steps=...)")
+    p.add_argument("--grace", type=float, default=10.0, help="AdvancedTrainer(signal_grace_seconds=...)")
+    p.add_argument("--uneven", action="store_true",
+                   help="a list of batches, no sampler: rank 0 holds 5 of each 16 samples, rank 1 the other 11")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -134,6 +140,10 @@ def main() -> None:
     else:
         sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
         loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler)
+    if args.uneven:   # one process: the 16 samples; two: rank 0 the first 5, rank 1 the other 11
+        cut = [(0, 16)] if dt.world_size == 1 else [(0, 5), (5, 16)]
+        lo, hi = cut[dt.rank]
+        loader = [(x[i + lo:i + hi], y[i + lo:i + hi]) for i in range(0, args.samples - 15, 16)]
     val = DataLoader(dataset, batch_size=16)
 
     ce = nn.CrossEntropyLoss()
@@ -147,7 +157,7 @@ def main() -> None:
         loss = ce(out, target)
         if trainer.rank == args.nan_rank and trainer.state.step == args.nan_step and not injected:
             injected.append(trainer.state.batch)
-            return loss * float("nan")
+            return loss + torch.tensor(float("inf")) if args.inf_value_only else loss * float("nan")
         return loss
 
     callbacks: list[Callback] = []
@@ -169,6 +179,7 @@ def main() -> None:
         model=dt, optimizer=optimizer, criterion=criterion, scheduler=scheduler, scheduler_interval="step",
         gradient_accumulation_steps=args.accum, nan_policy=args.nan_policy, callbacks=callbacks,
         checkpoint=ckpt, early_stopping=EarlyStopping(patience=50), progress=False,
+        sync_every_n_steps=args.sync_every, signal_grace_seconds=args.grace,
     )
     try:
         history = trainer.fit(train_loader=loader, val_loader=val, epochs=args.epochs, resume_from=args.resume)

@@ -1,0 +1,97 @@
+"""Decisions every rank shares, with no collective of its own in a step (DESIGN.md).
+
+- Window counts: when every rank's i-th batch provably holds as many samples as every other
+  rank's (``even_shards``, checked once at fit start), the global count is ``world x local`` and a
+  step communicates nothing beyond DDP's gradients; otherwise ``GradientAccumulator`` all-reduces
+  each window's count as a device tensor.
+- Stop requests, signals and non-finite losses (``nan_policy`` ``'raise'``/``'stop'``) are agreed by
+  ``agree()``: one small all-reduce every ``sync_every_n_steps`` optimizer steps (the same steps on
+  every rank), at validation points, at an epoch's end and before a checkpoint. A SIGTERM or a stop
+  on one rank therefore takes effect on all ranks within ``sync_every_n_steps`` steps.
+- ``nan_policy='skip'`` needs none: every rank checks the averaged gradients, which are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+
+if TYPE_CHECKING:
+    from torchkeel.loop import AdvancedTrainer
+
+log = logging.getLogger("torchkeel")
+
+
+def agree(trainer: AdvancedTrainer) -> None:
+    """Every rank, at the same point: act together on stops, signals and non-finite losses seen anywhere.
+
+    One process acts on its own findings with no communication. Raises ``FloatingPointError`` on
+    every rank at once for a non-finite loss under ``nan_policy='raise'``.
+    """
+    guard, state = trainer._nonfinite, trainer.state
+    if trainer.world_size == 1:
+        guard.check(trainer)
+        trainer._preempt = trainer._signal.received
+        return
+    bad = guard.scan()
+    t = torch.tensor([float(state.should_stop), float(trainer._signal.received), float(bad)], device=trainer.device)
+    dist.all_reduce(t)
+    stop, signal, anywhere = t.tolist()
+    if anywhere:
+        found: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(found, guard.found)         # rare: name the earliest bad window on every rank
+        first = min((w for w in found if w is not None), key=lambda w: w[3])
+        guard.check(trainer, agreed=first, sync_note=(
+            f"under DDP the ranks agree on non-finite losses every sync_every_n_steps={trainer.sync_every_n_steps} "
+            "steps"))
+    if signal:
+        trainer._preempt = True
+    if stop:
+        trainer._request_stop(state.stop_reason or "a stop was requested on another rank", shared=True)
+
+
+def check_cadence(every: object, default: int) -> int:
+    """``sync_every_n_steps``: an int >= 1, or ``None`` for ``default`` (``log_every_n_steps``)."""
+    if every is None:
+        return default
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"AdvancedTrainer(sync_every_n_steps={every!r}): pass an int >= 1 (optimizer steps between "
+                         "the ranks' agreements on stops, signals and non-finite losses), or None for "
+                         "log_every_n_steps.")
+    return every
+
+
+def even_shards(trainer: AdvancedTrainer, loader: Iterable[Any]) -> bool:
+    """True when every rank's i-th batch of ``loader`` has as many samples as every other rank's.
+
+    Holds for a DataLoader with a standard ``BatchSampler`` whose sampler has the same length on
+    every rank (a ``DistributedSampler`` pads or drops to that) and the same ``batch_size`` and
+    ``drop_last``. One all-reduce, once per fit; any other loader is treated as uneven (correct, one
+    small all-reduce per window).
+    """
+    if trainer.world_size == 1:
+        return True
+    mine = _signature(loader)
+    t = torch.tensor([*mine, *(-v for v in mine)], dtype=torch.int64, device=trainer.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    high, low = t[:3].tolist(), [-v for v in t[3:].tolist()]
+    even = high == low and min(low) >= 0
+    log.info("AdvancedTrainer: shards are %s.", "even: the window counts need no communication" if even else
+             "not provably even (or not a DataLoader with a BatchSampler): each window's count is all-reduced")
+    return even
+
+
+def _signature(loader: Iterable[Any]) -> tuple[int, int, int]:
+    """(samples per epoch on this rank, batch size, drop_last), or -1s when they cannot be known."""
+    unknown = (-1, -1, -1)
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return unknown
+    batches = loader.batch_sampler
+    if type(batches) is not BatchSampler or not hasattr(batches.sampler, "__len__"):
+        return unknown
+    return len(batches.sampler), int(batches.batch_size), int(batches.drop_last)   # type: ignore[arg-type]
