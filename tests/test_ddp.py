@@ -102,6 +102,10 @@ def test_uneven_shards_all_reduce_the_window_count_and_equal_one_process(tmp_pat
     assert all(calls == [(2, False)] for _, calls in ddp0["collectives_per_step"]), ddp0["collectives_per_step"]
     h0, h = json.loads(ddp0["history"]), json.loads(one["history"])
     assert h0["train_loss"] == pytest.approx(h["train_loss"], rel=1e-5)
+    refused = torchrun(tmp_path / "more", "--uneven", "--extra-batch-rank", "1")   # a collective would hang
+    assert refused.returncode != 0
+    assert refused.stderr.count("ranks have between 4 and 5 batches per epoch; DDP would hang") == 2, \
+        refused.stderr[-4000:]
 
 
 def test_token_counts_that_differ_by_rank_equal_one_process_on_the_union(tmp_path: Path) -> None:

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from torchkeel import batching, dataorder, logged, signals, steps
+from torchkeel import batching, dataorder, logged, signals, steps, sync
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -43,8 +42,7 @@ def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iter
     n = batching.num_batches(train_loader)
     trainer.num_batches = n if trainer._limit_train is None or n is None else min(n, trainer._limit_train)
     trainer.batch_size = getattr(train_loader, "batch_size", None)
-    if trainer.world_size > 1:
-        check_even(trainer, train_loader, "train_loader")
+    trainer.accum.even_shards = sync.even_shards(trainer, train_loader)   # refuses uneven batch counts
     dataorder.before_first_batch(trainer, functools.partial(resumed_validation, val_loader=val_loader))
 
 
@@ -159,34 +157,13 @@ def limit_of(name: str, value: Any, loader: Iterable[Any] | None) -> int | None:
     return max(1, int(n * value))
 
 
-def check_even(trainer: AdvancedTrainer, loader: Iterable[Any], name: str) -> None:
-    """Every rank must run the same number of batches, or a collective would wait forever."""
-    n = batching.num_batches(loader)
-    if n is None:
-        return
-    t = torch.tensor([n, -n], dtype=torch.int64, device=trainer.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    most, least = int(t[0]), -int(t[1])
-    if most != least:
-        raise ValueError(
-            f"fit({name}=...): ranks have between {least} and {most} batches per epoch; DDP would hang. "
-            "Use a DistributedSampler (DistributedTrainer.create_dataloader pads shards evenly) or drop_last."
-        )
-
-
 def epochs_range(start: int, epochs: int | None) -> Iterator[int]:
     return iter(range(start, epochs)) if epochs is not None else itertools.count(start)
 
 
 def agree_stop(trainer: AdvancedTrainer) -> bool:
-    """At a validation point or an epoch's end: one all-reduce agrees on stop requests and signals."""
-    flags = [float(trainer.state.should_stop), float(trainer._signal.received)]
-    if trainer.world_size > 1:
-        t = torch.tensor(flags, device=trainer.device)
-        dist.all_reduce(t)
-        flags = t.tolist()
-    if flags[1] > 0:
+    """At a validation point or an epoch's end: the ranks agree (``sync.agree``); save and exit on a signal."""
+    sync.agree(trainer)
+    if trainer._preempt:
         signals.on_signal(trainer)
-    if flags[0] > 0:
-        trainer._request_stop("a stop was requested on another rank")
     return trainer.state.should_stop

@@ -211,7 +211,6 @@ class AdvancedTrainer:
         state = self.state
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
         extent.continue_run(self, resumed, train_loader)
-        self.accum.even_shards = sync.even_shards(self, train_loader)
         self._stop_shared = self._preempt = False
         callbacks = self.callbacks + runs.open_folder(self, resumed)
         hooks = self._hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
+from torchkeel import batching
+
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
@@ -66,20 +68,28 @@ def check_cadence(every: object, default: int) -> int:
     return every
 
 
-def even_shards(trainer: AdvancedTrainer, loader: Iterable[Any]) -> bool:
+def even_shards(trainer: AdvancedTrainer, loader: Iterable[Any], name: str = "train_loader") -> bool:
     """True when every rank's i-th batch of ``loader`` has as many samples as every other rank's.
 
     Holds for a DataLoader with a standard ``BatchSampler`` whose sampler has the same length on
     every rank (a ``DistributedSampler`` pads or drops to that) and the same ``batch_size`` and
-    ``drop_last``. One all-reduce, once per fit; any other loader is treated as uneven (correct, one
-    small all-reduce per window).
+    ``drop_last``; any other loader is treated as uneven (correct, one small all-reduce per window).
+    Ranks with different numbers of batches are refused (a collective would wait forever). One
+    all-reduce, once per fit.
     """
     if trainer.world_size == 1:
         return True
-    mine = _signature(loader)
+    n = batching.num_batches(loader)
+    mine = (n if n is not None else -1, *_signature(loader))
     t = torch.tensor([*mine, *(-v for v in mine)], dtype=torch.int64, device=trainer.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    high, low = t[:3].tolist(), [-v for v in t[3:].tolist()]
+    high, low = t[:4].tolist(), [-v for v in t[4:].tolist()]
+    if low[0] >= 0 and high[0] != low[0]:
+        raise ValueError(
+            f"fit({name}=...): ranks have between {low[0]} and {high[0]} batches per epoch; DDP would hang. "
+            "Use a DistributedSampler (DistributedTrainer.create_dataloader pads shards evenly) or drop_last."
+        )
+    high, low = high[1:], low[1:]
     even = high == low and min(low) >= 0
     log.info("AdvancedTrainer: shards are %s.", "even: the window counts need no communication" if even else
              "not provably even (or not a DataLoader with a BatchSampler): each window's count is all-reduced")

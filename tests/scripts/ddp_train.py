@@ -117,6 +117,7 @@ def main() -> None:
     p.add_argument("--own-comm-hook", action="store_true", help="the model has the user's DDP comm hook")
     p.add_argument("--sync-every", type=int, help="AdvancedTrainer(sync_every_n_steps=...)")
     p.add_argument("--grace", type=float, default=10.0, help="AdvancedTrainer(signal_grace_seconds=...)")
+    p.add_argument("--extra-batch-rank", type=int, help="with --uneven: this rank gets one batch more")
     p.add_argument("--uneven", action="store_true",
                    help="a list of batches, no sampler: rank 0 holds 5 of each 16 samples, rank 1 the other 11")
     args = p.parse_args()
@@ -144,6 +145,8 @@ def main() -> None:
         cut = [(0, 16)] if dt.world_size == 1 else [(0, 5), (5, 16)]
         lo, hi = cut[dt.rank]
         loader = [(x[i + lo:i + hi], y[i + lo:i + hi]) for i in range(0, args.samples - 15, 16)]
+        if dt.rank == args.extra_batch_rank:
+            loader.append(loader[0])
     val = DataLoader(dataset, batch_size=16)
 
     ce = nn.CrossEntropyLoss()
