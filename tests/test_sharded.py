@@ -140,3 +140,16 @@ def test_fsdp_equals_ddp_equals_one_process(tmp_path: Path) -> None:
     for kind, norms in r["norms"].items():  # the norm of the full gradients, on every path
         assert all(n > 0.5 for n in norms), (kind, norms)  # clipping bound (MAX_NORM = 0.5)
         assert max(abs(a - b) for a, b in zip(norms, r["norms"]["one"])) <= 1e-5, (kind, r["norms"])
+
+
+@pytest.mark.slow
+def test_a_ddp_trainer_never_imports_fsdp(tmp_path: Path) -> None:
+    """Modules imported once a process group exists may capture it (DESIGN.md, lifecycle)."""
+    code = ("import sys, torch; from torchkeel.distributed import DistributedTrainer; "
+            "dt = DistributedTrainer(torch.nn.Linear(2, 2)); dt.save_checkpoint(sys.argv[1]); "
+            "dt.load_checkpoint(sys.argv[1]); print(sorted(m for m in sys.modules if 'fsdp' in m))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt")], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 __all__ = ["clip_grad_norm_", "find_units", "full_state_dict", "is_sharded", "load_full_state_dict",
            "mixed_precision", "no_sync", "shard_model"]
@@ -145,9 +149,8 @@ def shard_model(model: nn.Module, *, shard_modules: tuple[type[nn.Module], ...] 
 
 def is_sharded(model: nn.Module) -> bool:
     """True when ``fully_shard`` was applied to ``model`` (an FSDP2 ``FSDPModule``)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded (and a
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)  # DDP run never imports it)
 
 
 @contextlib.contextmanager
@@ -159,14 +162,13 @@ def no_sync(model: nn.Module) -> Iterator[None]:
     Example:
         >>> with no_sync(model): model(x).sum().backward()
     """
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(False)
+    if is_sharded(model):
+        fsdp = cast("FSDPModule", model)
+        fsdp.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            fsdp.set_requires_gradient_sync(True)
     elif isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
