@@ -292,6 +292,19 @@ def test_sigkill_during_sharded_saves_leaves_the_previous_checkpoint_newest_and_
     assert sorted(os.listdir(ckpt)) == finished
 
 
+def test_remove_deletes_only_sharded_checkpoints(tmp_path: Path) -> None:
+    path = dcp.save(_state(), tmp_path / "step-1")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(path)
+    for bad in (tmp_path / "other", tmp_path / "link"):
+        with pytest.raises(ValueError, match="not a sharded torchkeel checkpoint"):
+            dcp.remove(bad)
+    with pytest.raises(ValueError, match="not directly in that folder"):
+        dcp.remove(path, folder=tmp_path / "other")
+    dcp.remove(path, folder=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["link", "other"]
+
+
 class _Tied(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

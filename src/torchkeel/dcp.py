@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 
     Error: TypeAlias = "str | tuple[int, str]"
 
-__all__ = ["clean_temporaries", "export_safetensors", "is_sharded", "load", "load_full", "save", "verify"]
+__all__ = ["clean_temporaries", "export_safetensors", "is_sharded", "load", "load_full", "remove", "save",
+           "verify"]
 
 FORMAT = 1
 KIND = "torchkeel-dcp"
@@ -453,6 +454,26 @@ def clean_temporaries(folder: StrPath) -> list[Path]:
                     _remove_tree(Path(entry.path))
                     removed.append(Path(entry.path))
     return removed
+
+
+def remove(path: StrPath, folder: StrPath | None = None) -> None:
+    """Delete a sharded checkpoint: its manifest first (from then on it is no checkpoint), then the rest.
+
+    Raises ``ValueError``, deleting nothing, for a symlink, a directory that is not a sharded
+    checkpoint, or one not directly in ``folder`` when given.
+    Example:
+        >>> remove("ckpt/step-000120", folder="ckpt")
+    """
+    target = Path(path)
+    if folder is not None and target.parent.resolve() != Path(folder).resolve():
+        raise ValueError(f"remove(path={str(path)!r}, folder={str(folder)!r}): not directly in that folder.")
+    if target.is_symlink() or not is_sharded(target):
+        raise ValueError(f"remove(path={str(path)!r}): not a sharded torchkeel checkpoint (or a "
+                         "symlink); torchkeel deletes only directories it wrote.")
+    (target / MANIFEST).unlink()
+    _fsync_dir(target)
+    _remove_tree(target)
+    _fsync_dir(target.parent)
 
 
 # ----------------------------------------------------------------------------------- export
