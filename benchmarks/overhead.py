@@ -587,9 +587,9 @@ def markdown(result: dict[str, Any]) -> str:
     if mem:
         ok = "ok" if mem["within_budget"] else "**over**"
         lines.append(f"| peak RSS, medium | {mem['peak_rss_mib']['raw']} MiB | {mem['peak_rss_mib']['trainer']} MiB | "
-                     f"{mem['peak_rss_ratio']:.3f}× | ≤ {BUDGET['rss']}× {ok} |")
+                     f"{mem['peak_rss_ratio']:.3f}× | ≤ {BUDGET['rss']}× {ok} | |")
         g = mem["rss_growth_1k_to_10k_kib"]
-        lines.append(f"| RSS growth, tiny, step 1k → 10k | {g['raw']} KiB | {g['trainer']} KiB | | flat |")
+        lines.append(f"| RSS growth, tiny, step 1k → 10k | {g['raw']} KiB | {g['trainer']} KiB | | flat | |")
     imp = result.get("import")
     if imp:
         lines.append("")
