@@ -272,6 +272,21 @@ def test_resume_from_a_step_checkpoint_where_a_validation_was_due_runs_it(tmp_pa
     assert_params_equal(third.model, whole.model)
 
 
+def test_resume_at_max_steps_before_the_cut_validation_runs_it(tmp_path: Path) -> None:
+    # max_steps=6 ends mid-epoch 1 (4 steps per epoch): the step checkpoint at 6 precedes the cut's validation
+    ckpt = ModelCheckpoint(save_dir=tmp_path / "whole", monitor=None, every_n_steps=6, every_n_epochs=0, save_top_k=-1)
+    whole = make(2, checkpoint=ckpt)
+    whole.fit(train_loader(), val_loader(), max_steps=6, val_every_n_steps=3)
+    assert whole.history["step"] == [3, 4, 6]
+    path = tmp_path / "whole" / "version_0" / "epoch=1-step=6.pt"
+    assert io.verify(path)["meta"]["reason"] == "step"
+    resumed = make(2)
+    history = resumed.fit(train_loader(), val_loader(), max_steps=6, val_every_n_steps=3, resume_from=str(path))
+    assert _rows(history) == _rows(whole.history)
+    assert resumed.summary["reason"] == whole.summary["reason"] == "reached max_steps=6"
+    assert_params_equal(resumed.model, whole.model)
+
+
 # --------------------------------------------------------------------------------- counts
 def test_samples_are_counted_apart_from_the_items_the_loss_averages_over() -> None:
     class Counted(AdvancedTrainer):

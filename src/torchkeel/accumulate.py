@@ -209,6 +209,15 @@ class GradientAccumulator:
         self._agreed = t
         return t[0]
 
+    def mean_loss(self) -> float:
+        """The last window's mean loss (reads the device): this rank's, or all ranks' where the window's
+        counts were all-reduced (token counts, shards not provably even); NaN before any step."""
+        if self.window_loss is None:
+            return math.nan
+        if self.window_total is not None:
+            return float(self.window_total) / float(self.window_items)
+        return float(self.window_loss) * self.window_ref / self.window_local
+
     def step(self) -> bool:
         """Step once the window is full; return True when the optimizer stepped."""
         if self._micro < self.accumulation_steps:

@@ -66,6 +66,38 @@ def next_boundary(trainer: AdvancedTrainer) -> int:
     return min(last, (trainer.state.step // every + 1) * every) if every else last
 
 
+def begin_epoch(trainer: AdvancedTrainer, epoch: int) -> None:
+    """Start epoch ``epoch``; a mid-epoch resume keeps the epoch's progress."""
+    state = trainer.state
+    state.epoch, state.epoch_finished = epoch, False
+    if state.resume is None:
+        state.batch = state.batch_at_step = state.epoch_samples = 0
+        state.epoch_loss, state.epoch_items = None, 0
+        trainer.logged.reset_epoch("train")
+    trainer.model.train()
+
+
+def batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
+    """The epoch's batches from where it stands, up to ``limit_train_batches``."""
+    it = dataorder.epoch_batches(trainer, loader)
+    limit = trainer._limit_train
+    return it if limit is None else itertools.islice(it, max(0, limit - trainer.state.batch))
+
+
+def end_epoch(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None, seconds: float) -> None:
+    """The epoch's (or a ``max_steps`` cut's) validation point; a cut leaves the epoch unfinished."""
+    state = trainer.state
+    if state.batch == 0:
+        raise ValueError(f"train_loader yielded no batches in epoch {state.epoch}. Pass a non-empty loader.")
+    finished, trainer._cut = not trainer._cut, False
+    trainer._fresh = state.last_val_step != state.step   # else validated at this step: a stop or a stream's end
+    if trainer._fresh:
+        steps.validation_point(trainer, val_loader, {"epoch_time": seconds}, finished)
+    else:
+        state.metrics["epoch_time"], state.epoch_finished = seconds, finished and not state.should_stop
+    trainer._boundary = next_boundary(trainer)
+
+
 def at_boundary(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> bool:
     """At ``max_steps`` or a validation step; True to end the epoch here."""
     mid_epoch = trainer.num_batches is None or trainer.state.batch < trainer.num_batches
@@ -81,10 +113,14 @@ def at_boundary(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> b
 
 
 def validation_due(trainer: AdvancedTrainer) -> bool:
-    """A validation point is due at ``state.step`` and has not run (a checkpoint written before it)."""
+    """A validation point is due at ``state.step`` and has not run (a checkpoint written before it).
+
+    Due: every ``val_every_n_steps`` steps, and where ``max_steps`` ends the run (its cut validates).
+    """
     state, every = trainer.state, trainer.val_every_n_steps
-    return every is not None and state.step > 0 and state.step % every == 0 \
-        and state.last_val_step != state.step and not state.epoch_finished and not trainer._budget_spent
+    if state.step == 0 or state.last_val_step == state.step or state.epoch_finished:
+        return False
+    return trainer._budget_spent or (every is not None and state.step % every == 0)
 
 
 def resumed_validation(trainer: AdvancedTrainer, rng: dict[str, Any] | None,

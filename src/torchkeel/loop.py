@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchkeel import batching, dataorder, extent, logged, resume, runs, signals, steps, sync
-from torchkeel.accumulate import GradientAccumulator, as_count
+from torchkeel.accumulate import GradientAccumulator
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.distributed import unwrap_model
 from torchkeel.nonfinite import NanPolicy, NonFiniteGuard
@@ -220,13 +218,13 @@ class AdvancedTrainer:
                     cb.on_fit_begin(self)
                 start = state.epoch + 1 if state.epoch_finished else state.epoch
                 for epoch in extent.epochs_range(start, self.max_epochs):
-                    if state.should_stop or self._budget_spent:
-                        break
-                    self._begin_epoch(epoch, train_loader)
+                    if state.should_stop or (self._budget_spent and not extent.validation_due(self)):
+                        break                       # (a resume before the cut's validation runs it first)
+                    extent.begin_epoch(self, epoch)
                     for cb in hooks["on_epoch_begin"]:
                         cb.on_epoch_begin(self)
                     tic = time.perf_counter()
-                    for batch in self._batches(train_loader):
+                    for batch in extent.batches(self, train_loader):
                         if self._step(batch):
                             for cb in hooks["on_step_end"]:
                                 cb.on_step_end(self)
@@ -241,7 +239,7 @@ class AdvancedTrainer:
                             cb.on_step_end(self)
                     if self._preempt:
                         signals.on_signal(self)
-                    self._end_epoch(val_loader, time.perf_counter() - tic)
+                    extent.end_epoch(self, val_loader, time.perf_counter() - tic)
                     for cb in hooks["on_epoch_end"]:
                         cb.on_epoch_end(self)
                     for cb in hooks["on_validation_end"] if self._fresh else ():   # after the LR step
@@ -275,25 +273,12 @@ class AdvancedTrainer:
                 loss = self.training_step(batch)
         self.state.batch += 1
         if isinstance(loss, tuple) or self._counted:
-            self._backward_counted(loss, n)
+            steps.backward_counted(self, loss, n)
         else:
             self.accum.backward(loss, n)
         if not self.accum.window_full:
             return False
         return self._after_window(self.accum.step())
-
-    def _backward_counted(self, out: Any, n: int) -> None:
-        """``training_step`` returned ``(loss, count)``: the window weighs micro-batches by items."""
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(f"training_step returned {batching.shape(out)} at {steps.where(self)} after returning "
-                            "(loss, count) earlier in this fit; return (loss, count) on every batch, or never.")
-        if not self._counted:
-            if self.accum.pending or self.state.step + self.state.skipped_steps != self._windows_at_fit:
-                raise TypeError(f"training_step returned (loss, count) at {steps.where(self)} after returning a "
-                                "plain loss earlier in this fit; return (loss, count) on every batch, or never.")
-            self._counted = True
-        loss, count = out
-        self.accum.backward(loss, n, count=as_count(count, f"training_step's (loss, count) at {steps.where(self)}"))
 
     def _finish_window(self) -> bool:
         """Step a short last window at the end of an epoch."""
@@ -330,10 +315,9 @@ class AdvancedTrainer:
 
     def _skipped(self, why: str) -> bool:
         """Count a skipped window; stop training once ``max_consecutive_skipped_steps`` were in a row."""
-        state = self.state
-        state.consecutive_skipped_steps += 1
-        if self._too_many_skips and not state.should_stop:
-            n = state.consecutive_skipped_steps
+        state, limit = self.state, self.max_consecutive_skipped_steps
+        state.consecutive_skipped_steps = n = state.consecutive_skipped_steps + 1
+        if limit is not None and n >= limit and not state.should_stop:
             log.warning("AdvancedTrainer: %d optimizer steps in a row were skipped (max_consecutive_skipped_steps=%d); "
                         "%s. Training stops; pass max_consecutive_skipped_steps=None to keep going.",
                         n, self.max_consecutive_skipped_steps, why)
@@ -390,12 +374,7 @@ class AdvancedTrainer:
         """
         if self.world_size == 1:
             self._nonfinite.check(self)
-        accum = self.accum
-        if accum.window_loss is None:
-            return math.nan
-        if accum.window_total is not None:      # counts all-reduced: the global sum of loss_i * n_i
-            return float(accum.window_total) / float(accum.window_items)
-        return float(accum.window_loss) * accum.window_ref / accum.window_local
+        return self.accum.mean_loss()
 
     def check_finite(self) -> None:
         """Apply ``nan_policy`` to window losses not yet checked; a no-op where every step is checked.
@@ -421,32 +400,6 @@ class AdvancedTrainer:
         """The last fit's summary: status, best/last metrics, epochs, time, throughput, paths."""
         return self._summary.summary
 
-    def _begin_epoch(self, epoch: int, loader: Iterable[Any]) -> None:
-        state = self.state
-        state.epoch, state.epoch_finished = epoch, False
-        if state.resume is None:            # a mid-epoch resume keeps the epoch's progress
-            state.batch = state.batch_at_step = state.epoch_samples = 0
-            state.epoch_loss, state.epoch_items = None, 0
-            self.logged.reset_epoch("train")
-        self.model.train()
-
-    def _batches(self, loader: Iterable[Any]) -> Iterator[Any]:
-        it = dataorder.epoch_batches(self, loader)
-        return it if self._limit_train is None else itertools.islice(it, max(0, self._limit_train - self.state.batch))
-
-    def _end_epoch(self, val_loader: Iterable[Any] | None, seconds: float) -> None:
-        """The epoch's (or a ``max_steps`` cut's) validation point; a cut leaves the epoch unfinished."""
-        state = self.state
-        if state.batch == 0:
-            raise ValueError(f"train_loader yielded no batches in epoch {state.epoch}. Pass a non-empty loader.")
-        finished, self._cut = not self._cut, False
-        self._fresh = state.last_val_step != state.step   # else validated at this step: a stop or a stream's end
-        if self._fresh:
-            steps.validation_point(self, val_loader, {"epoch_time": seconds}, finished)
-        else:
-            state.metrics["epoch_time"], state.epoch_finished = seconds, finished and not state.should_stop
-        self._boundary = extent.next_boundary(self)
-
     def _request_stop(self, reason: str, shared: bool = False) -> None:
         """``shared``: every rank requests it at this point (agreed, or derived from the same numbers)."""
         self.state.should_stop = True
@@ -454,16 +407,7 @@ class AdvancedTrainer:
         self._stop_shared = self._stop_shared or shared
 
     def _stop_agreed(self, sync: bool = False) -> bool:
-        """Stop only on a decision every rank shares.
-
-        Between micro-batches (``sync=False``) a stop every rank shares decides (agreed at the last
-        sync, or derived alike); at an epoch's end (``sync=True``) one more all-reduce agrees.
-        """
+        """Stop on a decision every rank shares: between batches one made so; else agree now (a collective)."""
         if not sync:
             return self.state.should_stop and (self.world_size == 1 or self._stop_shared)
         return extent.agree_stop(self)
-
-    @property
-    def _too_many_skips(self) -> bool:
-        limit = self.max_consecutive_skipped_steps
-        return limit is not None and self.state.consecutive_skipped_steps >= limit

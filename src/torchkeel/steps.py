@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from torchkeel import batching, logged
+from torchkeel.accumulate import as_count
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -187,7 +188,8 @@ def validation_point(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None,
                      finished: bool = False) -> None:
     """Validate and record one history row (the caller runs the hooks)."""
     state = trainer.state
-    trainer.check_finite()
+    if trainer.world_size == 1:     # under DDP the ranks agree after the hooks, and before any checkpoint
+        trainer.check_finite()
     trainer.accum.zero_grad()
     metrics: dict[str, float] = {"train_loss": epoch_loss(trainer)}
     metrics |= trainer.logged.epoch_values(trainer.world_size, trainer.device, "train")
@@ -200,6 +202,20 @@ def validation_point(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None,
     state.epoch_finished = finished
     state.last_val_step = state.step
     trainer.history.append({"epoch": state.epoch, "step": state.step, **state.metrics})
+
+
+def backward_counted(trainer: AdvancedTrainer, out: Any, n: int) -> None:
+    """``training_step`` returned ``(loss, count)``: the window weighs micro-batches by items."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(f"training_step returned {batching.shape(out)} at {where(trainer)} after returning "
+                        "(loss, count) earlier in this fit; return (loss, count) on every batch, or never.")
+    if not trainer._counted:
+        if trainer.accum.pending or trainer.state.step + trainer.state.skipped_steps != trainer._windows_at_fit:
+            raise TypeError(f"training_step returned (loss, count) at {where(trainer)} after returning a "
+                            "plain loss earlier in this fit; return (loss, count) on every batch, or never.")
+        trainer._counted = True
+    loss, count = out
+    trainer.accum.backward(loss, n, count=as_count(count, f"training_step's (loss, count) at {where(trainer)}"))
 
 
 def epoch_loss(trainer: AdvancedTrainer) -> float:
