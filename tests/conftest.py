@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable
@@ -14,6 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchkeel import AdvancedTrainer, Callback
+
+# bash without job control (a CI runner starting the suite in the background) starts it with SIGINT
+# ignored, and an ignored signal stays ignored in every child: torchkeel then rightly leaves Ctrl-C
+# alone, and the Ctrl-C tests could not deliver one. Their children get SIGINT's default instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 torch.set_num_threads(1)
 

@@ -208,15 +208,16 @@ def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("name, code", [("TERM", 143), ("INT", 130)])
 def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_resumed_run_is_exact(
         ddp_reference: Path, tmp_path: Path, name: str, code: int) -> None:
-    """Rank 1 gets the signal after step 4; both ranks save step 5 once, say so and exit with its code;
-    resuming on 2 ranks ends with the uninterrupted 2-rank run's weights, optimizer and history."""
+    """Rank 1 gets the signal after step 4; that step's checkpoint save is an agreement of the ranks, so
+    both save step 4 once more (reason 'preempted'), say so and exit with its code; resuming on 2 ranks
+    ends with the uninterrupted 2-rank run's weights, optimizer and history."""
     proc = torchrun(tmp_path / "out", "--ckpt", tmp_path / "ck", "--send-rank", 1, "--send", name,
                     "--send-step", 4)
     assert proc.returncode != 0
     stops = re.findall(rf"torchkeel: SIG{name}( on another rank)? received; stopped at epoch (\d+), step (\d+); "
                        rf"saved (\S+)\. Exit code {code}\.", proc.stderr)
     assert sorted(s[0] for s in stops) == ["", " on another rank"], proc.stderr[-4000:]
-    assert {s[1:] for s in stops} == {("1", "5", stops[0][3])}, f"the ranks stopped apart: {stops}"
+    assert {s[1:] for s in stops} == {("1", "4", stops[0][3])}, f"the ranks stopped apart: {stops}"
     preempted = [p for p, e in io.list_checkpoints(tmp_path / "ck", recursive=True) if e["meta"]["reason"] == "preempted"]
     assert [str(p) for p in preempted] == [stops[0][3]]
     proc = torchrun(tmp_path / "out", "--ckpt", tmp_path / "ck", "--resume", "auto")
