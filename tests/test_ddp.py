@@ -193,27 +193,34 @@ def test_resuming_with_another_world_size_warns(tmp_path: Path) -> None:
     assert "Resuming with world_size=1, the checkpoint was written with world_size=2" in proc.stderr
 
 
-@pytest.mark.parametrize("hook", [[], ["--own-comm-hook"]], ids=["our_hook", "their_hook"])
-def test_sigterm_to_one_rank_saves_the_same_step_on_both_and_exits(tmp_path: Path, hook: list[str]) -> None:
-    """The flags travel the same way with the user's own comm hook."""
+def sigterm_to_rank1(out: Path, *args: str, wait: float) -> tuple[int, str, float]:
+    """2 ranks with checkpoints in ``out/ck``; SIGTERM to rank 1 once it trained 3 steps (the script's
+    ``--slow`` marks that). Returns (exit code, stderr, seconds from the signal to the job's end)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), "--out", str(tmp_path),
-           "--epochs", "50", "--slow", "0.05", "--ckpt", str(tmp_path / "ck"), *hook]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), "--out", str(out),
+           "--ckpt", str(out / "ck"), *args]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        ready = tmp_path / "ready-rank1"
+        ready = out / "ready-rank1"
         deadline = time.monotonic() + 90
         while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert ready.exists(), "rank 1 never started training"
         sent = time.monotonic()
         os.kill(int(ready.read_text()), signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=wait)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert time.monotonic() - sent < 30
-    assert proc.returncode != 0
+    return proc.returncode, stderr, time.monotonic() - sent
+
+
+@pytest.mark.parametrize("hook", [[], ["--own-comm-hook"]], ids=["our_hook", "their_hook"])
+def test_sigterm_to_one_rank_saves_the_same_step_on_both_and_exits(tmp_path: Path, hook: list[str]) -> None:
+    """The flags travel the same way with the user's own comm hook."""
+    code, stderr, took = sigterm_to_rank1(tmp_path, "--epochs", "50", "--slow", "0.05", *hook, wait=60)
+    assert took < 30
+    assert code != 0
     assert stderr.count("SIGTERM received") >= 1, stderr[-4000:]
     assert stderr.count("Exit code 143") >= 2, stderr[-4000:]     # both ranks stop at the same step
     path, skipped = io.find_latest(tmp_path / "ck")
@@ -227,22 +234,8 @@ def test_a_signal_waits_for_the_next_agreement_and_the_grace_period_counts_from_
     """SIGTERM to rank 1 at step 3 or 4 with sync_every_n_steps=12, 0.25 s steps and
     signal_grace_seconds=1: the ranks agree at step 12, 2 s later, yet no grace timer fires (each
     step restarts it); both save step 12."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), "--out", str(tmp_path),
-           "--epochs", "50", "--samples", "400", "--slow", "0.25", "--sync-every", "12", "--grace", "1",
-           "--ckpt", str(tmp_path / "ck")]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        ready = tmp_path / "ready-rank1"
-        deadline = time.monotonic() + 90
-        while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert ready.exists(), "rank 1 never started training"
-        os.kill(int(ready.read_text()), signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, stderr, _ = sigterm_to_rank1(tmp_path, "--epochs", "50", "--samples", "400", "--slow", "0.25",
+                                    "--sync-every", "12", "--grace", "1", wait=90)
     assert "no optimizer step ended" not in stderr, stderr[-4000:]
     assert stderr.count("Exit code 143") >= 2, stderr[-4000:]
     path, skipped = io.find_latest(tmp_path / "ck")
