@@ -290,19 +290,24 @@ dt.close()
 """
 
 
-@two_gpus
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_nccl_is_picked_and_each_rank_pins_its_own_gpu(tmp_path: Path) -> None:
-    script = tmp_path / "nccl_worker.py"
-    script.write_text(NCCL_WORKER)
+def run_two_ranks(out: Path, worker: str, timeout: float) -> None:
+    """``torchrun --standalone --nproc_per_node 2`` of ``worker``'s source with ``out`` as its argument."""
+    script = out / "worker.py"
+    script.write_text(worker)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env["PYTHONPATH"] = str(ROOT / "src")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
+           str(script), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@two_gpus
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_nccl_is_picked_and_each_rank_pins_its_own_gpu(tmp_path: Path) -> None:
+    run_two_ranks(tmp_path, NCCL_WORKER, timeout=180)
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == {"backend": "nccl", "device": rank, "sum": 3.0, "model_device": f"cuda:{rank}",
@@ -353,15 +358,7 @@ with DistributedTrainer(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64
 def test_ddp_steps_on_nccl_make_no_host_sync_between_agreements(tmp_path: Path) -> None:
     """2 ranks on NCCL, even shards, accumulation 2, nan_policy='raise': steps 3..22 (no agreement:
     sync_every_n_steps = log_every_n_steps = 50) never wait for a GPU; any sync raises there."""
-    script = tmp_path / "ddp_no_sync.py"
-    script.write_text(DDP_NO_SYNC_WORKER)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env["PYTHONPATH"] = str(ROOT / "src")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_two_ranks(tmp_path, DDP_NO_SYNC_WORKER, timeout=240)
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == {"covered": 19, "step": 64, "even": True}, got
