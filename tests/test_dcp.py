@@ -21,6 +21,7 @@ import torch
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
 from torchkeel import dcp
+from torchkeel.export import export_safetensors
 from torchkeel.io import CheckpointError, CheckpointWriteError
 
 
@@ -326,7 +327,7 @@ def test_export_safetensors_loads_into_the_plain_model(tmp_path: Path, layout: s
         src = io.save(ckpt, tmp_path / "step-3.pt")
     else:
         src = dcp.save(ckpt, tmp_path / "step-3")
-    out = dcp.export_safetensors(src, tmp_path / "model.safetensors")
+    out = export_safetensors(src, tmp_path / "model.safetensors")
     assert sorted(os.listdir(tmp_path)) == sorted([src.name, "model.safetensors"]
                                                   + ([src.name + ".manifest.json"] if layout == "file" else []))
     weights = load_file(out)
@@ -339,12 +340,12 @@ def test_export_safetensors_loads_into_the_plain_model(tmp_path: Path, layout: s
 def test_export_refuses_what_safetensors_cannot_hold(tmp_path: Path) -> None:
     src = dcp.save({"model": {"w": torch.ones(2), "note": "text"}, "step": 1}, tmp_path / "step-1")
     with pytest.raises(ValueError, match=r"\['note'\] in 'model' are not tensors"):
-        dcp.export_safetensors(src, tmp_path / "m.safetensors")
+        export_safetensors(src, tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match=r"no 'ema' state dict \(keys: \['model', 'step'\]\)"):
-        dcp.export_safetensors(src, tmp_path / "m.safetensors", key="ema")
+        export_safetensors(src, tmp_path / "m.safetensors", key="ema")
     data = bytearray((src / "__0_0.distcp").read_bytes())
     data[-1] ^= 0xFF
     (src / "__0_0.distcp").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256 mismatch"):
-        dcp.export_safetensors(src, tmp_path / "m.safetensors")
+        export_safetensors(src, tmp_path / "m.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["step-1"]  # nothing written

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
     Error: TypeAlias = "str | tuple[int, str]"
 
-__all__ = ["clean_temporaries", "export_safetensors", "is_sharded", "load", "load_full", "remove", "save",
+__all__ = ["clean_temporaries", "is_sharded", "load", "load_full", "remove", "save",
            "verify"]
 
 FORMAT = 1
@@ -474,50 +474,3 @@ def remove(path: StrPath, folder: StrPath | None = None) -> None:
     _fsync_dir(target)
     _remove_tree(target)
     _fsync_dir(target.parent)
-
-
-# ----------------------------------------------------------------------------------- export
-def export_safetensors(checkpoint: StrPath, out: StrPath, key: str = "model") -> Path:
-    """Write the full weights of a checkpoint (a file or a sharded directory) as safetensors.
-
-    Verified first, as every load is; written to a temporary beside ``out``, fsynced and renamed.
-    Tensors that share storage (tied weights) are stored once each, as copies.
-    Args: checkpoint: a torchkeel checkpoint. out: e.g. ``model.safetensors``. key: the entry to export.
-    Example:
-        >>> export_safetensors("ckpt/step-000120", "model.safetensors")
-        >>> model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
-    """
-    where = f"export_safetensors({str(checkpoint)!r}, {str(out)!r})"
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ImportError(f"{where}: needs safetensors: pip install 'torchkeel[all]' or "
-                          "pip install safetensors.") from None
-    from torchkeel import io as ckpt_io
-
-    src, final = Path(checkpoint), Path(out)
-    state = load_full(src) if src.is_dir() else ckpt_io.load(src)
-    weights = state.get(key)
-    if not isinstance(weights, dict) or not weights:
-        raise ValueError(f"{where}: the checkpoint has no {key!r} state dict (keys: {sorted(state)}); "
-                         "pass key= one of those.")
-    plain = sorted(k for k, v in weights.items() if not isinstance(v, torch.Tensor))
-    if plain:
-        raise ValueError(f"{where}: {plain} in {key!r} are not tensors; safetensors holds tensors only.")
-    seen: set[tuple[int, int]] = set()
-    tensors = {}
-    for name, t in weights.items():
-        s = t.untyped_storage()
-        shared = (s.data_ptr(), s.nbytes()) in seen and s.nbytes() > 0
-        seen.add((s.data_ptr(), s.nbytes()))
-        tensors[name] = t.detach().cpu().clone() if shared or not t.is_contiguous() else t.detach().cpu()
-    tmp = final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "source": src.name})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
