@@ -1,0 +1,292 @@
+"""Background checkpoint saves: a host-memory snapshot now, the write in one background thread.
+
+The training step pays only for ``BackgroundSaver.snapshot`` (one copy of each tensor storage to
+host memory, pinned for CUDA tensors) and ``submit``; the write (``torchkeel.io.save``,
+``torchkeel.dcp.save`` through ``group()``) runs in one non-daemon thread, so process exit waits
+for it. At most one save is in flight; its error is raised once, by the next ``submit`` or
+``wait``, and ``agree_error`` makes every rank raise it. Mechanism only: what and when to save is
+``ModelCheckpoint``'s.
+
+Example:
+    >>> saver = BackgroundSaver()
+    >>> state = saver.snapshot({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    >>> saver.submit(lambda: io.save(state, "ckpt/step-000120.pt"), what="step-000120.pt")
+    >>> ...  # training goes on; parameters may change in place
+    >>> saver.close()  # waits; raises the save's error if it failed
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import sys
+import threading
+import traceback
+import weakref
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchkeel.io import CheckpointWriteError
+
+__all__ = ["BackgroundSaver", "agree_error"]
+
+_ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+           torch.layout, torch.memory_format, torch.Size)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class _Snapshot:
+    """One ``snapshot`` call: a memo (shared objects stay shared) and one host copy per storage."""
+
+    def __init__(self) -> None:
+        self.memo: dict[int, Any] = {}
+        self.storages: dict[tuple[str, int, int], torch.UntypedStorage] = {}
+        self.streams: set[torch.device] = set()  # CUDA devices with copies still running
+
+    def copy(self, x: Any) -> Any:
+        if isinstance(x, _ATOMIC):
+            return x
+        if id(x) in self.memo:
+            return self.memo[id(x)]
+        out = self._copy(x)
+        self.memo[id(x)] = out
+        return out
+
+    def _copy(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return self.tensor(x)
+        if type(x) is dict:
+            return {k: self.copy(v) for k, v in x.items()}
+        if type(x) is list:
+            return [self.copy(v) for v in x]
+        if type(x) is tuple:
+            return tuple(self.copy(v) for v in x)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+            return type(x)(*(self.copy(v) for v in x))
+        if isinstance(x, dict):  # OrderedDict, defaultdict, ...: same type and attributes
+            out = copy.copy(x)
+            for k, v in x.items():
+                out[k] = self.copy(v)
+            return out
+        if isinstance(x, list):
+            items = copy.copy(x)
+            items[:] = [self.copy(v) for v in x]
+            return items
+        return copy.deepcopy(x)  # tensors inside other objects are deep-copied where they are
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
+        if dtensor is not None and isinstance(t, dtensor.DTensor):
+            local = self.copy(t.to_local())
+            if local.device.type == t.device_mesh.device_type:
+                return cast(torch.Tensor, dtensor.DTensor.from_local(
+                    local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()))
+            # from_local would move the host copy back to the mesh's device: same spec, host shard
+            return cast(torch.Tensor, cast(Any, dtensor.DTensor)(local, t._spec, requires_grad=False))
+        plain = (type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided
+                 and not (t.is_quantized or t.is_meta or t.is_conj() or t.is_neg()))
+        if not plain:
+            return t.detach().to("cpu", copy=True)
+        storage = t.untyped_storage()
+        key = (str(storage.device), storage.data_ptr(), storage.nbytes())
+        host = self.storages.get(key)
+        if host is None:  # the whole storage once, as torch.save writes it: views keep sharing
+            cuda = storage.device.type == "cuda"
+            dst = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=cuda)
+            if storage.nbytes():
+                src = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+                dst.copy_(src, non_blocking=cuda)
+            if cuda:
+                self.streams.add(storage.device)
+            host = self.storages[key] = dst.untyped_storage()
+        out = torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.size(), t.stride())
+        if isinstance(t, nn.Parameter):
+            return nn.Parameter(out, requires_grad=t.requires_grad)
+        return out.requires_grad_() if t.requires_grad else out
+
+    def finish(self) -> None:
+        for device in self.streams:  # the copies ran on each device's current stream
+            torch.cuda.current_stream(device).synchronize()
+
+
+class BackgroundSaver:
+    """Snapshots to host memory and runs at most one save at a time in a background thread.
+
+    A save's error is kept (with its traceback text) and raised once, as a
+    ``CheckpointWriteError``, by the next ``submit``, ``wait`` or ``close``. Under several ranks
+    call ``agree_error`` before each ``submit`` and at the end, so every rank raises together
+    (a rank raising alone would leave the others waiting in the next save's collectives).
+
+    Example:
+        >>> saver = BackgroundSaver()
+        >>> state = saver.snapshot(trainer_state)
+        >>> saver.submit(lambda: io.save(state, path), what=path.name)
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: tuple[BaseException, str, str] | None = None  # error, traceback text, what
+        self._group: Any = None
+        _savers.add(self)
+
+    def snapshot(self, obj: Any) -> Any:
+        """A copy of ``obj`` that later in-place changes cannot reach: every tensor in host memory.
+
+        Each tensor storage is copied once (pinned memory for CUDA; one stream sync at the end), so
+        tied weights and views share their copy as they would in ``torch.save``. Containers are
+        rebuilt, plain values kept, other objects deep-copied. A DTensor keeps its mesh, placements,
+        shape and stride with its local shard copied, so ``torch.distributed.checkpoint`` still
+        sees a sharded tensor.
+
+        Example:
+            >>> state = saver.snapshot({"model": model.state_dict(), "step": 120})
+        """
+        with torch.no_grad():
+            run = _Snapshot()
+            out = run.copy(obj)
+            run.finish()
+        return out
+
+    def submit(self, fn: Callable[[], object], what: str = "") -> None:
+        """Wait for the save in flight (raising its error), then run ``fn()`` in the background.
+
+        Args:
+            fn: the save, e.g. ``lambda: io.save(state, path)`` on a ``snapshot``'s result.
+            what: names the save in errors and the thread, e.g. the checkpoint's file name.
+        Example:
+            >>> saver.submit(lambda: io.save(state, "ckpt/step-3.pt"), what="step-3.pt")
+        """
+        if not callable(fn):
+            raise TypeError(f"BackgroundSaver.submit(fn=<{type(fn).__name__}>): fn must be a "
+                            "callable taking no arguments, e.g. lambda: io.save(state, path).")
+        if not isinstance(what, str):
+            raise TypeError(f"BackgroundSaver.submit(what={what!r}): what must be a str, e.g. "
+                            "the checkpoint's file name.")
+        self.wait()
+        thread = threading.Thread(target=self._run, args=(fn, what), daemon=False,
+                                  name=f"torchkeel-save {what}".rstrip())
+        self._thread = thread
+        thread.start()
+
+    def _run(self, fn: Callable[[], object], what: str) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - kept for the training thread to raise
+            self._error = (exc, traceback.format_exc(), what)
+
+    def wait(self) -> None:
+        """Block until no save is in flight; raise its error (once) if it failed.
+
+        Example:
+            >>> saver.wait()
+        """
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            exc, text, what = error
+            name = f" of {what!r}" if what else ""
+            cause = str(exc) if isinstance(exc, CheckpointWriteError) else f"{type(exc).__name__}: {exc}"
+            raised = CheckpointWriteError(
+                f"background save{name} failed: {cause}",
+                path=getattr(exc, "path", None), reason=f"background save failed ({type(exc).__name__})")
+            raised.traceback_text = text  # type: ignore[attr-defined]
+            raise raised from exc
+
+    @property
+    def in_flight(self) -> bool:
+        """True while a submitted save is still running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def group(self) -> Any:
+        """A gloo process group for the background thread's collectives; ``None`` in one process.
+
+        Created on the first call, which is collective: every rank calls it at the same point
+        (from the training thread, as for ``dist.new_group``). The training thread keeps the
+        default group, so the two threads never interleave collectives on one group.
+
+        Example:
+            >>> group = saver.group()
+            >>> saver.submit(lambda: dcp.save(state, path, group=group))
+        """
+        if not _distributed():
+            return None
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def close(self) -> None:
+        """Wait for the save in flight (raising its error if nobody has yet), release the group."""
+        try:
+            self.wait()
+        finally:
+            group, self._group = self._group, None
+            if group is not None and _distributed():
+                dist.destroy_process_group(group)
+
+
+def agree_error(saver: BackgroundSaver, where: str) -> None:
+    """Every rank: ``saver.wait()``, then raise the same error if the save failed on any rank.
+
+    One all-reduce on the default group (a second collective only on failure, to send the
+    lowest failed rank's message); in one process, ``saver.wait()`` only.
+
+    Args:
+        saver: the ranks' ``BackgroundSaver``. where: names the moment in the error, e.g.
+            ``"ModelCheckpoint at step 120"``.
+    Example:
+        >>> agree_error(saver, "ModelCheckpoint before the save of step 120")
+    """
+    if not isinstance(saver, BackgroundSaver):
+        raise TypeError(f"agree_error(saver=<{type(saver).__name__}>): pass a BackgroundSaver.")
+    if not _distributed():
+        saver.wait()
+        return
+    error: CheckpointWriteError | None = None
+    try:
+        saver.wait()
+    except CheckpointWriteError as exc:
+        error = exc
+    rank, world = dist.get_rank(), dist.get_world_size()
+    nccl = "nccl" in str(dist.get_backend())
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    flag = torch.tensor([rank if error is not None else world], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    failed = int(flag.item())
+    if failed == world:
+        return
+    box = [str(error) if error is not None else None]
+    dist.broadcast_object_list(box, src=failed)
+    raise CheckpointWriteError(f"{where} failed on rank {failed}: {box[0]}",
+                               reason=f"background save failed on rank {failed}") from error
+
+
+_savers: weakref.WeakSet[BackgroundSaver] = weakref.WeakSet()
+
+
+def _finish_at_exit() -> None:
+    # At exit the interpreter runs threading's exit hooks (last registered first), then joins
+    # non-daemon threads. concurrent.futures' hook, registered when torchkeel.io imported it,
+    # refuses new pool work from then on, and io.save hashes in a pool: so the saves must finish
+    # here, before it. A failure nobody waited for is said, not lost.
+    for saver in list(_savers):
+        thread = saver._thread
+        if thread is not None:
+            thread.join()
+        if saver._error is not None:
+            _, text, what = saver._error
+            print(f"torchkeel: a background save{f' of {what!r}' if what else ''} failed and was "
+                  f"never waited for:\n{text}", file=sys.stderr, end="")
+
+
+# threading._register_atexit: Python >= 3.9; without it, atexit (later: after the joins)
+cast(Any, getattr(threading, "_register_atexit", atexit.register))(_finish_at_exit)

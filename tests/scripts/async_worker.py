@@ -1,0 +1,208 @@
+"""Background saves in real processes, for tests/test_async_save.py.
+
+One process:
+--mode exit:        snapshot, submit a slow io.save of OUT/step-1.pt and return from main at once.
+--mode exit-error:  submit a save that fails and never wait for it.
+--mode loop:        save step-1 and wait; then step-2, 3, ... in the background while "training"
+                    changes the state in place, printing "submitted N", until killed.
+torchrun, 2 ranks (gloo):
+--mode agree:       step 1 saves fine on both ranks; step 2 fails on rank 1 only (RLIMIT_FSIZE);
+                    agree_error after each; each rank writes what it raised to OUT/error-rank<r>.txt.
+--mode group:       40 all_reduces on saver.group() in the background while the training thread
+                    runs 40 on the default group; OUT/group-rank<r>.txt counts the right results.
+--mode dtensor:     FSDP2 model: snapshot get_state_dict's shards, change the shards in place, save
+                    the snapshot with dcp.save in the background; OUT/expected.pt holds the full
+                    state as of the snapshot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchkeel import io
+from torchkeel.background import BackgroundSaver, agree_error
+from torchkeel.io import CheckpointWriteError
+
+
+def big_state(mb: float) -> dict[str, Any]:
+    torch.manual_seed(0)
+    n = int(mb * 1e6 / 4 / 4)
+    return {"model": {f"w{i}": torch.randn(n) for i in range(4)}, "step": 1}
+
+
+def exit_mode(out: Path) -> None:
+    state = big_state(20)
+    torch.save(state, out / "expected.pt")
+    saver = BackgroundSaver()
+    snap = saver.snapshot(state)
+
+    def slow_save() -> None:
+        time.sleep(1.0)  # still writing when main returns
+        io.save(snap, out / "step-1.pt", meta={"step": 1})
+
+    saver.submit(slow_save, what="step-1.pt")
+    for t in state["model"].values():
+        t.zero_()
+    print("returned while writing" if saver.in_flight else "finished before return", flush=True)
+
+
+def exit_error_mode(out: Path) -> None:
+    saver = BackgroundSaver()
+
+    def fail() -> None:
+        raise PermissionError(13, "Permission denied", str(out / "step-1.pt"))
+
+    saver.submit(fail, what="step-1.pt")
+
+
+def loop_mode(out: Path) -> None:
+    state = big_state(64)
+    saver = BackgroundSaver()
+    snap = saver.snapshot(state)
+    saver.submit(lambda: io.save(snap, out / "step-1.pt", meta={"step": 1}), what="step-1.pt")
+    saver.wait()
+    step = 1
+    while True:
+        step += 1
+        for t in state["model"].values():
+            t.add_(1.0)
+        state["step"] = step
+        snap = saver.snapshot(state)
+        path = out / f"step-{step}.pt"
+        saver.submit(lambda snap=snap, path=path, step=step: io.save(snap, path, meta={"step": step}),
+                     what=path.name)
+        print(f"submitted {step}", flush=True)
+        for t in state["model"].values():  # training goes on while the save is written
+            t.mul_(0.5)
+        saver.wait()
+
+
+def agree_mode(out: Path, rank: int) -> None:
+    saver = BackgroundSaver()
+    mine = out / f"rank{rank}"
+    state = saver.snapshot({"x": torch.randn(64, 64)})
+    saver.submit(lambda: io.save(state, mine / "step-1.pt"), what="step-1")
+    agree_error(saver, "save of step 1")
+    (out / f"ok-step-1-rank{rank}").write_text("agreed")
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    saver.submit(lambda: io.save(state, mine / "step-2.pt"), what="step-2")
+    try:
+        agree_error(saver, "save of step 2")
+        message = "no error"
+    except CheckpointWriteError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    if rank == 1:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    saver.close()  # raised once already: not again
+    (out / f"error-rank{rank}.txt").write_text(message)
+
+
+def group_mode(out: Path, rank: int) -> None:
+    saver = BackgroundSaver()
+    group = saver.group()
+    assert group is not None and saver.group() is group
+    counts = {"main": 0, "background": 0}
+
+    def background() -> None:
+        for _ in range(40):
+            t = torch.ones(1)
+            dist.all_reduce(t, group=group)
+            counts["background"] += int(t.item() == 2)
+
+    saver.submit(background, what="collectives")
+    for _ in range(40):
+        t = torch.full((1,), 2.0)
+        dist.all_reduce(t)
+        counts["main"] += int(t.item() == 4)
+    agree_error(saver, "the background collectives")
+    saver.close()
+    (out / f"group-rank{rank}.txt").write_text(f"main {counts['main']} background {counts['background']}")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+def dtensor_mode(out: Path, rank: int) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from torchkeel import dcp
+
+    torch.manual_seed(0)
+    model = Net()
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(100 + rank)
+    for _ in range(2):
+        model(torch.randn(4, 16, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    msd, osd = get_state_dict(model, opt)
+    expected = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save({"model": expected[0], "optimizer": expected[1]}, out / "expected.pt")
+    saver = BackgroundSaver()
+    snap = saver.snapshot({"model": msd, "optimizer": osd, "step": 1})
+    for key, value in msd.items():
+        copy = snap["model"][key]
+        assert isinstance(value, DTensor) and isinstance(copy, DTensor), key
+        assert copy.placements == value.placements and copy.device_mesh == value.device_mesh, key
+        assert copy.shape == value.shape and copy.stride() == value.stride(), key
+        assert torch.equal(copy.to_local(), value.to_local()), key
+        assert copy.to_local().data_ptr() != value.to_local().data_ptr(), key
+    path = out / "step-1"
+    saver.submit(lambda: dcp.save(snap, path, meta={"step": 1}), what="step-1")
+    with torch.no_grad():  # local shards change in place while the save runs (no collectives)
+        for p in model.parameters():
+            p.to_local().add_(1.0)
+        for per_param in opt.state.values():
+            for v in per_param.values():
+                if isinstance(v, DTensor):
+                    v.to_local().mul_(0.0)
+    agree_error(saver, "the sharded save")
+    saver.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--mode", required=True,
+                   choices=["exit", "exit-error", "loop", "agree", "group", "dtensor"])
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.mode in ("exit", "exit-error", "loop"):
+        {"exit": exit_mode, "exit-error": exit_error_mode, "loop": loop_mode}[args.mode](args.out)
+        return
+    from torchkeel.process_group import init_process_group, shutdown
+    init_process_group("gloo")
+    modes = {"agree": agree_mode, "group": group_mode, "dtensor": dtensor_mode}
+    modes[args.mode](args.out, dist.get_rank())
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
