@@ -87,6 +87,37 @@ def test_what_is_written_is_the_state_at_snapshot_not_after_later_in_place_chang
     assert not _equal(loaded["model"], _clone(model.state_dict()))  # training did change them
 
 
+def test_a_snapshot_still_held_is_never_reused_one_nobody_holds_is(tmp_path: Path) -> None:
+    """Host memory of earlier snapshots is reused only once nothing refers to it."""
+    state = {"w": torch.arange(1000.0), "b": torch.ones(10)}
+    saver = BackgroundSaver()
+    first = saver.snapshot(state)
+    row = first["w"][:5]  # a view of the first snapshot outlives it
+    release = threading.Event()
+
+    def save(snap: dict[str, Any] = first) -> None:
+        release.wait(30)
+        io.save(snap, tmp_path / "step-1.pt")
+
+    saver.submit(save)
+    del first  # only the save in flight and the view hold the first snapshot now
+    state["w"].add_(1000)
+    second = saver.snapshot(state)  # while the first save is still waiting to write
+    assert torch.equal(row, torch.arange(5.0))
+    release.set()
+    saver.wait()
+    assert torch.equal(io.load(tmp_path / "step-1.pt")["w"], torch.arange(1000.0))
+    assert torch.equal(second["w"], torch.arange(1000.0) + 1000)
+    ptr = second["w"].data_ptr()
+    del second
+    third = saver.snapshot(state)  # nothing holds the second: its memory is written again
+    assert third["w"].data_ptr() == ptr and torch.equal(third["w"], state["w"])
+    del save, row
+    fourth = saver.snapshot(state)  # the first snapshot's memory is free now; the third is held
+    assert fourth["w"].data_ptr() != third["w"].data_ptr()
+    assert torch.equal(third["w"], fourth["w"])
+
+
 class Pair(NamedTuple):
     first: torch.Tensor
     second: int
@@ -208,22 +239,28 @@ def _python(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=TIMEOUT, check=False)
 
 
+@pytest.fixture(scope="module")
+def exited(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("exit")
+    return out, _python("--mode", "exit", "--out", str(out))
+
+
 @pytest.mark.slow
-def test_process_exit_waits_for_the_save_in_flight(tmp_path: Path) -> None:
-    proc = _python("--mode", "exit", "--out", str(tmp_path))
+def test_process_exit_waits_for_the_save_in_flight(exited: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, proc = exited
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == "returned while writing", proc.stdout
-    entry = io.verify(tmp_path / "step-1.pt")  # complete: the manifest matches every byte
+    entry = io.verify(out / "step-1.pt")  # complete: the manifest matches every byte
     assert entry["meta"] == {"step": 1}
-    assert _equal(io.load(tmp_path / "step-1.pt"), torch.load(tmp_path / "expected.pt", weights_only=True))
+    assert _equal(io.load(out / "step-1.pt"), torch.load(out / "expected.pt", weights_only=True))
 
 
 @pytest.mark.slow
-def test_a_failure_nobody_waited_for_is_reported_at_exit(tmp_path: Path) -> None:
-    proc = _python("--mode", "exit-error", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "background save of 'step-1.pt' failed and was never waited for" in proc.stderr
-    assert "PermissionError" in proc.stderr, proc.stderr
+def test_a_failure_nobody_waited_for_is_reported_at_exit(exited: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    _, proc = exited
+    assert "background save of 'step-2.pt' failed and was never waited for" in proc.stderr, proc.stderr
+    assert "PermissionError: [Errno 13] Permission denied" in proc.stderr, proc.stderr
+    assert "step-1.pt" not in proc.stderr  # the save that worked is not reported
 
 
 @pytest.mark.slow
@@ -253,44 +290,46 @@ def test_kill_9_during_a_background_save_leaves_the_previous_checkpoint_newest_a
 
 
 # -------------------------------------------------------------------- 2 ranks (torchrun, gloo)
-def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One torchrun launch (2 ranks, gloo) for the three cases below: each writes into OUT/<mode>/."""
     from conftest import free_port
+    out = tmp_path_factory.mktemp("ranks")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER),
+           "--mode", "agree,group,dtensor", "--out", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_failure_on_rank_1_only_makes_both_ranks_raise_with_its_message(tmp_path: Path) -> None:
-    proc = _torchrun("--mode", "agree", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_a_failure_on_rank_1_only_makes_both_ranks_raise_with_its_message(two_ranks: Path) -> None:
+    out = two_ranks / "agree"
     for rank in (0, 1):
-        message = (tmp_path / f"error-rank{rank}.txt").read_text()
+        message = (out / f"error-rank{rank}.txt").read_text()
         assert message.startswith("CheckpointWriteError: save of step 2 failed on rank 1: background "
                                   "save of 'step-2' failed: checkpoint "), message
         assert "rank1/step-2.pt': could not write it (OSError: [Errno 27] File too large)" in message, message
-        assert (tmp_path / f"ok-step-1-rank{rank}").read_text() == "agreed"  # a good save agrees silently
-    assert not (tmp_path / "rank0" / "step-2.pt").exists() or io.verify(tmp_path / "rank0" / "step-2.pt")
+        assert (out / f"ok-step-1-rank{rank}").read_text() == "agreed"  # a good save agrees silently
+    io.verify(out / "rank0" / "step-2.pt")  # rank 0's own write worked
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_background_collectives_on_the_saver_group_do_not_block_the_default_group(tmp_path: Path) -> None:
-    proc = _torchrun("--mode", "group", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_background_collectives_on_the_saver_group_do_not_block_the_default_group(two_ranks: Path) -> None:
     for rank in (0, 1):
-        assert (tmp_path / f"group-rank{rank}.txt").read_text() == "main 40 background 40", rank
+        assert (two_ranks / "group" / f"group-rank{rank}.txt").read_text() == "main 40 background 40", rank
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_sharded_snapshot_saves_the_state_at_snapshot_through_dcp(tmp_path: Path) -> None:
-    proc = _torchrun("--mode", "dtensor", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_a_sharded_snapshot_saves_the_state_at_snapshot_through_dcp(two_ranks: Path) -> None:
     from torchkeel import dcp
-    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
-    saved = dcp.load_full(tmp_path / "step-1")
-    assert dcp.verify(tmp_path / "step-1")["world_size"] == 2
+    out = two_ranks / "dtensor"
+    expected = torch.load(out / "expected.pt", weights_only=True)
+    saved = dcp.load_full(out / "step-1")
+    assert dcp.verify(out / "step-1")["world_size"] == 2
     assert _equal(saved["model"], expected["model"]) and _equal(saved["optimizer"], expected["optimizer"])
     assert saved["step"] == 1

@@ -42,11 +42,52 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _Buffers:
+    """Host storages kept between snapshots: one nothing else refers to any more is reused.
+
+    Writing fresh memory costs a page fault per page, about 4x the copy itself (300 MB here:
+    0.87 s fresh, 0.2 s reused). A buffer is free only when no tensor, view or storage object
+    outside this pool holds it (the storage's use count is 1), so a snapshot anyone still holds,
+    such as the one a save in flight writes, is never overwritten.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[torch.UntypedStorage, bool]] = []  # (storage, pinned)
+        self.free: dict[tuple[int, bool], list[torch.UntypedStorage]] = {}
+
+    def start(self) -> None:
+        self.free = {}
+        count = _use_count
+        if count is None:  # no way to tell a free buffer: allocate each time
+            self.held = []
+            return
+        for storage, pinned in self.held:
+            if count(storage._cdata) == 1:
+                self.free.setdefault((storage.nbytes(), pinned), []).append(storage)
+
+    def take(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
+        free = self.free.get((nbytes, pinned))
+        if free:
+            return free.pop()
+        storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+        self.held.append((storage, pinned))
+        return storage
+
+    def finish(self) -> None:
+        unused = {id(s) for left in self.free.values() for s in left}
+        self.held = [h for h in self.held if id(h[0]) not in unused]  # released: shapes changed
+        self.free = {}
+
+
 class _Snapshot:
     """One ``snapshot`` call: a memo (shared objects stay shared) and one host copy per storage."""
 
-    def __init__(self) -> None:
-        self.memo: dict[int, Any] = {}
+    def __init__(self, buffers: _Buffers) -> None:
+        self.buffers = buffers
+        self.memo: dict[int, tuple[Any, Any]] = {}
         self.storages: dict[tuple[str, int, int], torch.UntypedStorage] = {}
         self.streams: set[torch.device] = set()  # CUDA devices with copies still running
 
@@ -54,9 +95,9 @@ class _Snapshot:
         if isinstance(x, _ATOMIC):
             return x
         if id(x) in self.memo:
-            return self.memo[id(x)]
+            return self.memo[id(x)][1]
         out = self._copy(x)
-        self.memo[id(x)] = out
+        self.memo[id(x)] = (x, out)  # x kept alive: a temporary's id is never reused meanwhile
         return out
 
     def _copy(self, x: Any) -> Any:
@@ -99,13 +140,12 @@ class _Snapshot:
         host = self.storages.get(key)
         if host is None:  # the whole storage once, as torch.save writes it: views keep sharing
             cuda = storage.device.type == "cuda"
-            dst = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=cuda)
+            host = self.storages[key] = self.buffers.take(storage.nbytes(), cuda)
             if storage.nbytes():
                 src = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-                dst.copy_(src, non_blocking=cuda)
+                torch.empty(0, dtype=torch.uint8).set_(host).copy_(src, non_blocking=cuda)
             if cuda:
                 self.streams.add(storage.device)
-            host = self.storages[key] = dst.untyped_storage()
         out = torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.size(), t.stride())
         if isinstance(t, nn.Parameter):
             return nn.Parameter(out, requires_grad=t.requires_grad)
@@ -134,13 +174,15 @@ class BackgroundSaver:
         self._thread: threading.Thread | None = None
         self._error: tuple[BaseException, str, str] | None = None  # error, traceback text, what
         self._group: Any = None
+        self._buffers = _Buffers()
         _savers.add(self)
 
     def snapshot(self, obj: Any) -> Any:
         """A copy of ``obj`` that later in-place changes cannot reach: every tensor in host memory.
 
         Each tensor storage is copied once (pinned memory for CUDA; one stream sync at the end), so
-        tied weights and views share their copy as they would in ``torch.save``. Containers are
+        tied weights and views share their copy as they would in ``torch.save``. The host memory of
+        an earlier snapshot that nothing refers to any more (its save finished) is reused. Containers are
         rebuilt, plain values kept, other objects deep-copied. A DTensor keeps its mesh, placements,
         shape and stride with its local shard copied, so ``torch.distributed.checkpoint`` still
         sees a sharded tensor.
@@ -148,10 +190,14 @@ class BackgroundSaver:
         Example:
             >>> state = saver.snapshot({"model": model.state_dict(), "step": 120})
         """
-        with torch.no_grad():
-            run = _Snapshot()
-            out = run.copy(obj)
-            run.finish()
+        self._buffers.start()
+        try:
+            with torch.no_grad():
+                run = _Snapshot(self._buffers)
+                out = run.copy(obj)
+                run.finish()
+        finally:
+            self._buffers.finish()
         return out
 
     def submit(self, fn: Callable[[], object], what: str = "") -> None:
@@ -229,6 +275,7 @@ class BackgroundSaver:
         try:
             self.wait()
         finally:
+            self._buffers = _Buffers()
             group, self._group = self._group, None
             if group is not None and _distributed():
                 dist.destroy_process_group(group)

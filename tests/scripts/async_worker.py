@@ -1,11 +1,11 @@
 """Background saves in real processes, for tests/test_async_save.py.
 
 One process:
---mode exit:        snapshot, submit a slow io.save of OUT/step-1.pt and return from main at once.
---mode exit-error:  submit a save that fails and never wait for it.
+--mode exit:        snapshot, submit a slow io.save of OUT/step-1.pt and return from main at once;
+                    a second saver's save fails and nobody waits for it.
 --mode loop:        save step-1 and wait; then step-2, 3, ... in the background while "training"
                     changes the state in place, printing "submitted N", until killed.
-torchrun, 2 ranks (gloo):
+torchrun, 2 ranks (gloo), one launch for several: --mode agree,group,dtensor
 --mode agree:       step 1 saves fine on both ranks; step 2 fails on rank 1 only (RLIMIT_FSIZE);
                     agree_error after each; each rank writes what it raised to OUT/error-rank<r>.txt.
 --mode group:       40 all_reduces on saver.group() in the background while the training thread
@@ -52,16 +52,12 @@ def exit_mode(out: Path) -> None:
     saver.submit(slow_save, what="step-1.pt")
     for t in state["model"].values():
         t.zero_()
-    print("returned while writing" if saver.in_flight else "finished before return", flush=True)
-
-
-def exit_error_mode(out: Path) -> None:
-    saver = BackgroundSaver()
 
     def fail() -> None:
-        raise PermissionError(13, "Permission denied", str(out / "step-1.pt"))
+        raise PermissionError(13, "Permission denied", str(out / "other" / "step-2.pt"))
 
-    saver.submit(fail, what="step-1.pt")
+    BackgroundSaver().submit(fail, what="step-2.pt")
+    print("returned while writing" if saver.in_flight else "finished before return", flush=True)
 
 
 def loop_mode(out: Path) -> None:
@@ -189,18 +185,19 @@ def dtensor_mode(out: Path, rank: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mode", required=True,
-                   choices=["exit", "exit-error", "loop", "agree", "group", "dtensor"])
+    p.add_argument("--mode", required=True, help="exit, loop, or some of agree,group,dtensor")
     args = p.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.mode in ("exit", "exit-error", "loop"):
-        {"exit": exit_mode, "exit-error": exit_error_mode, "loop": loop_mode}[args.mode](args.out)
+    if args.mode in ("exit", "loop"):
+        {"exit": exit_mode, "loop": loop_mode}[args.mode](args.out)
         return
     from torchkeel.process_group import init_process_group, shutdown
     init_process_group("gloo")
     modes = {"agree": agree_mode, "group": group_mode, "dtensor": dtensor_mode}
-    modes[args.mode](args.out, dist.get_rank())
+    for mode in args.mode.split(","):
+        (args.out / mode).mkdir(exist_ok=True)
+        modes[mode](args.out / mode, dist.get_rank())
     shutdown()
 
 
