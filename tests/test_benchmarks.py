@@ -8,6 +8,7 @@ checkpoint.py exit 1 when a ratio is over its budget, which a short run on a bus
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -76,6 +77,16 @@ def test_checkpoint_benchmark_small() -> None:
     out = run_bench("checkpoint.py", "--mb", "8", "-r", "3")
     for op in ("save", "load"):
         numbers(rf"{op}\s+torchkeel {NUMBER} s\s+plain {NUMBER} s\s+ratio {NUMBER}", out)
+    numbers(rf"async stall {NUMBER} s\s+sync save {NUMBER} s\s+ratio {NUMBER} \(budget 0.2\).*"
+            rf"background write {NUMBER} s, first stall {NUMBER} s", out)
+
+
+@pytest.mark.distributed
+def test_checkpoint_benchmark_sharded_async_small() -> None:
+    """--sharded: the 2-rank stall (torchrun, FSDP2 shards, background dcp.save) next to the rest."""
+    out = run_bench("checkpoint.py", "--mb", "4", "-r", "3", "--sharded", timeout=600)
+    numbers(rf"sharded async \(2 ranks\) stall {NUMBER} s\s+sync save {NUMBER} s\s+ratio {NUMBER} "
+            rf"\(budget 0.2\).*background write {NUMBER} s, first stall {NUMBER} s", out)
 
 
 def test_peers_benchmark_measures_imports_and_checkpoints_without_the_peers() -> None:
@@ -85,3 +96,30 @@ def test_peers_benchmark_measures_imports_and_checkpoints_without_the_peers() ->
     numbers(rf"\| torch.save \+ fsync \|\s+\| {NUMBER} s, {NUMBER}× \| {NUMBER} s, {NUMBER}× \|", out)
     numbers(rf"\| torchkeel [0-9.]+ \| {NUMBER} ms \| {NUMBER} s, {NUMBER}× \| {NUMBER} s, {NUMBER}× \|", out)
     numbers(rf"`import torch` itself: {NUMBER} ms", out)
+
+
+def test_fsdp_benchmark_halves_the_per_rank_state_and_pairs_the_trainer_with_fully_shard(tmp_path: Path) -> None:
+    """Each FSDP rank holds exactly half of DDP's parameter, gradient and Adam bytes (2 ranks, even shapes)."""
+    out = run_bench("fsdp.py", "--quick", "--json", str(tmp_path / "run.json"), codes=(0,), timeout=600)
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert result["bench"] == "fsdp" and result["world_size"] == 2 and result["memory_malloc"] == "mmap"
+    memory = result["memory"]
+    assert [r["rank"] for r in memory["ddp"]] == [r["rank"] for r in memory["fsdp"]] == [0, 1]
+    for ddp, fsdp, ratios in zip(memory["ddp"], memory["fsdp"], memory["ratios"]):
+        assert ddp["params_bytes"] == 4 * result["params"]          # float32, replicated
+        for key in ("params_bytes", "grads_bytes", "adam_moments_bytes"):
+            assert fsdp[key] * 2 == ddp[key] > 0, (key, ddp[key], fsdp[key])
+        assert ratios["optimizer_state_bytes"] == pytest.approx(0.5, abs=0.01)   # + unsharded step counters
+        for side in (ddp, fsdp):
+            assert side["train_peak_rss_mib"] >= side["train_start_rss_mib"] > 0
+            assert side["process_peak_rss_mib"] > 0 and math.isfinite(side["final_loss"])
+    for rank in (0, 1):
+        numbers(rf"rank {rank} parameters\s+{NUMBER}\s+{NUMBER}\s+0\.500", out)
+        numbers(rf"rank {rank} Adam state\s+{NUMBER}\s+{NUMBER}\s+0\.500", out)
+        numbers(rf"rank {rank} peak RSS while training\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}", out)
+    throughput = result["throughput"]
+    assert throughput["control"] is False and len(throughput["raw_blocks_us"]) == throughput["repeats"]
+    assert all(math.isfinite(v) and v > 0 for v in (throughput["raw_us"], throughput["trainer_us"], throughput["ratio"]))
+    numbers(rf"hand-written fully_shard loop\s+{NUMBER} us/step", out)
+    numbers(rf"DistributedTrainer\+AdvancedTrainer\s+{NUMBER} us/step", out)
+    numbers(rf"ratio \(median of pairs\)\s+{NUMBER}\s+budget 1.05", out)
