@@ -218,12 +218,28 @@ def test_a_checkpoint_error_keeps_its_message_and_path(tmp_path: Path) -> None:
     assert info.value.path == tmp_path / "file" / "step-1.pt"
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_a_cuda_snapshot_lands_in_pinned_host_memory_as_of_the_snapshot() -> None:
+    w = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+    saver = BackgroundSaver()
+    snap = saver.snapshot({"w": w, "half": w[: 1 << 19]})
+    w.add_(1.0)  # queued after the copy on the same stream
+    assert snap["w"].device.type == "cpu" and snap["w"].is_pinned()
+    assert torch.equal(snap["w"], torch.arange(1 << 20, dtype=torch.float32))
+    assert snap["half"].untyped_storage().data_ptr() == snap["w"].untyped_storage().data_ptr()
+
+
 def test_submit_refuses_what_it_cannot_run() -> None:
     saver = BackgroundSaver()
     with pytest.raises(TypeError, match=r"submit\(fn=<str>\): fn must be a callable"):
         saver.submit("io.save", what="x")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"submit\(what=3\): what must be a str"):
         saver.submit(lambda: None, what=3)  # type: ignore[arg-type]
+    saver.submit(lambda: saver.submit(lambda: None))  # from inside the save: refused, not a hang
+    with pytest.raises(CheckpointWriteError, match=r"RuntimeError: BackgroundSaver: submit\(\) or wait\(\) "
+                       "from inside the save"):
+        saver.wait()
     with pytest.raises(TypeError, match="agree_error"):
         agree_error(object(), "here")  # type: ignore[arg-type]
     assert saver.group() is None  # one process: no group

@@ -234,6 +234,9 @@ class BackgroundSaver:
             >>> saver.wait()
         """
         thread = self._thread
+        if thread is threading.current_thread():
+            raise RuntimeError("BackgroundSaver: submit() or wait() from inside the save it would wait "
+                               "for; call them from the training thread.")
         if thread is not None:
             thread.join()
             self._thread = None
