@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,29 @@ def test_on_step_on_epoch_flags() -> None:
     logged.log("v", torch.tensor(7.0), count=4, on_step=True, phase="val")   # validation has no steps
     assert logged.step_values() == {"only_step": 1.0}
     assert logged.epoch_values() == {"only_epoch": 2.0, "val_v": 7.0}
+
+
+def test_many_queued_values_sum_exactly_with_no_host_read(host_reads: dict[str, int]) -> None:
+    from torchkeel.logged import QUEUE
+
+    logged, n = LoggedValues(), 2 * QUEUE + 7            # the queue is summed twice, 7 stay queued
+    for i in range(n):
+        logged.log("v", torch.tensor(float(i % 5)), count=i % 3 + 1)
+    assert sum(host_reads.values()) == 0
+    want = sum((i % 5) * (i % 3 + 1) for i in range(n)) / sum(i % 3 + 1 for i in range(n))
+    assert logged.epoch_values() == {"v": want}
+
+
+def test_a_logged_tensor_changed_in_place_is_an_error_naming_it() -> None:
+    logged, running = LoggedValues(), torch.zeros(())
+    for _ in range(3):
+        running += 1.0                                     # the same tensor, modified after being logged
+        logged.log("running", running, count=1)
+    with pytest.raises(ValueError, match=r"trainer.log\('running'\): a logged tensor was modified in place"):
+        logged.epoch_values()
+    logged.log("fresh", running.clone(), count=1)          # a copy is fine
+    values = logged.epoch_values()
+    assert values["fresh"] == 3.0 and math.isnan(values["running"])   # never a wrong mean
 
 
 def test_step_values_read_the_host_once_and_log_never(host_reads: dict[str, int]) -> None:

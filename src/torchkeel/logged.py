@@ -1,8 +1,11 @@
 """LoggedValues: the store behind ``trainer.log(name, value)``; device tensors, read only when logging.
 
 ``log`` keeps the latest per-step value (a detached tensor, or the number given) and adds
-``value * count`` and ``count`` to per-name epoch sums: one in-place add on the value's device for a
-tensor with a number count, python arithmetic for numbers; no host read. ``step_values`` reads every per-step value at once (one ``torch.stack`` and ``tolist``);
+``value * count`` and ``count`` to per-name epoch sums with no host read: python arithmetic for
+numbers; a tensor with a number count is queued (a list append: no device op per call) and the
+queue is summed in float64 by one stacked multiply-add every ``QUEUE`` values and when read. A
+queued tensor must not change in place before it is summed: its version counter is checked then,
+and a change is an error naming the metric (log a new tensor, or ``value.clone()``). ``step_values`` reads every per-step value at once (one ``torch.stack`` and ``tolist``);
 ``epoch_values`` gives the count-weighted means, reduced across ranks with one ``all_reduce``.
 
 Names: training-phase names are kept as given (they may not start with ``val_``), validation-phase
@@ -20,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,20 +42,54 @@ RESERVED = frozenset({"train_loss", "val_loss", "lr", "epoch_time", "epoch", "st
                       "loss", "grad_norm", "samples_per_sec"})
 
 
+QUEUE = 256   # tensor values (with number counts) queued per name before one summing op
+
+
 class _Sums:
     """One name's epoch sums: numbers on the host where numbers came, device tensors where tensors came."""
 
-    __slots__ = ("count", "count_t", "value", "value_t")
+    __slots__ = ("count", "count_t", "name", "queued", "value", "value_t", "versions", "weights")
 
-    def __init__(self, value_t: torch.Tensor | None = None, count_t: torch.Tensor | None = None) -> None:
-        self.value, self.count = 0.0, 0.0
+    def __init__(self, value_t: torch.Tensor | None = None, count_t: torch.Tensor | None = None,
+                 name: str = "") -> None:
+        self.value, self.count, self.name = 0.0, 0.0, name
         self.value_t, self.count_t = value_t, count_t
+        self.queued: list[torch.Tensor] = []     # tensor values not yet summed, their counts and versions
+        self.weights: list[float] = []
+        self.versions: list[int] = []
+
+    def queue(self, value: torch.Tensor, count: float) -> None:
+        self.queued.append(value)
+        self.weights.append(count)
+        self.versions.append(value._version)
+        if len(self.queued) >= QUEUE:
+            self.drain()
+
+    def drain(self) -> None:
+        """Sum the queued values into ``value_t``: one stack, one multiply, one sum (float64)."""
+        if not self.queued:
+            return
+        queued, weights, versions = self.queued, self.weights, self.versions
+        self.queued, self.weights, self.versions = [], [], []
+        changed = [i for i, (t, v) in enumerate(zip(queued, versions)) if t._version != v]
+        if changed:
+            self.value = math.nan                  # never a wrong mean afterwards
+            raise ValueError(f"trainer.log({self.name!r}): a logged tensor was modified in place after it was "
+                             f"logged ({len(changed)} of the last {len(queued)} values), so the epoch mean would "
+                             "be wrong. Log a new tensor each time, e.g. value.clone().")
+        device = queued[0].device if self.value_t is None else self.value_t.device
+        stacked = torch.stack([t.to(device) for t in queued]).to(torch.float64)
+        total = stacked.mul_(torch.tensor(weights, dtype=torch.float64).to(device)).sum()
+        self.value_t = total if self.value_t is None else self.value_t.add_(total)
 
     def device(self, default: torch.device) -> torch.device:
+        self.drain()
         tensor = self.value_t if self.value_t is not None else self.count_t
         return tensor.device if tensor is not None else default
 
     def totals(self, where: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        self.drain()
+
         def total(number: float, tensor: torch.Tensor | None) -> torch.Tensor:
             if tensor is None:
                 return torch.tensor(number, dtype=torch.float64, device=where)
@@ -105,10 +143,10 @@ class LoggedValues:
         if (name, phase, on_step, on_epoch) not in self._checked:
             self._check_name(name, phase, on_step, on_epoch)
         if isinstance(value, torch.Tensor):
-            if value.dim() != 0:
+            if value.ndim:
                 raise ValueError(f"trainer.log({name!r}, value=...): expected a number or a 0-dim tensor, "
                                  f"got a tensor of shape {tuple(value.shape)}. Reduce it first, e.g. value.mean().")
-            if value.is_complex():
+            if value.dtype.is_complex:
                 raise TypeError(f"trainer.log({name!r}, value=...): got a complex tensor; log a real number.")
             if value.requires_grad:
                 value = value.detach()
@@ -124,8 +162,9 @@ class LoggedValues:
     def _accumulate(self, key: str, value: float | torch.Tensor, count: float | torch.Tensor) -> None:
         acc = self._sums.get(key)
         if acc is None:
-            acc = self._sums[key] = _Sums()
+            acc = self._sums[key] = _Sums(name=key)
         if isinstance(count, torch.Tensor):
+            acc.drain()
             if count.dim() != 0:
                 raise ValueError(f"trainer.log({key!r}): count must be a number or a 0-dim tensor, "
                                  f"got shape {tuple(count.shape)}.")
@@ -139,12 +178,10 @@ class LoggedValues:
             raise ValueError(f"trainer.log({key!r}, count={count!r}): count must be a number >= 0 "
                              "(the value's weight: samples or items) or a 0-dim tensor.")
         acc.count += count                         # numbers stay on the host: no device work
-        if not isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor):
+            acc.queue(value, count)                # the common case: summed QUEUE at a time
+        else:
             acc.value += float(value) * count
-        elif acc.value_t is None:
-            acc.value_t = value.to(torch.float64, copy=True).mul_(count)
-        else:                                      # the common case: one in-place add on the device
-            acc.value_t.add_(value.to(acc.value_t.device), alpha=count)
 
     def _check_name(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> None:
         if phase not in ("train", "val"):
@@ -238,7 +275,7 @@ class LoggedValues:
             raise ValueError(f"LoggedValues.load_state_dict: expected names, sums and counts of one length, "
                              f"got {len(names)} names, {len(sums)} sums, {len(counts)} counts.")
         self._sums = {k: _Sums(sums[i].to(self.device, torch.float64, copy=True),
-                               counts[i].to(self.device, torch.float64, copy=True)) for i, k in enumerate(names)}
+                               counts[i].to(self.device, torch.float64, copy=True), k) for i, k in enumerate(names)}
         self._step.clear()
         self._cache = None
 
