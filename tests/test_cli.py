@@ -40,14 +40,14 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return trainer.run_dir
 
 
-@pytest.mark.parametrize("command", ["demo", "plot", "inspect", "runs"])
+@pytest.mark.parametrize("command", ["demo", "plot", "inspect", "export", "runs"])
 def test_every_command_has_help(command: str) -> None:
     proc = cli(command, "--help")
     assert proc.returncode == 0 and "usage: torchkeel " + command in proc.stdout, proc.stderr
 
 
 @pytest.mark.parametrize("args", [("inspect", "/nonexistent/ckpt.pt"), ("plot", "/nonexistent/run"),
-                                  ("runs", "/nonexistent/root")])
+                                  ("runs", "/nonexistent/root"), ("export", "/nonexistent/ckpt.pt", "out.st")])
 def test_a_missing_path_is_one_line_and_exit_code_2(args: tuple[str, ...]) -> None:
     proc = cli(*args)
     assert proc.returncode == 2
@@ -71,6 +71,20 @@ def test_inspect_runs_and_plot_on_a_real_run(run_dir: Path) -> None:
     proc = cli("plot", str(run_dir))
     png = Path(proc.stdout.strip())
     assert proc.returncode == 0 and png.exists() and png.stat().st_size > 0, proc.stderr
+
+
+def test_export_writes_the_checkpoints_weights_as_safetensors(run_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from torchkeel import load_checkpoint
+
+    last = run_dir / "checkpoints" / json.loads((run_dir / "checkpoints" / "last.json").read_text())["last"]
+    proc = cli("export", str(last), str(tmp_path / "model.safetensors"))
+    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "model.safetensors"), proc.stderr
+    weights, saved = load_file(str(tmp_path / "model.safetensors")), load_checkpoint(last)["model"]
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+    proc = cli("export", str(last), str(tmp_path / "x.safetensors"), "--key", "nothing")
+    assert proc.returncode == 2 and "key= one of those" in proc.stderr, proc.stderr
 
 
 def test_one_epoch_number_everywhere_a_person_sees_it(run_dir: Path) -> None:

@@ -21,16 +21,24 @@ if TYPE_CHECKING:
 
     Choose: TypeAlias = Callable[[str | Path, list[Path]], tuple[Path | None, list[str]]]
     Check: TypeAlias = Callable[[AdvancedTrainer, dict[str, Any], str], None]
+    Read: TypeAlias = Callable[[str | Path], tuple[dict[str, Any], str]]
 
 __all__ = ["agree"]
 
 
+def _read_file(path: str | Path) -> tuple[dict[str, Any], str]:
+    ckpt, entry = io.load_verified(path)
+    return ckpt, entry["sha256"]
+
+
 def agree(trainer: AdvancedTrainer, resume_from: str | Path, roots: list[Path], choose: Choose,
-          check: Check) -> tuple[Path | None, dict[str, Any] | None]:
+          check: Check, read: Read = _read_file) -> tuple[Path | None, dict[str, Any] | None]:
     """Rank 0 chooses; every rank loads that same checkpoint and checks it: all go on, or all raise.
 
     ``choose(resume_from, roots)`` gives rank 0's path (``None``: start fresh) and the paths it passed
-    over; ``check(trainer, ckpt, source)`` raises when the checkpoint does not fit this trainer.
+    over; ``check(trainer, ckpt, source)`` raises when the checkpoint does not fit this trainer;
+    ``read(path)`` gives the verified checkpoint and a sha256 naming it (a sharded directory's: of
+    its manifest, which names every file's sha256).
     """
     choice: dict[str, Any] = {"path": None, "sha256": None, "passed": [], "error": None}
     ckpt: dict[str, Any] | None = None
@@ -39,8 +47,8 @@ def agree(trainer: AdvancedTrainer, resume_from: str | Path, roots: list[Path], 
         try:
             path, choice["passed"] = choose(resume_from, roots)
             if path is not None:
-                ckpt, entry = io.load_verified(path)
-                choice.update(path=str(path), sha256=entry["sha256"])
+                ckpt, sha256 = read(path)
+                choice.update(path=str(path), sha256=sha256)
         except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
             own, choice["error"] = exc, (type(exc).__name__, str(exc))
     box = [choice]
@@ -55,7 +63,7 @@ def agree(trainer: AdvancedTrainer, resume_from: str | Path, roots: list[Path], 
     problem = None
     try:
         if trainer.rank != 0:
-            ckpt, problem = _read_same(resume_from, roots, choice)
+            ckpt, problem = _read_same(resume_from, roots, choice, read)
         if ckpt is not None:
             check(trainer, ckpt, choice["path"])
     except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
@@ -67,8 +75,8 @@ def agree(trainer: AdvancedTrainer, resume_from: str | Path, roots: list[Path], 
     return (Path(choice["path"]) if choice["path"] else None), ckpt
 
 
-def _read_same(resume_from: str | Path, roots: list[Path],
-               choice: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+def _read_same(resume_from: str | Path, roots: list[Path], choice: dict[str, Any],
+               read: Read) -> tuple[dict[str, Any] | None, str | None]:
     """On a rank other than 0: rank 0's checkpoint, loaded and verified, or why not."""
     if choice["path"] is None:
         if resume_from != "auto":
@@ -80,11 +88,11 @@ def _read_same(resume_from: str | Path, roots: list[Path],
     if not path.exists():
         return None, f"it has no file {path}"
     try:
-        ckpt, entry = io.load_verified(path)
+        ckpt, sha256 = read(path)
     except io.CheckpointError as exc:
         return None, f"it cannot read {path} ({exc.reason})"
-    if entry["sha256"] != choice["sha256"]:
-        return None, f"its {path} is another file (sha256 {entry['sha256'][:16]})"
+    if sha256 != choice["sha256"]:
+        return None, f"its {path} is another {'directory' if path.is_dir() else 'file'} (sha256 {sha256[:16]})"
     return ckpt, None
 
 

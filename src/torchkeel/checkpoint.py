@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from torchkeel import io, resume, runs
+from torchkeel import io, resume, runs, sharded
 from torchkeel.callbacks import Callback, EarlyStopping, Mode, infer_mode
 from torchkeel.distributed import save_on_main
 
@@ -25,7 +25,9 @@ class ModelCheckpoint(Callback):
 
     Each run writes into its own ``<save_dir>/version_N/`` (a resumed run continues in the folder
     it resumed from), so a new run never overwrites an earlier one. A checkpoint is a ``.pt`` file
-    plus its manifest; ``last.json`` in the run folder names the newest.
+    plus its manifest; ``last.json`` in the run folder names the newest. On a sharded model
+    (FSDP2) it is a directory of the same name without ``.pt`` (``torchkeel.dcp``): every rank
+    writes its shards, the manifest last.
 
     Args:
         save_dir: root folder for this experiment's runs; default: the trainer's run folder
@@ -49,6 +51,10 @@ class ModelCheckpoint(Callback):
         save_weights_only: store only the model's weights (no resume possible).
         save_on_exception: on a crash, save the state as of the last completed optimizer step.
         verbose: log each save and deletion.
+        async_save: the step pays only for a copy of the state in host memory; writing, hashing,
+            the manifest, ``last.json`` and pruning run in a background thread, one save at a time.
+            ``last.json`` and the top k move only after the write committed; the next save and
+            fit's end wait for it and raise its error on every rank. An emergency save is synchronous.
 
     Example:
         >>> ckpt = ModelCheckpoint(save_dir="checkpoints", monitor="val_loss", mode="min", save_top_k=3)
@@ -70,6 +76,7 @@ class ModelCheckpoint(Callback):
         save_weights_only: bool = False,
         save_on_exception: bool = False,
         verbose: bool = False,
+        async_save: bool = False,
     ) -> None:
         if not isinstance(save_top_k, int) or save_top_k < -1:
             raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k!r}): use -1 (keep all), 0 (only last) or k >= 1.")
@@ -79,6 +86,8 @@ class ModelCheckpoint(Callback):
             raise ValueError(f"ModelCheckpoint(every_n_steps={every_n_steps!r}): must be an int >= 1 or None.")
         if filename is not None and ("{" not in filename and "}" not in filename) and "/" in filename:
             raise ValueError(f"ModelCheckpoint(filename={filename!r}): a file name, not a path.")
+        if not isinstance(async_save, bool):
+            raise TypeError(f"ModelCheckpoint(async_save={async_save!r}): pass True or False.")
         if filename is not None:
             _fill(filename, _Fields(epoch=0, step=0), "epoch, step and the metric names (e.g. val_loss)")
         self.save_dir = Path(save_dir) if save_dir is not None else None
@@ -101,6 +110,11 @@ class ModelCheckpoint(Callback):
         self._created: list[str] = []      # every file this instance wrote and still keeps
         self._unranked: list[list[float]] = []   # [epoch, score] of each non-finite score seen
         self._resumed_dir: Path | None = None
+        self._sharded = False               # a sharded model: checkpoints are DCP directories
+        self.async_save = async_save
+        self._saver: Any = None             # torchkeel.background.BackgroundSaver when async_save
+        self._group: Any = None             # its gloo group for a sharded save's collectives
+        self._restore: dict[str, Any] | None = None   # the bookkeeping before the save in flight
 
     @property
     def state_key(self) -> str:
@@ -127,6 +141,7 @@ class ModelCheckpoint(Callback):
         self._resumed_dir = runs.version_dir_of(Path(path), self.root_dir)
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
+        self._sharded = sharded.is_sharded(trainer.unwrapped_model)
         if self.save_on_exception:     # an emergency save resumes from the last optimizer step
             trainer.keep_step_rng = True
         for cb in trainer.callbacks:
@@ -148,6 +163,12 @@ class ModelCheckpoint(Callback):
             self.dirpath.mkdir(parents=True, exist_ok=True)
             for tmp in io.clean_temporaries(self.dirpath):
                 log.info("ModelCheckpoint: removed an unfinished write %s", tmp)
+        if self.async_save and self._saver is None:
+            from torchkeel.background import BackgroundSaver
+
+            self._saver = BackgroundSaver()
+            if self._sharded and trainer.world_size > 1:     # collective: every rank, here
+                self._group = self._saver.group()
 
     def on_step_end(self, trainer: AdvancedTrainer) -> None:
         if self.every_n_steps and trainer.state.step % self.every_n_steps == 0:
@@ -164,11 +185,14 @@ class ModelCheckpoint(Callback):
             self.save_now(trainer, reason="epoch", ranked=True)
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:
+        self._settle("ModelCheckpoint at the end of fit")
         if self.monitor and self.save_top_k != 0 and not self.best_model_path and trainer.is_global_zero:
             log.warning("ModelCheckpoint(monitor=%r): no best checkpoint, best_model_path is '': %s. The last "
                         "checkpoint is %r.", self.monitor, self.no_best_reason, self.last_model_path or None)
 
     def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
+        if self._saver is not None:     # a save in flight (a preemption's too) finishes first
+            self._wait_quietly()
         if not self.save_on_exception or isinstance(exc, (SystemExit, KeyboardInterrupt)) or self.dirpath is None:
             return   # a preemption saved already; a second Ctrl-C means: stop now, save nothing
         if trainer.world_size > 1:
@@ -192,6 +216,7 @@ class ModelCheckpoint(Callback):
         """
         if self.dirpath is None:
             raise RuntimeError("ModelCheckpoint.save_now() before fit() began: no run folder yet.")
+        self._settle(f"ModelCheckpoint before the save at step {trainer.state.step}")
         if check_finite:
             trainer.check_finite()
         state, metrics = trainer.state, trainer.state.metrics
@@ -217,14 +242,25 @@ class ModelCheckpoint(Callback):
         if entry is not None:
             self.best_k_models[str(path)] = entry
         self._rank()
-        obj = {"format": 1, "model": trainer.unwrapped_model.state_dict()} if self.save_weights_only \
-            else resume.trainer_state(trainer, rng)              # includes the bookkeeping above
         pointer = json.dumps({
             "last": Path(self.last_model_path).name,
             "best": Path(self.best_model_path).name if self.best_model_path else None,
             "best_k_models": {Path(p).name: s for p, s in self.best_k_models.items()}})
-        try:   # a failure on rank 0 in the payload, its manifest or last.json fails every rank alike
-            save_on_main(obj, path, meta, then=lambda: io.write_text_atomic(self._dir / "last.json", pointer))
+
+        def write_last() -> None:
+            io.write_text_atomic(self._dir / "last.json", pointer)
+        if self._saver is not None and rng is None:      # in the background; an emergency save is not
+            self._submit(trainer, path, meta, write_last, before)
+            return path
+        try:   # a failure on any rank in the payload, its manifest or last.json fails every rank alike
+            if self._sharded:       # every rank writes its shards (the state includes the bookkeeping above)
+                from torchkeel import shardstate
+
+                shardstate.save(trainer, path, meta, rng, self.save_weights_only, then=write_last)
+            else:
+                obj = {"format": 1, "model": trainer.unwrapped_model.state_dict()} if self.save_weights_only \
+                    else resume.trainer_state(trainer, rng)              # includes the bookkeeping above
+                save_on_main(obj, path, meta, then=write_last)
         except BaseException:
             self.load_state_dict(before)
             raise
@@ -232,6 +268,57 @@ class ModelCheckpoint(Callback):
         if self.verbose:
             log.info("ModelCheckpoint: saved %s (%s).", path, reason)
         return path
+
+    # ------------------------------------------------------------------------ background saves
+    def _submit(self, trainer: AdvancedTrainer, path: Path, meta: dict[str, Any],
+                write_last: Any, before: dict[str, Any]) -> None:
+        """Snapshot the state to host memory now; write, ``last.json`` and prune in the background."""
+        saver, writer, rank = self._saver, trainer.is_global_zero, trainer.rank
+        if self._sharded:
+            from torchkeel import shardstate
+
+            snap = saver.snapshot(shardstate.build(trainer, None, self.save_weights_only))
+            group = self._group
+
+            def job() -> None:
+                shardstate.write(snap, path, meta, rank, then=write_last, group=group)
+                self._prune(writer)
+        else:
+            obj = {"format": 1, "model": trainer.unwrapped_model.state_dict()} if self.save_weights_only \
+                else resume.trainer_state(trainer)        # every rank: it gathers every rank's RNG
+            snap = saver.snapshot(obj) if writer else None
+
+            def job() -> None:
+                if snap is not None:
+                    io.save(snap, path, meta)
+                    write_last()
+                self._prune(writer)
+        self._restore = before
+        saver.submit(job, what=path.name)
+
+    def _settle(self, where: str) -> None:
+        """Wait for the save in flight; on any rank's failure restore the bookkeeping, raise everywhere."""
+        if self._saver is None:
+            return
+        from torchkeel.background import agree_error
+
+        try:
+            agree_error(self._saver, where)
+        except BaseException:
+            if self._restore is not None:
+                self.load_state_dict(self._restore)
+            raise
+        finally:
+            self._restore = None
+
+    def _wait_quietly(self) -> None:
+        try:
+            self._saver.wait()
+        except Exception as exc:  # noqa: BLE001 - never mask the exception that ends fit
+            log.error("ModelCheckpoint: the background save failed: %s", exc)
+            if self._restore is not None:
+                self.load_state_dict(self._restore)
+        self._restore = None
 
     def _top(self, scores: dict[str, float]) -> list[str]:
         """The paths of ``scores`` that stay in the top ``save_top_k``, best first (no I/O)."""
@@ -262,15 +349,15 @@ class ModelCheckpoint(Callback):
                     log.info("ModelCheckpoint: removed %s (out of the top %d).", old, self.save_top_k)
 
     def _path_for(self, trainer: AdvancedTrainer, entry: float | None) -> Path:
-        """The file for the new checkpoint: the template's name, or ``-vN`` when that name must stay."""
+        """The file (a directory when sharded) for the new checkpoint: the template's name, or ``-vN``."""
         fields = _Fields(epoch=trainer.state.epoch, step=trainer.state.step)
         fields |= trainer.state.metrics
         name = _fill(self.filename, fields, ", ".join(sorted(fields)))
         name = name.replace("/", "_").replace(os.sep, "_").replace("\0", "")
-        base, n = name, 1
-        while not self._free(self._dir / f"{name}.pt", entry):
+        base, n, suffix = name, 1, "" if self._sharded else ".pt"
+        while not self._free(self._dir / f"{name}{suffix}", entry):
             name, n = f"{base}-v{n}", n + 1
-        return self._dir / f"{name}.pt"
+        return self._dir / f"{name}{suffix}"
 
     def _free(self, path: Path, entry: float | None) -> bool:
         """True when nothing is at ``path``, or a checkpoint of ours that this save evicts anyway."""

@@ -130,8 +130,9 @@ def _add_inspect(sub: Any) -> None:
         "inspect", help="what a checkpoint holds, and whether its checksum verifies",
         description="Describe a torchkeel checkpoint without building its model: size, versions, "
                     "epoch, step, metrics, whether its sha256 matches the manifest, and the tensors "
-                    "under each top-level key.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file written by torchkeel")
+                    "under each top-level key. A sharded directory: also its world size and files.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a .pt file or a sharded checkpoint directory written by torchkeel")
     p.set_defaults(func=_run_inspect)
 
 
@@ -165,7 +166,30 @@ def _run_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: tuple[Callable[[Any], None], ...] = (_add_demo, _add_plot, _add_inspect, _add_runs)
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="write a checkpoint's model weights as safetensors",
+        description="Verify a torchkeel checkpoint (a .pt file or a sharded directory) and write its "
+                    "full model weights to OUT as safetensors, loadable with safetensors.torch.load_file "
+                    "into the plain model. Needs safetensors.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file or a sharded checkpoint directory")
+    p.add_argument("out", metavar="OUT", help="the file to write, e.g. model.safetensors")
+    p.add_argument("--key", default="model", help="the state dict to export (default: model)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from torchkeel.export import export_safetensors
+    from torchkeel.io import CheckpointError
+
+    try:
+        print(export_safetensors(args.checkpoint, args.out, key=args.key))
+    except (OSError, ValueError, ImportError, CheckpointError) as exc:
+        return _fail(exc)
+    return 0
+
+
+_COMMANDS: tuple[Callable[[Any], None], ...] = (_add_demo, _add_plot, _add_inspect, _add_export, _add_runs)
 
 
 def build_parser() -> argparse.ArgumentParser:

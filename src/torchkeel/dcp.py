@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
     Error: TypeAlias = "str | tuple[int, str]"
 
-__all__ = ["clean_temporaries", "is_sharded", "load", "load_full", "remove", "save",
+__all__ = ["clean_temporaries", "is_sharded", "load", "load_full", "load_local", "remove", "save",
            "verify"]
 
 FORMAT = 1
@@ -73,26 +73,28 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _agree(error: Error, where: str, kind: type[CheckpointError] = CheckpointWriteError) -> None:
+def _agree(error: Error, where: str, kind: type[CheckpointError] = CheckpointWriteError,
+           group: Any = None) -> None:
     """Raise ``kind`` on every rank if ``error`` is set on any (the lowest failed rank's message).
 
     An error is a message, or ``(rank, message)`` for one DCP relayed from the rank it happened on.
+    ``group``: the process group of the collective (default: the default group).
     """
     errors: list[Any] = [error]
     if _distributed():
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
+        errors = [None] * dist.get_world_size(group)
+        dist.all_gather_object(errors, error, group=group)
     failed = sorted(e if isinstance(e, tuple) else (rank, e) for rank, e in enumerate(errors) if e)
     if failed:
         rank, message = failed[0]
         raise kind(f"{where} failed on rank {rank}: {message}" if _distributed() else f"{where}: {message}")
 
 
-def _broadcast(obj: Any) -> Any:
+def _broadcast(obj: Any, group: Any = None) -> Any:
     if not _distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, group_src=0, group=group)
     return box[0]
 
 
@@ -155,7 +157,7 @@ def _commit(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None) -> Path:
+def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None, group: Any = None) -> Path:
     """Write ``state`` as a sharded checkpoint directory; call it on every rank (collective).
 
     Args:
@@ -163,6 +165,8 @@ def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = Non
             get_state_dict(model, optimizer)`` (DTensor shards under FSDP2); plain values too.
         path: the directory to create, e.g. ``ckpt/step-000120``; its folder is created.
         meta: JSON-serializable facts for the manifest (``step``, ``epoch``).
+        group: the process group of every collective (e.g. ``BackgroundSaver.group()`` for a
+            save from a background thread); default: the default group.
     Example:
         >>> save({"model": msd, "optimizer": osd}, "ckpt/step-000120", meta={"step": 120})
     """
@@ -179,8 +183,8 @@ def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = Non
             raise TypeError(f"a {type(meta).__name__}, not a dict")
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{where}: meta={meta!r} must be a JSON-serializable dict ({exc}).") from exc
-    rank = dist.get_rank() if _distributed() else 0
-    world = dist.get_world_size() if _distributed() else 1
+    rank = dist.get_rank(group) if _distributed() else 0
+    world = dist.get_world_size(group) if _distributed() else 1
     error: Error = ""
     tmp = final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
     if rank == 0:
@@ -189,13 +193,13 @@ def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = Non
             tmp.mkdir()  # a new directory: never an existing name
         except OSError as exc:
             error = _message(exc)
-    error, tmp = _broadcast((error, tmp))
-    _agree(error, where)
+    error, tmp = _broadcast((error, tmp), group)
+    _agree(error, where, group=group)
     error, files = "", {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
-            dcp_save(state, storage_writer=FileSystemWriter(tmp, overwrite=False))
+            dcp_save(state, storage_writer=FileSystemWriter(tmp, overwrite=False), process_group=group)
         mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_"))
         files = _hash_all(tmp, mine + ([METADATA] if rank == 0 else []))
     except BaseException as exc:  # CheckpointException is a BaseException
@@ -205,9 +209,9 @@ def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = Non
     gathered: list[Any] = [files]
     if _distributed():
         gathered = [None] * world
-        dist.all_gather_object(gathered, files)
+        dist.all_gather_object(gathered, files, group=group)
     try:
-        _agree(error, where)
+        _agree(error, where, group=group)
         if rank == 0:
             try:
                 listed = {name: entry for part in gathered for name, entry in part.items()}
@@ -223,7 +227,7 @@ def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = Non
                 _commit(tmp, final)
             except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
                 error = _message(exc)
-        _agree(_broadcast(error), where)
+        _agree(_broadcast(error, group), where, group=group)
     finally:
         if rank == 0 and tmp.exists():
             with contextlib.suppress(OSError):
@@ -424,6 +428,25 @@ def load_full(path: StrPath) -> dict[str, Any]:
     try:
         _load_state_dict(state, storage_reader=reader,
                          planner=_SafeFullPlanner(), no_dist=True)  # type: ignore[no-untyped-call]
+    except BaseException as exc:
+        if not isinstance(exc, (Exception, CheckpointException)):
+            raise
+        raise _fail(folder, f"load failed ({_text(_message(exc))})") from None
+    return state
+
+
+def load_local(path: StrPath, state: dict[str, Any], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fill ``state``'s keys from a sharded checkpoint in this one process (no collective); return it.
+
+    ``manifest``: ``verify``'s result when it was just verified (else verified here).
+    Example:
+        >>> load_local("ckpt/step-000120", {"step": 0})["step"]
+        120
+    """
+    folder = Path(path)
+    reader = _VerifiedReader(folder, manifest if manifest is not None else verify(folder))
+    try:
+        _load_state_dict(state, storage_reader=reader, planner=_SafePlanner(), no_dist=True)
     except BaseException as exc:
         if not isinstance(exc, (Exception, CheckpointException)):
             raise

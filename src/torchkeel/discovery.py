@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import os
 import re
+import shutil
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,10 +28,41 @@ _STEP_IN_NAME = re.compile(r"step[=_-]?(\d+)", re.IGNORECASE)
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
 
 
+_DIR_MARKS = ("manifest.json", ".metadata")   # a sharded checkpoint directory has one of them
+
+
+def _verify(path: StrPath) -> dict[str, Any]:
+    """``io.verify`` for a file, ``dcp.verify`` for a sharded checkpoint directory."""
+    if Path(path).is_dir():
+        from torchkeel import dcp
+
+        return dcp.verify(path)
+    return verify(path)
+
+
+def _dir_candidate(folder: Path, version: int) -> tuple[Any, Path, str] | None:
+    """A sharded checkpoint directory as a candidate (progress from its manifest); None if it is none."""
+    if not any(os.path.lexists(folder / mark) for mark in _DIR_MARKS):
+        return None
+    from torchkeel import dcp
+
+    try:
+        if folder.is_symlink():
+            raise CheckpointError(str(folder), reason="a symlinked directory (refused: only checkpoints "
+                                  "torchkeel wrote in the searched folder are loaded)")
+        manifest = dcp._read_manifest(folder)
+        return _key(version, manifest["meta"].get("step"), manifest.get("created")), folder, ""
+    except CheckpointError as exc:
+        step = int(m.group(1)) if (m := _STEP_IN_NAME.search(folder.name)) else None
+        with contextlib.suppress(OSError):
+            return _key(version, step, os.lstat(folder).st_mtime), folder, exc.reason
+    return None
+
+
 def is_checkpoint(path: StrPath) -> bool:
     """True when ``path`` has a manifest and the payload matches it (see ``verify``)."""
     try:
-        verify(path)
+        _verify(path)
     except CheckpointError:
         return False
     return True
@@ -64,8 +96,12 @@ def _candidates(folders: Iterable[Path], recursive: bool) -> list[tuple[Any, Pat
     found = []
     for folder in folders:
         walk = os.walk(folder) if recursive else itertools.islice(os.walk(folder), 1)
-        for root, _, names in walk:  # os.walk does not follow symlinked folders
+        for root, dirs, names in walk:  # os.walk does not follow symlinked folders
             version = _version(root, folder)
+            for name in list(dirs):  # sharded checkpoints: directories (not searched inside)
+                if not name.startswith(".") and (found_dir := _dir_candidate(Path(root, name), version)):
+                    found.append(found_dir)
+                    dirs.remove(name)
             for name in names:
                 path = Path(root, name.removesuffix(MANIFEST_SUFFIX))
                 if name.startswith("."):  # temporaries and hidden files are never checkpoints
@@ -106,7 +142,7 @@ def list_checkpoints(folder: StrPath, recursive: bool = False) -> list[tuple[Pat
     for progress, path, reason in _candidates(_as_folders(folder), recursive):
         if not reason:
             with contextlib.suppress(CheckpointError):
-                entry = verify(path)  # the "previous" entry after a cut-short overwrite
+                entry = _verify(path)  # the "previous" entry after a cut-short overwrite
                 valid.append((_key(progress[0], entry["meta"].get("step"), entry.get("created")), path, entry))
     return [(path, entry) for _, path, entry in sorted(valid, key=lambda v: v[0], reverse=True)]
 
@@ -130,7 +166,7 @@ def find_latest(folder_or_folders: StrPath | Iterable[StrPath],
     for _, path, reason in _candidates(_as_folders(folder_or_folders), recursive):
         if not reason:
             try:
-                verify(path)
+                _verify(path)
                 return path, skipped
             except CheckpointError as exc:
                 reason = exc.reason
@@ -142,7 +178,8 @@ def find_latest(folder_or_folders: StrPath | Iterable[StrPath],
 def clean_temporaries(folder: StrPath) -> list[Path]:
     """Remove unfinished writes (``.<name>.tmp-<random>``) from ``folder``; return them.
 
-    Only regular files with such names; symlinks and every other file are left alone.
+    Regular files with such names, and directories of such names holding only regular files (an
+    unfinished sharded write); symlinks and everything else are left alone.
     Example:
         >>> clean_temporaries("ckpt")
         [PosixPath('ckpt/.step-000120.pt.tmp-1f2e3d4c')]
@@ -154,6 +191,11 @@ def clean_temporaries(folder: StrPath) -> list[Path]:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))
+            elif _TEMP.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    if all(e.is_file(follow_symlinks=False) for e in os.scandir(entry.path)):
+                        shutil.rmtree(entry.path)
+                        removed.append(Path(entry.path))
     return removed
 
 
@@ -161,7 +203,8 @@ def remove(path: StrPath, folder: StrPath | None = None, missing_ok: bool = Fals
     """Delete a checkpoint: its manifest first, then its payload (either may already be gone).
 
     Raises ``ValueError``, deleting nothing, if either is a symlink or not a regular file, or if
-    ``folder`` is given and the checkpoint is not directly in it.
+    ``folder`` is given and the checkpoint is not directly in it. A sharded checkpoint directory
+    is removed by ``torchkeel.dcp.remove`` (its manifest first).
 
     Args:
         path: the payload. folder: the folder it must be in (symlinks resolved).
@@ -170,6 +213,11 @@ def remove(path: StrPath, folder: StrPath | None = None, missing_ok: bool = Fals
         >>> remove("ckpt/step-000120.pt", folder="ckpt")
     """
     payload = Path(path)
+    if payload.is_dir() and not payload.is_symlink():   # a sharded checkpoint directory
+        from torchkeel import dcp
+
+        dcp.remove(payload, folder)
+        return
     if folder is not None and payload.parent.resolve() != Path(folder).resolve():
         raise ValueError(f"remove(path={str(path)!r}, folder={str(folder)!r}): the checkpoint is "
                          "not in that folder; pass a path directly inside it.")

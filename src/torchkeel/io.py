@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     StrPath: TypeAlias = "str | os.PathLike[str]"
 
 __all__ = ["CheckpointError", "CheckpointWriteError", "clean_temporaries", "find_latest",
-           "is_checkpoint", "list_checkpoints", "load", "load_verified", "remove", "save", "verify",
+           "is_checkpoint", "list_checkpoints", "load", "load_checkpoint", "load_verified", "remove", "save", "verify",
            "write_text_atomic"]
 
 __version__ = "0.1.0"  # used only when ``torchkeel.__version__`` cannot be read
@@ -326,6 +326,28 @@ def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
         >>> model.load_state_dict(load("ckpt/step-000120.pt")["model"])
     """
     return load_verified(path, map_location)[0]
+
+
+def load_checkpoint(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
+    """A checkpoint's whole state, verified first: a ``.pt`` file (``load``) or a sharded directory.
+
+    A directory (``ModelCheckpoint`` on a sharded model) is consolidated in this one process, with
+    the same top-level keys as a single file (the optimizer keyed by index, as ``state_dict()``).
+    Example:
+        >>> model.load_state_dict(load_checkpoint("ckpt/version_0/epoch=3-step=120")["model"])
+    """
+    if os.fspath(path) != "" and Path(path).is_dir():
+        from torchkeel.shardstate import load_consolidated
+
+        if map_location is not None and not isinstance(map_location, (str, torch.device)):
+            raise TypeError(f"load_checkpoint({str(path)!r}, map_location={map_location!r}): a sharded "
+                            "directory takes a device ('cpu', 'cuda:0') or None, not a mapping or function.")
+        state = load_consolidated(path)
+        if map_location is not None and torch.device(map_location).type != "cpu":
+            state = torch.utils._pytree.tree_map(
+                lambda v: v.to(map_location) if isinstance(v, torch.Tensor) else v, state)
+        return state
+    return load(path, map_location)
 
 
 def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:

@@ -34,13 +34,15 @@ def inspect_checkpoint(path: str | Path) -> str:
     is still described, with the reason; something that is no checkpoint at all raises.
 
     Args:
-        path: the ``.pt`` payload (or its ``.manifest.json``).
+        path: the ``.pt`` payload (or its ``.manifest.json``), or a sharded checkpoint directory.
     Raises:
         ValueError: one line, when ``path`` does not exist or is not a torchkeel checkpoint.
     Example:
         >>> print(inspect_checkpoint("runs/digits/version_0/checkpoints/epoch=12-step=299.pt"))
     """
     payload = Path(str(path).removesuffix(io.MANIFEST_SUFFIX))
+    if payload.is_dir() and any((payload / mark).exists() for mark in ("manifest.json", ".metadata")):
+        return _inspect_dir(payload)
     entry = _manifest(payload)
     state: dict[str, Any] | None = None
     load_error = bad = None
@@ -63,6 +65,53 @@ def inspect_checkpoint(path: str | Path) -> str:
              ("format", (f"{entry.get('format')}; written by torchkeel {entry.get('torchkeel', '?')}, "
                          f"torch {entry.get('torch', '?')}, {when}")),
              ("sha256", f"NOT verified: {bad}" if bad else f"verified ({str(entry.get('sha256'))[:16]}...)")]
+    lines += _meta_lines(meta)
+    if state is None:
+        why = "the file does not match its manifest" if bad else load_error
+        lines.append(("state", f"not loaded ({why})"))
+    else:
+        lines += _contents(state)
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def _inspect_dir(folder: Path) -> str:
+    """``inspect_checkpoint`` of a sharded checkpoint directory (``torchkeel.dcp``)."""
+    from torchkeel import dcp, shardstate
+
+    try:
+        entry = dcp._read_manifest(folder)
+    except io.CheckpointError as exc:
+        raise ValueError(f"inspect: {str(folder)!r} is not a readable sharded checkpoint: {exc.reason}.") from None
+    bad = state = None
+    try:
+        dcp.verify(folder)
+        state = shardstate.load_consolidated(folder)
+    except io.CheckpointError as exc:
+        bad = exc.reason
+    files: dict[str, Any] = entry["files"]
+    size = sum(int(f["size"]) for f in files.values())
+    created = entry.get("created")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) \
+        if isinstance(created, (int, float)) else "unknown time"
+    shards = sorted(n for n in files if n.endswith(".distcp"))
+    lines = [("directory", f"{folder} (sharded, torch.distributed.checkpoint)"),
+             ("size", f"{_bytes(size)} ({size:,} bytes) in {len(files) + 1} files"),
+             ("world size", (f"{entry.get('world_size')} ranks wrote it; {len(shards)} shard files: "
+                             f"{', '.join(shards[:4])}{', ...' if len(shards) > 4 else ''}")),
+             ("format", (f"{entry.get('kind')} {entry.get('format')}; written by torchkeel "
+                         f"{entry.get('torchkeel', '?')}, torch {entry.get('torch', '?')}, {when}")),
+             ("sha256", f"NOT verified: {bad}" if bad else f"verified (every file, sha256 of the manifest "
+                                                            f"{shardstate.manifest_sha256(folder)[:16]}...)")]
+    lines += _meta_lines(entry["meta"])
+    lines += [("state", "not loaded (it does not match its manifest)")] if state is None else _contents(state)
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def _meta_lines(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """Epoch, step, reason, monitor and metrics from a manifest's ``meta``."""
+    lines = []
     if "epoch" in meta:
         epoch, finished = meta["epoch"], bool(meta.get("epoch_finished"))
         done = f", {epoch + finished} epochs done" if isinstance(epoch, int) else ""
@@ -75,13 +124,7 @@ def inspect_checkpoint(path: str | Path) -> str:
         lines.append(("monitor", f"{meta['monitor']} = {_num(meta.get('score'))}"))
     if isinstance(meta.get("metrics"), dict) and meta["metrics"]:
         lines.append(("metrics", "  ".join(f"{k} {_num(v)}" for k, v in meta["metrics"].items())))
-    if state is None:
-        why = "the file does not match its manifest" if bad else load_error
-        lines.append(("state", f"not loaded ({why})"))
-    else:
-        lines += _contents(state)
-    width = max(len(k) for k, _ in lines)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+    return lines
 
 
 def _manifest(payload: Path) -> dict[str, Any]:

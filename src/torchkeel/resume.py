@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchkeel import agree, dataorder, discovery, io
+from torchkeel import agree, dataorder, discovery, io, sharded
 from torchkeel.signals import EXIT_PREEMPTED, Preempted
 
 if TYPE_CHECKING:
@@ -34,19 +34,22 @@ _VERSION = re.compile(r"^version_(\d+)$")
 
 
 # ---------------------------------------------------------------------------- trainer state
-def trainer_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[str, Any]:
+def trainer_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None,
+                  weights: bool = True) -> dict[str, Any]:
     """One flat dict with everything that changes while training; loads with weights_only=True.
 
     ``rng`` replaces the RNG states of this moment (an emergency save passes those of the last step).
+    ``weights=False``: no ``model`` and ``optimizer`` (a sharded checkpoint holds those as shards).
     """
     from torchkeel import __version__
 
     state = trainer.state
+    tensors = {"model": trainer.unwrapped_model.state_dict(),
+               "optimizer": trainer.optimizer.state_dict()} if weights else {}
     return {
         "format": FORMAT,
         "versions": {"torchkeel": __version__, "torch": str(torch.__version__)},
-        "model": trainer.unwrapped_model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
+        **tensors,
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
         "scaler": trainer.scaler.state_dict(),
         "state": state.state_dict(),
@@ -120,8 +123,8 @@ def _check_optimizer(opt: torch.optim.Optimizer, saved: Any, source: str) -> Non
     probe = object.__new__(type(opt))
     probe.__dict__.update(opt.__dict__)
     probe.state = defaultdict(dict)
-    probe.param_groups = [{**g, "params": [torch.empty_like(p, device="meta") for p in g["params"]]}
-                          for g in opt.param_groups]
+    probe.param_groups = [{**g, "params": [torch.empty(p.shape, dtype=p.dtype, device="meta")
+                                           for p in g["params"]]} for g in opt.param_groups]
     try:
         probe.load_state_dict(saved)
     except Exception as exc:
@@ -199,23 +202,36 @@ def check_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: 
     _check_rest(trainer, ckpt, source)
 
 
-def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str = "checkpoint") -> None:
+def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str = "checkpoint", *,
+                       check: bool = True, load_model: Callable[[Any], object] | None = None,
+                       load_optimizer: Callable[[Any], object] | None = None) -> None:
     """Check everything first, then apply: a failed load leaves the trainer unchanged.
 
     What can only fail by trying (a scheduler's or callback's ``load_state_dict``) is applied before
     the model and undone on failure; no tensor is copied for that (see ``_apply``).
+    ``check=False``: ``ckpt`` was checked already. ``load_model``/``load_optimizer``: how the model's
+    and optimizer's entries are applied (a sharded model's; default their ``load_state_dict``).
     """
-    check_trainer_state(trainer, ckpt, source)
+    if check:
+        check_trainer_state(trainer, ckpt, source)
     loop = ckpt["loop"]
-    for key, now in (("accumulation_steps", trainer.accum.accumulation_steps), ("world_size", trainer.world_size),
-                     ("batch_size", trainer.batch_size)):
+    for key, now in (("accumulation_steps", trainer.accum.accumulation_steps), ("batch_size", trainer.batch_size)):
         if loop[key] != now:
             log.warning("Resuming with %s=%s, the checkpoint was written with %s=%s: the run will not equal "
                         "an uninterrupted one.", key, now, key, loop[key])
-    _apply(trainer, ckpt, source)
+    if loop["world_size"] != trainer.world_size:
+        mid = "" if ckpt["state"].get("epoch_finished", True) else (
+            " and the data position mid-epoch (a DistributedSampler splits the data another way: the rest of "
+            "this epoch is not the samples the old run had left)")
+        log.warning("Resuming with world_size=%d from a checkpoint written with world_size=%d: what cannot be "
+                    "exact is every rank's RNG stream (dropout, augmentation: rank 0's states seed every rank)%s. "
+                    "The weights, optimizer and schedule are loaded exactly; training goes on, but will not equal "
+                    "an uninterrupted run bit for bit.", trainer.world_size, loop["world_size"], mid)
+    _apply(trainer, ckpt, source, load_model, load_optimizer)
 
 
-def _apply(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str) -> None:
+def _apply(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str,
+           load_model: Callable[[Any], object] | None = None, load_optimizer: Callable[[Any], object] | None = None) -> None:
     """Apply a checked ``ckpt``; on any error undo every part applied so far and raise.
 
     Undo costs no copy of a tensor: the optimizer's load builds new ``state``/``param_groups`` (the
@@ -229,7 +245,7 @@ def _apply(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str) -> None:
     part = "optimizer"
     try:
         old_state, old_groups = opt.state, opt.param_groups
-        opt.load_state_dict(ckpt["optimizer"])
+        (load_optimizer or opt.load_state_dict)(ckpt["optimizer"])
 
         def undo_optimizer() -> None:
             opt.state, opt.param_groups = old_state, old_groups
@@ -272,7 +288,7 @@ def _apply(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str) -> None:
         back = f"{stuck} part(s) could not be put back" if stuck else "Everything was put back as it was"
         raise RuntimeError(f"{source}: loading the {part} failed ({type(exc).__name__}: {exc}). "
                            f"{back}; the model was not touched.") from exc
-    trainer.unwrapped_model.load_state_dict(ckpt["model"])
+    (load_model or trainer.unwrapped_model.load_state_dict)(ckpt["model"])
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -330,6 +346,23 @@ def _choose(resume_from: str | Path, roots: list[Path]) -> tuple[Path | None, li
     return path, passed
 
 
+def _read(sharded_model: bool, path: str | Path) -> tuple[dict[str, Any], str]:
+    """A checkpoint (file or directory) as the trainer will load it, verified, and its sha256.
+
+    A directory: for a sharded model its plain values only (``shardstate.read_head``: the shards
+    are loaded later, collectively); for a plain model all of it, consolidated.
+    """
+    if Path(path).is_dir():
+        from torchkeel import shardstate
+
+        if sharded_model:
+            return shardstate.read_head(path)
+        sha = shardstate.manifest_sha256(path) if (Path(path) / "manifest.json").is_file() else ""
+        return shardstate.load_consolidated(path), sha
+    ckpt, entry = io.load_verified(path)
+    return ckpt, entry["sha256"]
+
+
 def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
     """Load ``resume_from`` (a path, ``'last'`` or ``'auto'``) into the trainer; return the path loaded.
 
@@ -341,14 +374,25 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
         raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(...) or "
                          "log_dir=... to know where to look, or pass a checkpoint path.")
     path: Path | None
+    read = functools.partial(_read, sharded.is_sharded(trainer.unwrapped_model))
     if trainer.world_size > 1:
-        path, ckpt = agree.agree(trainer, resume_from, roots, _choose, check_trainer_state)
+        path, ckpt = agree.agree(trainer, resume_from, roots, _choose, check_trainer_state, read)
     else:
         path = _choose(resume_from, roots)[0]
-        ckpt = io.load(path) if path is not None else None
+        ckpt = read(path)[0] if path is not None else None
     if path is None or ckpt is None:
         return None
-    load_trainer_state(trainer, ckpt, source=str(path))
+    if sharded.is_sharded(trainer.unwrapped_model):
+        from torchkeel import shardstate
+
+        if Path(path).is_dir():     # shards into shards, at this world size
+            check_trainer_state(trainer, ckpt, str(path))
+            shardstate.load_into(trainer, path, ckpt, str(path))
+        else:                       # a full single file: every rank keeps its own shards of it
+            load_model, load_optimizer = shardstate.full_loaders(trainer)
+            load_trainer_state(trainer, ckpt, str(path), load_model=load_model, load_optimizer=load_optimizer)
+    else:
+        load_trainer_state(trainer, ckpt, source=str(path))
     if trainer.checkpoint is not None and hasattr(trainer.checkpoint, "resumed_from"):
         trainer.checkpoint.resumed_from(path)
     log.info("Resumed from %s at epoch %d, step %d.", path, trainer.state.epoch, trainer.state.step)

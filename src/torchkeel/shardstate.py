@@ -1,0 +1,221 @@
+"""A trainer's full state in and out of a sharded checkpoint directory (FSDP2 and ``torchkeel.dcp``).
+
+The directory holds ``model`` and ``optimizer`` as DCP shards (``get_state_dict``: parameter
+names, DTensor shards) and, under ``trainer``, everything else of ``resume.trainer_state`` (plain
+values, every rank's RNG) as one ``torch.save`` blob written by rank 0 and read back with
+``weights_only=True``. ``load_consolidated`` turns a directory into the single-file layout (the
+optimizer keyed by index, as ``optimizer.state_dict()``) in one plain process; ``load_into`` loads
+it into a sharded trainer at any world size; ``full_loaders`` put a single file into one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from torchkeel import dcp
+
+if TYPE_CHECKING:
+    from torchkeel.io import StrPath
+    from torchkeel.loop import AdvancedTrainer
+
+__all__ = [
+    "build",
+    "full_loaders",
+    "load_consolidated",
+    "load_into",
+    "manifest_sha256",
+    "read_head",
+    "save",
+    "sharded_loaders",
+    "to_index_keys",
+    "to_name_keys",
+    "write",
+]
+
+TRAINER = "trainer"   # the key of the plain-value blob in the DCP state
+GROUPS = "optimizer_groups"   # in the blob: the optimizer's param_groups (names), to check a load
+
+
+def _pack(obj: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(blob: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(blob, bytes):
+        raise dcp._fail(path, f"its {TRAINER!r} entry is a {type(blob).__name__}, not torchkeel's state")
+    obj = dcp._safe_bytes(io.BytesIO(blob))
+    if not isinstance(obj, dict):
+        raise dcp._fail(path, f"its {TRAINER!r} entry holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def build(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None,
+          weights_only: bool = False) -> dict[str, Any]:
+    """The DCP state of a sharded trainer (every rank calls it: it gathers every rank's RNG)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    from torchkeel import resume
+
+    model = trainer.unwrapped_model
+    if weights_only:
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        rest: dict[str, Any] = {"format": resume.FORMAT}
+    else:
+        msd, osd = get_state_dict(model, trainer.optimizer)
+        state = {"model": msd, "optimizer": osd}
+        rest = resume.trainer_state(trainer, rng, weights=False)
+        rest[GROUPS] = osd["param_groups"]
+    if trainer.rank == 0:    # one writer of the blob (the other ranks' copies are the same)
+        state[TRAINER] = _pack(rest)
+    return state
+
+
+def save(trainer: AdvancedTrainer, path: StrPath, meta: dict[str, Any], rng: dict[str, Any] | None = None,
+         weights_only: bool = False, then: Callable[[], object] | None = None) -> Path:
+    """Write the trainer's state as a sharded checkpoint directory (collective); ``then`` on rank 0 after.
+
+    A failure of ``then`` on rank 0 fails every rank with its message, as one of the save does.
+    Example:
+        >>> save(trainer, "ckpt/version_0/epoch=0-step=8", meta={"step": 8})
+    """
+    return write(build(trainer, rng, weights_only), path, meta, trainer.rank, then)
+
+
+def write(state: dict[str, Any], path: StrPath, meta: dict[str, Any], rank: int,
+          then: Callable[[], object] | None = None, group: Any = None) -> Path:
+    """``dcp.save`` of ``build``'s state, then ``then`` on rank 0, agreed on ``group`` (collective)."""
+    final = dcp.save(state, path, meta, group=group)
+    error = ""
+    if then is not None and rank == 0:
+        try:
+            then()
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
+            error = f"{type(exc).__name__}: {exc}"
+    if then is not None:
+        dcp._agree(dcp._broadcast(error, group), f"sharded save({str(path)!r})", group=group)
+    return final
+
+
+# --------------------------------------------------------------------------- optimizer keys
+def to_index_keys(osd: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (``get_state_dict``) keyed by index instead.
+
+    The index is the parameter's position across the param groups, as ``optimizer.state_dict()``.
+    """
+    names = [n for g in osd["param_groups"] for n in g["params"]]
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]}
+
+
+def to_name_keys(model: torch.nn.Module, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``optimizer.state_dict()`` (index keys) keyed by ``model``'s parameter names."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    ids: dict[Any, str] = {}
+    for own, theirs in zip(opt.param_groups, saved["param_groups"]):
+        ids.update(zip(theirs["params"], (names[id(p)] for p in own["params"])))
+    return {"state": {ids[k]: v for k, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [ids[i] for i in g["params"]]} for g in saved["param_groups"]]}
+
+
+# ----------------------------------------------------------------------------------- loading
+def load_consolidated(path: StrPath) -> dict[str, Any]:
+    """The whole state of a checkpoint directory in one plain process, in the single-file layout.
+
+    Same top-level keys as a ``.pt`` file written by a one-process run; the optimizer keyed by
+    index, so ``optimizer.load_state_dict`` takes it. A directory written by ``dcp.save`` with
+    other keys is returned as ``dcp.load_full`` gives it.
+    Example:
+        >>> model.load_state_dict(load_consolidated("ckpt/version_0/epoch=0-step=8")["model"])
+    """
+    folder = Path(path)
+    full = dcp.load_full(folder)
+    if TRAINER not in full:
+        return full
+    out = _unpack(full.pop(TRAINER), folder)
+    out.pop(GROUPS, None)
+    out["model"] = full["model"]
+    if isinstance(full.get("optimizer"), dict):
+        out["optimizer"] = to_index_keys(full["optimizer"])
+    return out
+
+
+def manifest_sha256(path: StrPath) -> str:
+    """The sha256 of a directory's ``manifest.json``: it names every file's sha256, so the whole."""
+    return hashlib.sha256((Path(path) / dcp.MANIFEST).read_bytes()).hexdigest()
+
+
+def read_head(path: StrPath) -> tuple[dict[str, Any], str]:
+    """Verify a directory and read its plain values, no tensor (no process group); and its sha256.
+
+    The result has every top-level key of a trainer checkpoint: ``model`` as meta tensors of the
+    saved (global) shapes, ``optimizer`` as its param groups with no state: enough for
+    ``resume.check_trainer_state``.
+    """
+    folder = Path(path)
+    manifest = dcp.verify(folder)
+    reader = dcp._VerifiedReader(folder, manifest)
+    items = reader._metadata.state_dict_metadata
+    if TRAINER not in items:
+        raise dcp._fail(folder, "no trainer state (written by torchkeel.dcp.save, not by ModelCheckpoint)",
+                        "Load it with torchkeel.dcp.load or torchkeel.load_checkpoint.")
+    blob = dcp.load_local(folder, {TRAINER: b""}, manifest)[TRAINER]
+    head = _unpack(blob, folder)
+    head["model"] = {k.removeprefix("model."): torch.empty(tuple(md.size), dtype=md.properties.dtype, device="meta")
+                     for k, md in items.items() if k.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    groups = head.pop(GROUPS, None)
+    if groups is not None:
+        head["optimizer"] = to_index_keys({"state": {}, "param_groups": groups})
+    return head, manifest_sha256(folder)
+
+
+def sharded_loaders(trainer: AdvancedTrainer) -> tuple[Callable[[Any], object], Callable[[Any], object]]:
+    """(model, optimizer) loaders for states in the sharded layout of ``get_state_dict``."""
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, opt = trainer.unwrapped_model, trainer.optimizer
+    return (lambda msd: set_model_state_dict(model, msd),
+            lambda osd: set_optimizer_state_dict(model, opt, osd))
+
+
+def full_loaders(trainer: AdvancedTrainer) -> tuple[Callable[[Any], object], Callable[[Any], object]]:
+    """(model, optimizer) loaders for a full single-file state into a sharded model (every rank)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, opt, full = trainer.unwrapped_model, trainer.optimizer, StateDictOptions(full_state_dict=True)
+    return (lambda msd: set_model_state_dict(model, msd, options=full),
+            lambda osd: set_optimizer_state_dict(model, opt, to_name_keys(model, opt, osd), options=full))
+
+
+def load_into(trainer: AdvancedTrainer, path: StrPath, head: dict[str, Any], source: str) -> None:
+    """Load a checked directory into a sharded trainer, at this world size (collective).
+
+    ``head`` is ``read_head``'s, already checked against the trainer on every rank.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from torchkeel import resume
+
+    msd, osd = get_state_dict(trainer.unwrapped_model, trainer.optimizer)   # the layout to fill
+    state = {"model": msd, "optimizer": osd}
+    dcp.load(path, state)
+    ckpt = {**head, "model": state["model"], "optimizer": state["optimizer"]}
+    model_loader, optimizer_loader = sharded_loaders(trainer)
+    resume.load_trainer_state(trainer, ckpt, source, check=False, load_model=model_loader,
+                              load_optimizer=optimizer_loader)
