@@ -304,3 +304,15 @@ def test_a_failed_background_save_is_raised_at_the_next_save_and_its_bookkeeping
     assert io.is_checkpoint(run / "epoch=0-step=2.pt")        # the payload itself committed before that
     assert not (run / "epoch=0-step=4.pt").exists()          # raised before the next save wrote anything
     assert ckpt.last_model_path == "" and ckpt.best_k_models == {}     # as before the failed save
+
+
+def test_inspect_describes_a_directory_and_says_when_it_does_not_verify(tmp_path: Path) -> None:
+    from torchkeel.report import inspect_checkpoint
+
+    path = _dir(tmp_path / "epoch=0-step=2", 2, value=1.0)
+    text = inspect_checkpoint(path)
+    assert "1 ranks wrote it; 1 shard files: __0_0.distcp" in text and "verified (every file" in text
+    assert "2 optimizer steps" in text and "  model     1 tensors, 3 values" in text
+    (path / "__0_0.distcp").write_bytes(b"cut short")
+    text = inspect_checkpoint(path)
+    assert "NOT verified: size mismatch in '__0_0.distcp'" in text and "not loaded" in text
