@@ -341,7 +341,8 @@ def test_background_collectives_on_the_saver_group_do_not_block_the_default_grou
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_sharded_snapshot_saves_the_state_at_snapshot_through_dcp(two_ranks: Path) -> None:
+def test_a_sharded_snapshot_saved_on_the_saver_group_while_fsdp_trains_holds_the_state_at_snapshot(
+        two_ranks: Path) -> None:
     from torchkeel import dcp
     out = two_ranks / "dtensor"
     expected = torch.load(out / "expected.pt", weights_only=True)

@@ -10,8 +10,9 @@ torchrun, 2 ranks (gloo), one launch for several: --mode agree,group,dtensor
                     agree_error after each; each rank writes what it raised to OUT/error-rank<r>.txt.
 --mode group:       40 all_reduces on saver.group() in the background while the training thread
                     runs 40 on the default group; OUT/group-rank<r>.txt counts the right results.
---mode dtensor:     FSDP2 model: snapshot get_state_dict's shards, change the shards in place, save
-                    the snapshot with dcp.save in the background; OUT/expected.pt holds the full
+--mode dtensor:     FSDP2 model: snapshot get_state_dict's shards, save them with dcp.save on
+                    saver.group() in the background while training goes on (FSDP2's collectives on
+                    the default group) and changes the shards; OUT/expected.pt holds the full
                     state as of the snapshot.
 """
 
@@ -169,15 +170,15 @@ def dtensor_mode(out: Path, rank: int) -> None:
         assert copy.shape == value.shape and copy.stride() == value.stride(), key
         assert torch.equal(copy.to_local(), value.to_local()), key
         assert copy.to_local().data_ptr() != value.to_local().data_ptr(), key
-    path = out / "step-1"
-    saver.submit(lambda: dcp.save(snap, path, meta={"step": 1}), what="step-1")
-    with torch.no_grad():  # local shards change in place while the save runs (no collectives)
+    path, group = out / "step-1", saver.group()
+    saver.submit(lambda: dcp.save(snap, path, meta={"step": 1}, group=group), what="step-1")
+    for _ in range(3):  # FSDP2 trains on the default group while the save runs on the saver's
+        model(torch.randn(4, 16, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():  # and the local shards change in place
         for p in model.parameters():
             p.to_local().add_(1.0)
-        for per_param in opt.state.values():
-            for v in per_param.values():
-                if isinstance(v, DTensor):
-                    v.to_local().mul_(0.0)
     agree_error(saver, "the sharded save")
     saver.close()
 
