@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -11,13 +12,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import pytest
 import torch
 from torch import nn
 
-from torchkeel import io
+from torchkeel import Callback, io
 from torchkeel.background import BackgroundSaver, agree_error
 from torchkeel.io import CheckpointWriteError
 
@@ -350,3 +351,91 @@ def test_a_sharded_snapshot_saved_on_the_saver_group_while_fsdp_trains_holds_the
     assert dcp.verify(out / "step-1")["world_size"] == 2
     assert _equal(saved["model"], expected["model"]) and _equal(saved["optimizer"], expected["optimizer"])
     assert saved["step"] == 1
+
+
+# ---------------------------------------------------------- ModelCheckpoint(async_save=True)
+class Gate:
+    """Holds each background io.save before it writes, until the training thread has looked."""
+
+    def __init__(self) -> None:
+        self.arrived, self.go = threading.Semaphore(0), threading.Semaphore(0)
+        self.path: Path | None = None
+
+    def save(self, real: Any) -> Any:
+        def gated(obj: dict[str, Any], path: Any, meta: dict[str, Any] | None = None) -> Path:
+            self.path = Path(path)
+            self.arrived.release()
+            if not self.go.acquire(timeout=60):
+                raise TimeoutError("the test never released this save")
+            return cast(Path, real(obj, path, meta))
+        return gated
+
+
+class Look(Callback):
+    """Before ModelCheckpoint acts (it runs last), look at the folder while the save submitted at the
+    previous hook is held before writing; then let it write. Scripts val_loss per epoch."""
+
+    def __init__(self, gate: Gate, run: Path, every: int, scores: list[float]) -> None:
+        self.gate, self.run, self.every, self.scores = gate, run, every, scores
+        self.expect, self.seen = False, cast("list[dict[str, Any]]", [])
+
+    def _look(self) -> None:
+        if not self.expect:
+            return
+        assert self.gate.arrived.acquire(timeout=60), "a save was due but never reached io.save"
+        assert self.gate.path is not None
+        last = self.run / "last.json"
+        names = sorted(p.name.removesuffix(io.MANIFEST_SUFFIX) for p in self.run.glob(f"*{io.MANIFEST_SUFFIX}"))
+        for name in names:
+            io.verify(self.run / name)
+        self.seen.append({"writing": self.gate.path.name, "exists": self.gate.path.exists(), "on_disk": names,
+                          "last.json": json.loads(last.read_text()) if last.exists() else None,
+                          "latest": (io.find_latest(self.run)[0] or Path("")).name})
+        self.expect = False
+        self.gate.go.release()
+
+    def on_step_end(self, trainer: Any) -> None:
+        self._look()
+        self.expect = trainer.state.step % self.every == 0   # ModelCheckpoint saves after this hook
+
+    def on_epoch_end(self, trainer: Any) -> None:
+        self._look()
+        trainer.state.metrics["val_loss"] = self.scores[trainer.state.epoch]
+        self.expect = True   # the epoch's ranked save
+
+    def on_fit_end(self, trainer: Any) -> None:
+        self._look()
+
+
+def test_last_json_top_k_and_discovery_move_only_after_the_background_write_committed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import loader, make_dataset, make_model
+
+    from torchkeel import AdvancedTrainer, ModelCheckpoint
+
+    gate = Gate()
+    monkeypatch.setattr(io, "save", gate.save(io.save))  # instrumented: the real save, held first
+    ckpt = ModelCheckpoint(save_dir=tmp_path, monitor="val_loss", save_top_k=1, every_n_steps=5, async_save=True)
+    look = Look(gate, tmp_path / "version_0", every=5, scores=[3.0, 1.0, 2.0])
+    torch.manual_seed(0)
+    model = make_model()
+    trainer = AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                              criterion=nn.MSELoss(), checkpoint=ckpt, callbacks=[look], progress=False,
+                              device="cpu")
+    data = make_dataset()
+    trainer.fit(train_loader=loader(data), val_loader=loader(data), epochs=3)   # 8 steps an epoch
+    writes = [s["writing"] for s in look.seen]
+    assert writes == ["epoch=0-step=5.pt", "epoch=0-step=8.pt", "epoch=1-step=10.pt", "epoch=1-step=15.pt",
+                      "epoch=1-step=16.pt", "epoch=2-step=20.pt", "epoch=2-step=24.pt"], writes
+    for i, seen in enumerate(look.seen):
+        previous = writes[i - 1] if i else None
+        assert not seen["exists"], seen   # held before writing: not there yet
+        # last.json, and find_latest (resume_from='auto'), name the previous save, committed
+        assert (seen["last.json"] or {}).get("last") == previous, seen
+        assert seen["latest"] == (previous or ""), seen
+        kept = set(seen["last.json"]["best_k_models"]) | {previous} if previous else set()
+        assert kept <= set(seen["on_disk"]), seen   # nothing the last commit keeps was pruned early
+    final = json.loads((tmp_path / "version_0" / "last.json").read_text())
+    assert final["last"] == "epoch=2-step=24.pt" and final["best"] == "epoch=1-step=16.pt"
+    assert sorted(p.name for p in (tmp_path / "version_0").glob("*.pt")) == ["epoch=1-step=16.pt",
+                                                                           "epoch=2-step=24.pt"]
