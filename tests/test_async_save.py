@@ -307,15 +307,18 @@ def test_kill_9_during_a_background_save_leaves_the_previous_checkpoint_newest_a
 
 
 # -------------------------------------------------------------------- 2 ranks (torchrun, gloo)
+def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+    from conftest import free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One torchrun launch (2 ranks, gloo) for the three cases below: each writes into OUT/<mode>/."""
-    from conftest import free_port
     out = tmp_path_factory.mktemp("ranks")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER),
-           "--mode", "agree,group,dtensor", "--out", str(out)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    proc = _torchrun("--mode", "agree,group,dtensor", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -439,3 +442,32 @@ def test_last_json_top_k_and_discovery_move_only_after_the_background_write_comm
     assert final["last"] == "epoch=2-step=24.pt" and final["best"] == "epoch=1-step=16.pt"
     assert sorted(p.name for p in (tmp_path / "version_0").glob("*.pt")) == ["epoch=1-step=16.pt",
                                                                            "epoch=2-step=24.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy, fail_rank, limit, failed, kept_epochs", [
+    # replicated: rank 0 writes; epoch 2's state outgrows rank 0's 256 KiB file limit
+    ("ddp", 0, 256 << 10, "failed on rank 0: background save of 'epoch=2-step=6.pt' failed: checkpoint ", 2),
+    # sharded: every rank writes; rank 1 cannot write its first shard file, and DCP fails every rank
+    ("fsdp", 1, 1024, "failed on every rank: background save of 'epoch=0-step=2' failed: sharded save(", 0),
+])
+def test_fit_raises_a_failed_background_save_on_every_rank_at_the_next_save(
+        tmp_path: Path, strategy: str, fail_rank: int, limit: int, failed: str, kept_epochs: int) -> None:
+    proc = _torchrun("--mode", "fit-fail", "--strategy", strategy, "--fail-rank", str(fail_rank),
+                     "--limit", str(limit), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    messages = [(tmp_path / f"error-rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert messages[0] == messages[1], messages   # the same error on both ranks
+    step = 2 * kept_epochs + 4   # the next save (2 steps an epoch) waited for the failed one and raised
+    assert messages[0].startswith(f"CheckpointWriteError: ModelCheckpoint before the save at step {step} {failed}")
+    assert f"rank {fail_rank}" in messages[0] and "File too large" in messages[0], messages[0]
+    run = tmp_path / "ckpt" / "version_0"
+    kept = sorted(p for p in run.iterdir() if not p.name.startswith(".") and p.name != "last.json"
+                  and not p.name.endswith(io.MANIFEST_SUFFIX))
+    assert [p.name for p in kept] == [f"epoch={e}-step={2 * e + 2}" + (".pt" if strategy == "ddp" else "")
+                                      for e in range(kept_epochs)]
+    if kept_epochs:   # the checkpoints before the failed one are intact and newest
+        assert json.loads((run / "last.json").read_text())["last"] == kept[-1].name
+        assert io.find_latest(run)[0] == kept[-1]
+        io.load(kept[-1])

@@ -287,8 +287,10 @@ class BackgroundSaver:
 def agree_error(saver: BackgroundSaver, where: str) -> None:
     """Every rank: ``saver.wait()``, then raise the same error if the save failed on any rank.
 
-    One all-reduce on the default group (a second collective only on failure, to send the
-    lowest failed rank's message); in one process, ``saver.wait()`` only.
+    One all-reduce on the default group (which ranks failed; a second collective only on failure,
+    to send the lowest failed rank's message); in one process, ``saver.wait()`` only. A collective
+    save that failed on one rank fails on all: the error then says "every rank", and its message
+    names the rank where it happened.
 
     Args:
         saver: the ranks' ``BackgroundSaver``. where: names the moment in the error, e.g.
@@ -309,15 +311,18 @@ def agree_error(saver: BackgroundSaver, where: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     nccl = "nccl" in str(dist.get_backend())
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    flag = torch.tensor([rank if error is not None else world], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    failed = int(flag.item())
-    if failed == world:
+    flags = torch.zeros(world, dtype=torch.int32, device=device)
+    flags[rank] = int(error is not None)
+    dist.all_reduce(flags)  # which ranks failed, in one collective
+    failed = [r for r, f in enumerate(flags.tolist()) if f]
+    if not failed:
         return
     box = [str(error) if error is not None else None]
-    dist.broadcast_object_list(box, src=failed)
-    raise CheckpointWriteError(f"{where} failed on rank {failed}: {box[0]}",
-                               reason=f"background save failed on rank {failed}") from error
+    dist.broadcast_object_list(box, src=failed[0])  # the lowest failed rank's message
+    ranks = ("every rank" if len(failed) == world else
+             f"rank {failed[0]}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}")
+    raise CheckpointWriteError(f"{where} failed on {ranks}: {box[0]}",
+                               reason=f"background save failed on {ranks}") from error
 
 
 _savers: weakref.WeakSet[BackgroundSaver] = weakref.WeakSet()

@@ -10,6 +10,8 @@ torchrun, 2 ranks (gloo), one launch for several: --mode agree,group,dtensor
                     agree_error after each; each rank writes what it raised to OUT/error-rank<r>.txt.
 --mode group:       40 all_reduces on saver.group() in the background while the training thread
                     runs 40 on the default group; OUT/group-rank<r>.txt counts the right results.
+--mode fit-fail:    DistributedTrainer(strategy=ddp|fsdp) with ModelCheckpoint(async_save=True); one
+                    rank's file size limit fails a background save; OUT/error-rank<r>.txt.
 --mode dtensor:     FSDP2 model: snapshot get_state_dict's shards, save them with dcp.save on
                     saver.group() in the background while training goes on (FSDP2's collectives on
                     the default group) and changes the shards; OUT/expected.pt holds the full
@@ -29,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import io
+from torchkeel import Callback, io
 from torchkeel.background import BackgroundSaver, agree_error
 from torchkeel.io import CheckpointWriteError
 
@@ -183,13 +185,64 @@ def dtensor_mode(out: Path, rank: int) -> None:
     saver.close()
 
 
+class Grows(Callback):
+    """Its state grows to 1 MiB from epoch 2 on: a 256 KiB file limit fails that epoch's save."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def on_epoch_begin(self, trainer: Any) -> None:
+        self.epoch = trainer.state.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"blob": torch.ones(1 << 18 if self.epoch >= 2 else 1)}
+
+
+def fit_fail_mode(out: Path, strategy: str, fail_rank: int, limit: int) -> None:
+    """DistributedTrainer + ModelCheckpoint(async_save=True), 4 epochs; rank ``fail_rank`` may write
+    files of at most ``limit`` bytes. Each rank writes what fit raised to OUT/error-rank<r>.txt."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from torchkeel import AdvancedTrainer, ModelCheckpoint
+    from torchkeel.distributed import DistributedTrainer
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 16, generator=torch.Generator().manual_seed(1)),
+                         torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2)))
+    dt = DistributedTrainer(Net(), strategy=strategy)  # type: ignore[arg-type]
+    rank = dt.rank
+    if rank == fail_rank:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    ckpt = ModelCheckpoint(save_dir=out / "ckpt", monitor="val_loss", save_top_k=-1, async_save=True)
+    trainer = AdvancedTrainer(model=dt, optimizer=torch.optim.Adam(dt.model.parameters(), lr=0.01),
+                              criterion=nn.CrossEntropyLoss(), checkpoint=ckpt, callbacks=[Grows()],
+                              progress=False)
+    try:
+        trainer.fit(train_loader=dt.create_dataloader(data, batch_size=8), val_loader=DataLoader(data, batch_size=16),
+                    epochs=4)
+        message = "no error"
+    except CheckpointWriteError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        dt.close()
+    (out / f"error-rank{rank}.txt").write_text(message)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mode", required=True, help="exit, loop, or some of agree,group,dtensor")
+    p.add_argument("--mode", required=True, help="exit, loop, fit-fail, or some of agree,group,dtensor")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    p.add_argument("--fail-rank", type=int, default=0)
+    p.add_argument("--limit", type=int, default=256 << 10)
     args = p.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "fit-fail":
+        fit_fail_mode(args.out, args.strategy, args.fail_rank, args.limit)
+        return
     if args.mode in ("exit", "loop"):
         {"exit": exit_mode, "loop": loop_mode}[args.mode](args.out)
         return
