@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         "bytes": size, "repeats": args.repeats, "seconds": med,
         "sha256_seconds": statistics.median(hashing) if hashing else None,
         "ratios": ratio, "budget": BUDGET, "ok": all(ratio[b] <= BUDGET[b] for b in ratio),
-        "sharded": {k: v for k, v in stalls["sharded"].items() if k not in ("seconds", "ratio")}
+        "per_repeat": {name: res["ratios"] for name, res in stalls.items()},
+        "sharded": {k: v for k, v in stalls["sharded"].items() if k not in ("seconds", "ratio", "ratios")}
         if "sharded" in stalls else None,
     }
     print(f"checkpoint of {size / 1e6:.0f} MB, {args.repeats} repeats, torch {torch.__version__}, "
