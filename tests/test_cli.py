@@ -87,6 +87,34 @@ def test_export_writes_the_checkpoints_weights_as_safetensors(run_dir: Path, tmp
     assert proc.returncode == 2 and "key= one of those" in proc.stderr, proc.stderr
 
 
+def test_inspect_and_export_read_a_sharded_directory(tmp_path: Path) -> None:
+    import io as stdio
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from torchkeel import dcp
+
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, model.fc1.in_features)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    blob = stdio.BytesIO()
+    torch.save({"format": 1, "state": {"epoch": 0, "step": 1}}, blob)
+    path = dcp.save({"model": msd, "optimizer": osd, "trainer": blob.getvalue()}, tmp_path / "epoch=0-step=1",
+                    meta={"epoch": 0, "step": 1, "epoch_finished": True})
+    proc = cli("inspect", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 ranks wrote it" in proc.stdout and "verified (every file" in proc.stdout, proc.stdout
+    assert "1 optimizer steps" in proc.stdout and "full training state" in proc.stdout, proc.stdout
+    proc = cli("export", str(path), str(tmp_path / "model.safetensors"))
+    assert proc.returncode == 0, proc.stderr
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
 def test_one_epoch_number_everywhere_a_person_sees_it(run_dir: Path) -> None:
     """0-based, as in the file names: summary.json, the printed summary and `torchkeel runs` agree."""
     summary = json.loads((run_dir / "summary.json").read_text())

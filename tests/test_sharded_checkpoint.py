@@ -160,6 +160,7 @@ def test_resharded_resumes_load_the_saved_weights_and_warn_what_is_not_exact(
     assert "RNG stream" in stderr
     assert plain["loaded_step"] == step and plain["step"] > step
     assert _equal(plain["loaded"]["model"], saved["model"])
+    assert _equal(_by_index(plain["loaded"]["optimizer"]), saved["optimizer"])
     pt = max((tmp_path / "plain_ckpt" / "version_0").glob("*.pt"))
     # 2 -> 3: three sharded ranks resume from the 2-rank directory
     three, stderr = _run(3, tmp_path / "three", tmp_path / "three_ckpt", "--epochs", "3", "--resume", str(first))
@@ -177,19 +178,6 @@ def test_resharded_resumes_load_the_saved_weights_and_warn_what_is_not_exact(
     assert _equal(two["loaded"]["model"], from_pt["model"])
     assert _equal(_by_index(two["loaded"]["optimizer"]), from_pt["optimizer"])
 
-    # the CLI on a directory: inspect and export (real subprocesses)
-    cli = [sys.executable, "-m", "torchkeel"]
-    shown = subprocess.run([*cli, "inspect", str(first)], env=_env(), capture_output=True, text=True,
-                           timeout=120, check=False)
-    assert shown.returncode == 0, shown.stderr
-    assert "2 ranks wrote it" in shown.stdout and "verified" in shown.stdout
-    assert f"{step} optimizer steps" in shown.stdout and "full training state" in shown.stdout
-    target = tmp_path / "model.safetensors"
-    exported = subprocess.run([*cli, "export", str(first), str(target)], env=_env(), capture_output=True,
-                              text=True, timeout=120, check=False)
-    assert exported.returncode == 0, exported.stderr
-    from safetensors.torch import load_file
-    assert _equal(load_file(str(target)), saved["model"])
 
 
 # ------------------------------------------------------------------ discovery (one process, fast)
