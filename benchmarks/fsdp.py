@@ -75,7 +75,7 @@ NPROC = 2
 BATCH = 8            # samples per rank per step
 # (dim, hidden, vocab, blocks), memory steps, (steps per block, repeats) for throughput
 PLAN: dict[str, dict[str, Any]] = {
-    "full": {"shape": (1024, 2560, 4096, 8), "memory_steps": 3, "blocks": (2, 25)},
+    "full": {"shape": (1024, 2560, 4096, 8), "memory_steps": 3, "blocks": (2, 31)},
     "quick": {"shape": (64, 128, 256, 4), "memory_steps": 2, "blocks": (3, 3)},
 }
 
@@ -405,6 +405,18 @@ def launch(roles: list[str], mode: str, timeout: float, *extra: str) -> list[dic
         return [json.loads((Path(tmp) / role).read_text()) for role in roles]
 
 
+def commit() -> str:
+    """HEAD's short hash, with "+dirty" when src/ or benchmarks/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=ROOT,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model and few steps")
@@ -430,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": socket.gethostname(), "torch": torch.__version__, "torchkeel": torchkeel.__version__,
         "cores": os.cpu_count(), "load_avg_start": [round(x, 2) for x in os.getloadavg()], "mode": mode,
         "backend": "gloo", "world_size": NPROC, "threads_per_rank": 1, "batch_per_rank": BATCH,
-        "shape": "dim-hidden-vocab-blocks " + "-".join(map(str, PLAN[mode]["shape"])),
+        "shape": "dim-hidden-vocab-blocks " + "-".join(map(str, PLAN[mode]["shape"])), "commit": commit(),
     }
     if args.only in (None, "memory"):
         ddp, fsdp = launch(["memory-ddp", "memory-fsdp"], mode, args.timeout, "--malloc", args.malloc)
