@@ -192,7 +192,10 @@ class ModelCheckpoint(Callback):
 
     def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
         if self._saver is not None:     # a save in flight (a preemption's too) finishes first
-            self._wait_quietly()
+            try:
+                self._settle_local()
+            except Exception as wait_exc:  # noqa: BLE001 - never mask the exception that ends fit
+                log.error("ModelCheckpoint: the background save failed: %s", wait_exc)
         if not self.save_on_exception or isinstance(exc, (SystemExit, KeyboardInterrupt)) or self.dirpath is None:
             return   # a preemption saved already; a second Ctrl-C means: stop now, save nothing
         if trainer.world_size > 1:
@@ -302,23 +305,17 @@ class ModelCheckpoint(Callback):
             return
         from torchkeel.background import agree_error
 
+        self._settle_local(lambda: agree_error(self._saver, where))
+
+    def _settle_local(self, wait: Any = None) -> None:
         try:
-            agree_error(self._saver, where)
+            (wait or self._saver.wait)()
         except BaseException:
             if self._restore is not None:
                 self.load_state_dict(self._restore)
             raise
         finally:
             self._restore = None
-
-    def _wait_quietly(self) -> None:
-        try:
-            self._saver.wait()
-        except Exception as exc:  # noqa: BLE001 - never mask the exception that ends fit
-            log.error("ModelCheckpoint: the background save failed: %s", exc)
-            if self._restore is not None:
-                self.load_state_dict(self._restore)
-        self._restore = None
 
     def _top(self, scores: dict[str, float]) -> list[str]:
         """The paths of ``scores`` that stay in the top ``save_top_k``, best first (no I/O)."""

@@ -379,25 +379,27 @@ class _SafeFullPlanner(_EmptyStateDictLoadPlanner):
         _load_bytes(self, read_item, value)
 
 
-def load(path: StrPath, state: dict[str, Any]) -> dict[str, Any]:
+def load(path: StrPath, state: dict[str, Any], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Verify, then load a sharded checkpoint into ``state`` in place; every rank (collective).
 
     ``state`` gives the layout wanted (e.g. ``get_state_dict`` of the model as sharded now, in any
     world size); tensors are filled in, plain values replaced. Returns the manifest.
-    Args: path: the checkpoint directory. state: what to fill, keys as saved.
+    Args: path: the checkpoint directory. state: what to fill, keys as saved. manifest: ``verify``'s
+        result on this rank just before (every rank passes one or none): not hashed again.
     Example:
         >>> msd, osd = get_state_dict(model, opt); state = {"model": msd, "optimizer": osd}
         >>> load("ckpt/step-000120", state); set_state_dict(model, opt, model_state_dict=state["model"],
         ...                                                  optim_state_dict=state["optimizer"])
     """
-    folder, error, manifest = Path(path), "", None
-    if not _distributed() or dist.get_rank() == 0:
-        try:
-            manifest = verify(folder)
-        except CheckpointError as exc:
-            error = str(exc)
-    _agree(_broadcast(error), f"sharded load({str(path)!r})", CheckpointError)
-    manifest = cast("dict[str, Any]", _broadcast(manifest))
+    folder, error = Path(path), ""
+    if manifest is None:
+        if not _distributed() or dist.get_rank() == 0:
+            try:
+                manifest = verify(folder)
+            except CheckpointError as exc:
+                error = str(exc)
+        _agree(_broadcast(error), f"sharded load({str(path)!r})", CheckpointError)
+        manifest = cast("dict[str, Any]", _broadcast(manifest))
     error, reader = "", None
     try:
         reader = _VerifiedReader(folder, manifest)

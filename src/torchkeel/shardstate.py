@@ -41,6 +41,7 @@ __all__ = [
 
 TRAINER = "trainer"   # the key of the plain-value blob in the DCP state
 GROUPS = "optimizer_groups"   # in the blob: the optimizer's param_groups (names), to check a load
+MANIFEST = "_manifest"        # in read_head's result: the manifest this rank verified
 
 
 def _pack(obj: dict[str, Any]) -> bytes:
@@ -175,6 +176,7 @@ def read_head(path: StrPath) -> tuple[dict[str, Any], str]:
     groups = head.pop(GROUPS, None)
     if groups is not None:
         head["optimizer"] = to_index_keys({"state": {}, "param_groups": groups})
+    head[MANIFEST] = manifest        # verified here: load_into does not hash the files again
     return head, manifest_sha256(folder)
 
 
@@ -206,7 +208,8 @@ def full_loaders(trainer: AdvancedTrainer) -> tuple[Callable[[Any], object], Cal
 def load_into(trainer: AdvancedTrainer, path: StrPath, head: dict[str, Any], source: str) -> None:
     """Load a checked directory into a sharded trainer, at this world size (collective).
 
-    ``head`` is ``read_head``'s, already checked against the trainer on every rank.
+    ``head`` is ``read_head``'s (verified on this rank), already checked against the trainer on
+    every rank, which agreed on the manifest's sha256.
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -214,7 +217,8 @@ def load_into(trainer: AdvancedTrainer, path: StrPath, head: dict[str, Any], sou
 
     msd, osd = get_state_dict(trainer.unwrapped_model, trainer.optimizer)   # the layout to fill
     state = {"model": msd, "optimizer": osd}
-    dcp.load(path, state)
+    head = dict(head)
+    dcp.load(path, state, head.pop(MANIFEST, None))
     ckpt = {**head, "model": state["model"], "optimizer": state["optimizer"]}
     model_loader, optimizer_loader = sharded_loaders(trainer)
     resume.load_trainer_state(trainer, ckpt, source, check=False, load_model=model_loader,
