@@ -156,7 +156,7 @@ def test_resharded_resumes_load_the_saved_weights_and_warn_what_is_not_exact(
     step = saved["state"]["step"]
     # 2 -> 1: a plain process (not sharded) resumes from the directory; it writes .pt files
     plain, stderr = _run(1, tmp_path / "plain", tmp_path / "plain_ckpt", "--epochs", "3", "--resume", str(first))
-    assert "world_size=1 from a checkpoint written with world_size=2" in stderr
+    assert "Resuming with world_size=1, the checkpoint was written with world_size=2" in stderr
     assert "RNG stream" in stderr
     assert plain["loaded_step"] == step and plain["step"] > step
     assert _equal(plain["loaded"]["model"], saved["model"])
@@ -164,7 +164,7 @@ def test_resharded_resumes_load_the_saved_weights_and_warn_what_is_not_exact(
     pt = max((tmp_path / "plain_ckpt" / "version_0").glob("*.pt"))
     # 2 -> 3: three sharded ranks resume from the 2-rank directory
     three, stderr = _run(3, tmp_path / "three", tmp_path / "three_ckpt", "--epochs", "3", "--resume", str(first))
-    assert "world_size=3 from a checkpoint written with world_size=2" in stderr
+    assert "Resuming with world_size=3, the checkpoint was written with world_size=2" in stderr
     assert three["loaded_step"] == step and three["step"] > step and three["world_size"] == 3
     assert _equal(three["loaded"]["model"], saved["model"])
     full = _by_index(three["loaded"]["optimizer"])
@@ -173,7 +173,7 @@ def test_resharded_resumes_load_the_saved_weights_and_warn_what_is_not_exact(
     # 1 -> 2: two sharded ranks resume from the plain run's single file
     from_pt = torchkeel.load_checkpoint(pt)
     two, stderr = _run(2, tmp_path / "two", tmp_path / "two_ckpt", "--epochs", "4", "--resume", str(pt))
-    assert "world_size=2 from a checkpoint written with world_size=1" in stderr
+    assert "Resuming with world_size=2, the checkpoint was written with world_size=1" in stderr
     assert two["loaded_step"] == from_pt["state"]["step"] and two["step"] > two["loaded_step"]
     assert _equal(two["loaded"]["model"], from_pt["model"])
     assert _equal(_by_index(two["loaded"]["optimizer"]), from_pt["optimizer"])

@@ -223,7 +223,7 @@ def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: s
         mid = "" if ckpt["state"].get("epoch_finished", True) else (
             " and the data position mid-epoch (a DistributedSampler splits the data another way: the rest of "
             "this epoch is not the samples the old run had left)")
-        log.warning("Resuming with world_size=%d from a checkpoint written with world_size=%d: what cannot be "
+        log.warning("Resuming with world_size=%d, the checkpoint was written with world_size=%d: what cannot be "
                     "exact is every rank's RNG stream (dropout, augmentation: rank 0's states seed every rank)%s. "
                     "The weights, optimizer and schedule are loaded exactly; training goes on, but will not equal "
                     "an uninterrupted run bit for bit.", trainer.world_size, loop["world_size"], mid)
