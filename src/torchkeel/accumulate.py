@@ -20,6 +20,14 @@ so far are multiplied by ``n_ref * W / N`` and the last loss weighted by ``n_las
 tensors: no host read), so DDP's average gives ``(1/N) * sum n_i * grad(loss_i)``. A short window
 (``flush()``) scales each rank's grads the same way before averaging them by hand.
 
+A sharded model (FSDP2 ``fully_shard``): ``no_sync`` sets ``set_requires_gradient_sync`` for the
+micro-batch's backward (the unsharded gradients accumulate meanwhile: one full-size fp32 gradient per
+rank until the window's last backward reduce-scatters them; ``sync_every_micro_batch=True`` reduces
+every micro-batch instead and keeps only the shards); weighted windows weigh each loss by its count
+and scale the reduced shards by ``W / N`` at the end; the norm for clipping and the non-finite check
+is reduced across shards. A window's last backward must be synced: ``no_sync(last=True)`` where a
+short last window is known (the trainer knows it from ``len(loader)``), else sync every micro-batch.
+
 Non-finite losses (``check_finite``): one process reads the window's loss before the optimizer
 steps. Under DDP a non-finite loss on any rank makes the averaged gradients non-finite on every
 rank, so each rank checks those (one fused norm, one host read) and all decide alike with no
@@ -37,6 +45,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torchkeel import sharded
+
 _NO_CONTEXT = nullcontext()   # reusable: entering it costs nothing
 
 
@@ -44,7 +54,8 @@ class GradientAccumulator:
     """Accumulate gradients over micro-batches and step the optimizer once per window.
 
     Args:
-        model: the model being trained (plain, DataParallel or DistributedDataParallel).
+        model: the model being trained (plain, DataParallel, DistributedDataParallel or sharded
+            with FSDP2's ``fully_shard``).
         optimizer: its optimizer.
         accumulation_steps: micro-batches per optimizer step (>= 1).
         max_grad_norm: clip the global gradient norm to this value once per step.
@@ -53,6 +64,9 @@ class GradientAccumulator:
         even_shards: under DDP, promise that every rank's i-th micro-batch holds as many samples as
             the others' (a ``DistributedSampler`` with the same ``batch_size`` everywhere): windows then
             need no communication. ``False`` all-reduces each window's count (correct for any shards).
+        sync_every_micro_batch: a sharded model only: reduce-scatter every micro-batch's gradients
+            (minimum memory: no full-size gradient; one reduce-scatter per micro-batch), and a short
+            window needs no ``no_sync(last=True)``.
 
     Example:
         >>> acc = GradientAccumulator(model, optimizer, accumulation_steps=4, max_grad_norm=1.0)
@@ -73,6 +87,7 @@ class GradientAccumulator:
         scaler: torch.amp.GradScaler | None = None,
         gradient_clip_value: float | None = None,
         even_shards: bool = False,
+        sync_every_micro_batch: bool = False,
     ) -> None:
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
                 or accumulation_steps < 1:
@@ -93,9 +108,13 @@ class GradientAccumulator:
         # costs ~10 µs a step; an optimizer that does not override it gets the same loop without.
         self._plain_zero_grad = type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
         self.is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)  # no_sync, all-reduces
-        self._world = dist.get_world_size() if self.is_ddp else 1
+        self.is_sharded = sharded.is_sharded(model)    # FSDP2: DTensor grads, reduced by reduce-scatter
+        self._world = dist.get_world_size() if self.is_ddp or self.is_sharded else 1
         self._group = getattr(model, "process_group", None) if self.is_ddp else None
         self.even_shards = even_shards
+        self.sync_every_micro_batch = sync_every_micro_batch
+        self._closing = False      # no_sync said: the next backward ends the window (synced)
+        self._sync_on = True       # the sharded model's requires_gradient_sync, as last set
         self._agreed: torch.Tensor | None = None   # weighted DDP window: [global count, global loss sum]
         self._n_ref = 0            # samples in the window's first micro-batch
         self._micro = 0            # micro-batches in the current window
@@ -134,9 +153,22 @@ class GradientAccumulator:
         return self._micro + 1 == self.accumulation_steps
 
     def no_sync(self, last: bool = False) -> AbstractContextManager[Any]:
-        """Skip DDP's gradient all-reduce unless this micro-batch ends the window (or ``last``)."""
+        """Skip the gradient sync unless this micro-batch ends the window (or ``last``: a short one).
+
+        DDP: a context around the forward (and backward). Sharded: sets the model's gradient sync
+        for the next backward, which may run after the context has exited (the trainer's does).
+        """
+        if self.is_sharded:
+            self._closing = sync = last or self.is_last_micro_batch
+            sync = sync or self.sync_every_micro_batch
+            if sync != self._sync_on:
+                self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+                self._sync_on = sync
+            self._unsynced = not sync
+            return _NO_CONTEXT
         if not self.is_ddp:
             return _NO_CONTEXT
+        self._closing = last or self.is_last_micro_batch
         return self._ddp_no_sync(last)
 
     @contextmanager
@@ -159,12 +191,13 @@ class GradientAccumulator:
         """
         n = 1 if num_samples is None else int(num_samples)
         self._samples += n
+        closing, self._closing = self._closing, False
         if count is not None:
             self._counted += 1
-            self._backward_weighted(loss, as_count(count, "GradientAccumulator.backward(count=...)"))
+            self._backward_weighted(loss, as_count(count, "GradientAccumulator.backward(count=...)"), closing)
             return
-        if self.is_ddp and not self.even_shards:
-            self._backward_weighted(loss, n)
+        if (self.is_ddp or self.is_sharded) and not self.even_shards:
+            self._backward_weighted(loss, n, closing)
             return
         if self._grads_stale:
             self.zero_grad()
@@ -177,7 +210,7 @@ class GradientAccumulator:
         self._micro += 1
         (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()  # type: ignore[no-untyped-call]
 
-    def _backward_weighted(self, loss: torch.Tensor, n: int) -> None:
+    def _backward_weighted(self, loss: torch.Tensor, n: int, closing: bool) -> None:
         if self._grads_stale:
             self.zero_grad()
         if self._micro == 0:
@@ -187,7 +220,10 @@ class GradientAccumulator:
         self._window_n += n
         self._micro += 1
         weight: float | torch.Tensor = n / self._n_ref
-        if self._micro >= self.accumulation_steps and self.is_ddp:
+        closing = closing or self._micro >= self.accumulation_steps
+        if self.is_sharded:       # the accumulated grads are FSDP's, unreachable: scaled by W / N in _finish
+            weight = float(n)
+        elif closing and self.is_ddp:
             n_global = self._all_reduce_window(self._window_loss)
             if self._micro > 1:
                 self._scale_grads(self._n_ref * self._world / n_global)
@@ -228,7 +264,14 @@ class GradientAccumulator:
         """Step a short last window, if any; return True when the optimizer stepped."""
         if self._micro == 0:
             return False
-        if self.is_ddp and (self._counted or not self.even_shards):   # each rank's own n_ref, before averaging
+        if self.is_sharded and self._unsynced:
+            self._reset_window()
+            raise RuntimeError(
+                "GradientAccumulator.flush(): the short window's last backward ran without gradient sync on a "
+                "sharded model, whose unsharded gradients only FSDP can reduce. Pass no_sync(last=True) for a "
+                "window's last micro-batch, or GradientAccumulator(sync_every_micro_batch=True).")
+        weighted = self._counted or not self.even_shards
+        if self.is_ddp and weighted and self._agreed is None:   # each rank's own n_ref, before averaging
             assert self._window_loss is not None
             n_global = self._all_reduce_window(self._window_loss)
             self._scale_grads(self._n_ref * self._world / n_global)
@@ -245,6 +288,8 @@ class GradientAccumulator:
                 "GradientAccumulator.backward(): a window mixed micro-batches with count=... and without; "
                 "give every backward of a fit its count, or none."
             )
+        if self.is_sharded and (self._counted or not self.even_shards):   # grads: (1/W) sum n_i grad_i
+            self._scale_grads(self._world / self._all_reduce_window(self._window_loss))
         weighted = self._agreed is not None       # counts all-reduced: the grads are weighted already
         self.window_loss, self.window_ref, self.window_local = self._window_loss, self._n_ref, self._window_n
         self.window_micro_batches = self._micro
@@ -267,9 +312,14 @@ class GradientAccumulator:
         if not weighted and self.window_local != self.window_ref:   # n_ref / n: 1 for one equal micro-batch
             self._scale_grads(self.window_ref / self.window_local)
         if self.max_grad_norm is not None:
-            self.grad_norm = nn.utils.clip_grad_norm_(self._params, self.max_grad_norm, foreach=True)
+            self.grad_norm = sharded.clip_grad_norm_(self._params, self.max_grad_norm) if self.is_sharded \
+                else nn.utils.clip_grad_norm_(self._params, self.max_grad_norm, foreach=True)
         if self.gradient_clip_value is not None:
-            nn.utils.clip_grad_value_(self._params, self.gradient_clip_value, foreach=True)
+            if self.is_sharded:    # elementwise: each shard on its own
+                torch._foreach_clamp_min_(grads := self._local_grads(), -self.gradient_clip_value)
+                torch._foreach_clamp_max_(grads, self.gradient_clip_value)
+            else:
+                nn.utils.clip_grad_value_(self._params, self.gradient_clip_value, foreach=True)
         if self.scaler.is_enabled():   # skipped: update() lowered the scale (one host read, not two)
             before = self.scaler._scale.clone() if self.scaler._scale is not None else None
             self.scaler.step(self.optimizer)
@@ -282,20 +332,31 @@ class GradientAccumulator:
         return not self.scaler_skipped
 
     def _nonfinite_now(self) -> bool:
-        """One process: the window's loss (one scalar read). DDP: the averaged grads, alike on every rank."""
-        if not self.is_ddp:
+        """One process: the window's loss (one scalar read). DDP, sharded: the averaged grads (their norm
+        reduced across shards), alike on every rank."""
+        if not (self.is_ddp or self.is_sharded):
             assert self.window_loss is not None
             return not math.isfinite(self.window_loss.item())
         if self.scaler.is_enabled():      # unscale_ finds the infs/NaNs and the scaler skips the step
             return False
-        grads = [p.grad for p in self._params if p.grad is not None]
-        return bool(grads) and not bool(torch.stack(torch._foreach_norm(grads)).sum().isfinite())
+        grads = self._local_grads()
+        if not grads:
+            return False
+        total = torch.stack(torch._foreach_norm(grads)).sum()
+        if self.is_sharded:               # each rank holds other shards: the verdict must be every rank's
+            dist.all_reduce(total)
+        return not bool(total.isfinite())
 
     def _reset_window(self) -> None:
         self._micro, self._window_n, self._samples, self._window_loss, self._counted = 0, 0, 0, None, 0
 
-    def _scale_grads(self, factor: float | torch.Tensor) -> None:
+    def _local_grads(self) -> list[torch.Tensor]:
+        """The gradients as plain tensors: a sharded model's local shards."""
         grads = [p.grad for p in self._params if p.grad is not None]
+        return [g.to_local() for g in grads] if self.is_sharded else grads  # type: ignore[attr-defined]
+
+    def _scale_grads(self, factor: float | torch.Tensor) -> None:
+        grads = self._local_grads()
         if isinstance(factor, torch.Tensor) and grads:
             factor = factor.to(grads[0].dtype)
         torch._foreach_mul_(grads, factor)

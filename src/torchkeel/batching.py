@@ -51,6 +51,17 @@ def resolve_amp(use_amp: bool, amp_dtype: torch.dtype | None, device: torch.devi
     return dtype
 
 
+def grad_scaler(model: nn.Module, device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """float16's loss scaler; a sharded model's agrees across ranks on whether any shard overflowed."""
+    from torchkeel import sharded
+
+    if enabled and sharded.is_sharded(model):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, enabled=True)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
 def check_loader(loader: Any, name: str) -> None:
     if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
         raise TypeError(f"fit({name}=...): expected an iterable of batches such as a DataLoader, "

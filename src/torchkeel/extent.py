@@ -43,6 +43,7 @@ def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iter
     trainer.num_batches = n if trainer._limit_train is None or n is None else min(n, trainer._limit_train)
     trainer.batch_size = getattr(train_loader, "batch_size", None)
     trainer.accum.even_shards = sync.even_shards(trainer, train_loader)   # refuses uneven batch counts
+    trainer.accum.sync_every_micro_batch = trainer.sync_every_micro_batch or trainer.num_batches is None
     dataorder.before_first_batch(trainer, functools.partial(resumed_validation, val_loader=val_loader))
 
 

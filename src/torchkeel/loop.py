@@ -54,6 +54,10 @@ class AdvancedTrainer:
         sync_every_n_steps: under DDP, how often (in optimizer steps) the ranks agree on stop
             requests, signals and non-finite losses; default ``log_every_n_steps``. A SIGTERM or a
             stop on one rank takes effect on every rank within this many steps (see ``torchkeel.sync``).
+        sync_every_micro_batch: a sharded model (``DistributedTrainer(strategy='fsdp')``) with
+            accumulation: reduce-scatter every micro-batch's gradients instead of only the window's
+            last (no full-size gradient per rank: minimum memory, more communication). Also used
+            when the train loader has no ``len()`` (a short last window must be synced).
         log_dir: write each fit to ``<log_dir>/<run_name>/version_N/`` (see ``torchkeel.runs``).
         run_name: the experiment's folder name under ``log_dir``.
         signal_grace_seconds: after SIGTERM or Ctrl-C, exit with a clear message if the save has
@@ -102,6 +106,7 @@ class AdvancedTrainer:
         max_consecutive_skipped_steps: int | None = 25,
         replay_data: bool = True,
         sync_every_n_steps: int | None = None,
+        sync_every_micro_batch: bool = False,
     ) -> None:
         model, device = batching.resolve_model(model, device)
         skips = extent.check_trainer(model, optimizer, gradient_accumulation_steps, scheduler_interval,
@@ -124,10 +129,13 @@ class AdvancedTrainer:
         self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.is_global_zero = self.rank == 0
         self.amp_dtype = batching.resolve_amp(use_amp, amp_dtype, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = batching.grad_scaler(model, device, enabled=self.amp_dtype == torch.float16)
+        if not isinstance(sync_every_micro_batch, bool):
+            raise TypeError(f"AdvancedTrainer(sync_every_micro_batch={sync_every_micro_batch!r}): pass True or False.")
+        self.sync_every_micro_batch = sync_every_micro_batch
         self.accum = GradientAccumulator(
-            model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value
-        )
+            model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value,
+            sync_every_micro_batch=sync_every_micro_batch)
         self._nonfinite = NonFiniteGuard(nan_policy, eager=device.type == "cpu", ranks=self.world_size)
         self.accum.check_finite = self._nonfinite.eager
         self.early_stopping = early_stopping
@@ -171,7 +179,7 @@ class AdvancedTrainer:
             (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else (lambda: no_context)
         )
         self._move = device.type != "cpu"
-        self._bare = self.amp_dtype is None and not self.accum.is_ddp
+        self._bare = self.amp_dtype is None and not (self.accum.is_ddp or self.accum.is_sharded)
         self._counted = False         # this fit's training_step returns (loss, count)
         self._windows_at_fit = 0      # optimizer windows (stepped or skipped) before this fit
         self._signal = signals.SignalFlag(grace_seconds=signal_grace_seconds)
@@ -268,8 +276,9 @@ class AdvancedTrainer:
         self._log_count = n = batching.batch_size(batch)
         if self._bare:                      # one process, no AMP: no context to enter
             loss = self.training_step(batch)
-        else:
-            with self.accum.no_sync(), self._autocast():
+        else:                               # the epoch's last batch syncs a short window's grads
+            last = self.num_batches is not None and self.state.batch + 1 >= self.num_batches
+            with self.accum.no_sync(last), self._autocast():
                 loss = self.training_step(batch)
         self.state.batch += 1
         if isinstance(loss, tuple) or self._counted:
