@@ -406,11 +406,11 @@ def launch(roles: list[str], mode: str, timeout: float, *extra: str) -> list[dic
 
 
 def commit() -> str:
-    """HEAD's short hash, with "+dirty" when src/ or benchmarks/ has uncommitted changes."""
+    """HEAD's short hash, with "+dirty" when src/ or benchmarks/ (results aside) has uncommitted changes."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks", ":!benchmarks/results"], cwd=ROOT,
                                capture_output=True, text=True, check=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
