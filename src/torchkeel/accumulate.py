@@ -95,6 +95,8 @@ class GradientAccumulator:
                 f"GradientAccumulator(accumulation_steps={accumulation_steps!r}): "
                 "accumulation_steps must be an int >= 1."
             )
+        if not isinstance(sync_every_micro_batch, bool):
+            raise TypeError(f"sync_every_micro_batch={sync_every_micro_batch!r}: pass True or False.")
         for name, value in (("max_grad_norm", max_grad_norm), ("gradient_clip_value", gradient_clip_value)):
             if value is not None and not value > 0:
                 raise ValueError(f"GradientAccumulator({name}={value!r}): must be > 0, or None to disable.")

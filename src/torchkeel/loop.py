@@ -130,8 +130,6 @@ class AdvancedTrainer:
         self.is_global_zero = self.rank == 0
         self.amp_dtype = batching.resolve_amp(use_amp, amp_dtype, device)
         self.scaler = batching.grad_scaler(model, device, enabled=self.amp_dtype == torch.float16)
-        if not isinstance(sync_every_micro_batch, bool):
-            raise TypeError(f"AdvancedTrainer(sync_every_micro_batch={sync_every_micro_batch!r}): pass True or False.")
         self.sync_every_micro_batch = sync_every_micro_batch
         self.accum = GradientAccumulator(
             model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value,
@@ -305,7 +303,7 @@ class AdvancedTrainer:
         elif self._signal.received:         # the ranks agree at the next sync; a rank still stepping is not stuck
             self._signal.beat()
         if self._nonfinite.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
-            return self._skipped("the loss was non-finite on every one (nan_policy='skip'): check the data "
+            return steps.skipped(self, "the loss was non-finite on every one (nan_policy='skip'): check the data "
                                  "(inf/NaN inputs or labels) and the learning rate")
         if state.epoch_loss is None:
             state.epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -314,24 +312,13 @@ class AdvancedTrainer:
         state.epoch_samples += accum.window_samples
         if not stepped:
             state.skipped_steps += 1
-            return self._skipped(f"GradScaler overflowed on every one (loss scale now {self.scaler.get_scale():.3g}): "
+            return steps.skipped(self, f"GradScaler overflowed on every one (loss scale now {self.scaler.get_scale():.3g}): "
                                  "check the loss scale, the data and the learning rate, or use bfloat16")
         state.step += 1
         state.consecutive_skipped_steps = 0
         if self.world_size > 1 and state.step % self.sync_every_n_steps == 0:
             sync.agree(self)                # stop, signal, non-finite: acted on after this step's hooks
         return True
-
-    def _skipped(self, why: str) -> bool:
-        """Count a skipped window; stop training once ``max_consecutive_skipped_steps`` were in a row."""
-        state, limit = self.state, self.max_consecutive_skipped_steps
-        state.consecutive_skipped_steps = n = state.consecutive_skipped_steps + 1
-        if limit is not None and n >= limit and not state.should_stop:
-            log.warning("AdvancedTrainer: %d optimizer steps in a row were skipped (max_consecutive_skipped_steps=%d); "
-                        "%s. Training stops; pass max_consecutive_skipped_steps=None to keep going.",
-                        n, self.max_consecutive_skipped_steps, why)
-            self._request_stop(f"{n} consecutive skipped steps: {why}", shared=True)   # ranks skip alike
-        return False
 
     def training_step(self, batch: Any) -> torch.Tensor:
         """Forward one batch and return its mean loss. Override for custom batches or models."""
@@ -376,11 +363,8 @@ class AdvancedTrainer:
 
     @property
     def loss(self) -> float:
-        """Mean loss of the last optimizer window (reads the device; call only when logging).
-
-        Under DDP: this rank's, or all ranks' where the window's counts were all-reduced anyway
-        (counts from ``training_step``, shards not provably even).
-        """
+        """Mean loss of the last optimizer window (reads the device; call only when logging). Under DDP:
+        this rank's, or all ranks' where the window's counts were all-reduced (token counts, uneven shards)."""
         if self.world_size == 1:
             self._nonfinite.check(self)
         return self.accum.mean_loss()
