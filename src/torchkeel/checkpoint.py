@@ -185,7 +185,12 @@ class ModelCheckpoint(Callback):
             self.save_now(trainer, reason="epoch", ranked=True)
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:
-        self._settle("ModelCheckpoint at the end of fit")
+        try:
+            self._settle("ModelCheckpoint at the end of fit")
+        finally:   # free the host copy and the gloo group; the next fit's on_fit_begin makes new ones
+            saver, self._saver, self._group = self._saver, None, None
+            if saver is not None:
+                saver.close()
         if self.monitor and self.save_top_k != 0 and not self.best_model_path and trainer.is_global_zero:
             log.warning("ModelCheckpoint(monitor=%r): no best checkpoint, best_model_path is '': %s. The last "
                         "checkpoint is %r.", self.monitor, self.no_best_reason, self.last_model_path or None)
