@@ -110,7 +110,8 @@ def shard_model(model: nn.Module, *, shard_modules: tuple[type[nn.Module], ...] 
     Args:
         model: the plain model, on its device. shard_modules, min_params: which units.
         reshard_after_forward: free gathered parameters after each unit's forward (less memory,
-            one more all-gather in backward). amp_dtype: see ``mixed_precision``.
+            one more all-gather in backward); the root's stay until its backward, as FSDP's default.
+            amp_dtype: see ``mixed_precision``.
         activation_checkpointing: recompute each unit's activations in backward.
         cpu_offload: keep parameter shards, gradients and optimizer state on the CPU.
         mesh: a 1-D DeviceMesh; default all ranks.
@@ -143,7 +144,9 @@ def shard_model(model: nn.Module, *, shard_modules: tuple[type[nn.Module], ...] 
             checkpoint(unit)
     for unit in units:
         fully_shard(unit, **kwargs)
-    fully_shard(model, **kwargs)
+    # the root keeps its parameters gathered from forward to backward, as FSDP does by default: its
+    # backward runs right after the forward, so resharding it would only gather it once more
+    fully_shard(model, **(kwargs | {"reshard_after_forward": None}))
     return model
 
 

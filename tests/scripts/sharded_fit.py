@@ -188,6 +188,19 @@ def hand_written(mine: list[Any], ref: dict[str, torch.Tensor], rank: int) -> di
     return out
 
 
+def gathered_after_forward() -> dict[str, bool]:
+    """Between forward and backward: a unit's parameters are resharded (DTensor), the root's not."""
+    from torch.distributed.tensor import DTensor
+
+    model = DistributedTrainer(make(), strategy="fsdp").model
+    out = model(torch.ones(2, 3))
+    kept = {"root_gathered": not isinstance(model.head.weight, DTensor),  # type: ignore[union-attr]
+            "unit_resharded": isinstance(model.blocks[0].lin.weight, DTensor)}  # type: ignore[index,union-attr]
+    out.sum().backward()
+    kept["root_resharded_after_backward"] = isinstance(model.head.weight, DTensor)  # type: ignore[union-attr]
+    return kept
+
+
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -236,6 +249,7 @@ def main() -> None:
                 "predict_rows": [len(fsdp["predict"]), len(ddp["predict"])] if val is not None else None,
             }
     result["hand_written"] = hand_written(mine, by_hand, rank)
+    result["reshard"] = gathered_after_forward()
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(result, default=lambda v: None if math.isnan(v) else v))
