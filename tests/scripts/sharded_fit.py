@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fsdp_equiv import Block, Net  # the same small model (its script folder is on sys.path)
 from torch import nn
 from torch.utils.data import IterableDataset, TensorDataset
 
@@ -34,29 +35,6 @@ from torchkeel.process_group import shutdown
 
 N, BATCH = 20, 4  # 10 samples per rank: batches of 4, 4, 2
 CASES = ("even", "value_clip", "every_micro_batch", "tokens", "uneven", "stream", "nan_skip", "validate")
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.tanh(self.lin(x))
-
-
-class Net(nn.Module):
-    def __init__(self, width: int = 12) -> None:
-        super().__init__()
-        self.inp = nn.Linear(3, width)
-        self.blocks = nn.ModuleList(Block(width) for _ in range(3))
-        self.head = nn.Linear(width, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inp(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
 
 
 class Counted(AdvancedTrainer):
@@ -88,7 +66,7 @@ class Stream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
 
 def make() -> Net:
     torch.manual_seed(0)
-    return Net()
+    return Net(width=12)
 
 
 def dataset() -> TensorDataset:
