@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from fsdp_equiv import Block, Net  # the same small model (its script folder is on sys.path)
+from fsdp_equiv import Block, Net, max_diff  # its script folder is on sys.path
 from torch import nn
 from torch.utils.data import IterableDataset, TensorDataset
 
@@ -177,11 +177,6 @@ def gathered_after_forward() -> dict[str, bool]:
     out.sum().backward()
     kept["root_resharded_after_backward"] = isinstance(model.head.weight, DTensor)  # type: ignore[union-attr]
     return kept
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys(), (sorted(a), sorted(b))
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def main() -> None:
