@@ -72,6 +72,21 @@ def test_many_queued_values_sum_exactly_with_no_host_read(host_reads: dict[str, 
     assert logged.epoch_values() == {"v": want}
 
 
+def test_one_queue_for_all_names_keeps_each_names_sums_and_phases_apart(host_reads: dict[str, int]) -> None:
+    from torchkeel.logged import QUEUE
+
+    logged, n = LoggedValues(), QUEUE + 3                 # three names share the queue: summed mid-way
+    for i in range(n):
+        logged.log("t", torch.tensor(float(i % 7)), count=2)
+        logged.log("f", float(i % 4), count=1)            # numbers are queued too, summed on the host
+        logged.log("q", torch.tensor(float(i % 3)), count=i % 2 + 1, phase="val")
+    assert sum(host_reads.values()) == 0
+    logged.reset_epoch("val")                             # drops queued and summed val values, not train's
+    assert logged.epoch_values() == {"t": sum(i % 7 for i in range(n)) / n, "f": sum(i % 4 for i in range(n)) / n}
+    logged.log("q", torch.tensor(5.0), count=3, phase="val")
+    assert logged.epoch_values(phase="val") == {"val_q": 5.0}
+
+
 def test_a_logged_tensor_changed_in_place_is_an_error_naming_it() -> None:
     logged, running = LoggedValues(), torch.zeros(())
     for _ in range(3):

@@ -1,12 +1,14 @@
 """LoggedValues: the store behind ``trainer.log(name, value)``; device tensors, read only when logging.
 
 ``log`` keeps the latest per-step value (a detached tensor, or the number given) and adds
-``value * count`` and ``count`` to per-name epoch sums with no host read: python arithmetic for
-numbers; a tensor with a number count is queued (a list append: no device op per call) and the
-queue is summed in float64 by one stacked multiply-add every ``QUEUE`` values and when read. A
-queued tensor must not change in place before it is summed: its version counter is checked then,
-and a change is an error naming the metric (log a new tensor, or ``value.clone()``). ``step_values`` reads every per-step value at once (one ``torch.stack`` and ``tolist``);
-``epoch_values`` gives the count-weighted means, reduced across ranks with one ``all_reduce``.
+``value * count`` and ``count`` to per-name epoch sums with no host read. A value with a number
+count is queued (one list append, all names in one queue: no device op per call); the queue is
+summed every ``QUEUE`` values and when read: numbers on the host in the order they came, each
+name's tensors in float64 by one stacked multiply-add. A queued tensor must not change in place
+before it is summed: its version counter is checked then, and a change is an error naming the
+metric (log a new tensor, or ``value.clone()``). ``step_values`` reads every per-step value at once
+(one ``torch.stack`` and ``tolist``); ``epoch_values`` gives the count-weighted means, reduced across
+ranks with one ``all_reduce``.
 
 Names: training-phase names are kept as given (they may not start with ``val_``), validation-phase
 names get a ``val_`` prefix unless they have one. Built-in names (``train_loss``, ``val_loss``, ``lr``,
@@ -42,59 +44,55 @@ RESERVED = frozenset({"train_loss", "val_loss", "lr", "epoch_time", "epoch", "st
                       "loss", "grad_norm", "samples_per_sec"})
 
 
-QUEUE = 256   # tensor values (with number counts) queued per name before one summing op
+QUEUE = 256   # values (with number counts) queued, all names together, before they are summed
 
 
 class _Sums:
     """One name's epoch sums: numbers on the host where numbers came, device tensors where tensors came."""
 
-    __slots__ = ("count", "count_t", "name", "queued", "value", "value_t", "versions", "weights")
+    __slots__ = ("count", "count_t", "name", "value", "value_t")
 
     def __init__(self, value_t: torch.Tensor | None = None, count_t: torch.Tensor | None = None,
                  name: str = "") -> None:
         self.value, self.count, self.name = 0.0, 0.0, name
         self.value_t, self.count_t = value_t, count_t
-        self.queued: list[torch.Tensor] = []     # tensor values not yet summed, their counts and versions
-        self.weights: list[float] = []
-        self.versions: list[int] = []
 
-    def queue(self, value: torch.Tensor, count: float) -> None:
-        self.queued.append(value)
-        self.weights.append(count)
-        self.versions.append(value._version)
-        if len(self.queued) >= QUEUE:
-            self.drain()
-
-    def drain(self) -> None:
-        """Sum the queued values into ``value_t``: one stack, one multiply, one sum (float64)."""
-        if not self.queued:
-            return
-        queued, weights, versions = self.queued, self.weights, self.versions
-        self.queued, self.weights, self.versions = [], [], []
-        changed = [i for i, (t, v) in enumerate(zip(queued, versions)) if t._version != v]
+    def add_tensors(self, queued: list[tuple[torch.Tensor, float, int]]) -> None:
+        """Add queued ``(tensor, count, version)``: one stack, one multiply, one sum (float64)."""
+        changed = sum(t._version != v for t, _, v in queued)
         if changed:
             self.value = math.nan                  # never a wrong mean afterwards
             raise ValueError(f"trainer.log({self.name!r}): a logged tensor was modified in place after it was "
-                             f"logged ({len(changed)} of the last {len(queued)} values), so the epoch mean would "
+                             f"logged ({changed} of the last {len(queued)} values), so the epoch mean would "
                              "be wrong. Log a new tensor each time, e.g. value.clone().")
-        device = queued[0].device if self.value_t is None else self.value_t.device
-        stacked = torch.stack([t.to(device) for t in queued]).to(torch.float64)
-        total = stacked.mul_(torch.tensor(weights, dtype=torch.float64).to(device)).sum()
+        device = queued[0][0].device if self.value_t is None else self.value_t.device
+        tensors = [t for t, _, _ in queued]
+        if any(t.device != device for t in tensors):
+            tensors = [t.to(device) for t in tensors]
+        weights = torch.tensor([c for _, c, _ in queued], dtype=torch.float64).to(device)
+        total = torch.stack(tensors).to(torch.float64).mul_(weights).sum()
         self.value_t = total if self.value_t is None else self.value_t.add_(total)
 
     def device(self, default: torch.device) -> torch.device:
-        self.drain()
         tensor = self.value_t if self.value_t is not None else self.count_t
         return tensor.device if tensor is not None else default
 
     def totals(self, where: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        self.drain()
-
         def total(number: float, tensor: torch.Tensor | None) -> torch.Tensor:
             if tensor is None:
                 return torch.tensor(number, dtype=torch.float64, device=where)
             return tensor.to(where, torch.float64) + number
         return total(self.value, self.value_t), total(self.count, self.count_t)
+
+
+_NUMBERS = (int, float)   # counts taken by log's fast path (bool, numpy and tensor counts take _accumulate)
+
+
+def _bad_tensor(name: str, value: torch.Tensor) -> None:
+    if value.ndim:
+        raise ValueError(f"trainer.log({name!r}, value=...): expected a number or a 0-dim tensor, "
+                         f"got a tensor of shape {tuple(value.shape)}. Reduce it first, e.g. value.mean().")
+    raise TypeError(f"trainer.log({name!r}, value=...): got a complex tensor; log a real number.")
 
 
 def epoch_name(name: str, phase: Phase) -> str:
@@ -123,7 +121,9 @@ class LoggedValues:
         self._step: dict[str, torch.Tensor | float] = {}
         self._cache: dict[str, float] | None = None       # step_values() since the last log()
         self._sums: dict[str, _Sums] = {}                 # epoch name -> sums of value * count and of count
-        self._checked: set[tuple[str, str, bool, bool]] = set()   # (name, phase, on_step, on_epoch) seen
+        self._routes: dict[tuple[str, str, bool, bool], tuple[str | None, str | None]] = {}   # see _route
+        self._queue: list[tuple[str, torch.Tensor | float, float, int]] = []   # (epoch name, value, count,
+        #   the tensor's version or -1), not yet summed: see _drain
 
     def log(self, name: str, value: float | torch.Tensor, count: float | torch.Tensor = 1,
             on_step: bool = True, on_epoch: bool = True, phase: Phase = "train") -> None:
@@ -140,34 +140,63 @@ class LoggedValues:
         Example:
             >>> logged.log("tokens_per_batch", n, count=1, on_step=True, on_epoch=False, phase="train")
         """
-        if (name, phase, on_step, on_epoch) not in self._checked:
-            self._check_name(name, phase, on_step, on_epoch)
+        route = self._routes.get((name, phase, on_step, on_epoch))
+        if route is None:                          # checked once per (name, phase, on_step, on_epoch)
+            route = self._route(name, phase, on_step, on_epoch)
+        step_key, epoch_key = route
         if isinstance(value, torch.Tensor):
-            if value.ndim:
-                raise ValueError(f"trainer.log({name!r}, value=...): expected a number or a 0-dim tensor, "
-                                 f"got a tensor of shape {tuple(value.shape)}. Reduce it first, e.g. value.mean().")
-            if value.dtype.is_complex:
-                raise TypeError(f"trainer.log({name!r}, value=...): got a complex tensor; log a real number.")
             if value.requires_grad:
                 value = value.detach()
-        elif not isinstance(value, numbers.Real):
+            if value.ndim or value.dtype.is_complex:
+                _bad_tensor(name, value)
+            version = value._version               # checked when summed: no in-place change since
+        elif type(value) in _NUMBERS or isinstance(value, numbers.Real):
+            version = -1
+        else:
             raise TypeError(f"trainer.log({name!r}, value={value!r}): expected a python number or a 0-dim "
                             f"tensor, got {type(value).__name__}.")
-        if on_step and phase == "train":
-            self._step[name] = value
+        if step_key is not None:
+            self._step[step_key] = value
             self._cache = None
-        if on_epoch:
-            self._accumulate(epoch_name(name, phase), value, count)
+        if epoch_key is None:
+            return
+        if type(count) in _NUMBERS and count >= 0:   # a number (the common case): one list append
+            self._queue.append((epoch_key, value, count, version))  # type: ignore[arg-type]
+            if len(self._queue) >= QUEUE:
+                self._drain()
+        else:
+            self._accumulate(epoch_key, value, count)
+
+    def _drain(self) -> None:
+        """Sum the queued values into their names' sums, in the order they came (numbers on the host)."""
+        queue, self._queue = self._queue, []
+        tensors: dict[str, list[tuple[torch.Tensor, float, int]]] = {}
+        for key, value, count, version in queue:
+            acc = self._sums.get(key)
+            if acc is None:
+                acc = self._new_sums(key)
+            acc.count += count
+            if version < 0:
+                acc.value += float(value) * count
+            else:
+                tensors.setdefault(key, []).append((value, count, version))  # type: ignore[arg-type]
+        for key, queued in tensors.items():
+            self._sums[key].add_tensors(queued)
+
+    def _new_sums(self, key: str) -> _Sums:
+        acc = self._sums[key] = _Sums(name=key)
+        return acc
 
     def _accumulate(self, key: str, value: float | torch.Tensor, count: float | torch.Tensor) -> None:
-        acc = self._sums.get(key)
-        if acc is None:
-            acc = self._sums[key] = _Sums(name=key)
+        """A tensor count (summed on its device at once) or a count to refuse."""
         if isinstance(count, torch.Tensor):
-            acc.drain()
+            self._drain()
             if count.dim() != 0:
                 raise ValueError(f"trainer.log({key!r}): count must be a number or a 0-dim tensor, "
                                  f"got shape {tuple(count.shape)}.")
+            acc = self._sums.get(key)
+            if acc is None:
+                acc = self._new_sums(key)
             count = count.detach()
             weighted = (count * value).double()
             acc.value_t = weighted if acc.value_t is None else acc.value_t.add_(weighted.to(acc.value_t.device))
@@ -177,11 +206,16 @@ class LoggedValues:
         if isinstance(count, bool) or not isinstance(count, numbers.Real) or count < 0:
             raise ValueError(f"trainer.log({key!r}, count={count!r}): count must be a number >= 0 "
                              "(the value's weight: samples or items) or a 0-dim tensor.")
-        acc.count += count                         # numbers stay on the host: no device work
-        if isinstance(value, torch.Tensor):
-            acc.queue(value, count)                # the common case: summed QUEUE at a time
-        else:
-            acc.value += float(value) * count
+        self._queue.append((key, value, float(count), -1 if not isinstance(value, torch.Tensor) else value._version))
+        if len(self._queue) >= QUEUE:
+            self._drain()
+
+    def _route(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> tuple[str | None, str | None]:
+        """Check a (name, phase, on_step, on_epoch) once; return where its values go: (step key, epoch key)."""
+        self._check_name(name, phase, on_step, on_epoch)
+        route = (name if on_step and phase == "train" else None, epoch_name(name, phase) if on_epoch else None)
+        self._routes[(name, phase, on_step, on_epoch)] = route
+        return route
 
     def _check_name(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> None:
         if phase not in ("train", "val"):
@@ -199,7 +233,6 @@ class LoggedValues:
             where = "from validation (its values are epoch means)" if phase == "val" else "with on_step=False"
             raise ValueError(f"trainer.log({name!r}, on_epoch=False) {where}: the value would go nowhere; "
                              "pass on_epoch=True.")
-        self._checked.add((name, phase, on_step, on_epoch))
 
     def step_values(self) -> dict[str, float]:
         """The latest per-step training values, read to the host at once; cached until the next ``log``."""
@@ -216,7 +249,9 @@ class LoggedValues:
         return dict(self._cache)
 
     def names(self, phase: Phase | None = None) -> list[str]:
-        """The sorted epoch names with sums in ``phase`` (both when ``None``)."""
+        """The sorted epoch names with sums in ``phase`` (both when ``None``); sums what is queued first."""
+        if self._queue:
+            self._drain()
         return sorted(k for k in self._sums if phase is None or (k.startswith("val_") == (phase == "val")))
 
     def epoch_values(self, world_size: int = 1, device: str | torch.device | None = None,
@@ -254,7 +289,10 @@ class LoggedValues:
 
     def reset_epoch(self, phase: Phase | None = None) -> None:
         """Forget the sums of ``phase`` (both when ``None``); training also forgets per-step values."""
-        for k in self.names(phase):
+        def of_phase(key: str) -> bool:
+            return phase is None or key.startswith("val_") == (phase == "val")
+        self._queue = [entry for entry in self._queue if not of_phase(entry[0])]
+        for k in [k for k in self._sums if of_phase(k)]:
             del self._sums[k]
         if phase != "val":
             self._step.clear()
@@ -276,6 +314,7 @@ class LoggedValues:
                              f"got {len(names)} names, {len(sums)} sums, {len(counts)} counts.")
         self._sums = {k: _Sums(sums[i].to(self.device, torch.float64, copy=True),
                                counts[i].to(self.device, torch.float64, copy=True), k) for i, k in enumerate(names)}
+        self._queue.clear()
         self._step.clear()
         self._cache = None
 
