@@ -310,7 +310,9 @@ class GradientAccumulator:
         if self.nonfinite:
             self._zero_grad()      # non-finite: nothing worth reading
             return False
-        self.scaler.unscale_(self.optimizer)
+        scaling = self.scaler.is_enabled()
+        if scaling:
+            self.scaler.unscale_(self.optimizer)
         if not weighted and self.window_local != self.window_ref:   # n_ref / n: 1 for one equal micro-batch
             self._scale_grads(self.window_ref / self.window_local)
         if self.max_grad_norm is not None:
@@ -322,7 +324,7 @@ class GradientAccumulator:
                 torch._foreach_clamp_max_(grads, self.gradient_clip_value)
             else:
                 nn.utils.clip_grad_value_(self._params, self.gradient_clip_value, foreach=True)
-        if self.scaler.is_enabled():   # skipped: update() lowered the scale (one host read, not two)
+        if scaling:                    # skipped: update() lowered the scale (one host read, not two)
             before = self.scaler._scale.clone() if self.scaler._scale is not None else None
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -238,7 +238,7 @@ class AdvancedTrainer:
                                 break
                         if self._preempt:
                             signals.on_signal(self)
-                        if self._stop_agreed():
+                        if state.should_stop and self._stop_agreed():
                             break
                     if self._finish_window():
                         for cb in hooks["on_step_end"]:
@@ -302,7 +302,8 @@ class AdvancedTrainer:
             self._preempt = self._signal.received
         elif self._signal.received:         # the ranks agree at the next sync; a rank still stepping is not stuck
             self._signal.beat()
-        if self._nonfinite.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
+        if (accum.nonfinite or self._nonfinite.lazy) and \
+                self._nonfinite.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
             return steps.skipped(self, "the loss was non-finite on every one (nan_policy='skip'): check the data "
                                  "(inf/NaN inputs or labels) and the learning rate")
         if state.epoch_loss is None:

@@ -52,7 +52,10 @@ class NonFiniteGuard:
         self.found: Where | None = None      # the first bad window read on this rank, not yet acted on
 
     def window(self, trainer: AdvancedTrainer, loss: torch.Tensor, nonfinite: bool, first_batch: int) -> bool:
-        """Account for one optimizer window; True when it was non-finite (and so skipped)."""
+        """Account for one optimizer window; True when it was non-finite (and so skipped).
+
+        A no-op for a finite window when eager: the trainer calls it only when ``nonfinite`` or ``lazy``.
+        """
         state = trainer.state
         where = (state.epoch, first_batch, trainer.accum.window_micro_batches, state.step)
         if nonfinite:                       # eager: found before the optimizer stepped, alike on every rank
