@@ -3,7 +3,8 @@
 Both sides train the same model (a copy of the same initial weights) with the same optimizer on the
 same pre-built list of batches, so data loading is measured for neither. Blocks alternate
 (trainer, raw, raw, trainer, ...) in one process on one thread; the ratio is the median of each
-repeat's trainer/raw pair, so slow drifts and other load on the machine cancel out.
+repeat's trainer/raw pair, so slow drifts and other load on the machine cancel out. An A/A control
+(a second hand-written loop, ``aa``) is timed alike: its ratio is this run's noise floor.
 
 The trainer runs with its defaults (``progress=True``, history) and ``val_loader=None``. By default
 the progress display is measured as a terminal user sees it: a tqdm bar, drawn to a null terminal.
@@ -67,7 +68,7 @@ CONFIGS = {   # name: (in, hidden, out, batch)
 # (steps per block, repeats) for the full run and for --quick. Each block is one more epoch of the
 # same fit(), so a block also pays fit()'s fixed cost (reported apart): blocks are long enough
 # that it adds about 0.1%. Pairs alternate order, and their median drops load from other processes.
-PLAN = {"tiny": ((1000, 31), (400, 7)), "medium": ((48, 21), (12, 5))}
+PLAN = {"tiny": ((1000, 51), (400, 7)), "medium": ((48, 21), (12, 5))}
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 DEVICE = torch.device("cpu")   # --device: where the timed sides train (the memory children stay on the CPU)
 
@@ -280,6 +281,7 @@ def time_interleaved(name: str, steps: int, repeats: int, progress: str, peers: 
     sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     sides: dict[str, Callable[[Batches], Any]] = {"raw": RawLoop(copy.deepcopy(base)).run}
     sides |= {mode: TrainerLoop(copy.deepcopy(base), progress, mode).run for mode in MODES}
+    sides["aa"] = RawLoop(copy.deepcopy(base)).run     # A/A control: a second hand-written loop, timed alike
     if peers:
         sides |= _peer_loops(base)
     for run in sides.values():     # warm-up: allocator, Adam state, lazy imports, oneDNN
@@ -575,6 +577,9 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} MLP {t['shape']} ({t['batch']}), {t['steps_per_block']}-step epochs, {how} | "
                          f"{t['raw_us']:.1f} µs/step | {t[mode + '_us']:.1f} µs/step | {ratio:.3f}× | "
                          f"≤ {t['budget']}× {ok} |" + (f" {reads:.3f} |" if reads is not None else " |"))
+        if "aa_ratio" in t:
+            lines.append(f"| {name}: A/A control, the hand-written loop against a copy of itself | | "
+                         f"{t['aa_us']:.1f} µs/step | {t['aa_ratio']:.3f}× | (the noise floor) | |")
         for peer in ("ignite", "accelerate", "lightning"):
             if f"{peer}_us" in t:
                 lines.append(f"| {name}: {peer} | | {t[peer + '_us']:.1f} µs/step | {t[peer + '_ratio']:.3f}× | | |")

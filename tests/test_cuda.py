@@ -166,6 +166,24 @@ def test_lazy_nonfinite_check_makes_no_host_sync_between_logging_steps() -> None
     assert guard.covered == 19 and trainer.state.step == 64
 
 
+def test_logged_cuda_tensors_are_queued_unread_and_summed_exactly() -> None:
+    """trainer.log's CUDA values: no host sync and no kernel per call (queued), exact float64 means."""
+    from torchkeel.logged import QUEUE, LoggedValues
+
+    logged, n = LoggedValues(device="cuda"), 2 * QUEUE + 7
+    values = [torch.tensor(float(i % 5), device="cuda") for i in range(n)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, v in enumerate(values):
+            logged.log("v", v, count=i % 3 + 1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(logged._sums["v"].queued) == 7              # summed twice on the GPU, 7 still queued
+    want = sum((i % 5) * (i % 3 + 1) for i in range(n)) / sum(i % 3 + 1 for i in range(n))
+    assert logged.epoch_values(device="cuda") == {"v": want}
+
+
 def test_lazy_nonfinite_check_on_cuda_still_names_the_first_bad_step() -> None:
     x, y = make_data(64).tensors
     x[40] = math.nan                                   # batch 5 of 8

@@ -72,13 +72,13 @@ def test_many_queued_values_sum_exactly_with_no_host_read(host_reads: dict[str, 
     assert logged.epoch_values() == {"v": want}
 
 
-def test_one_queue_for_all_names_keeps_each_names_sums_and_phases_apart(host_reads: dict[str, int]) -> None:
+def test_names_queued_side_by_side_keep_their_own_sums_and_phases_apart(host_reads: dict[str, int]) -> None:
     from torchkeel.logged import QUEUE
 
-    logged, n = LoggedValues(), QUEUE + 3                 # three names share the queue: summed mid-way
+    logged, n = LoggedValues(), QUEUE + 3                 # three names side by side: each summed once, 3 queued
     for i in range(n):
         logged.log("t", torch.tensor(float(i % 7)), count=2)
-        logged.log("f", float(i % 4), count=1)            # numbers are queued too, summed on the host
+        logged.log("f", float(i % 4), count=1)            # numbers are summed on the host at once
         logged.log("q", torch.tensor(float(i % 3)), count=i % 2 + 1, phase="val")
     assert sum(host_reads.values()) == 0
     logged.reset_epoch("val")                             # drops queued and summed val values, not train's

@@ -1,14 +1,13 @@
 """LoggedValues: the store behind ``trainer.log(name, value)``; device tensors, read only when logging.
 
 ``log`` keeps the latest per-step value (a detached tensor, or the number given) and adds
-``value * count`` and ``count`` to per-name epoch sums with no host read. A value with a number
-count is queued (one list append, all names in one queue: no device op per call); the queue is
-summed every ``QUEUE`` values and when read: numbers on the host in the order they came, each
-name's tensors in float64 by one stacked multiply-add. A queued tensor must not change in place
-before it is summed: its version counter is checked then, and a change is an error naming the
-metric (log a new tensor, or ``value.clone()``). ``step_values`` reads every per-step value at once
-(one ``torch.stack`` and ``tolist``); ``epoch_values`` gives the count-weighted means, reduced across
-ranks with one ``all_reduce``.
+``value * count`` and ``count`` to per-name epoch sums with no host read: python arithmetic for
+numbers; a tensor with a number count is queued (one list append: no device op per call) and a
+name's queue is summed in float64 by one stack and sum every ``QUEUE`` values and when read. A
+queued tensor must not change in place before it is summed: its version counter is checked then,
+and a change is an error naming the metric (log a new tensor, or ``value.clone()``).
+``step_values`` reads every per-step value at once (one ``torch.stack`` and ``tolist``);
+``epoch_values`` gives the count-weighted means, reduced across ranks with one ``all_reduce``.
 
 Names: training-phase names are kept as given (they may not start with ``val_``), validation-phase
 names get a ``val_`` prefix unless they have one. Built-in names (``train_loss``, ``val_loss``, ``lr``,
@@ -44,40 +43,58 @@ RESERVED = frozenset({"train_loss", "val_loss", "lr", "epoch_time", "epoch", "st
                       "loss", "grad_norm", "samples_per_sec"})
 
 
-QUEUE = 256   # values (with number counts) queued, all names together, before they are summed
+QUEUE = 256   # tensor values (with number counts) queued per name before they are summed
 
 
 class _Sums:
     """One name's epoch sums: numbers on the host where numbers came, device tensors where tensors came."""
 
-    __slots__ = ("count", "count_t", "name", "value", "value_t")
+    __slots__ = ("count", "count_t", "name", "queued", "value", "value_t")
 
     def __init__(self, value_t: torch.Tensor | None = None, count_t: torch.Tensor | None = None,
                  name: str = "") -> None:
         self.value, self.count, self.name = 0.0, 0.0, name
         self.value_t, self.count_t = value_t, count_t
+        self.queued: list[tuple[torch.Tensor, float, int]] = []   # (tensor, count, version), not yet summed
+
+    def drain(self) -> None:
+        if self.queued:
+            queued, self.queued = self.queued, []
+            self.add_tensors(queued)
 
     def add_tensors(self, queued: list[tuple[torch.Tensor, float, int]]) -> None:
-        """Add queued ``(tensor, count, version)``: one stack, one multiply, one sum (float64)."""
-        changed = sum(t._version != v for t, _, v in queued)
-        if changed:
+        """Add queued ``(tensor, count, version)`` in float64: one stack, one sum, one multiply by the
+        count where every count is the same (the common case), else by a weights tensor."""
+        tensors = [t for t, _, _ in queued]
+        if [t._version for t in tensors] != [v for _, _, v in queued]:
+            changed = sum(t._version != v for t, _, v in queued)
             self.value = math.nan                  # never a wrong mean afterwards
             raise ValueError(f"trainer.log({self.name!r}): a logged tensor was modified in place after it was "
                              f"logged ({changed} of the last {len(queued)} values), so the epoch mean would "
                              "be wrong. Log a new tensor each time, e.g. value.clone().")
-        device = queued[0][0].device if self.value_t is None else self.value_t.device
-        tensors = [t for t, _, _ in queued]
-        if any(t.device != device for t in tensors):
-            tensors = [t.to(device) for t in tensors]
-        weights = torch.tensor([c for _, c, _ in queued], dtype=torch.float64).to(device)
-        total = torch.stack(tensors).to(torch.float64).mul_(weights).sum()
+        device = tensors[0].device if self.value_t is None else self.value_t.device
+        try:
+            stacked = torch.stack(tensors).to(device, torch.float64)
+        except RuntimeError:                       # values on several devices
+            stacked = torch.stack([t.to(device) for t in tensors]).to(torch.float64)
+        counts = [c for _, c, _ in queued]
+        if min(counts) == max(counts):
+            total = stacked.sum().mul_(counts[0])
+        else:
+            weights = torch.tensor(counts, dtype=torch.float64)
+            if device.type == "cuda":              # a pageable copy would wait for the GPU: pinned, async
+                weights = weights.pin_memory()
+            total = stacked.mul_(weights.to(device, non_blocking=True)).sum()
         self.value_t = total if self.value_t is None else self.value_t.add_(total)
 
     def device(self, default: torch.device) -> torch.device:
+        self.drain()
         tensor = self.value_t if self.value_t is not None else self.count_t
         return tensor.device if tensor is not None else default
 
     def totals(self, where: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        self.drain()
+
         def total(number: float, tensor: torch.Tensor | None) -> torch.Tensor:
             if tensor is None:
                 return torch.tensor(number, dtype=torch.float64, device=where)
@@ -122,8 +139,6 @@ class LoggedValues:
         self._cache: dict[str, float] | None = None       # step_values() since the last log()
         self._sums: dict[str, _Sums] = {}                 # epoch name -> sums of value * count and of count
         self._routes: dict[tuple[str, str, bool, bool], tuple[str | None, str | None]] = {}   # see _route
-        self._queue: list[tuple[str, torch.Tensor | float, float, int]] = []   # (epoch name, value, count,
-        #   the tensor's version or -1), not yet summed: see _drain
 
     def log(self, name: str, value: float | torch.Tensor, count: float | torch.Tensor = 1,
             on_step: bool = True, on_epoch: bool = True, phase: Phase = "train") -> None:
@@ -160,43 +175,34 @@ class LoggedValues:
             self._cache = None
         if epoch_key is None:
             return
-        if type(count) in _NUMBERS and count >= 0:   # a number (the common case): one list append
-            self._queue.append((epoch_key, value, count, version))  # type: ignore[arg-type]
-            if len(self._queue) >= QUEUE:
-                self._drain()
-        else:
+        if isinstance(count, torch.Tensor) or type(count) not in _NUMBERS or count < 0:   # rarer counts
             self._accumulate(epoch_key, value, count)
-
-    def _drain(self) -> None:
-        """Sum the queued values into their names' sums, in the order they came (numbers on the host)."""
-        queue, self._queue = self._queue, []
-        tensors: dict[str, list[tuple[torch.Tensor, float, int]]] = {}
-        for key, value, count, version in queue:
-            acc = self._sums.get(key)
-            if acc is None:
-                acc = self._new_sums(key)
-            acc.count += count
-            if version < 0:
-                acc.value += float(value) * count
-            else:
-                tensors.setdefault(key, []).append((value, count, version))  # type: ignore[arg-type]
-        for key, queued in tensors.items():
-            self._sums[key].add_tensors(queued)
+            return
+        acc = self._sums.get(epoch_key)
+        if acc is None:
+            acc = self._new_sums(epoch_key)
+        acc.count += count
+        if version < 0:                                   # a number: summed on the host
+            acc.value += float(value) * count
+            return
+        acc.queued.append((value, count, version))        # type: ignore[arg-type]
+        if len(acc.queued) >= QUEUE:
+            acc.drain()
 
     def _new_sums(self, key: str) -> _Sums:
         acc = self._sums[key] = _Sums(name=key)
         return acc
 
     def _accumulate(self, key: str, value: float | torch.Tensor, count: float | torch.Tensor) -> None:
-        """A tensor count (summed on its device at once) or a count to refuse."""
+        """A tensor count (summed on its device at once), another kind of number, or a count to refuse."""
+        acc = self._sums.get(key)
+        if acc is None:
+            acc = self._new_sums(key)
         if isinstance(count, torch.Tensor):
-            self._drain()
+            acc.drain()
             if count.dim() != 0:
                 raise ValueError(f"trainer.log({key!r}): count must be a number or a 0-dim tensor, "
                                  f"got shape {tuple(count.shape)}.")
-            acc = self._sums.get(key)
-            if acc is None:
-                acc = self._new_sums(key)
             count = count.detach()
             weighted = (count * value).double()
             acc.value_t = weighted if acc.value_t is None else acc.value_t.add_(weighted.to(acc.value_t.device))
@@ -206,9 +212,13 @@ class LoggedValues:
         if isinstance(count, bool) or not isinstance(count, numbers.Real) or count < 0:
             raise ValueError(f"trainer.log({key!r}, count={count!r}): count must be a number >= 0 "
                              "(the value's weight: samples or items) or a 0-dim tensor.")
-        self._queue.append((key, value, float(count), -1 if not isinstance(value, torch.Tensor) else value._version))
-        if len(self._queue) >= QUEUE:
-            self._drain()
+        acc.count += count
+        if isinstance(value, torch.Tensor):
+            acc.queued.append((value, float(count), value._version))
+            if len(acc.queued) >= QUEUE:
+                acc.drain()
+        else:
+            acc.value += float(value) * count
 
     def _route(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> tuple[str | None, str | None]:
         """Check a (name, phase, on_step, on_epoch) once; return where its values go: (step key, epoch key)."""
@@ -249,9 +259,7 @@ class LoggedValues:
         return dict(self._cache)
 
     def names(self, phase: Phase | None = None) -> list[str]:
-        """The sorted epoch names with sums in ``phase`` (both when ``None``); sums what is queued first."""
-        if self._queue:
-            self._drain()
+        """The sorted epoch names with sums in ``phase`` (both when ``None``)."""
         return sorted(k for k in self._sums if phase is None or (k.startswith("val_") == (phase == "val")))
 
     def epoch_values(self, world_size: int = 1, device: str | torch.device | None = None,
@@ -289,10 +297,7 @@ class LoggedValues:
 
     def reset_epoch(self, phase: Phase | None = None) -> None:
         """Forget the sums of ``phase`` (both when ``None``); training also forgets per-step values."""
-        def of_phase(key: str) -> bool:
-            return phase is None or key.startswith("val_") == (phase == "val")
-        self._queue = [entry for entry in self._queue if not of_phase(entry[0])]
-        for k in [k for k in self._sums if of_phase(k)]:
+        for k in self.names(phase):
             del self._sums[k]
         if phase != "val":
             self._step.clear()
@@ -314,7 +319,6 @@ class LoggedValues:
                              f"got {len(names)} names, {len(sums)} sums, {len(counts)} counts.")
         self._sums = {k: _Sums(sums[i].to(self.device, torch.float64, copy=True),
                                counts[i].to(self.device, torch.float64, copy=True), k) for i, k in enumerate(names)}
-        self._queue.clear()
         self._step.clear()
         self._cache = None
 
