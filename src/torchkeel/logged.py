@@ -57,6 +57,16 @@ class _Sums:
         self.value_t, self.count_t = value_t, count_t
         self.queued: list[tuple[torch.Tensor, float, int]] = []   # (tensor, count, version), not yet summed
 
+    def add(self, value: float | torch.Tensor, count: float, version: int) -> None:
+        """Add a value with a number count: a number on the host, a tensor (``version`` >= 0) queued."""
+        self.count += count
+        if version < 0:
+            self.value += float(value) * count
+            return                                      # version >= 0: value is a tensor
+        self.queued.append((value, count, version))   # type: ignore[arg-type]
+        if len(self.queued) >= QUEUE:
+            self.drain()
+
     def drain(self) -> None:
         if self.queued:
             queued, self.queued = self.queued, []
@@ -102,7 +112,7 @@ class _Sums:
         return total(self.value, self.value_t), total(self.count, self.count_t)
 
 
-_NUMBERS = (int, float)   # counts taken by log's fast path (bool, numpy and tensor counts take _accumulate)
+_NUMBERS = (int, float)   # exact types log checks first (bool, numpy and tensor counts take _accumulate)
 
 
 def _bad_tensor(name: str, value: torch.Tensor) -> None:
@@ -179,15 +189,7 @@ class LoggedValues:
             self._accumulate(epoch_key, value, count)
             return
         acc = self._sums.get(epoch_key)
-        if acc is None:
-            acc = self._new_sums(epoch_key)
-        acc.count += count
-        if version < 0:                                   # a number: summed on the host
-            acc.value += float(value) * count
-            return
-        acc.queued.append((value, count, version))        # type: ignore[arg-type]
-        if len(acc.queued) >= QUEUE:
-            acc.drain()
+        (acc if acc is not None else self._new_sums(epoch_key)).add(value, count, version)
 
     def _new_sums(self, key: str) -> _Sums:
         acc = self._sums[key] = _Sums(name=key)
@@ -212,13 +214,7 @@ class LoggedValues:
         if isinstance(count, bool) or not isinstance(count, numbers.Real) or count < 0:
             raise ValueError(f"trainer.log({key!r}, count={count!r}): count must be a number >= 0 "
                              "(the value's weight: samples or items) or a 0-dim tensor.")
-        acc.count += count
-        if isinstance(value, torch.Tensor):
-            acc.queued.append((value, float(count), value._version))
-            if len(acc.queued) >= QUEUE:
-                acc.drain()
-        else:
-            acc.value += float(value) * count
+        acc.add(value, float(count), value._version if isinstance(value, torch.Tensor) else -1)
 
     def _route(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> tuple[str | None, str | None]:
         """Check a (name, phase, on_step, on_epoch) once; return where its values go: (step key, epoch key)."""
