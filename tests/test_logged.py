@@ -116,6 +116,23 @@ def test_step_values_read_the_host_once_and_log_never(host_reads: dict[str, int]
     assert sum(host_reads.values()) == 3                    # one read for every epoch mean at once
 
 
+def test_a_name_logged_again_after_reset_or_load_lands_in_the_new_sums(tmp_path: Path) -> None:
+    logged = LoggedValues()
+    logged.log("m", torch.tensor(5.0), count=1)
+    logged.log("q", 7.0, count=1, phase="val")
+    saved = logged.state_dict()
+    logged.reset_epoch("train")
+    logged.log("m", torch.tensor(1.0), count=1)            # the new epoch's sums, not the forgotten ones
+    assert logged.epoch_values() == {"m": 1.0, "val_q": 7.0}
+    logged.reset_epoch("val")
+    logged.log("q", 3.0, count=3, phase="val")
+    assert logged.epoch_values() == {"m": 1.0, "val_q": 3.0}
+    logged.load_state_dict(saved)                           # back to the saved sums, then on from there
+    logged.log("m", torch.tensor(3.0), count=1)
+    logged.log("q", 1.0, count=1, phase="val")
+    assert logged.epoch_values() == {"m": 4.0, "val_q": 4.0}
+
+
 def test_state_dict_round_trip_resumes_exactly(tmp_path: Path) -> None:
     values = [(torch.tensor(0.1 * i), 8 if i % 2 else 3) for i in range(6)]
     whole = LoggedValues()

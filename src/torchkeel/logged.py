@@ -148,7 +148,7 @@ class LoggedValues:
         self._step: dict[str, torch.Tensor | float] = {}
         self._cache: dict[str, float] | None = None       # step_values() since the last log()
         self._sums: dict[str, _Sums] = {}                 # epoch name -> sums of value * count and of count
-        self._routes: dict[tuple[str, str, bool, bool], tuple[str | None, str | None]] = {}   # see _route
+        self._routes: dict[tuple[str, str, bool, bool], tuple[str | None, _Sums | None]] = {}   # see _route
 
     def log(self, name: str, value: float | torch.Tensor, count: float | torch.Tensor = 1,
             on_step: bool = True, on_epoch: bool = True, phase: Phase = "train") -> None:
@@ -165,10 +165,6 @@ class LoggedValues:
         Example:
             >>> logged.log("tokens_per_batch", n, count=1, on_step=True, on_epoch=False, phase="train")
         """
-        route = self._routes.get((name, phase, on_step, on_epoch))
-        if route is None:                          # checked once per (name, phase, on_step, on_epoch)
-            route = self._route(name, phase, on_step, on_epoch)
-        step_key, epoch_key = route
         if isinstance(value, torch.Tensor):
             if value.requires_grad:
                 value = value.detach()
@@ -180,26 +176,24 @@ class LoggedValues:
         else:
             raise TypeError(f"trainer.log({name!r}, value={value!r}): expected a python number or a 0-dim "
                             f"tensor, got {type(value).__name__}.")
+        route = self._routes.get((name, phase, on_step, on_epoch))
+        if route is None:                          # checked once per (name, phase, on_step, on_epoch) and epoch
+            route = self._route(name, phase, on_step, on_epoch)
+        step_key, acc = route
         if step_key is not None:
             self._step[step_key] = value
             self._cache = None
-        if epoch_key is None:
+        if acc is None:
             return
         if isinstance(count, torch.Tensor) or type(count) not in _NUMBERS or count < 0:   # rarer counts
-            self._accumulate(epoch_key, value, count)
+            self._accumulate(acc, value, count)
             return
-        acc = self._sums.get(epoch_key)
-        (acc if acc is not None else self._new_sums(epoch_key)).add(value, count, version)
+        acc.add(value, count, version)
 
-    def _new_sums(self, key: str) -> _Sums:
-        acc = self._sums[key] = _Sums(name=key)
-        return acc
-
-    def _accumulate(self, key: str, value: float | torch.Tensor, count: float | torch.Tensor) -> None:
+    @staticmethod
+    def _accumulate(acc: _Sums, value: float | torch.Tensor, count: float | torch.Tensor) -> None:
         """A tensor count (summed on its device at once), another kind of number, or a count to refuse."""
-        acc = self._sums.get(key)
-        if acc is None:
-            acc = self._new_sums(key)
+        key = acc.name
         if isinstance(count, torch.Tensor):
             acc.drain()
             if count.dim() != 0:
@@ -216,11 +210,17 @@ class LoggedValues:
                              "(the value's weight: samples or items) or a 0-dim tensor.")
         acc.add(value, float(count), value._version if isinstance(value, torch.Tensor) else -1)
 
-    def _route(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> tuple[str | None, str | None]:
-        """Check a (name, phase, on_step, on_epoch) once; return where its values go: (step key, epoch key)."""
+    def _route(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> tuple[str | None, _Sums | None]:
+        """Check a (name, phase, on_step, on_epoch) once an epoch; return where its values go: the step key
+        and the epoch's sums (the cache is cleared with the sums, by ``reset_epoch`` and ``load_state_dict``)."""
         self._check_name(name, phase, on_step, on_epoch)
-        route = (name if on_step and phase == "train" else None, epoch_name(name, phase) if on_epoch else None)
-        self._routes[(name, phase, on_step, on_epoch)] = route
+        acc = None
+        if on_epoch:
+            key = epoch_name(name, phase)
+            acc = self._sums.get(key)
+            if acc is None:
+                acc = self._sums[key] = _Sums(name=key)
+        route = self._routes[(name, phase, on_step, on_epoch)] = (name if on_step and phase == "train" else None, acc)
         return route
 
     def _check_name(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> None:
@@ -295,6 +295,7 @@ class LoggedValues:
         """Forget the sums of ``phase`` (both when ``None``); training also forgets per-step values."""
         for k in self.names(phase):
             del self._sums[k]
+        self._routes.clear()
         if phase != "val":
             self._step.clear()
             self._cache = None
@@ -315,6 +316,7 @@ class LoggedValues:
                              f"got {len(names)} names, {len(sums)} sums, {len(counts)} counts.")
         self._sums = {k: _Sums(sums[i].to(self.device, torch.float64, copy=True),
                                counts[i].to(self.device, torch.float64, copy=True), k) for i, k in enumerate(names)}
+        self._routes.clear()
         self._step.clear()
         self._cache = None
 
