@@ -65,12 +65,18 @@ def test_ddp_benchmark_control_and_alone_modes() -> None:
 
 def test_overhead_benchmark_quick() -> None:
     out = run_bench("overhead.py", "--quick", "--no-memory", "--progress", "lines", timeout=600)  # 3 trainer modes
+    ratio = rf"{NUMBER}×"
     for model in ("tiny", "medium"):
         reads = {}
-        for how in (r"fit\(epochs=\.\.\.\)", r"fit\(max_steps=\.\.\.\)", r"fit\(epochs=\.\.\.\), trainer\.log\(\) in training_step"):
+        for how, shown in ((r"fit\(epochs=\.\.\.\)", ratio), (r"fit\(max_steps=\.\.\.\)", ratio),
+                           (r"fit\(epochs=\.\.\.\), trainer\.log\(\) in training_step",
+                            rf"{ratio} \(to the plain loop: {ratio}\)")):
             *_, reads[how] = numbers(rf"\| {model} MLP [^|]*?-step epochs, {how} \| {NUMBER} µs/step \| {NUMBER} µs/step "
-                                     rf"\| {NUMBER}× \| ≤ [0-9.]+× (?:ok|\*\*over\*\*) \| {NUMBER} \|", out)
+                                     rf"\| {shown} \| ≤ [0-9.]+× (?:ok|\*\*over\*\*) \| {NUMBER} \|", out)
         assert max(reads.values()) - min(reads.values()) < 0.5     # trainer.log reads nothing per step
+        costs = re.search(rf"\| {model}: keeping one logged value, µs/step [^|]*\| (-?[0-9.]+) by hand \| "
+                          r"(-?[0-9.]+) trainer\.log \|", out)
+        assert costs and all(math.isfinite(float(v)) for v in costs.groups()), out
 
 
 def test_checkpoint_benchmark_small() -> None:
