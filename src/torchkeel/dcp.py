@@ -7,7 +7,8 @@ A sharded checkpoint is a directory ``NAME/``: DCP's shard files and ``.metadata
 renames the directory into place (an atomic exchange when ``NAME`` exists) and fsyncs the folder;
 a failure on any rank fails every rank with that rank's message. ``load``: the manifest and hashes
 first, then DCP's ``.metadata`` through an unpickler that admits only DCP's metadata classes, and
-non-tensor values through ``torch.load(weights_only=True)``: nothing in the files can run code.
+non-tensor values through ``torch.load(weights_only=True)`` (``torchkeel.dcpsafe``): nothing in the files
+can run code.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import io
 import json
 import os
-import pickle
 import secrets
 import shutil
 import sys
@@ -32,23 +31,18 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import (
-    DefaultLoadPlanner,
-    _EmptyStateDictLoadPlanner,
-)
-from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from torchkeel.dcpsafe import METADATA, SafeFullPlanner, SafePlanner, VerifiedReader
+from torchkeel.dcpsafe import fail as _fail
 from torchkeel.discovery import _TEMP
 from torchkeel.io import CheckpointError, CheckpointWriteError, _fsync_dir, write_text_atomic
 
 if TYPE_CHECKING:
     from typing import TypeAlias
-
-    from torch.distributed.checkpoint.planner import ReadItem
 
     from torchkeel.io import StrPath
 
@@ -60,12 +54,6 @@ __all__ = ["clean_temporaries", "is_sharded", "load", "load_full", "load_local",
 FORMAT = 1
 KIND = "torchkeel-dcp"
 MANIFEST = "manifest.json"
-METADATA = ".metadata"
-
-
-def _fail(path: Path, reason: str, hint: str = "") -> CheckpointError:
-    return CheckpointError(f"sharded checkpoint {str(path)!r}: {reason}.{' ' + hint if hint else ''}",
-                           path=path, reason=reason)
 
 
 # ------------------------------------------------------------------------ ranks agreeing
@@ -301,84 +289,6 @@ def is_sharded(path: StrPath) -> bool:
 
 
 # ---------------------------------------------------------------------------------- loading
-_ALLOWED = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits DCP's metadata classes, dtypes and plain containers; refuses any other global."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not one of DCP's metadata classes")
-
-
-def _read_metadata(folder: Path, expected: dict[str, Any]) -> Metadata:
-    data = (folder / METADATA).read_bytes()
-    if hashlib.sha256(data).hexdigest() != expected["sha256"]:  # the bytes parsed are those verified
-        raise _fail(folder, "'.metadata' changed after it was verified", "Something wrote to it.")
-    try:
-        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
-    except Exception as exc:
-        raise _fail(folder, f"'.metadata' refused ({exc})", "It holds objects other than DCP's "
-                    "metadata; it was not loaded and nothing in it ran.") from exc
-    if not isinstance(metadata, Metadata):
-        raise _fail(folder, f"'.metadata' holds a {type(metadata).__name__}, not DCP Metadata")
-    return metadata
-
-
-def _safe_bytes(value: io.BytesIO) -> Any:
-    try:
-        return torch.load(value, map_location="cpu", weights_only=True)  # explicit: not overridable
-    except pickle.UnpicklingError as exc:
-        raise pickle.UnpicklingError("a non-tensor value was refused by torch.load(weights_only=True): "
-                                     + str(exc).split("\n")[0]) from exc
-
-
-class _VerifiedReader(FileSystemReader):
-    """A ``FileSystemReader`` that hands DCP metadata we already read, verified and safely."""
-
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
-        super().__init__(path)
-        self._metadata = _read_metadata(path, manifest["files"][METADATA])
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if kwargs.get("rank") is not None:  # torchkeel writes one global .metadata, nothing per rank
-            raise FileNotFoundError("no per-rank metadata in a torchkeel checkpoint")
-        metadata = self._metadata
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
-        return metadata
-
-
-def _load_bytes(planner: DefaultLoadPlanner, read_item: ReadItem, value: io.BytesIO) -> None:
-    obj = _safe_bytes(value)
-    if planner.flatten_state_dict:
-        from torch.distributed.checkpoint._nested_dict import set_element  # type: ignore[attr-defined]
-        set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
-    else:
-        planner.state_dict[read_item.dest_index.fqn] = obj
-
-
-class _SafePlanner(DefaultLoadPlanner):
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        _load_bytes(self, read_item, value)
-
-
-class _SafeFullPlanner(_EmptyStateDictLoadPlanner):
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        _load_bytes(self, read_item, value)
-
-
 def load(path: StrPath, state: dict[str, Any], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Verify, then load a sharded checkpoint into ``state`` in place; every rank (collective).
 
@@ -402,14 +312,14 @@ def load(path: StrPath, state: dict[str, Any], manifest: dict[str, Any] | None =
         manifest = cast("dict[str, Any]", _broadcast(manifest))
     error, reader = "", None
     try:
-        reader = _VerifiedReader(folder, manifest)
+        reader = VerifiedReader(folder, manifest)
     except (CheckpointError, OSError) as exc:
         error = str(exc)
     _agree(error, f"sharded load({str(path)!r})", CheckpointError)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp_load(state, storage_reader=reader, planner=_SafePlanner())
+            dcp_load(state, storage_reader=reader, planner=SafePlanner())
     except BaseException as exc:
         if not isinstance(exc, (Exception, CheckpointException)):
             raise
@@ -426,10 +336,10 @@ def load_full(path: StrPath) -> dict[str, Any]:
     """
     folder = Path(path)
     manifest, state = verify(folder), cast("dict[str, Any]", {})
-    reader = _VerifiedReader(folder, manifest)
+    reader = VerifiedReader(folder, manifest)
     try:
         _load_state_dict(state, storage_reader=reader,
-                         planner=_SafeFullPlanner(), no_dist=True)  # type: ignore[no-untyped-call]
+                         planner=SafeFullPlanner(), no_dist=True)  # type: ignore[no-untyped-call]
     except BaseException as exc:
         if not isinstance(exc, (Exception, CheckpointException)):
             raise
@@ -446,9 +356,9 @@ def load_local(path: StrPath, state: dict[str, Any], manifest: dict[str, Any] | 
         120
     """
     folder = Path(path)
-    reader = _VerifiedReader(folder, manifest if manifest is not None else verify(folder))
+    reader = VerifiedReader(folder, manifest if manifest is not None else verify(folder))
     try:
-        _load_state_dict(state, storage_reader=reader, planner=_SafePlanner(), no_dist=True)
+        _load_state_dict(state, storage_reader=reader, planner=SafePlanner(), no_dist=True)
     except BaseException as exc:
         if not isinstance(exc, (Exception, CheckpointException)):
             raise

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from torchkeel import dcp
+from torchkeel import dcp, dcpsafe
 
 if TYPE_CHECKING:
     from torchkeel.io import StrPath
@@ -52,10 +52,10 @@ def _pack(obj: dict[str, Any]) -> bytes:
 
 def _unpack(blob: Any, path: Path) -> dict[str, Any]:
     if not isinstance(blob, bytes):
-        raise dcp._fail(path, f"its {TRAINER!r} entry is a {type(blob).__name__}, not torchkeel's state")
-    obj = dcp._safe_bytes(io.BytesIO(blob))
+        raise dcpsafe.fail(path, f"its {TRAINER!r} entry is a {type(blob).__name__}, not torchkeel's state")
+    obj = dcpsafe.safe_bytes(io.BytesIO(blob))
     if not isinstance(obj, dict):
-        raise dcp._fail(path, f"its {TRAINER!r} entry holds a {type(obj).__name__}, not a dict")
+        raise dcpsafe.fail(path, f"its {TRAINER!r} entry holds a {type(obj).__name__}, not a dict")
     return obj
 
 
@@ -164,10 +164,10 @@ def read_head(path: StrPath) -> tuple[dict[str, Any], str]:
     """
     folder = Path(path)
     manifest = dcp.verify(folder)
-    reader = dcp._VerifiedReader(folder, manifest)
+    reader = dcpsafe.VerifiedReader(folder, manifest)
     items = reader._metadata.state_dict_metadata
     if TRAINER not in items:
-        raise dcp._fail(folder, "no trainer state (written by torchkeel.dcp.save, not by ModelCheckpoint)",
+        raise dcpsafe.fail(folder, "no trainer state (written by torchkeel.dcp.save, not by ModelCheckpoint)",
                         "Load it with torchkeel.dcp.load or torchkeel.load_checkpoint.")
     blob = dcp.load_local(folder, {TRAINER: b""}, manifest)[TRAINER]
     head = _unpack(blob, folder)
