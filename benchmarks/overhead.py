@@ -22,7 +22,7 @@ after 1,000 and 10,000 tiny steps. One JSON line per run is appended to
 
 Usage::
 
-    python benchmarks/overhead.py            # the full run (about two minutes)
+    python benchmarks/overhead.py            # the full run (4-12 minutes on the 2-core VM)
     python benchmarks/overhead.py --quick    # a short run while iterating
     python benchmarks/overhead.py --profile  # also: where the trainer's step time goes (cProfile)
     python benchmarks/overhead.py --quick --device cuda   # on a GPU (benchmarks/gpu.sh runs this)
