@@ -27,6 +27,12 @@ from torchkeel.io import CheckpointWriteError
 from torchkeel.process_group import init_process_group, shutdown
 
 
+def say(line: str) -> None:
+    """One line on stdout in one write(): both ranks share the pipe, and a line written in two
+    pieces (text, then newline) can interleave with the other rank's into 'saved 1saved 1'."""
+    os.write(sys.stdout.fileno(), f"{line}\n".encode())
+
+
 class Block(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -128,16 +134,16 @@ def main() -> None:
         (args.out / f"error-rank{rank}.txt").write_text(message)
     else:
         model, opt = build(0, args.width, distributed)
-        print(f"pid {os.getpid()}", flush=True)
+        say(f"pid {os.getpid()}")
         step = 0
         while True:
             step += 1
             train(model, opt, 1, args.width)
             msd, osd = get_state_dict(model, opt)
-            print(f"saving {step}", flush=True)
+            say(f"saving {step}")
             dcp.save({"model": msd, "optimizer": osd, "step": step}, args.out / "ckpt" / f"step-{step}",
                      meta={"step": step})
-            print(f"saved {step}", flush=True)
+            say(f"saved {step}")
     shutdown(model)
     sys.stdout.flush()
 
