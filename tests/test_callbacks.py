@@ -48,7 +48,7 @@ def test_patience(make_trainer, dataset, patience, stopped_at):
     assert (early.best, early.best_epoch) == (0.5, 1)
     if stopped_at is None:
         assert epochs_run(history) == len(values)
-        assert (early.stopped_epoch, early.stopping_reason, trainer.state.should_stop) == (-1, None, False)
+        assert (early.stopped_epoch, early.stopping_reason, trainer.state.should_stop) == (0, None, False)
         return
     assert epochs_run(history) == stopped_at + 1
     assert early.stopped_epoch == stopped_at
@@ -75,7 +75,7 @@ def test_min_delta(make_trainer, dataset):
     early, *_ = fit_scripted(make_trainer, dataset, values, mode="min", patience=2, min_delta=0.1)
     assert (early.best_epoch, early.stopped_epoch) == (0, 2)
     plain, *_ = fit_scripted(make_trainer, dataset, values, mode="min", patience=2)
-    assert plain.stopped_epoch == -1 and plain.best_epoch == 4
+    assert plain.stopped_epoch == 0 and plain.best_epoch == 4
 
 
 def test_baseline(make_trainer, dataset):
@@ -166,7 +166,7 @@ def test_start_from_epoch(make_trainer, dataset):
 
 def test_start_from_epoch_ignores_nan_before_it(make_trainer, dataset):
     early, history, _, _ = fit_scripted(make_trainer, dataset, [NAN, 1.0, 0.9], mode="min", start_from_epoch=1)
-    assert early.stopped_epoch == -1 and epochs_run(history) == 3
+    assert early.stopped_epoch == 0 and epochs_run(history) == 3
 
 
 # ---------------------------------------------------------------------------- auto mode

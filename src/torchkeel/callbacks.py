@@ -136,9 +136,16 @@ class EarlyStopping(Callback):
         check_finite: stop at once when the metric is NaN or infinite.
         stopping_threshold: stop as soon as the metric reaches this value.
         divergence_threshold: stop as soon as the metric is worse than this value.
-        restore_best_weights: load the best epoch's weights into the model when stopping.
+        restore_best_weights: at the end of ``fit``, load the best epoch's weights into the model
+            whenever a best was recorded, whether EarlyStopping stopped the run or ``epochs`` /
+            ``max_steps`` ended it (as Keras does); the log says which epoch's weights. Checkpoints
+            saved during the run hold the weights trained up to them, not the restored ones.
         start_from_epoch: epochs to wait before monitoring starts.
         verbose: log each decision.
+
+    ``stopped_epoch`` is the epoch at which EarlyStopping stopped the run, ``0`` when it did not (as
+    in Keras and Lightning); ``stopping_reason`` is ``None`` exactly when it did not stop, so it tells
+    "not stopped" from "stopped at epoch 0".
 
     Example:
         >>> early = EarlyStopping(patience=5, mode="min")       # monitors val_loss
@@ -182,7 +189,7 @@ class EarlyStopping(Callback):
         if baseline is not None:
             self.best = float(baseline)
         self.best_epoch = -1
-        self.stopped_epoch = -1
+        self.stopped_epoch = 0         # 0 when not stopped, as Keras and Lightning; see stopping_reason
         self.stopping_reason: str | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
         self._unit = "epochs"          # what patience counts: validations when validating every N steps
@@ -204,13 +211,25 @@ class EarlyStopping(Callback):
         value = float(state.metrics[self.monitor])
         reason = self._decide(value, state.epoch, trainer)
         if reason is not None:
-            if self.restore_best_weights and self.best_weights is not None:
-                trainer.unwrapped_model.load_state_dict(self.best_weights)
+            if self.restore_best_weights and self.best_weights is not None:   # on_fit_end restores them
                 reason += f" Restored the weights of epoch {self.best_epoch}."
             self.stopping_reason, self.stopped_epoch = reason, state.epoch
             state.should_stop = True
             state.stop_reason = state.stop_reason or f"EarlyStopping: {reason}"
             log.info("EarlyStopping: %s", reason)
+
+    def on_fit_end(self, trainer: AdvancedTrainer) -> None:
+        """Load the best weights recorded, however the run ended (Keras's ``restore_best_weights``).
+
+        Every rank restores alike: each holds its own copy (a full state dict under DDP, its shards
+        as DTensors under FSDP2), taken at the same validation on every rank.
+        """
+        if not self.restore_best_weights or self.best_weights is None:
+            return
+        trainer.unwrapped_model.load_state_dict(self.best_weights)
+        if trainer.is_global_zero:
+            log.info("EarlyStopping: restored the weights of epoch %d (%s=%.6g, the best seen) at the end of fit.",
+                     self.best_epoch, self.monitor, self.best)
 
     def _decide(self, value: float, epoch: int, trainer: AdvancedTrainer) -> str | None:
         better = "<" if self.mode == "min" else ">"
@@ -254,7 +273,7 @@ class EarlyStopping(Callback):
         self.wait = int(state_dict["wait"])
         self.best = float(state_dict["best"])
         self.best_epoch = int(state_dict["best_epoch"])
-        self.stopped_epoch = int(state_dict["stopped_epoch"])
+        self.stopped_epoch = max(0, int(state_dict["stopped_epoch"]))   # -1 in older checkpoints: not stopped
         self.stopping_reason = state_dict["stopping_reason"]
         weights = state_dict.get("best_weights")
         self.best_weights = copy.copy(weights) if weights is not None else None

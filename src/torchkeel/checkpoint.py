@@ -45,6 +45,16 @@ class ModelCheckpoint(Callback):
             not ranked (no fresh metrics): each is kept as the last. To rank step checkpoints,
             validate there: ``fit(val_every_n_steps=n)``.
 
+    A resumed run continues the ranking it resumed (the top k and the files in it come with the
+    checkpoint's state), so it prunes what the earlier run wrote as it would its own, with one
+    exception: the checkpoint the run resumed from is not deleted until this run has committed a
+    newer checkpoint that it keeps, so the folder never loses its newest resumable point (Lightning
+    never deletes the file it resumed from; Keras writes no ranked files). After that it ranks like
+    any other.
+
+    With ``save_on_exception=True``, a crash at a step this instance already saved (same epoch, same
+    step, the checkpoint still valid) writes nothing: the log names the file that holds that step.
+
     A non-finite score (nan, inf, -inf) is never ranked: that checkpoint is kept only as the last.
     ``no_best_reason`` says why ``best_model_path`` is ``""``; fit's end warns when it is.
     Deleting a checkpoint that fell out is best effort: a failure is a warning.
@@ -110,6 +120,7 @@ class ModelCheckpoint(Callback):
         self._created: list[str] = []      # every file this instance wrote and still keeps
         self._unranked: list[list[float]] = []   # [epoch, score] of each non-finite score seen
         self._resumed_dir: Path | None = None
+        self._resumed_file: Path | None = None   # kept until this run commits a newer one it keeps
         self._sharded = False               # a sharded model: checkpoints are DCP directories
         self.async_save = async_save
         self._saver: Any = None             # torchkeel.background.BackgroundSaver when async_save
@@ -139,6 +150,7 @@ class ModelCheckpoint(Callback):
     def resumed_from(self, path: str | os.PathLike[str]) -> None:
         """Continue writing in the run folder of ``path`` when it is one of ours."""
         self._resumed_dir = runs.version_dir_of(Path(path), self.root_dir)
+        self._resumed_file = Path(path).resolve()
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         self._sharded = sharded.is_sharded(trainer.unwrapped_model)
@@ -207,12 +219,26 @@ class ModelCheckpoint(Callback):
             log.warning("ModelCheckpoint(save_on_exception=True) does not save under DDP: the other ranks "
                         "may not reach the save. The last regular checkpoint stays valid.")
             return
+        held = self._holding(trainer.state.epoch, trainer.state.step)
+        if held is not None:
+            log.warning("ModelCheckpoint: no emergency save after %s: %s already holds epoch %d, step %d.",
+                        type(exc).__name__, held, trainer.state.epoch, trainer.state.step)
+            return
         try:
             path = self.save_now(trainer, reason=f"exception: {type(exc).__name__}", ranked=False,
                                  rng=trainer.step_rng, check_finite=False)
             log.warning("ModelCheckpoint: saved %s after %s.", path, type(exc).__name__)
         except Exception as save_exc:  # noqa: BLE001 - never mask the original exception
             log.error("ModelCheckpoint: emergency save failed: %s", save_exc)
+
+    def _holding(self, epoch: int, step: int) -> str | None:
+        """A valid checkpoint this instance wrote at ``epoch`` and ``step``, newest first; None if none."""
+        for name in reversed(self._created):
+            path = Path(name)
+            claims = _claimed_meta(path)
+            if claims.get("epoch") == epoch and claims.get("step") == step and io.is_checkpoint(path):
+                return name
+        return None
 
     # ------------------------------------------------------------------------------ saving
     def save_now(self, trainer: AdvancedTrainer, reason: str = "manual", ranked: bool = False,
@@ -337,7 +363,11 @@ class ModelCheckpoint(Callback):
     def _prune(self, writer: bool) -> None:
         """After the new checkpoint and last.json are durable, delete what fell out (best effort)."""
         keep_paths = set(self.best_k_models) | ({self.last_model_path} if self.save_last else set())
+        if self.last_model_path in keep_paths:    # this run committed a newer checkpoint and keeps it
+            self._resumed_file = None
         for old in [p for p in self._created if p not in keep_paths]:
+            if self._resumed_file is not None and Path(old).resolve() == self._resumed_file:
+                continue                           # still the newest we keep: pruned on a later save
             self._created.remove(old)
             if writer and Path(old).resolve().parent == self._dir.resolve():   # only this run's folder
                 try:   # missing_ok: already gone is fine (a resumed run's bookkeeping)
@@ -390,6 +420,17 @@ class ModelCheckpoint(Callback):
         self.last_model_path = state_dict["last_model_path"]
         self._created = list(state_dict["created"])
         self._unranked = [list(u) for u in state_dict.get("unranked", [])]   # absent before 0.1.x
+
+
+def _claimed_meta(path: Path) -> dict[str, Any]:
+    """The ``meta`` a checkpoint's manifest claims, without hashing; ``{}`` when there is none."""
+    manifest = path / "manifest.json" if path.is_dir() else path.with_name(path.name + io.MANIFEST_SUFFIX)
+    try:
+        data = json.loads(manifest.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    meta = data.get("meta") if isinstance(data, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def _fill(template: str, fields: dict[str, Any], available: str) -> str:

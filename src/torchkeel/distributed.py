@@ -236,7 +236,10 @@ class DistributedTrainer:
     def create_dataloader(self, dataset: Dataset[Any], batch_size: int, shuffle: bool = True,
                           drop_last: bool = False, seed: int = 0,
                           **dataloader_kwargs: Any) -> DataLoader[Any]:
-        """A DataLoader over this rank's shard; call `loader.sampler.set_epoch(epoch)` each epoch.
+        """A DataLoader over this rank's shard; ``AdvancedTrainer.fit`` calls its ``set_epoch``.
+
+        ``fit`` calls ``loader.sampler.set_epoch(epoch)`` at the start of every epoch (a resumed
+        epoch too), so each epoch shuffles anew; in a loop of your own, call it yourself.
 
         Args:
             dataset: a map-style dataset.

@@ -1,6 +1,6 @@
 """What one ``fit`` runs: its extent (epochs, max_steps), validation points, batch limits, and the checks.
 
-``fit`` calls ``plan`` before anything else and ``continue_run`` after a resume.
+``fit`` calls ``plan`` before anything else, ``nothing_to_do`` and ``continue_run`` after a resume.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import itertools
 import logging
 import math
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,30 @@ def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iter
     trainer.accum.even_shards = sync.even_shards(trainer, train_loader)   # refuses uneven batch counts
     trainer.accum.sync_every_micro_batch = trainer.sync_every_micro_batch or trainer.num_batches is None
     dataorder.before_first_batch(trainer, functools.partial(resumed_validation, val_loader=val_loader))
+
+
+def nothing_to_do(trainer: AdvancedTrainer, resumed: Path | None) -> bool:
+    """True, with a warning, when the epochs or steps already done cover this fit's ``epochs``/``max_steps``.
+
+    ``fit`` then returns the history unchanged: no hook runs, no folder is opened. A run stopped by a
+    callback is not this case (``continue_run`` says why it does not continue).
+    """
+    state = trainer.state
+    if state.should_stop:
+        return False
+    done = state.epoch + 1 if state.epoch_finished else state.epoch
+    source = f"the checkpoint {resumed}" if resumed is not None else "this trainer"
+    if trainer.max_epochs is not None and done >= trainer.max_epochs:
+        message = (f"{source} already trained {done} epochs; fit(epochs={trainer.max_epochs}) has nothing to "
+                   f"do: pass epochs > {done} to continue.")
+    elif trainer.max_steps is not None and state.step >= trainer.max_steps and not validation_due(trainer):
+        message = (f"{source} already trained {state.step} optimizer steps; fit(max_steps={trainer.max_steps}) "
+                   f"has nothing to do: pass max_steps > {state.step} to continue.")
+    else:
+        return False
+    if trainer.is_global_zero:
+        warnings.warn(f"{message} The history is returned unchanged.", UserWarning, stacklevel=3)
+    return True
 
 
 def continue_run(trainer: AdvancedTrainer, resumed: Path | None, loader: Iterable[Any]) -> None:

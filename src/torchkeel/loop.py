@@ -204,7 +204,9 @@ class AdvancedTrainer:
     ) -> History:
         """Train until ``epochs`` epochs or ``max_steps`` optimizer steps, whichever comes first.
 
-        Counts include those done before a resume; with neither given, one epoch. Args:
+        Counts include those done before a resume; with neither given, one epoch. When they are
+        already done (``epochs`` or ``max_steps`` at or below the checkpoint's), ``fit`` warns and
+        returns the history unchanged. Args:
             val_every_n_steps: also validate (and run ``on_validation_end``) every this many steps.
             limit_train_batches, limit_val_batches: batches per epoch / validation: an int, or a
                 fraction in (0, 1] of the loader's length.
@@ -214,6 +216,8 @@ class AdvancedTrainer:
                     limit_val_batches)
         state = self.state
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
+        if extent.nothing_to_do(self, resumed):     # epochs / max_steps already done: warned
+            return self.history
         extent.continue_run(self, resumed, train_loader)
         self._stop_shared = self._preempt = False
         callbacks = self.callbacks + runs.open_folder(self, resumed)
