@@ -3,13 +3,17 @@
 One optimizer step, in this order (DESIGN.md):
 
 1. each micro-batch: forward and backward under ``no_sync`` except the window's last micro-batch;
-   the loss is weighted by its samples relative to the window's first micro-batch (``n_i / n_ref``,
-   exactly 1 for equal micro-batches, so no multiply);
-2. at the window's end the gradients are scaled by ``n_ref / n`` (``n``: the window's samples on this
-   rank; skipped when it is 1), so k micro-batches on W ranks equal one batch of their total size,
-   short windows too;
+   the loss is weighted by its samples relative to a window of k micro-batches as large as the
+   window's first (``n_i / (k * n_ref)``): for equal micro-batches that is ``loss / k``, the very
+   float a hand-written loop backpropagates (for k not a power of two, scaling the summed gradients
+   by 1/k instead differs from it in the last bit);
+2. at the window's end the gradients are scaled by ``k * n_ref / n`` (``n``: the window's samples on
+   this rank; skipped when it is 1, i.e. for equal micro-batches), so k micro-batches on W ranks equal
+   one batch of their total size, short windows too;
 3. ``scaler.unscale_`` -> clip once -> ``scaler.step`` -> ``scaler.update``; the grads are freed by the
-   next backward (or ``zero_grad()``).
+   next backward (or ``zero_grad()``). The norm is summed over ``model.parameters()`` in registration
+   order, then the optimizer's parameters that are not the model's, as nanoGPT, Lightning and HF
+   clip: the norm is a float sum, and another order moves it (and the weights) by an ulp.
 
 No collective of its own under DDP when shards are even (``even_shards=True``: every rank's i-th
 micro-batch has as many samples as every other rank's, which AdvancedTrainer checks once at fit
@@ -119,6 +123,7 @@ class GradientAccumulator:
         self._sync_on = True       # the sharded model's requires_gradient_sync, as last set
         self._agreed: torch.Tensor | None = None   # weighted DDP window: [global count, global loss sum]
         self._n_ref = 0            # samples in the window's first micro-batch
+        self._full = 0             # the window's count the weights assumed: k * n_ref (n_ref: weighted path)
         self._micro = 0            # micro-batches in the current window
         self._window_n = 0         # local samples (or items) in the current window
         self._samples = 0          # local samples in the current window
@@ -137,6 +142,8 @@ class GradientAccumulator:
         self.nonfinite = False     # the last window's loss (one process) or averaged grads (DDP) were non-finite
         self.scaler_skipped = False
         self._grads_stale = False  # the last window's grads are still on the parameters
+        self._clip_list: list[torch.Tensor] = []   # see _clip_params
+        self._clip_key: tuple[int, ...] | None = None
         self.check_finite = True   # False: never read the loss or grads here (see torchkeel.nonfinite)
 
     @property
@@ -203,10 +210,16 @@ class GradientAccumulator:
             return
         if self._grads_stale:
             self.zero_grad()
+        k = self.accumulation_steps
         if self._micro == 0:
             self._n_ref, self._agreed = n, None   # none left from an unfinished window
-        scaled = loss if n == self._n_ref else loss * (n / self._n_ref)
-        detached = scaled.detach()
+            self._full = k * n
+        if n == self._n_ref:                      # loss / k: the float a hand-written loop backpropagates
+            detached = loss.detach()
+            scaled = loss if k == 1 else loss / k
+        else:
+            detached = loss.detach() * (n / self._n_ref)
+            scaled = loss * (n / (k * self._n_ref))
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         self._window_n += n
         self._micro += 1
@@ -216,7 +229,7 @@ class GradientAccumulator:
         if self._grads_stale:
             self.zero_grad()
         if self._micro == 0:
-            self._n_ref, self._agreed = n, None
+            self._n_ref, self._agreed, self._full = n, None, n
         detached = loss.detach() * (n / self._n_ref)
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         self._window_n += n
@@ -294,6 +307,7 @@ class GradientAccumulator:
             self._scale_grads(self._world / self._all_reduce_window(self._window_loss))
         weighted = self._agreed is not None       # counts all-reduced: the grads are weighted already
         self.window_loss, self.window_ref, self.window_local = self._window_loss, self._n_ref, self._window_n
+        full = self._full          # the weights were n_i / full: rescale if the window holds another count
         self.window_micro_batches = self._micro
         if weighted:
             t, self._agreed = self._agreed, None
@@ -313,11 +327,12 @@ class GradientAccumulator:
         scaling = self.scaler.is_enabled()
         if scaling:
             self.scaler.unscale_(self.optimizer)
-        if not weighted and self.window_local != self.window_ref:   # n_ref / n: 1 for one equal micro-batch
-            self._scale_grads(self.window_ref / self.window_local)
+        if not weighted and self.window_local != full:   # k * n_ref / n: 1 for equal micro-batches
+            self._scale_grads(full / self.window_local)
         if self.max_grad_norm is not None:
-            self.grad_norm = sharded.clip_grad_norm_(self._params, self.max_grad_norm) if self.is_sharded \
-                else nn.utils.clip_grad_norm_(self._params, self.max_grad_norm, foreach=True)
+            params = self._clip_params()
+            self.grad_norm = sharded.clip_grad_norm_(params, self.max_grad_norm) if self.is_sharded \
+                else nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
         if self.gradient_clip_value is not None:
             if self.is_sharded:    # elementwise: each shard on its own
                 torch._foreach_clamp_min_(grads := self._local_grads(), -self.gradient_clip_value)
@@ -380,6 +395,23 @@ class GradientAccumulator:
     @property
     def _params(self) -> list[torch.Tensor]:  # read each time: param groups may be added later
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _clip_params(self) -> list[torch.Tensor]:
+        """The parameters the norm is summed over, in order: the model's (registration order), then the
+        optimizer's that the model does not hold (e.g. a learnable loss weight). Built once, again only
+        when the optimizer's parameter groups change (``add_param_group``)."""
+        key = tuple(len(group["params"]) for group in self.optimizer.param_groups)
+        if key != self._clip_key:
+            # a wrapper (DDP, DataParallel, torch.compile) holds the model as its one submodule, and an
+            # FSDP2-sharded model is the model itself: parameters() is the model's own order either way
+            params: list[torch.Tensor] = list(self.model.parameters())
+            held = {id(p) for p in params}
+            for p in self._params:
+                if id(p) not in held:
+                    held.add(id(p))
+                    params.append(p)
+            self._clip_list, self._clip_key = params, key
+        return self._clip_list
 
     def _zero_grad(self) -> None:
         if not self._plain_zero_grad:

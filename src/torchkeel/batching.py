@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -137,3 +137,50 @@ def labels_of(batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return next((batch[k] for k in TARGET_KEYS if k in batch), None)
     return None
+
+
+# What a Hugging Face model's own loss averages over, by its loss type or class name suffix. A causal
+# LM predicts labels[:, 1:] (it shifts them by one); masked LMs and token classifiers average over every
+# label that is not -100. Anything else (sequence classifiers...): its samples, as any loss.
+_SHIFTED = ("ForCausalLM", "LMHeadModel")
+_PER_TOKEN = ("ForMaskedLM", "ForTokenClassification")
+LossItems = Literal["shifted", "tokens"]
+
+
+def own_loss_items(model: nn.Module) -> LossItems | None:
+    """Which labels a Hugging Face model's own loss averages over: ``'shifted'`` (a causal LM: the labels
+    that are not -100 from the second position on), ``'tokens'`` (all labels that are not -100), or
+    ``None`` (samples: a sequence classifier, or not a transformers model). Imports nothing.
+
+    Args:
+        model: the unwrapped model.
+    """
+    if not any(c.__module__.partition(".")[0] == "transformers" for c in type(model).__mro__):
+        return None
+    kind = getattr(getattr(model, "config", None), "loss_type", None)    # as transformers chooses its loss
+    if not isinstance(kind, str):
+        kind = getattr(model, "loss_type", None)
+    if not isinstance(kind, str):
+        kind = type(model).__name__
+    if kind.endswith(_SHIFTED):
+        return "shifted"
+    if kind.endswith(_PER_TOKEN):
+        return "tokens"
+    return None
+
+
+def loss_items(batch: Any, kind: LossItems) -> torch.Tensor | None:
+    """The number of labels a model's own loss averaged over in ``batch`` (a dict with ``labels``), as a
+    0-dim tensor; ``None`` when the batch has no ``labels`` tensor.
+
+    Args:
+        batch: the batch the model received as keyword arguments.
+        kind: from ``own_loss_items``.
+    """
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, torch.Tensor):
+        return None
+    if kind == "shifted":
+        shifted = batch.get("shift_labels")      # given already shifted: transformers does not shift again
+        labels = shifted if isinstance(shifted, torch.Tensor) else labels[..., 1:]
+    return (labels != -100).sum()

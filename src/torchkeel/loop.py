@@ -72,6 +72,9 @@ class AdvancedTrainer:
     ``training_step`` may return ``(loss, count)``: ``loss`` is the mean over ``count`` items
     (tokens...), and a window then weighs its micro-batches by items (across ranks too), as one
     batch whose loss is the mean over all its items. ``validation_step``'s loss may be such a pair.
+    A Hugging Face model that computes its own loss (``criterion=None``, ``labels`` in a dict batch)
+    gets its count without one: a causal LM's ``(labels[:, 1:] != -100).sum()``, a masked LM's or
+    token classifier's ``(labels != -100).sum()``; a sequence classifier's windows weigh samples.
 
     Example:
         >>> trainer = AdvancedTrainer(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss())
@@ -179,6 +182,9 @@ class AdvancedTrainer:
         self._move = device.type != "cpu"
         self._bare = self.amp_dtype is None and not (self.accum.is_ddp or self.accum.is_sharded)
         self._counted = False         # this fit's training_step returns (loss, count)
+        # a Hugging Face model's own loss (criterion=None) is a mean over tokens: count them for it
+        self._loss_items = batching.own_loss_items(unwrap_model(model)) \
+            if criterion is None and type(self).training_step is AdvancedTrainer.training_step else None
         self._windows_at_fit = 0      # optimizer windows (stepped or skipped) before this fit
         self._signal = signals.SignalFlag(grace_seconds=signal_grace_seconds)
         self._preempt = False        # every rank agreed that a signal arrived: save and exit
@@ -276,6 +282,7 @@ class AdvancedTrainer:
         if self._move:
             batch = batching.to_device(batch, self.device)
         self._log_count = n = batching.batch_size(batch)
+        loss: Any                           # training_step's loss, or (loss, count)
         if self._bare:                      # one process, no AMP: no context to enter
             loss = self.training_step(batch)
         else:                               # the epoch's last batch syncs a short window's grads
@@ -283,6 +290,9 @@ class AdvancedTrainer:
             with self.accum.no_sync(last), self._autocast():
                 loss = self.training_step(batch)
         self.state.batch += 1
+        if self._loss_items is not None and type(loss) is torch.Tensor:   # a HF model's own token mean
+            count = batching.loss_items(batch, self._loss_items)
+            loss = loss if count is None else (loss, count)
         if isinstance(loss, tuple) or self._counted:
             steps.backward_counted(self, loss, n)
         else:
