@@ -359,15 +359,17 @@ def load(path: StrPath, state: dict[str, Any], manifest: dict[str, Any] | None =
     return manifest
 
 
-def load_full(path: StrPath) -> dict[str, Any]:
+def load_full(path: StrPath, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole consolidated state of a sharded checkpoint, in this one process (CPU tensors).
 
     Needs no process group and no model. Verifies first, as ``load`` does.
+    Args: path: the checkpoint directory. manifest: ``verify``'s result when it was just verified
+        (else verified here).
     Example:
         >>> model.load_state_dict(load_full("ckpt/step-000120")["model"])
     """
     folder = Path(path)
-    manifest, state = verify(folder), cast("dict[str, Any]", {})
+    manifest, state = manifest if manifest is not None else verify(folder), cast("dict[str, Any]", {})
     reader = VerifiedReader(folder, manifest)
     try:
         _load_state_dict(state, storage_reader=reader,
