@@ -94,6 +94,38 @@ def _message(exc: BaseException) -> Error:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` in ``exc``'s chain of causes and contexts, if any."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, OSError):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
+
+
+class _Writer(FileSystemWriter):
+    """DCP's ``FileSystemWriter``, but a failed write raises its ``OSError`` (a full disk), not what hides it.
+
+    A write that fails inside ``torch.save``'s zip writer (a tensor record larger than the file's
+    buffer) makes torch's C++ writer raise "unexpected pos 704 vs 598" from its end-of-file write;
+    the ``OSError`` ("File too large", "No space left on device") is only that error's
+    ``__context__``, which DCP loses when it pickles every rank's failure to every rank. Raised
+    here, before DCP gathers it, the ``OSError`` itself travels.
+    """
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        try:
+            return super().write_data(plan, planner)
+        except Exception as exc:
+            cause = _os_error(exc)
+            if cause is None or cause is exc:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(self.path)) from exc  # names the folder
+
+
 def _text(error: Error) -> str:
     return f"{error[1]} (rank {error[0]})" if isinstance(error, tuple) else error
 
@@ -187,7 +219,7 @@ def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
-            dcp_save(state, storage_writer=FileSystemWriter(tmp, overwrite=False), process_group=group)
+            dcp_save(state, storage_writer=_Writer(tmp, overwrite=False), process_group=group)
         mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_"))
         files = _hash_all(tmp, mine + ([METADATA] if rank == 0 else []))
     except BaseException as exc:  # CheckpointException is a BaseException
@@ -327,15 +359,17 @@ def load(path: StrPath, state: dict[str, Any], manifest: dict[str, Any] | None =
     return manifest
 
 
-def load_full(path: StrPath) -> dict[str, Any]:
+def load_full(path: StrPath, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole consolidated state of a sharded checkpoint, in this one process (CPU tensors).
 
     Needs no process group and no model. Verifies first, as ``load`` does.
+    Args: path: the checkpoint directory. manifest: ``verify``'s result when it was just verified
+        (else verified here).
     Example:
         >>> model.load_state_dict(load_full("ckpt/step-000120")["model"])
     """
     folder = Path(path)
-    manifest, state = verify(folder), cast("dict[str, Any]", {})
+    manifest, state = manifest if manifest is not None else verify(folder), cast("dict[str, Any]", {})
     reader = VerifiedReader(folder, manifest)
     try:
         _load_state_dict(state, storage_reader=reader,

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from torchkeel.io import CheckpointError
+from torchkeel.io import CheckpointError, refusal
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.planner import ReadItem
@@ -82,8 +82,8 @@ def safe_bytes(value: io.BytesIO) -> Any:
     try:
         return torch.load(value, map_location="cpu", weights_only=True)  # explicit: not overridable
     except pickle.UnpicklingError as exc:
-        raise pickle.UnpicklingError("a non-tensor value was refused by torch.load(weights_only=True): "
-                                     + str(exc).split("\n")[0]) from exc
+        raise pickle.UnpicklingError("a non-tensor value was refused by torch.load(weights_only=True) "
+                                     f"({refusal(exc)}); it was not loaded and nothing in it ran") from exc
 
 
 class VerifiedReader(FileSystemReader):

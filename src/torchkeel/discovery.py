@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,8 +147,8 @@ def list_checkpoints(folder: StrPath, recursive: bool = False) -> list[tuple[Pat
     return [(path, entry) for _, path, entry in sorted(valid, key=lambda v: v[0], reverse=True)]
 
 
-def find_latest(folder_or_folders: StrPath | Iterable[StrPath],
-                recursive: bool = True) -> tuple[Path | None, list[str]]:
+def find_latest(folder_or_folders: StrPath | Iterable[StrPath], recursive: bool = True,
+                accept: Callable[[Path], object] | None = None) -> tuple[Path | None, list[str]]:
     """The checkpoint with the most progress that verifies, and why each one ahead was skipped.
 
     Progress: the run (``version_N`` folder), then the step; the write time only breaks ties.
@@ -157,6 +157,9 @@ def find_latest(folder_or_folders: StrPath | Iterable[StrPath],
     Args:
         folder_or_folders: one folder or several; a missing one holds nothing.
         recursive: also look in subfolders (``version_0/`` ...).
+        accept: called on the checkpoint about to be returned, once its hashes verified (e.g. to
+            load it and check that its state is the one its manifest describes); a
+            ``CheckpointError`` it raises skips that checkpoint, with its reason, for the next.
     Example:
         >>> path, skipped = find_latest("ckpt")
         >>> skipped
@@ -167,6 +170,8 @@ def find_latest(folder_or_folders: StrPath | Iterable[StrPath],
         if not reason:
             try:
                 _verify(path)
+                if accept is not None:
+                    accept(path)
                 return path, skipped
             except CheckpointError as exc:
                 reason = exc.reason

@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import secrets
 import sys
 import time
@@ -55,6 +56,17 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWriteError(CheckpointError):
     """Writing failed: the temporaries were removed and earlier checkpoints left as they were."""
+
+
+def refusal(exc: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in its own words, without its advice to load unsafely.
+
+    Torch's message goes on to suggest ``weights_only=False``, which would run the code it refused.
+    Args: exc: the ``pickle.UnpicklingError`` that ``torch.load`` raised.
+    """
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s+Please|\n\n|$)", text, re.DOTALL)
+    return " ".join(found.group(1).split()) if found else type(exc).__name__
 
 
 def _fail(path: Path, reason: str, hint: str = "") -> CheckpointError:
@@ -372,7 +384,7 @@ def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dic
         except pickle.UnpicklingError as exc:
             raise _fail(file, "refused by torch.load(weights_only=True): it holds objects other "
                         "than tensors, containers, numbers and strings",
-                        str(exc).split("\n")[0]) from exc
+                        f"It was not loaded and nothing in it ran ({refusal(exc)}).") from exc
         except CheckpointError:
             raise
         except Exception as exc:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("torchkeel")
 
 FORMAT = 1
-__all__ = ["EXIT_PREEMPTED", "FORMAT", "Preempted", "check_model_state", "check_trainer_state",
+__all__ = ["EXIT_PREEMPTED", "FORMAT", "Preempted", "check_model_state", "check_progress", "check_trainer_state",
            "load_trainer_state", "resume", "search_roots", "trainer_state"]
 KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "ranks", "data", "loop", "history", "callbacks")
 _VERSION = re.compile(r"^version_(\d+)$")
@@ -312,8 +312,12 @@ def search_roots(trainer: AdvancedTrainer) -> list[Path]:
     return kept
 
 
-def _choose(resume_from: str | Path, roots: list[Path]) -> tuple[Path | None, list[str]]:
-    """The checkpoint to resume from (``None``: start fresh) and the paths discovery passed over."""
+def _choose(resume_from: str | Path, roots: list[Path],
+            accept: Callable[[Path], object] | None = None) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (``None``: start fresh) and the paths discovery passed over.
+
+    ``accept``: see ``discovery.find_latest`` (loads the candidate; a ``CheckpointError`` skips it).
+    """
     if resume_from not in ("last", "auto"):
         given = Path(resume_from)
         if given.is_symlink():
@@ -328,7 +332,7 @@ def _choose(resume_from: str | Path, roots: list[Path]) -> tuple[Path | None, li
         for folder, _, _ in os.walk(root):
             for tmp in discovery.clean_temporaries(folder):
                 log.info("resume_from=%r removed an unfinished write %s", resume_from, tmp)
-    path, skipped = discovery.find_latest(roots)
+    path, skipped = discovery.find_latest(roots, accept=accept)
     for reason in skipped:
         log.warning("resume_from=%r skipped %s", resume_from, reason)
     passed = [reason.split(": ", 1)[0] for reason in skipped]
@@ -346,21 +350,67 @@ def _choose(resume_from: str | Path, roots: list[Path]) -> tuple[Path | None, li
     return path, passed
 
 
+def check_progress(ckpt: dict[str, Any], meta: dict[str, Any], source: str | Path) -> None:
+    """Raise ``CheckpointError`` when the step or epoch a manifest claims is not the one its state holds.
+
+    Discovery orders checkpoints by the manifest's step; a manifest that lies (rewritten, or moved
+    beside another payload) must not make an older checkpoint the newest. A state without progress
+    (``save_weights_only``) has nothing to compare.
+    Args: ckpt: the loaded checkpoint. meta: its manifest's ``meta``. source: names it in the error.
+    """
+    state = ckpt.get("state")
+    if not isinstance(state, dict):
+        return
+    for key in ("step", "epoch"):
+        claimed, held = meta.get(key), state.get(key)
+        if claimed is not None and claimed != held:
+            reason = f"the manifest claims {key} {claimed!r} but the state it describes is at {key} {held!r}"
+            raise io.CheckpointError(f"checkpoint {str(source)!r}: {reason}. The manifest was rewritten or belongs "
+                                     "to another checkpoint; resume from another checkpoint.",
+                                     path=source, reason=reason)
+
+
 def _read(sharded_model: bool, path: str | Path) -> tuple[dict[str, Any], str]:
     """A checkpoint (file or directory) as the trainer will load it, verified, and its sha256.
 
     A directory: for a sharded model its plain values only (``shardstate.read_head``: the shards
-    are loaded later, collectively); for a plain model all of it, consolidated.
+    are loaded later, collectively); for a plain model all of it, consolidated. Either way its
+    state must be at the step and epoch its manifest claims (``check_progress``).
     """
     if Path(path).is_dir():
         from torchkeel import shardstate
 
         if sharded_model:
-            return shardstate.read_head(path)
-        sha = shardstate.manifest_sha256(path) if (Path(path) / "manifest.json").is_file() else ""
-        return shardstate.load_consolidated(path), sha
-    ckpt, entry = io.load_verified(path)
-    return ckpt, entry["sha256"]
+            ckpt, sha = shardstate.read_head(path)
+            meta = ckpt[shardstate.MANIFEST]["meta"]
+        else:
+            sha = shardstate.manifest_sha256(path) if (Path(path) / "manifest.json").is_file() else ""
+            ckpt, manifest = shardstate.read_consolidated(path)
+            meta = manifest["meta"]
+    else:
+        ckpt, entry = io.load_verified(path)
+        sha, meta = entry["sha256"], entry["meta"]
+    check_progress(ckpt, meta, path)
+    return ckpt, sha
+
+
+class _Reader:
+    """``_read``, keeping the checkpoint ``_choose`` accepted: choosing it and loading it read it once."""
+
+    def __init__(self, sharded_model: bool) -> None:
+        self.sharded_model = sharded_model
+        self.kept: tuple[str, tuple[dict[str, Any], str]] | None = None
+
+    def accept(self, path: Path) -> None:
+        """Read ``path`` as it will be loaded (raises ``CheckpointError`` if it cannot be); keep it."""
+        self.kept = None
+        self.kept = str(path), _read(self.sharded_model, path)
+
+    def __call__(self, path: str | Path) -> tuple[dict[str, Any], str]:
+        if self.kept is not None and self.kept[0] == str(path):
+            read, self.kept = self.kept[1], None
+            return read
+        return _read(self.sharded_model, path)
 
 
 def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
@@ -374,11 +424,12 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
         raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(...) or "
                          "log_dir=... to know where to look, or pass a checkpoint path.")
     path: Path | None
-    read = functools.partial(_read, sharded.is_sharded(trainer.unwrapped_model))
+    read = _Reader(sharded.is_sharded(trainer.unwrapped_model))
+    choose = functools.partial(_choose, accept=read.accept)    # 'auto' falls back past what cannot be read
     if trainer.world_size > 1:
-        path, ckpt = agree.agree(trainer, resume_from, roots, _choose, check_trainer_state, read)
+        path, ckpt = agree.agree(trainer, resume_from, roots, choose, check_trainer_state, read)
     else:
-        path = _choose(resume_from, roots)[0]
+        path = choose(resume_from, roots)[0]
         ckpt = read(path)[0] if path is not None else None
     if path is None or ckpt is None:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchkeel import dcp, dcpsafe
+from torchkeel.io import refusal
 
 if TYPE_CHECKING:
     from torchkeel.io import StrPath
@@ -31,6 +33,7 @@ __all__ = [
     "load_consolidated",
     "load_into",
     "manifest_sha256",
+    "read_consolidated",
     "read_head",
     "save",
     "sharded_loaders",
@@ -53,7 +56,14 @@ def _pack(obj: dict[str, Any]) -> bytes:
 def _unpack(blob: Any, path: Path) -> dict[str, Any]:
     if not isinstance(blob, bytes):
         raise dcpsafe.fail(path, f"its {TRAINER!r} entry is a {type(blob).__name__}, not torchkeel's state")
-    obj = dcpsafe.safe_bytes(io.BytesIO(blob))
+    try:
+        obj = dcpsafe.safe_bytes(io.BytesIO(blob))
+    except pickle.UnpicklingError as exc:       # a CheckpointError naming the directory: discovery skips it
+        raise dcpsafe.fail(path, f"its {TRAINER!r} entry was refused by torch.load(weights_only=True): it holds "
+                           "objects other than tensors, containers, numbers and strings",
+                           f"It was not loaded and nothing in it ran ({refusal(exc.__cause__ or exc)}).") from exc
+    except Exception as exc:
+        raise dcpsafe.fail(path, f"its {TRAINER!r} entry cannot be read ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
         raise dcpsafe.fail(path, f"its {TRAINER!r} entry holds a {type(obj).__name__}, not a dict")
     return obj
@@ -138,16 +148,22 @@ def load_consolidated(path: StrPath) -> dict[str, Any]:
     Example:
         >>> model.load_state_dict(load_consolidated("ckpt/version_0/epoch=0-step=8")["model"])
     """
+    return read_consolidated(path)[0]
+
+
+def read_consolidated(path: StrPath) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``load_consolidated``'s state, and the manifest it was verified against."""
     folder = Path(path)
-    full = dcp.load_full(folder)
+    manifest = dcp.verify(folder)
+    full = dcp.load_full(folder, manifest)
     if TRAINER not in full:
-        return full
+        return full, manifest
     out = _unpack(full.pop(TRAINER), folder)
     out.pop(GROUPS, None)
     out["model"] = full["model"]
     if isinstance(full.get("optimizer"), dict):
         out["optimizer"] = to_index_keys(full["optimizer"])
-    return out
+    return out, manifest
 
 
 def manifest_sha256(path: StrPath) -> str:
