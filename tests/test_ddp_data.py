@@ -124,6 +124,9 @@ def test_validation_under_ddp_drops_the_samplers_padding_and_equals_one_process(
         for key in VALUES:     # one process: every loader is the whole set, in other batches
             assert one["validate"][name][key] == pytest.approx(truth[key], rel=REL), (name, key)
             assert ddp[0]["validate"][name][key] == pytest.approx(truth[key], rel=REL), (name, key)
+    for name in ("create16", "create25"):     # FSDP: a forward on rank 1's batch of padding alone too
+        for key in VALUES:
+            assert ddp[0]["fsdp"][name][key] == pytest.approx(truth[key], rel=REL), (name, key)
     # what the padding added before: sample 0 counted twice, far outside the tolerance held above
     padded = one["padded"]
     for key in ("val_loss", "val_confidence"):

@@ -70,6 +70,12 @@ def main() -> None:
             "whole": DataLoader(data, batch_size=16),        # every rank the whole set: accepted, exact
         }
         out["validate"] = {name: trainer.validate(loader) for name, loader in loaders.items()}
+        # sharded: every forward gathers the parameters, so a rank's batch of padding alone must still run one
+        torch.manual_seed(0)
+        fs = DistributedTrainer(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)), strategy="fsdp")
+        sharded = Logging(model=fs, optimizer=torch.optim.SGD(fs.model.parameters(), lr=0.0),
+                          criterion=nn.CrossEntropyLoss(), metrics={"acc": accuracy}, progress=False)
+        out["fsdp"] = {name: sharded.validate(loaders[name]) for name in ("create16", "create25")}
         history = trainer.fit(dt.create_dataloader(data, batch_size=16, shuffle=False),
                               val_loader=dt.create_dataloader(data, batch_size=16, shuffle=False), epochs=1)
         out["history"] = {k: list(v) for k, v in history.items()}
