@@ -104,6 +104,27 @@ def batch_size(batch: Any) -> int:
     return 1
 
 
+def head(batch: Any, keep: int, n: int) -> Any:
+    """The first ``keep`` of a batch's ``n`` samples: tensors (and lists of ``n`` plain values) sliced on dim 0.
+
+    Walks tuples, lists and dicts as ``to_device`` does; anything else is kept whole.
+
+    Args:
+        batch: a collated batch of ``n`` samples.
+        keep: how many samples to keep, from the front.
+        n: the batch's samples (``batch_size(batch)``).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch[:keep] if batch.dim() and batch.shape[0] == n else batch
+    if isinstance(batch, Mapping):
+        return {k: head(v, keep, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == n and not any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) for v in batch):
+            return batch[:keep]                  # a collated list of strings or numbers
+        return type(batch)(head(v, keep, n) for v in batch)
+    return batch
+
+
 def own_loss(outputs: Any, state: State) -> torch.Tensor:
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", outputs)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:

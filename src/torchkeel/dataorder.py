@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from torchkeel import streams
 from torchkeel.streams import (  # re-exported: the stream helpers' old home
@@ -37,8 +45,8 @@ from torchkeel.streams import (  # re-exported: the stream helpers' old home
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
-__all__ = ["agreed_batches", "before_first_batch", "check_resume", "data_state", "epoch_batches", "restore",
-           "rng_state", "saved", "set_data_state", "set_rng_state", "shard_iterable"]
+__all__ = ["agreed_batches", "before_first_batch", "check_resume", "check_sharded", "data_state", "epoch_batches",
+           "real_samples", "restore", "rng_state", "saved", "set_data_state", "set_rng_state", "shard_iterable"]
 
 log = logging.getLogger("torchkeel")
 T = TypeVar("T")
@@ -152,6 +160,65 @@ def _order(trainer: AdvancedTrainer) -> _Order:
     if order is None:
         order = _ORDERS[trainer] = _Order()
     return order
+
+
+# --------------------------------------------------------------------------- rank shards
+def _index_sampler(loader: DataLoader[Any]) -> Any:
+    """What picks the loader's indices: its sampler, or a stock ``BatchSampler``'s, or a batch sampler of its own."""
+    batches = loader.batch_sampler
+    if batches is None:
+        return loader.sampler
+    return batches.sampler if type(batches) is BatchSampler else batches
+
+
+def check_sharded(trainer: AdvancedTrainer, loader: Iterable[Any], name: str = "train_loader") -> None:
+    """Refuse, under DDP, a DataLoader that gives every rank the whole data set (torch's default samplers).
+
+    Decided from the loader alone, with no communication: every rank holds the same kind of loader,
+    so every rank raises at once, before any collective. A sampler of the user's own, a
+    ``DistributedSampler`` and an ``IterableDataset`` are accepted: they may already shard by rank.
+
+    Args:
+        trainer: the trainer about to fit (its ``world_size``).
+        loader: the loader ``fit`` was given as ``name``.
+        name: ``fit``'s argument, for the message.
+    """
+    if trainer.world_size == 1 or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return
+    sampler = _index_sampler(loader)
+    if type(sampler) not in (SequentialSampler, RandomSampler):
+        return
+    size = len(loader.dataset)   # type: ignore[arg-type]
+    raise ValueError(
+        f"fit({name}=...): a DataLoader with torch's {type(sampler).__name__} under DDP gives each of the "
+        f"{trainer.world_size} ranks the whole data set ({size} samples), so every rank would train on all of it. "
+        "Shard it: DistributedTrainer.create_dataloader(dataset, batch_size, shuffle=...), or "
+        "DataLoader(dataset, batch_size, sampler=DistributedSampler(dataset)). If each rank already reads its own "
+        "part (a Subset per rank), pass a sampler of your own (any Sampler but SequentialSampler/RandomSampler, "
+        "e.g. sampler=range(len(part))) or an IterableDataset: those are accepted as sharded.")
+
+
+def real_samples(loader: Iterable[Any]) -> int | None:
+    """How many of this rank's samples are real when ``loader``'s ``DistributedSampler`` pads; else None.
+
+    With ``drop_last=False`` a DistributedSampler repeats the first indices until the list is a
+    multiple of its ``num_replicas`` W, and gives rank r its positions r, r+W, r+2W, ...: those at
+    or past ``len(dataset)`` are the padding, so rank r's first ``len(range(r, len(dataset), W))``
+    samples are real and the rest repeat samples another rank reads. Only a stock ``BatchSampler``
+    over the DistributedSampler is recognised (what ``create_dataloader`` builds).
+
+    Args:
+        loader: a validation or prediction loader.
+    """
+    if not isinstance(loader, DataLoader) or type(loader.batch_sampler) is not BatchSampler:
+        return None
+    sampler = loader.batch_sampler.sampler
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    size = len(sampler.dataset)   # type: ignore[arg-type]
+    if sampler.total_size == size:
+        return None
+    return len(range(sampler.rank, size, sampler.num_replicas))
 
 
 # ---------------------------------------------------------------------------- data order

@@ -35,7 +35,8 @@ def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iter
     trainer.max_steps = check_count("max_steps", max_steps)
     trainer.val_every_n_steps = check_count("val_every_n_steps", val_every_n_steps)
     batching.check_loader(train_loader, "train_loader")
-    if val_loader is not None:
+    dataorder.check_sharded(trainer, train_loader)   # every rank alike, before any collective
+    if val_loader is not None:          # a whole set on every rank is accepted there: exact, if not shared
         batching.check_loader(val_loader, "val_loader")
     trainer._pending_monitors = logged.check_monitors(trainer, val_loader)
     trainer._limit_train = limit_of("limit_train_batches", limit_train, train_loader)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from torchkeel import batching, logged
+from torchkeel import batching, dataorder, logged
 from torchkeel.accumulate import as_count
 
 if TYPE_CHECKING:
@@ -115,7 +116,13 @@ def limited(loader: Iterable[Any], limit: int | None) -> Iterable[Any]:
 
 @torch.no_grad()
 def validate(trainer: AdvancedTrainer, loader: Iterable[Any], limit: int | None = None) -> dict[str, float]:
-    """Mean validation loss and metrics over ``loader`` (its first ``limit`` batches), reduced across ranks."""
+    """Mean validation loss and metrics over ``loader`` (its first ``limit`` batches), reduced across ranks.
+
+    A ``DistributedSampler``'s padding (the repeated samples that even out the ranks' shards) is
+    dropped, so the values equal one process's on the whole set. A loader that gives every rank
+    the whole set gives the same values too: each rank's sums are equal, and their reduction
+    scales the totals and the counts alike.
+    """
     model, device = trainer.model, trainer.device
     was_training = model.training
     model.eval()
@@ -127,14 +134,20 @@ def validate(trainer: AdvancedTrainer, loader: Iterable[Any], limit: int | None 
     count, counted, batches = 0, 0, 0
     trainer.logged.reset_epoch("val")
     trainer._log_phase, log_count = "val", trainer._log_count
+    real, seen = dataorder.real_samples(loader), 0    # a DistributedSampler's padding: dropped, not counted
     try:
         with KeepRNG(device):
             for trainer._val_batch, batch in enumerate(limited(loader, limit)):
+                padding = False
+                if real is not None:
+                    batch, seen, padding = unpadded(batch, real, seen)
                 if trainer._move:
                     batch = batching.to_device(batch, device)
                 trainer._log_count = n = batching.batch_size(batch)
-                with trainer._autocast():
+                with trainer._autocast(), scratch_log(trainer) if padding else nullcontext():
                     loss, outputs, targets = trainer.validation_step(batch)
+                if padding:         # as many forwards as the other ranks (they may communicate), all dropped
+                    continue
                 count, batches = count + n, batches + 1
                 if isinstance(loss, tuple):      # (loss, count): weighted by its items
                     loss, items = loss
@@ -167,21 +180,69 @@ def validate(trainer: AdvancedTrainer, loader: Iterable[Any], limit: int | None 
     return out | trainer.logged.epoch_values(trainer.world_size, device, "val")
 
 
+def unpadded(batch: Any, real: int, seen: int) -> tuple[Any, int, bool]:
+    """``(batch, samples seen, all padding)``: the batch cut to its real samples, unless all are padding.
+
+    A ``DistributedSampler`` that pads puts the padding at the end of a rank's samples
+    (``dataorder.real_samples``): the rank's last real batch is cut to its real samples, and a batch
+    of padding alone comes back whole, flagged: it still runs a forward on this rank, as the other
+    ranks run one on their last batch (FSDP gathers parameters there, DDP may broadcast buffers).
+
+    Args:
+        batch: the loader's next batch, as loaded.
+        real: this rank's real samples.
+        seen: samples in the batches before this one.
+    """
+    n = batching.batch_size(batch)
+    left = real - seen
+    if n <= left or left <= 0:
+        return batch, seen + n, left <= 0
+    return batching.head(batch, left, n), seen + n, False
+
+
+@contextmanager
+def scratch_log(trainer: AdvancedTrainer) -> Iterator[None]:
+    """Send ``trainer.log`` to a scratch copy, dropped on exit: a batch of padding alone logs nothing.
+
+    A name seen only in the scratch copy is kept with count 0, so every rank reports the same names.
+
+    Args:
+        trainer: the trainer validating.
+    """
+    kept = trainer.logged
+    trainer.logged = logged.LoggedValues(trainer.device, reserved=kept.reserved)
+    try:
+        yield
+    finally:
+        scratch, trainer.logged = trainer.logged, kept
+    for name in set(scratch.names("val")) - set(kept.names("val")):
+        kept.log(name, 0.0, count=0, phase="val")
+
+
 @torch.no_grad()
 def predict(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Any:
-    """Model outputs (a model output's ``logits``) for every batch, concatenated on the CPU when tensors."""
+    """Model outputs (a model output's ``logits``) for every batch, concatenated on the CPU when tensors.
+
+    Under DDP each rank predicts its own loader's samples; a ``DistributedSampler``'s padding is dropped,
+    so the ranks' outputs together hold each sample once.
+    """
     model = trainer.model
     was_training = model.training
     model.eval()
     outs = []
+    real, seen = dataorder.real_samples(loader), 0    # a DistributedSampler's padding: dropped
     try:
         for batch in loader:
+            padding = False
+            if real is not None:
+                batch, seen, padding = unpadded(batch, real, seen)
             if trainer._move:
                 batch = batching.to_device(batch, trainer.device)
             inputs = batch if isinstance(batch, (torch.Tensor, Mapping)) else split(trainer, batch)[0]
             with trainer._autocast():
-                out = batching.logits_of(forward(model, inputs))
-                outs.append(batching.to_device(out, torch.device("cpu")))
+                out = batching.logits_of(forward(model, inputs))     # padding alone: as many forwards as
+                if not padding:                                       # the other ranks, the output dropped
+                    outs.append(batching.to_device(out, torch.device("cpu")))
     finally:
         model.train(was_training)
     return torch.cat(outs) if outs and all(isinstance(o, torch.Tensor) for o in outs) else outs
