@@ -104,9 +104,25 @@ def batch_size(batch: Any) -> int:
     return 1
 
 
-def own_loss(outputs: Any, state: State) -> torch.Tensor:
+def own_loss(outputs: Any, state: State, batch: Any = None) -> torch.Tensor:
+    """The loss a model computed itself (``criterion=None``): a scalar, a dict's ``'loss'``, or ``.loss``.
+
+    Args:
+        outputs: the model's output.
+        state: the trainer's state, for where it happened.
+        batch: the batch, to name a ``'label'`` key where a Hugging Face model needs ``'labels'``.
+    """
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", outputs)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        if isinstance(batch, Mapping) and "label" in batch and "labels" not in batch:
+            raise TypeError(
+                f"With criterion=None the model must compute its own loss, but it returned none ({shape(outputs)}) "
+                f"at epoch {state.epoch}, batch {state.batch}. The batch has a 'label' key and no 'labels' (keys: "
+                f"{', '.join(map(repr, batch))}): a Hugging Face model computes its loss only from labels=... "
+                "(the `datasets` default column is 'label'). Rename it, "
+                "dataset = dataset.rename_column('label', 'labels'), or pass criterion=... (e.g. "
+                "nn.CrossEntropyLoss()), which then takes its targets from 'label'."
+            )
         raise TypeError(
             f"With criterion=None the model must return a scalar loss, a dict with 'loss' or an object with "
             f".loss; got {shape(outputs)} at epoch {state.epoch}, batch {state.batch}. "

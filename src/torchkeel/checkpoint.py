@@ -33,7 +33,9 @@ class ModelCheckpoint(Callback):
         save_dir: root folder for this experiment's runs; default: the trainer's run folder
             (``AdvancedTrainer(log_dir=...)``) ``/checkpoints``, else ``checkpoints``.
         monitor: metric ranking the checkpoints; ``None`` keeps the newest ``save_top_k``.
-        mode: ``'min'``, ``'max'`` or ``'auto'``.
+        mode: ``'min'`` or ``'max'``; default ``None`` infers it from ``monitor``'s name as
+            ``EarlyStopping`` does (accuracy-like: ``'max'``, loss-like: ``'min'``, else ``'min'`` with a
+            warning); ``'auto'`` refuses a name that does not say.
         save_top_k: how many best checkpoints to keep; ``-1`` keeps all, ``0`` none (only last).
         save_last: always keep the newest checkpoint too (what ``resume_from='auto'`` continues).
         filename: template with ``{epoch}`` (0-based), ``{step}`` and metric names, e.g.
@@ -67,7 +69,7 @@ class ModelCheckpoint(Callback):
         self,
         save_dir: str | os.PathLike[str] | None = None,
         monitor: str | None = "val_loss",
-        mode: Mode = "min",
+        mode: Mode | None = None,
         save_top_k: int = 1,
         save_last: bool = True,
         filename: str | None = None,
