@@ -311,7 +311,11 @@ class LRScheduler(Callback):
 
     def __init__(self, scheduler: Any, interval: Literal["epoch", "step"] = "epoch",
                  monitor: str = "val_loss") -> None:
-        if not hasattr(scheduler, "step") or not hasattr(scheduler, "state_dict"):
+        if isinstance(scheduler, torch.optim.Optimizer):
+            raise TypeError(f"AdvancedTrainer(scheduler=...): got a {type(scheduler).__name__}, which is an optimizer, "
+                            "not an LR scheduler. Pass the optimizer as optimizer=... and a scheduler over it as "
+                            "scheduler=..., e.g. torch.optim.lr_scheduler.StepLR(optimizer, step_size=10).")
+        if not callable(getattr(scheduler, "step", None)) or not hasattr(scheduler, "state_dict"):
             raise TypeError(f"AdvancedTrainer(scheduler=...): {type(scheduler).__name__} has no step()/state_dict(); "
                             "pass a torch.optim.lr_scheduler instance.")
         self.scheduler = scheduler

@@ -20,6 +20,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("torchkeel")
 
+
+def _check_save_dir(save_dir: Any) -> None:
+    """``ModelCheckpoint(save_dir=...)``: ``None``, or a path that is, or can become, a folder."""
+    if save_dir is None:
+        return
+    if not isinstance(save_dir, (str, os.PathLike)) or os.fspath(save_dir) in ("", b""):
+        raise TypeError(f"ModelCheckpoint(save_dir={save_dir!r}): expected a folder path (str or pathlib.Path), "
+                        "or None for the trainer's run folder.")
+    path = Path(save_dir)
+    for at in (path, *path.parents):       # the nearest part that exists must be a folder
+        if at.exists() or at.is_symlink():
+            if not at.is_dir():
+                what = "" if at == path else f" is under {str(at)!r}, which"
+                raise ValueError(f"ModelCheckpoint(save_dir={str(save_dir)!r}): the path{what} exists and is not a "
+                                 "folder (a file?). Pass a folder path (it is created when missing).")
+            return
+
+
 class ModelCheckpoint(Callback):
     """Save versioned checkpoints with full state; keep the best ``save_top_k`` and the last.
 
@@ -92,6 +110,7 @@ class ModelCheckpoint(Callback):
             raise TypeError(f"ModelCheckpoint(async_save={async_save!r}): pass True or False.")
         if filename is not None:
             _fill(filename, _Fields(epoch=0, step=0), "epoch, step and the metric names (e.g. val_loss)")
+        _check_save_dir(save_dir)
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.root_dir = self.save_dir if self.save_dir is not None else Path("checkpoints")
         self.monitor = monitor
