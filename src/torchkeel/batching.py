@@ -114,12 +114,21 @@ def is_one_shot(loader: Any) -> bool:
     """True for an iterator (a generator, ``iter(list)``...): ``iter(x) is x``, exhausted after one pass.
 
     Checked by type, not by calling ``iter``: a DataLoader's ``iter`` would start workers and draw a seed.
+
+    Args:
+        loader: what ``fit`` was given.
     """
     return isinstance(loader, Iterator)
 
 
 def one_shot_error(loader: Any, name: str, why: str = "") -> ValueError:
-    """The error for a one-shot iterator passed where the fit iterates the loader more than once."""
+    """The error for a one-shot iterator passed where the fit iterates the loader more than once.
+
+    Args:
+        loader: the iterator.
+        name: the argument's name (``'val_loader'``, ``'train_loader'``).
+        why: appended to "exhausted after the first epoch", e.g. how many epochs this fit runs.
+    """
     uses = "validation" if name == "val_loader" else "epoch"
     return ValueError(f"fit({name}=...): a {type(loader).__name__} is a one-shot iterator (iter(x) is x): it would "
                       f"be exhausted after the first {uses}{why}. Pass a re-iterable such as a DataLoader or a "
