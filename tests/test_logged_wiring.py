@@ -170,7 +170,8 @@ def test_a_monitor_that_never_appears_is_a_clear_error_at_the_first_epoch_end(tm
 
 
 def test_a_plain_trainer_still_refuses_an_unknown_val_monitor_at_fit_start() -> None:
-    trainer = AdvancedTrainer(model=nn.Linear(8, 3), optimizer=torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1),
+    model = nn.Linear(8, 3)
+    trainer = AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                               criterion=nn.CrossEntropyLoss(), device="cpu", progress=False,
                               early_stopping=EarlyStopping(monitor="val_my_metric", mode="min"))
     with pytest.raises(ValueError, match=r"monitor='val_my_metric' will never be computed"):

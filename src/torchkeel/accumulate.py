@@ -41,6 +41,7 @@ collective; with a GradScaler, its own inf check does that (the step is skipped 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -52,6 +53,67 @@ from torch import nn
 from torchkeel import sharded
 
 _NO_CONTEXT = nullcontext()   # reusable: entering it costs nothing
+
+
+def check_clip(owner: str, name: str, value: Any) -> None:
+    """Refuse a clipping threshold that is not a number > 0 (``None`` disables clipping).
+
+    Args:
+        owner: the class whose argument it is, for the message (``'AdvancedTrainer'``).
+        name: the argument's name (``'max_grad_norm'``, ``'gradient_clip_value'``).
+        value: what was given.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}({name}={value!r}): expected a number > 0 (e.g. {name}=1.0), or None to "
+                        f"disable; got a {type(value).__name__}.")
+    if not float(value) > 0:                # NaN too
+        raise ValueError(f"{owner}({name}={value!r}): must be > 0, or None to disable.")
+
+
+def check_optimizer_params(owner: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           criterion: Any = None) -> None:
+    """Refuse an optimizer whose steps would not change the model being trained.
+
+    Every parameter the optimizer holds must be a parameter of the model (the unwrapped model:
+    DDP, DataParallel and torch.compile keep the same ``Parameter`` objects) or of ``criterion`` when
+    it is an ``nn.Module`` (a learnable loss weight), and at least one must be a trainable parameter
+    of the model. An optimizer over a subset of the model's parameters is fine. A model sharded by
+    ``fully_shard`` has new (DTensor) parameters: an optimizer built before sharding holds the old ones.
+
+    Args:
+        owner: the class whose arguments these are, for the message (``'AdvancedTrainer'``).
+        model: the model being trained, possibly wrapped or sharded.
+        optimizer: the optimizer to check.
+        criterion: the loss; its parameters are allowed when it is an ``nn.Module``.
+    """
+    from torchkeel.distributed import unwrap_model  # distributed imports this module
+
+    inner = unwrap_model(model)
+    own = {id(p): p.requires_grad for p in inner.parameters()}
+    allowed = set(own)
+    if isinstance(criterion, nn.Module):
+        allowed |= {id(p) for p in criterion.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = sum(id(p) not in allowed for p in held)
+    wrap_fix = ("create the optimizer from dt.model.parameters() after DistributedTrainer(...) wraps the "
+                "model")
+    if foreign:
+        of = "the model being trained" + (" or of the criterion" if isinstance(criterion, nn.Module) else "")
+        if sharded.is_sharded(inner):
+            fix = (f"The model is sharded (fully_shard replaced its parameters with new DTensor parameters), so "
+                   f"an optimizer built from model.parameters() before sharding trains nothing: {wrap_fix}.")
+        else:
+            fix = ("Create the optimizer from the parameters of the model you pass (model.parameters()); if the "
+                   f"model's parameters were replaced after the optimizer was built, {wrap_fix}.")
+        raise ValueError(f"{owner}(optimizer=...): {foreign} of the optimizer's {len(held)} parameters are not "
+                         f"parameters of {of}, so stepping it would not train the model. {fix}")
+    if not any(own.get(id(p), False) for p in held):
+        trainable = sum(own.values())
+        raise ValueError(f"{owner}(optimizer=...): the optimizer holds none of the model's {trainable} trainable "
+                         "parameters (those with requires_grad=True), so training would not change the model. "
+                         "Pass an optimizer over them, e.g. torch.optim.AdamW(model.parameters()).")
 
 
 class GradientAccumulator:
@@ -71,6 +133,9 @@ class GradientAccumulator:
         sync_every_micro_batch: a sharded model only: reduce-scatter every micro-batch's gradients
             (minimum memory: no full-size gradient; one reduce-scatter per micro-batch), and a short
             window needs no ``no_sync(last=True)``.
+        criterion: the loss module, when the optimizer also holds its learnable parameters (a loss
+            weight); every other parameter the optimizer holds must be the model's
+            (``check_optimizer_params``).
 
     Example:
         >>> acc = GradientAccumulator(model, optimizer, accumulation_steps=4, max_grad_norm=1.0)
@@ -92,6 +157,7 @@ class GradientAccumulator:
         gradient_clip_value: float | None = None,
         even_shards: bool = False,
         sync_every_micro_batch: bool = False,
+        criterion: Any = None,
     ) -> None:
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
                 or accumulation_steps < 1:
@@ -101,9 +167,9 @@ class GradientAccumulator:
             )
         if not isinstance(sync_every_micro_batch, bool):
             raise TypeError(f"sync_every_micro_batch={sync_every_micro_batch!r}: pass True or False.")
-        for name, value in (("max_grad_norm", max_grad_norm), ("gradient_clip_value", gradient_clip_value)):
-            if value is not None and not value > 0:
-                raise ValueError(f"GradientAccumulator({name}={value!r}): must be > 0, or None to disable.")
+        check_clip("GradientAccumulator", "max_grad_norm", max_grad_norm)
+        check_clip("GradientAccumulator", "gradient_clip_value", gradient_clip_value)
+        check_optimizer_params("GradientAccumulator", model, optimizer, criterion)
         self.model = model
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -25,10 +25,40 @@ def resolve_model(model: Any, device: str | torch.device | None) -> tuple[Any, t
             device = first.device
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    device = check_device(device)
     if isinstance(model, nn.Module) and not isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model.to(device)
     return model, device
+
+
+def available_devices() -> list[str]:
+    """The devices this process can train on: ``'cpu'``, each ``'cuda:i'``, ``'mps'`` where present."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    return found + (["mps"] if mps is not None and mps.is_available() else [])
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``AdvancedTrainer(device=...)`` as a ``torch.device`` this machine has, else an error naming what it has.
+
+    Args:
+        device: what was given, e.g. ``'cuda'``, ``'cuda:1'``, ``torch.device('cpu')``.
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"AdvancedTrainer(device={device!r}): not a device ({exc}). Available here: "
+                         f"{', '.join(available_devices())}.") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index is not None and resolved.index >= count):
+            have = "CUDA is not available" if count == 0 else f"only {count} CUDA device(s) are visible"
+            raise ValueError(f"AdvancedTrainer(device={str(device)!r}): {have} in this process. Available "
+                             f"here: {', '.join(available_devices())}; or leave device=None to pick one.")
+    elif resolved.type == "mps" and "mps" not in available_devices():
+        raise ValueError(f"AdvancedTrainer(device={str(device)!r}): MPS is not available in this process. "
+                         f"Available here: {', '.join(available_devices())}; or leave device=None.")
+    return resolved
 
 
 def resolve_amp(use_amp: bool, amp_dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
@@ -62,13 +92,47 @@ def grad_scaler(model: nn.Module, device: torch.device, enabled: bool) -> torch.
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
-def check_loader(loader: Any, name: str) -> None:
+def check_loader(loader: Any, name: str, one_pass: bool = False) -> None:
+    """``fit``'s loader: an iterable of batches, not empty; a one-shot iterator only where ``one_pass``.
+
+    Args:
+        loader: what was given.
+        name: the argument's name, for the message (``'val_loader'``).
+        one_pass: the fit iterates it once at most, so an iterator (``iter(x) is x``) is fine.
+    """
     if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
         raise TypeError(f"fit({name}=...): expected an iterable of batches such as a DataLoader, "
                         f"got {type(loader).__name__}.")
+    if not one_pass and is_one_shot(loader):
+        raise one_shot_error(loader, name)
     if num_batches(loader) == 0:
         raise ValueError(f"fit({name}=...): the loader has no batches (len 0). "
                          "Check the dataset size and drop_last.")
+
+
+def is_one_shot(loader: Any) -> bool:
+    """True for an iterator (a generator, ``iter(list)``...): ``iter(x) is x``, exhausted after one pass.
+
+    Checked by type, not by calling ``iter``: a DataLoader's ``iter`` would start workers and draw a seed.
+
+    Args:
+        loader: what ``fit`` was given.
+    """
+    return isinstance(loader, Iterator)
+
+
+def one_shot_error(loader: Any, name: str, why: str = "") -> ValueError:
+    """The error for a one-shot iterator passed where the fit iterates the loader more than once.
+
+    Args:
+        loader: the iterator.
+        name: the argument's name (``'val_loader'``, ``'train_loader'``).
+        why: appended to "exhausted after the first epoch", e.g. how many epochs this fit runs.
+    """
+    uses = "validation" if name == "val_loader" else "epoch"
+    return ValueError(f"fit({name}=...): a {type(loader).__name__} is a one-shot iterator (iter(x) is x): it would "
+                      f"be exhausted after the first {uses}{why}. Pass a re-iterable such as a DataLoader or a "
+                      "list of batches (or an object whose __iter__ returns a fresh iterator).")
 
 
 def num_batches(loader: Any) -> int | None:
@@ -125,9 +189,25 @@ def head(batch: Any, keep: int, n: int) -> Any:
     return batch
 
 
-def own_loss(outputs: Any, state: State) -> torch.Tensor:
+def own_loss(outputs: Any, state: State, batch: Any = None) -> torch.Tensor:
+    """The loss a model computed itself (``criterion=None``): a scalar, a dict's ``'loss'``, or ``.loss``.
+
+    Args:
+        outputs: the model's output.
+        state: the trainer's state, for where it happened.
+        batch: the batch, to name a ``'label'`` key where a Hugging Face model needs ``'labels'``.
+    """
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", outputs)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        if isinstance(batch, Mapping) and "label" in batch and "labels" not in batch:
+            raise TypeError(
+                f"With criterion=None the model must compute its own loss, but it returned none ({shape(outputs)}) "
+                f"at epoch {state.epoch}, batch {state.batch}. The batch has a 'label' key and no 'labels' (keys: "
+                f"{', '.join(map(repr, batch))}): a Hugging Face model computes its loss only from labels=... "
+                "(the `datasets` default column is 'label'). Rename it, "
+                "dataset = dataset.rename_column('label', 'labels'), or pass criterion=... (e.g. "
+                "nn.CrossEntropyLoss()), which then takes its targets from 'label'."
+            )
         raise TypeError(
             f"With criterion=None the model must return a scalar loss, a dict with 'loss' or an object with "
             f".loss; got {shape(outputs)} at epoch {state.epoch}, batch {state.batch}. "

@@ -36,6 +36,7 @@ import copy
 import logging
 import math
 import re
+import warnings
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -96,23 +97,52 @@ def overrides(cb: Callback, hook: str) -> bool:
     return getattr(type(cb), hook) is not getattr(Callback, hook)
 
 
-def infer_mode(monitor: str, mode: Mode, owner: str) -> Literal["min", "max"]:
-    """Resolve ``mode='auto'`` from the metric name; validate the others."""
+def direction_of(monitor: str) -> Literal["min", "max"] | None:
+    """``'max'`` for an accuracy-like name, ``'min'`` for a loss-like one, ``None`` when the name does not say.
+
+    Whole words of the name count (``'val_mape'`` is not ``'map'``), a word's trailing digits aside
+    (``acc1``, ``map50``), and ``top1``/``top_5``/``topk`` style names are accuracies. A loss word wins.
+
+    Args:
+        monitor: the metric's name, e.g. ``'val_acc'``.
+    """
+    name = monitor.lower()
+    words = set(re.split(r"[^a-z0-9]+", name))
+    words |= {w.rstrip("0123456789") for w in words}
+    if words & _MIN_WORDS:
+        return "min"
+    if words & _MAX_WORDS or re.search(r"(^|[^a-z])top[_-]?(\d+|k)($|[^a-z])", name):
+        return "max"
+    return None
+
+
+def infer_mode(monitor: str, mode: Mode | None, owner: str) -> Literal["min", "max"]:
+    """The resolved mode: as given, or from the metric name for ``None`` and ``'auto'``.
+
+    ``None`` (the default): a name that does not say gets ``'min'`` with a warning; ``'auto'``: it is an error.
+
+    Args:
+        monitor: the metric's name.
+        mode: ``'min'``, ``'max'``, ``'auto'`` or ``None``.
+        owner: the callback's name, for messages.
+    """
     if mode in ("min", "max"):
         return mode
-    if mode != "auto":
-        raise ValueError(f"{owner}: mode={mode!r} is not one of 'min', 'max', 'auto'.")
-    words = set(re.split(r"[^a-z0-9]+", monitor.lower()))    # whole words: 'val_mape' is not 'map'
-    if words & _MIN_WORDS:
-        chosen: Literal["min", "max"] = "min"
-    elif words & _MAX_WORDS:
-        chosen = "max"
-    else:
+    if mode not in ("auto", None):
+        raise ValueError(f"{owner}: mode={mode!r} is not one of 'min', 'max', 'auto' or None (inferred from "
+                         "the monitor's name).")
+    chosen = direction_of(monitor)
+    if chosen is None and mode == "auto":
         raise ValueError(
             f"{owner}: mode='auto' cannot tell from monitor={monitor!r} whether higher is better. "
             "Pass mode='min' or mode='max'."
         )
-    log.info("%s: mode='auto' chose mode=%r for monitor=%r.", owner, chosen, monitor)
+    if chosen is None:
+        warnings.warn(f"{owner}: monitor={monitor!r} does not say whether higher is better, so mode='min' was "
+                      "assumed (lower is better). Pass mode='max' if higher is better, or mode='min' to "
+                      "silence this.", UserWarning, stacklevel=3)
+        return "min"
+    log.info("%s: mode=%r chose mode=%r for monitor=%r.", owner, mode, chosen, monitor)
     return chosen
 
 
@@ -128,7 +158,10 @@ class EarlyStopping(Callback):
 
     Args:
         monitor: metric name in ``trainer.state.metrics`` (default ``'val_loss'``).
-        mode: ``'min'``, ``'max'`` or ``'auto'`` (inferred from the name: loss -> min, acc -> max).
+        mode: ``'min'`` or ``'max'``; default ``None`` infers it from the name: ``'max'`` for
+            accuracy-like names (acc, f1, auc, iou, precision, recall, top5...), ``'min'`` for loss-like
+            ones (loss, error, mse, perplexity...), else ``'min'`` with a warning. ``'auto'`` infers
+            too, and refuses a name that does not say. ``self.mode`` is the resolved one.
         patience: validations without improvement before stopping (epochs, unless ``fit`` validates
             every N steps).
         min_delta: smallest change that counts as an improvement.
@@ -154,7 +187,7 @@ class EarlyStopping(Callback):
     def __init__(
         self,
         monitor: str = "val_loss",
-        mode: Mode = "min",
+        mode: Mode | None = None,
         patience: int = 3,
         min_delta: float = 0.0,
         baseline: float | None = None,
@@ -297,7 +330,11 @@ class LRScheduler(Callback):
 
     def __init__(self, scheduler: Any, interval: Literal["epoch", "step"] = "epoch",
                  monitor: str = "val_loss") -> None:
-        if not hasattr(scheduler, "step") or not hasattr(scheduler, "state_dict"):
+        if isinstance(scheduler, torch.optim.Optimizer):
+            raise TypeError(f"AdvancedTrainer(scheduler=...): got a {type(scheduler).__name__}, which is an optimizer, "
+                            "not an LR scheduler. Pass the optimizer as optimizer=... and a scheduler over it as "
+                            "scheduler=..., e.g. torch.optim.lr_scheduler.StepLR(optimizer, step_size=10).")
+        if not callable(getattr(scheduler, "step", None)) or not hasattr(scheduler, "state_dict"):
             raise TypeError(f"AdvancedTrainer(scheduler=...): {type(scheduler).__name__} has no step()/state_dict(); "
                             "pass a torch.optim.lr_scheduler instance.")
         self.scheduler = scheduler

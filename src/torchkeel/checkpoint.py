@@ -20,6 +20,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("torchkeel")
 
+
+def _check_save_dir(save_dir: Any) -> None:
+    """``ModelCheckpoint(save_dir=...)``: ``None``, or a path that is, or can become, a folder."""
+    if save_dir is None:
+        return
+    if not isinstance(save_dir, (str, os.PathLike)) or os.fspath(save_dir) in ("", b""):
+        raise TypeError(f"ModelCheckpoint(save_dir={save_dir!r}): expected a folder path (str or pathlib.Path), "
+                        "or None for the trainer's run folder.")
+    path = Path(save_dir)
+    for at in (path, *path.parents):       # the nearest part that exists must be a folder
+        if at.exists() or at.is_symlink():
+            if not at.is_dir():
+                what = "" if at == path else f" is under {str(at)!r}, which"
+                raise ValueError(f"ModelCheckpoint(save_dir={str(save_dir)!r}): the path{what} exists and is not a "
+                                 "folder (a file?). Pass a folder path (it is created when missing).")
+            return
+
+
 class ModelCheckpoint(Callback):
     """Save versioned checkpoints with full state; keep the best ``save_top_k`` and the last.
 
@@ -33,7 +51,9 @@ class ModelCheckpoint(Callback):
         save_dir: root folder for this experiment's runs; default: the trainer's run folder
             (``AdvancedTrainer(log_dir=...)``) ``/checkpoints``, else ``checkpoints``.
         monitor: metric ranking the checkpoints; ``None`` keeps the newest ``save_top_k``.
-        mode: ``'min'``, ``'max'`` or ``'auto'``.
+        mode: ``'min'`` or ``'max'``; default ``None`` infers it from ``monitor``'s name as
+            ``EarlyStopping`` does (accuracy-like: ``'max'``, loss-like: ``'min'``, else ``'min'`` with a
+            warning); ``'auto'`` refuses a name that does not say.
         save_top_k: how many best checkpoints to keep; ``-1`` keeps all, ``0`` none (only last).
         save_last: always keep the newest checkpoint too (what ``resume_from='auto'`` continues).
         filename: template with ``{epoch}`` (0-based), ``{step}`` and metric names, e.g.
@@ -77,7 +97,7 @@ class ModelCheckpoint(Callback):
         self,
         save_dir: str | os.PathLike[str] | None = None,
         monitor: str | None = "val_loss",
-        mode: Mode = "min",
+        mode: Mode | None = None,
         save_top_k: int = 1,
         save_last: bool = True,
         filename: str | None = None,
@@ -100,6 +120,7 @@ class ModelCheckpoint(Callback):
             raise TypeError(f"ModelCheckpoint(async_save={async_save!r}): pass True or False.")
         if filename is not None:
             _fill(filename, _Fields(epoch=0, step=0), "epoch, step and the metric names (e.g. val_loss)")
+        _check_save_dir(save_dir)
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.root_dir = self.save_dir if self.save_dir is not None else Path("checkpoints")
         self.monitor = monitor

@@ -11,14 +11,14 @@ import logging
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from torchkeel import batching, dataorder, logged, signals, steps, sync
+from torchkeel import accumulate, batching, dataorder, logged, signals, steps, sync
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -34,7 +34,7 @@ def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iter
     trainer.max_epochs = check_count("epochs", epochs)
     trainer.max_steps = check_count("max_steps", max_steps)
     trainer.val_every_n_steps = check_count("val_every_n_steps", val_every_n_steps)
-    batching.check_loader(train_loader, "train_loader")
+    batching.check_loader(train_loader, "train_loader", one_pass=True)   # epochs: see continue_run
     dataorder.check_sharded(trainer, train_loader)   # every rank alike, before any collective
     if val_loader is not None:          # a whole set on every rank is accepted there: exact, if not shared
         batching.check_loader(val_loader, "val_loader")
@@ -77,6 +77,10 @@ def continue_run(trainer: AdvancedTrainer, resumed: Path | None, loader: Iterabl
     """After a resume, before any hook: refuse a position the loader cannot continue from; a larger budget
     continues; a callback's stop stays, and says why."""
     state = trainer.state
+    start = state.epoch + 1 if state.epoch_finished else state.epoch
+    if trainer.max_epochs is not None and trainer.max_epochs - start > 1 and batching.is_one_shot(loader):
+        raise batching.one_shot_error(loader, "train_loader", f" and this fit runs {trainer.max_epochs - start} "
+                                      f"epochs (epochs={trainer.max_epochs})")
     dataorder.check_resume(trainer, loader)      # epoch_batches checks too, but after the hooks
     trainer._counted, trainer._windows_at_fit = False, state.step + state.skipped_steps
     if state.should_stop:
@@ -170,7 +174,8 @@ def resumed_validation(trainer: AdvancedTrainer, rng: dict[str, Any] | None,
 
 
 def check_trainer(model: Any, optimizer: Any, accumulation: Any, scheduler_interval: Any, log_every_n_steps: Any,
-                  skips: Any) -> int | None:
+                  skips: Any, *, criterion: Any = None, max_grad_norm: Any = None, gradient_clip_value: Any = None,
+                  metrics: Any = None) -> int | None:
     """``AdvancedTrainer``'s argument checks; returns ``max_consecutive_skipped_steps``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"AdvancedTrainer(model=...): expected an nn.Module, got {type(model).__name__}.")
@@ -178,6 +183,10 @@ def check_trainer(model: Any, optimizer: Any, accumulation: Any, scheduler_inter
         raise TypeError(
             f"AdvancedTrainer(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}."
         )
+    accumulate.check_optimizer_params("AdvancedTrainer", model, optimizer, criterion)
+    accumulate.check_clip("AdvancedTrainer", "max_grad_norm", max_grad_norm)
+    accumulate.check_clip("AdvancedTrainer", "gradient_clip_value", gradient_clip_value)
+    check_metrics(metrics)
     if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
         raise ValueError(f"AdvancedTrainer(gradient_accumulation_steps={accumulation!r}): "
                          "must be an int >= 1 (1 = no accumulation).")
@@ -191,6 +200,32 @@ def check_trainer(model: Any, optimizer: Any, accumulation: Any, scheduler_inter
         raise ValueError(f"AdvancedTrainer(max_consecutive_skipped_steps={skips!r}): must be an int >= 1, "
                          "or None to never stop for skipped steps.")
     return skips
+
+
+def check_metrics(metrics: Any) -> None:
+    """``AdvancedTrainer(metrics=...)``: names to ``fn(outputs, targets)`` or objects with update/compute/reset.
+
+    Args:
+        metrics: what was given (``None`` for none).
+    """
+    if metrics is None:
+        return
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"AdvancedTrainer(metrics=...): expected a dict of name -> metric, e.g. "
+                        f"{{'acc': fn(outputs, targets)}}; got a {type(metrics).__name__}.")
+    for name, metric in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"AdvancedTrainer(metrics=...): metric names must be non-empty strings; got {name!r}.")
+        if hasattr(metric, "update"):
+            missing = [m for m in ("compute", "reset") if not callable(getattr(metric, m, None))]
+            if missing or not callable(metric.update):
+                raise TypeError(f"AdvancedTrainer(metrics={{{name!r}: ...}}): a {type(metric).__name__} has update "
+                                f"but no {' or '.join(missing) or 'callable update'}(); a metric object needs "
+                                "update(outputs, targets), compute() and reset() (as torchmetrics' do).")
+        elif not callable(metric):
+            raise TypeError(f"AdvancedTrainer(metrics={{{name!r}: {metric!r}}}): a metric must be a function "
+                            f"fn(outputs, targets) -> number, or an object with update(outputs, targets), "
+                            f"compute() and reset() (e.g. torchmetrics.Accuracy); got a {type(metric).__name__}.")
 
 
 def check_count(name: str, value: Any) -> int | None:

@@ -356,7 +356,8 @@ def check_monitors(trainer: AdvancedTrainer, val_loader: object | None) -> list[
     """At fit start: refuse a callback monitor nothing can compute; warn about one only ``trainer.log`` can.
 
     A ``val_`` monitor can come from ``trainer.log`` only when there is a ``val_loader`` and
-    ``validation_step`` is overridden; any other name, from ``training_step`` or a callback. Returns the
+    ``validation_step`` is overridden; any other name, from an overridden ``training_step`` (or
+    ``validation_step``) or a callback of the user's (torchkeel's own callbacks never log). Returns the
     ``(callback, monitor)`` pairs to check with ``check_logged_monitors`` at the first epoch end.
 
     Example:
@@ -367,22 +368,36 @@ def check_monitors(trainer: AdvancedTrainer, val_loader: object | None) -> list[
     names = {"train_loss", "lr", "epoch_time"}
     if val_loader is not None:
         names |= {"val_loss"} | {f"val_{k}" for k in trainer.metrics}
-    logs_val = val_loader is not None and type(trainer).validation_step is not AdvancedTrainer.validation_step
+    cls = type(trainer)
+    own_val = cls.validation_step is not AdvancedTrainer.validation_step
+    logs_val = val_loader is not None and own_val
+    user_callbacks = any(not type(cb).__module__.startswith("torchkeel.") for cb in trainer.callbacks)
+    logs_train = cls.training_step is not AdvancedTrainer.training_step or own_val or user_callbacks
     pending = []
     for cb in trainer.callbacks:
         monitor = getattr(cb, "monitor", None)
         if not isinstance(monitor, str) or monitor in names:
             continue
         owner, is_val = type(cb).__name__, monitor.startswith("val_")
-        if logs_val or not is_val:
+        if (is_val and logs_val) or (not is_val and logs_train):
             log.warning("%s: monitor=%r is not a metric this fit computes (%s); it must come from trainer.log(%r, "
                         "...)%s.", owner, monitor, ", ".join(sorted(names)), monitor.removeprefix("val_"),
                         " in validation_step" if is_val else " in training_step or a callback")
             pending.append((owner, monitor))
             continue
         hint = " (no val_loader was given)" if is_val and val_loader is None else ""
+        if is_val and val_loader is not None:
+            why = (f" It is not val_<name> of a metric in AdvancedTrainer(metrics=...), and validation_step is not "
+                   f"overridden, so no trainer.log({monitor.removeprefix('val_')!r}, ...) can give it.")
+        elif not is_val:
+            why = (" It is not a built-in name, and neither training_step nor validation_step is overridden nor is "
+                   f"there a callback of yours, so no trainer.log({monitor!r}, ...) can give it.")
+        else:
+            why = ""
+        if f"val_{monitor}" in names:
+            why += f" Did you mean 'val_{monitor}'?"
         raise ValueError(f"{owner}: monitor={monitor!r} will never be computed{hint}. "
-                         f"Metrics this fit computes: {', '.join(sorted(names))}.")
+                         f"Metrics this fit computes: {', '.join(sorted(names))}.{why}")
     return pending
 
 
@@ -394,7 +409,7 @@ def check_logged_monitors(pending: list[tuple[str, str]], metrics: Mapping[str, 
     """
     for owner, monitor in pending:
         if monitor not in metrics:
-            where = " in validation_step" if monitor.startswith("val_") else ""
+            where = " in validation_step" if monitor.startswith("val_") else " in training_step or a callback"
             raise ValueError(f"{owner}: monitor={monitor!r} is not in this epoch's metrics ({', '.join(sorted(metrics))}"
                              f"): no trainer.log({monitor.removeprefix('val_')!r}, ...){where} gave it. Log it with "
                              "on_epoch=True, or monitor one of those.")

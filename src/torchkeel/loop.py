@@ -113,7 +113,9 @@ class AdvancedTrainer:
     ) -> None:
         model, device = batching.resolve_model(model, device)
         skips = extent.check_trainer(model, optimizer, gradient_accumulation_steps, scheduler_interval,
-                                     log_every_n_steps, max_consecutive_skipped_steps)
+                                     log_every_n_steps, max_consecutive_skipped_steps, criterion=criterion,
+                                     max_grad_norm=max_grad_norm, gradient_clip_value=gradient_clip_value,
+                                     metrics=metrics)
         self.max_consecutive_skipped_steps = skips
         if not isinstance(replay_data, bool):
             raise TypeError(f"AdvancedTrainer(replay_data={replay_data!r}): pass True or False.")
@@ -136,7 +138,7 @@ class AdvancedTrainer:
         self.sync_every_micro_batch = sync_every_micro_batch
         self.accum = GradientAccumulator(
             model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value,
-            sync_every_micro_batch=sync_every_micro_batch)
+            sync_every_micro_batch=sync_every_micro_batch, criterion=criterion)
         self._nonfinite = NonFiniteGuard(nan_policy, eager=device.type == "cpu", ranks=self.world_size)
         self.accum.check_finite = self._nonfinite.eager
         self.early_stopping = early_stopping

@@ -413,12 +413,27 @@ class _Reader:
         return _read(self.sharded_model, path)
 
 
+def check_resume_from(resume_from: Any) -> None:
+    """``fit(resume_from=...)``: a checkpoint path (str or PathLike), ``'last'`` or ``'auto'``.
+
+    Args:
+        resume_from: what was given.
+    """
+    what = ("a checkpoint path (str or pathlib.Path), 'last' (the newest checkpoint, which must exist) or 'auto' "
+            "(the newest, or a fresh start when there is none)")
+    if not isinstance(resume_from, (str, os.PathLike)):
+        raise TypeError(f"fit(resume_from={resume_from!r}): expected {what}; got a {type(resume_from).__name__}.")
+    if os.fspath(resume_from) == "":
+        raise ValueError(f"fit(resume_from=''): expected {what}; got an empty string.")
+
+
 def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
     """Load ``resume_from`` (a path, ``'last'`` or ``'auto'``) into the trainer; return the path loaded.
 
     Under DDP rank 0 chooses and every rank must read that same checkpoint (same sha256); else
     every rank raises the same error before anything changes.
     """
+    check_resume_from(resume_from)
     roots = search_roots(trainer) if resume_from in ("last", "auto") else []
     if resume_from in ("last", "auto") and not roots:
         raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(...) or "

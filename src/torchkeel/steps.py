@@ -53,7 +53,7 @@ def forward(model: torch.nn.Module, inputs: Any) -> Any:
 def loss_of(trainer: AdvancedTrainer, outputs: Any, targets: Any, batch: Any) -> torch.Tensor:
     """``criterion(outputs, targets)``, or the model's own loss when there is no criterion."""
     if trainer.criterion is None:
-        return batching.own_loss(outputs, trainer.state)
+        return batching.own_loss(outputs, trainer.state, batch)
     if targets is None:
         layout = f"dict with keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
         raise TypeError(
