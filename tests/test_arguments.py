@@ -390,3 +390,19 @@ def test_an_optimizer_passed_as_scheduler_is_refused() -> None:
                                         r"an LR scheduler\. Pass the optimizer as optimizer=\.\.\. and a scheduler"):
         _trainer(model, opt, scheduler=torch.optim.SGD(model.parameters(), lr=0.1))
     _trainer(model, opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=1))
+
+
+def test_a_learnable_weight_of_ones_own_beside_all_the_models_parameters_is_fine(dataset: Any) -> None:
+    """A parameter the loss uses in a training_step (or a hand-written loop) of one's own, not the
+    model's nor the criterion's: accepted while no model parameter of its shape is missing."""
+    model, temperature = make_model(), nn.Parameter(torch.tensor(1.5))
+    opt = torch.optim.SGD([*model.parameters(), temperature], lr=0.01)
+
+    class Tempered(AdvancedTrainer):
+        def training_step(self, batch: Any) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.model(x) * temperature, y)
+
+    Tempered(model=model, optimizer=opt, progress=False).fit(loader(dataset), epochs=1)
+    assert temperature.item() != 1.5                       # trained with the model
+    GradientAccumulator(model, opt)

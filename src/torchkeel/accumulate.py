@@ -76,11 +76,14 @@ def check_optimizer_params(owner: str, model: nn.Module, optimizer: torch.optim.
                            criterion: Any = None) -> None:
     """Refuse an optimizer whose steps would not change the model being trained.
 
-    Every parameter the optimizer holds must be a parameter of the model (the unwrapped model:
-    DDP, DataParallel and torch.compile keep the same ``Parameter`` objects) or of ``criterion`` when
-    it is an ``nn.Module`` (a learnable loss weight), and at least one must be a trainable parameter
-    of the model. An optimizer over a subset of the model's parameters is fine. A model sharded by
-    ``fully_shard`` has new (DTensor) parameters: an optimizer built before sharding holds the old ones.
+    Refused: an optimizer that holds none of the model's trainable parameters (the unwrapped model's:
+    DDP, DataParallel and torch.compile keep the same ``Parameter`` objects; a model sharded by
+    ``fully_shard`` has new DTensor parameters, so an optimizer built before sharding holds only old
+    ones), and one holding a parameter that is neither the model's nor the criterion's while a
+    trainable model parameter of the same shape and dtype is missing from it (the model's parameter
+    was replaced after the optimizer was built). Fine: a subset of the model's parameters, and
+    parameters of its own that the loss uses (a learnable loss weight in ``criterion`` or in a
+    ``training_step`` of one's own).
 
     Args:
         owner: the class whose arguments these are, for the message (``'AdvancedTrainer'``).
@@ -96,10 +99,14 @@ def check_optimizer_params(owner: str, model: nn.Module, optimizer: torch.optim.
     if isinstance(criterion, nn.Module):
         allowed |= {id(p) for p in criterion.parameters()}
     held = [p for group in optimizer.param_groups for p in group["params"]]
-    foreign = sum(id(p) not in allowed for p in held)
+    trains_model = any(own.get(id(p), False) for p in held)
+    foreign = [p for p in held if id(p) not in allowed]
+    held_ids = {id(p) for p in held}
+    missing = {(tuple(p.shape), p.dtype) for p in inner.parameters() if p.requires_grad and id(p) not in held_ids}
+    replaced = any((tuple(p.shape), p.dtype) in missing for p in foreign)   # an old copy of a model parameter
     wrap_fix = ("create the optimizer from dt.model.parameters() after DistributedTrainer(...) wraps the "
                 "model")
-    if foreign:
+    if foreign and (replaced or not trains_model):
         of = "the model being trained" + (" or of the criterion" if isinstance(criterion, nn.Module) else "")
         if sharded.is_sharded(inner):
             fix = (f"The model is sharded (fully_shard replaced its parameters with new DTensor parameters), so "
@@ -107,9 +114,9 @@ def check_optimizer_params(owner: str, model: nn.Module, optimizer: torch.optim.
         else:
             fix = ("Create the optimizer from the parameters of the model you pass (model.parameters()); if the "
                    f"model's parameters were replaced after the optimizer was built, {wrap_fix}.")
-        raise ValueError(f"{owner}(optimizer=...): {foreign} of the optimizer's {len(held)} parameters are not "
+        raise ValueError(f"{owner}(optimizer=...): {len(foreign)} of the optimizer's {len(held)} parameters are not "
                          f"parameters of {of}, so stepping it would not train the model. {fix}")
-    if not any(own.get(id(p), False) for p in held):
+    if not trains_model:
         trainable = sum(own.values())
         raise ValueError(f"{owner}(optimizer=...): the optimizer holds none of the model's {trainable} trainable "
                          "parameters (those with requires_grad=True), so training would not change the model. "
