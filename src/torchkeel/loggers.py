@@ -203,6 +203,8 @@ class TensorBoardLogger(Callback):
         >>> AdvancedTrainer(..., callbacks=[TensorBoardLogger("runs/exp1")])
     """
 
+    writes_rows = True   # fit runs this on_validation_end after the other callbacks': their trainer.log is in
+
     def __init__(self, log_dir: str | Path, log_every_n_steps: int | None = None) -> None:
         if not isinstance(log_dir, (str, Path)):
             raise TypeError(f"TensorBoardLogger(log_dir={log_dir!r}): expected a str or Path folder.")
@@ -307,6 +309,7 @@ class CSVLogger(Callback):
     """
 
     BASE = ("step", "epoch", "kind", "train_loss", "lr")
+    writes_rows = True   # fit runs this on_validation_end after the other callbacks': their trainer.log is in
 
     def __init__(self, path: str | Path, log_every_n_steps: int | None = None) -> None:
         if not isinstance(path, (str, Path)):
