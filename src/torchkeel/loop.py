@@ -209,7 +209,18 @@ class AdvancedTrainer:
             limit_train_batches, limit_val_batches: batches per epoch / validation: an int, or a
                 fraction in (0, 1] of the loader's length.
             resume_from: a checkpoint path, ``'last'`` or ``'auto'`` (see ``torchkeel.resume``).
+
+        What torchkeel decides (which checkpoint it resumed, what it skipped and why, ...) it says through
+        the ``torchkeel`` logger at INFO; where the application configured no logging, on stderr (rank 0,
+        for this fit only: see ``runs.console``).
         """
+        with runs.console(self.is_global_zero):
+            return self._fit(train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
+                             limit_val_batches, resume_from)
+
+    def _fit(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, epochs: int | None,
+             max_steps: int | None, val_every_n_steps: int | None, limit_train_batches: float | None,
+             limit_val_batches: float | None, resume_from: str | None) -> History:
         extent.plan(self, train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
                     limit_val_batches)
         state = self.state

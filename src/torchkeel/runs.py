@@ -14,12 +14,15 @@ A new fit takes the next free ``version_N``; a resumed fit continues in the fold
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import math
 import re
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,38 @@ log = logging.getLogger("torchkeel")
 _VERSION = re.compile(r"^version_(\d+)$")
 STATUS_FINISHED, STATUS_STOPPED, STATUS_INTERRUPTED, STATUS_FAILED = (
     "finished", "stopped early", "interrupted", "failed")
+
+
+@contextlib.contextmanager
+def console(rank_zero: bool) -> Iterator[None]:
+    """For one ``fit``: show the ``torchkeel`` logger's INFO messages on stderr where nobody configured logging.
+
+    On rank 0, if no handler would receive the logger's records (none on it or its ancestors: the
+    application did not configure ``logging``), attach a plain stderr handler, and level INFO if the
+    logger has none, until the block ends (an exception too). Where the application has a handler,
+    nothing changes: its configuration decides, and no line is shown twice.
+
+    Args:
+        rank_zero: this process is rank 0 (other ranks show nothing more).
+    Example:
+        >>> with console(trainer.is_global_zero):
+        ...     log.info("resume_from='auto' picked ...")      # on stderr
+    """
+    if not rank_zero or log.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
+    if level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        if level == logging.NOTSET and log.level == logging.INFO:
+            log.setLevel(level)
 
 
 def next_version(root: Path) -> Path:
