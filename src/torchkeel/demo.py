@@ -241,7 +241,7 @@ def _result(trainer: AdvancedTrainer, history: Any, seconds: float, out: Path,
         "val_acc": val_acc[-1] if val_acc else math.nan,
         "best_val_acc": max(val_acc, default=math.nan),
         "epochs_run": trainer.summary.get("epochs_run", 0),       # by this fit (0: a finished run resumed)
-        "epochs_total": len(history.get("epoch", [])),
+        "epochs_total": trainer.history.epochs(),                 # epochs, not validation rows
         "stop_reason": trainer.state.stop_reason or getattr(trainer.early_stopping, "stopping_reason", None),
         "seconds": seconds,
         "train_size": len(train_set),

@@ -101,6 +101,7 @@ def begin_epoch(trainer: AdvancedTrainer, epoch: int) -> None:
     """Start epoch ``epoch``; a mid-epoch resume keeps the epoch's progress."""
     state = trainer.state
     state.epoch, state.epoch_finished = epoch, False
+    trainer.logged.refuse(None)           # after on_fit_begin: trainer.log feeds this epoch
     if state.resume is None:
         state.batch = state.batch_at_step = state.epoch_samples = 0
         state.epoch_loss, state.epoch_items = None, 0
@@ -126,6 +127,10 @@ def end_epoch(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None, second
         steps.validation_point(trainer, val_loader, {"epoch_time": seconds}, finished)
     else:
         state.metrics["epoch_time"], state.epoch_finished = seconds, finished and not state.should_stop
+        history = trainer.history             # that validation's row ends the epoch: it says so
+        if history.get("step") and history["step"][-1] == state.step and history["epoch"][-1] == state.epoch:
+            history.set_last("epoch_time", seconds)
+            trainer.logged.open_row(state.metrics, history)   # on_epoch_end's trainer.log: that row
     trainer._boundary = next_boundary(trainer)
 
 
@@ -139,6 +144,7 @@ def at_boundary(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> b
         steps.validation_point(trainer, val_loader)
         for cb in trainer._hooks["on_validation_end"]:
             cb.on_validation_end(trainer)
+        trainer.logged.close_row()
     trainer._boundary = next_boundary(trainer)
     return trainer._stop_agreed(sync=True)
 

@@ -9,6 +9,12 @@ and a change is an error naming the metric (log a new tensor, or ``value.clone()
 ``step_values`` reads every per-step value at once (one ``torch.stack`` and ``tolist``);
 ``epoch_values`` gives the count-weighted means, reduced across ranks with one ``all_reduce``.
 
+Where a value goes depends on where ``trainer.log`` is called (``AdvancedTrainer.log`` documents it):
+training_step, ``on_epoch_begin`` and ``on_step_end`` feed the epoch's mean (and per-step values);
+validation_step the validation's mean; ``on_epoch_end`` and ``on_validation_end`` the row of the
+validation point whose hooks are running (``open_row``); ``on_fit_begin`` and ``on_fit_end`` are
+refused with a RuntimeError (``refuse``): no row is being recorded there.
+
 Names: training-phase names are kept as given (they may not start with ``val_``), validation-phase
 names get a ``val_`` prefix unless they have one. Built-in names (``train_loss``, ``val_loss``, ``lr``,
 ``lr/...``, ``epoch_time``, ``epoch``, ``step``, ``kind``, ``loss``, ``grad_norm``,
@@ -34,6 +40,7 @@ import torch.distributed as dist
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
+    from torchkeel.state import History
 
 log = logging.getLogger("torchkeel")
 
@@ -149,6 +156,12 @@ class LoggedValues:
         self._cache: dict[str, float] | None = None       # step_values() since the last log()
         self._sums: dict[str, _Sums] = {}                 # epoch name -> sums of value * count and of count
         self._routes: dict[tuple[str, str, bool, bool], tuple[str | None, _Sums | None]] = {}   # see _route
+        # A validation point's hooks run: training-phase values join its row (see open_row). Training-phase
+        # routes are not cached meanwhile, so the step path's cache hit never tests for it.
+        self._row: dict[str, float] | None = None
+        self._row_history: History | None = None
+        self._row_sums: dict[str, tuple[float, float]] = {}   # name -> (sum of value * count, sum of count)
+        self._refused: str | None = None                      # a hook where a value would go nowhere
 
     def log(self, name: str, value: float | torch.Tensor, count: float | torch.Tensor = 1,
             on_step: bool = True, on_epoch: bool = True, phase: Phase = "train") -> None:
@@ -178,6 +191,9 @@ class LoggedValues:
                             f"tensor, got {type(value).__name__}.")
         route = self._routes.get((name, phase, on_step, on_epoch))
         if route is None:                          # checked once per (name, phase, on_step, on_epoch) and epoch
+            if phase == "train" and (self._row is not None or self._refused is not None):
+                self._log_row(name, value, count)  # a callback's on_epoch_end / on_validation_end
+                return
             route = self._route(name, phase, on_step, on_epoch)
         step_key, acc = route
         if step_key is not None:
@@ -222,6 +238,61 @@ class LoggedValues:
                 acc = self._sums[key] = _Sums(name=key)
         route = self._routes[(name, phase, on_step, on_epoch)] = (name if on_step and phase == "train" else None, acc)
         return route
+
+    def open_row(self, metrics: dict[str, float], history: History) -> None:
+        """A validation point's hooks run: training-phase values join its row until ``close_row``.
+
+        Such a value is read to the host; the count-weighted mean of a name's values in the row is set in
+        ``metrics`` (``state.metrics``, which the loggers write after the hooks) and in ``history``'s last
+        row. It is this rank's value: nothing is reduced across ranks (log one the ranks agree on).
+
+        Args:
+            metrics: the point's metrics (``trainer.state.metrics``).
+            history: the trainer's history; its last row is the point's.
+        """
+        self._row, self._row_history, self._row_sums = metrics, history, {}
+        self._routes.clear()
+
+    def close_row(self) -> None:
+        """The point's hooks ended: training-phase values feed the epoch's sums again."""
+        self._row, self._row_history, self._row_sums = None, None, {}
+        self._routes.clear()
+
+    def refuse(self, hook: str | None) -> None:
+        """Refuse training-phase values with a RuntimeError naming ``hook`` (``None``: accept them again)."""
+        self._refused = hook
+        self._routes.clear()
+
+    def _log_row(self, name: str, value: float | torch.Tensor, count: float | torch.Tensor) -> None:
+        """A value logged while a validation point's hooks run (``open_row``), or in a refused hook."""
+        if self._refused is not None:
+            why = {"on_fit_begin": "no epoch has begun, so it would belong to no row. Log it from on_epoch_begin "
+                                   "(it joins the epoch's mean) or a later hook",
+                   "on_fit_end": "training has ended and its last row is written. Log it from on_epoch_end or "
+                                 "on_validation_end (it joins that row)"}.get(self._refused, "it would go nowhere")
+            raise RuntimeError(f"trainer.log({name!r}) in {self._refused}: {why}.")
+        row, history = self._row, self._row_history
+        if row is None or history is None:                  # unreachable: log() calls it with a row open
+            raise RuntimeError(f"trainer.log({name!r}): no validation point's row is open.")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"trainer.log(name={name!r}): expected a non-empty str.")
+        if name in self.reserved or name.startswith("lr/"):
+            raise ValueError(f"trainer.log({name!r}): {name!r} is a built-in metric name "
+                             f"({', '.join(sorted(self.reserved))}, lr/<group>); pick another name.")
+        if name in row and name not in self._row_sums:
+            raise ValueError(f"trainer.log({name!r}) in on_epoch_end/on_validation_end: {name!r} is already one of "
+                             f"this validation point's metrics ({', '.join(sorted(row))}), e.g. an epoch mean of "
+                             "values logged in training_step; pick another name.")
+        if isinstance(count, torch.Tensor):
+            count = float(count.detach()) if count.dim() == 0 else math.nan
+        if isinstance(count, bool) or not isinstance(count, numbers.Real) or not count >= 0:
+            raise ValueError(f"trainer.log({name!r}, count={count!r}): count must be a number >= 0 "
+                             "(the value's weight) or a 0-dim tensor.")
+        total, n = self._row_sums.get(name, (0.0, 0.0))
+        total, n = total + float(value) * float(count), n + float(count)
+        self._row_sums[name] = (total, n)
+        row[name] = mean = total / n if n else math.nan
+        history.set_last(name, mean)
 
     def _check_name(self, name: str, phase: Phase, on_step: bool, on_epoch: bool) -> None:
         if phase not in ("train", "val"):

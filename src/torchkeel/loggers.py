@@ -82,8 +82,25 @@ def epoch_line(epoch: int, max_epochs: int | None, metrics: dict[str, float], st
     return "  ".join([head, *_summary(metrics), *tail])
 
 
+def validation_line(epoch: int, max_epochs: int | None, metrics: dict[str, float], step: int,
+                    max_steps: int | None = None) -> str:
+    """One plain line for a mid-epoch validation (``val_every_n_steps``), in ``epoch_line``'s form: its
+    step, then the metrics (``train_loss`` is the epoch's mean so far).
+
+    Example:
+        >>> validation_line(0, 2, {"train_loss": 0.5123, "val_loss": 0.4012, "lr": 0.1}, 3)
+        'epoch 0/1  step 3 (validation)  train_loss 0.5123  val_loss 0.4012  lr 1.00e-01'
+    """
+    head = f"epoch {epoch}/{max_epochs - 1}" if max_epochs else f"epoch {epoch}"
+    head += f"  step {step}" + (f"/{max_steps}" if max_steps else "") + " (validation)"
+    return "  ".join([head, *_summary(metrics)])
+
+
 class ProgressBar(Callback):
     """A tqdm bar per epoch on a terminal, else one ``torchkeel`` log line per epoch. Rank 0 only.
+
+    Each mid-epoch validation (``val_every_n_steps``) shows one line too (``validation_line``): a log
+    line, or a line above the bar.
 
     The bar shows batches, it/s, ETA, loss and lr, refreshed at most ``refresh_rate_hz`` times a
     second; between refreshes ``on_step_end`` only reads the clock. A loader without a length (an
@@ -111,12 +128,14 @@ class ProgressBar(Callback):
         self._shown = 0                   # batches (or steps) the bar has been told about
         self._max_epochs: int | None = None
         self._steps = False               # the loader has no length: count optimizer steps
+        self._ended_at = -1               # the step of the last epoch line: its validation shows no other
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         self._active, self._tqdm = trainer.is_global_zero, None
         if not self._active:
             return
         ensure_console_logging()
+        self._ended_at = -1
         self._max_epochs = getattr(trainer, "max_epochs", None)
         self._steps = getattr(trainer, "num_batches", None) is None
         isatty = getattr(sys.stderr if self.file is None else self.file, "isatty", None)
@@ -158,10 +177,22 @@ class ProgressBar(Callback):
         self._bar.update(position - self._shown)
         self._shown = position
 
+    def on_validation_end(self, trainer: AdvancedTrainer) -> None:
+        state = trainer.state
+        if not self._active or state.step == self._ended_at:    # an epoch's end: its epoch line said it all
+            return
+        line = validation_line(state.epoch, self._max_epochs, state.metrics, state.step,
+                               getattr(trainer, "max_steps", None))
+        if self._bar is None:
+            log.info(line)
+        else:
+            self._tqdm.write(line, file=sys.stderr if self.file is None else self.file)
+
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
         if not self._active:
             return
         state = trainer.state
+        self._ended_at = state.step
         if self._bar is None:
             log.info(epoch_line(state.epoch, self._max_epochs, state.metrics, state.step if self._steps else None))
             return
@@ -202,6 +233,8 @@ class TensorBoardLogger(Callback):
     Example:
         >>> AdvancedTrainer(..., callbacks=[TensorBoardLogger("runs/exp1")])
     """
+
+    writes_rows = True   # fit runs this on_validation_end after the other callbacks': their trainer.log is in
 
     def __init__(self, log_dir: str | Path, log_every_n_steps: int | None = None) -> None:
         if not isinstance(log_dir, (str, Path)):
@@ -307,6 +340,7 @@ class CSVLogger(Callback):
     """
 
     BASE = ("step", "epoch", "kind", "train_loss", "lr")
+    writes_rows = True   # fit runs this on_validation_end after the other callbacks': their trainer.log is in
 
     def __init__(self, path: str | Path, log_every_n_steps: int | None = None) -> None:
         if not isinstance(path, (str, Path)):

@@ -219,7 +219,18 @@ class AdvancedTrainer:
             limit_train_batches, limit_val_batches: batches per epoch / validation: an int, or a
                 fraction in (0, 1] of the loader's length.
             resume_from: a checkpoint path, ``'last'`` or ``'auto'`` (see ``torchkeel.resume``).
+
+        What torchkeel decides (which checkpoint it resumed, what it skipped and why, ...) it says through
+        the ``torchkeel`` logger at INFO; where the application configured no logging, on stderr (rank 0,
+        for this fit only: see ``runs.console``).
         """
+        with runs.console(self.is_global_zero):
+            return self._fit(train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
+                             limit_val_batches, resume_from)
+
+    def _fit(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, epochs: int | None,
+             max_steps: int | None, val_every_n_steps: int | None, limit_train_batches: float | None,
+             limit_val_batches: float | None, resume_from: str | None) -> History:
         extent.plan(self, train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
                     limit_val_batches)
         state = self.state
@@ -230,8 +241,12 @@ class AdvancedTrainer:
         self._stop_shared = self._preempt = False
         callbacks = self.callbacks + runs.open_folder(self, resumed)
         hooks = self._hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
+        # loggers write a validation point's row after every other callback's on_validation_end has run,
+        # so values trainer.log'ed there are in it
+        hooks["on_validation_end"].sort(key=lambda cb: bool(getattr(cb, "writes_rows", False)))
         try:
             with self._signal.installed():
+                self.logged.refuse("on_fit_begin")
                 for cb in hooks["on_fit_begin"]:
                     cb.on_fit_begin(self)
                 start = state.epoch + 1 if state.epoch_finished else state.epoch
@@ -262,16 +277,21 @@ class AdvancedTrainer:
                         cb.on_epoch_end(self)
                     for cb in hooks["on_validation_end"] if self._fresh else ():   # after the LR step
                         cb.on_validation_end(self)
+                    self.logged.close_row()
                     if self._stop_agreed(sync=True):
                         break
                 if self._budget_spent and not state.should_stop:
                     state.stop_reason = f"reached max_steps={self.max_steps}"
+                self.logged.refuse("on_fit_end")
                 for cb in hooks["on_fit_end"]:
                     cb.on_fit_end(self)
         except BaseException as exc:
             for cb in hooks["on_exception"]:
                 cb.on_exception(self, exc)
             raise
+        finally:
+            self.logged.close_row()
+            self.logged.refuse(None)
         return self.history
 
     @property
@@ -366,6 +386,18 @@ class AdvancedTrainer:
         Per-step values (training only) reach the loggers on logging steps; epoch values are means
         weighted by ``count`` (default: the batch's samples), reduced across ranks, in the metrics and
         history; from validation_step as ``val_<name>``. Every rank must log the same names.
+
+        Where it is called decides the row a value lands in (history, ``state.metrics``, CSV, TensorBoard):
+        training_step, ``on_epoch_begin``, ``on_step_end``: the epoch's mean (and the per-step rows).
+        ``on_epoch_end``, ``on_validation_end``: the row of the validation point whose hooks are running
+        (that epoch's end, or that ``val_every_n_steps`` validation): the loggers write it after every
+        other callback's ``on_validation_end``, callbacks after the caller see it in ``state.metrics``.
+        There the value is read to the host, its name is kept as given (``val_f1`` is fine), several
+        calls give their ``count``-weighted mean, and ``on_step``/``on_epoch`` do not apply; it is this
+        rank's value (not reduced: log one the ranks agree on). A name the row already has (a metric, a
+        training epoch mean) is refused. ``on_fit_begin`` and ``on_fit_end`` raise a RuntimeError: no row
+        is being recorded there. A monitor (EarlyStopping, ModelCheckpoint) is checked against the
+        point's metrics before its hooks run: a monitored value must be logged in training or validation.
 
         Example:
             >>> self.log("acc", (outputs.argmax(1) == targets).float().mean())

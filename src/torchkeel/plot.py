@@ -17,7 +17,7 @@ from typing import Any
 
 PLOT_MISSING = "Plots need matplotlib: pip install 'torchkeel[plot]'."
 PANELS_KEY = "Description"          # PNG text chunk: "panels: loss; val_acc; lr"
-_NOT_METRICS = {"step", "epoch", "kind", "train_loss", "val_loss", "lr", "epoch_time"}
+_NOT_METRICS = {"step", "epoch", "kind", "train_loss", "val_loss", "lr", "epoch_time", "ends_epoch"}
 _VERSION = re.compile(r"^version_\d+$")
 
 Rows = list[dict[str, float]]
@@ -26,9 +26,11 @@ Rows = list[dict[str, float]]
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw a run's curves into a PNG and return its path.
 
-    Panels, top to bottom and sharing the x axis (optimizer steps; epochs for a ``history.json``):
-    ``loss`` (train per logged step, train mean and validation per epoch), one panel per other
-    epoch metric (``val_acc`` ...), and ``lr``. The panel titles are also written into the PNG's
+    Panels, top to bottom and sharing the x axis (the optimizer step; epochs for a ``history.json``
+    without a ``step`` column): ``loss`` (train per logged step, the train mean per epoch, and
+    ``val_loss`` at every validation: each epoch's end and each ``val_every_n_steps`` point), one
+    panel per other metric (``val_acc`` ... at every validation; a training epoch mean per epoch),
+    and ``lr``. The panel titles are also written into the PNG's
     ``Description`` text chunk as ``"panels: loss; val_acc; lr"`` (``PANELS_KEY``), so a reader
     (or a test, via ``PIL.Image.open(path).text``) can check what was drawn without parsing pixels.
 
@@ -43,8 +45,30 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         >>> plot_run("runs/digits/version_0")
         PosixPath('runs/digits/version_0/curves.png')
     """
-    folder, steps, epochs, x_label = _read_run(Path(run_dir))
-    panels = _panels(steps, epochs)
+    fig, folder, names = plot_figure(run_dir)
+    target = Path(out) if out is not None else folder / "curves.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fmt = target.suffix.lstrip(".").lower() or "png"         # another suffix: that format, no metadata
+    meta = {PANELS_KEY: f"panels: {names}", "Software": "torchkeel"} if fmt == "png" else None
+    fig.savefig(target, format=fmt, dpi=100, metadata=meta)
+    return target
+
+
+def plot_figure(run_dir: str | Path) -> tuple[Any, Path, str]:
+    """The matplotlib ``Figure`` ``plot_run`` draws, the run folder, and its panel titles (``"loss; lr"``).
+
+    Each series is one ``Line2D`` labelled ``train (step)``, ``train (epoch mean)``, ``val`` (loss
+    panel) or the metric's name, so what is drawn can be read back with ``ax.get_lines()``.
+
+    Args:
+        run_dir: a run folder (``runs/NAME/version_N``) or its ``metrics.csv``.
+    Example:
+        >>> fig, folder, names = plot_figure("runs/digits/version_0")
+        >>> [line.get_label() for line in fig.axes[0].get_lines()]
+        ['train (step)', 'train (epoch mean)', 'val']
+    """
+    folder, steps, points, x_label = _read_run(Path(run_dir))
+    panels = _panels(steps, points)
     if not panels:
         raise ValueError(f"plot: {str(folder)!r} has no finite loss, metric or lr values to draw.")
     try:
@@ -68,17 +92,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.legend(fontsize=8, loc="best")
     axes[-1].set_xlabel(x_label)
     fig.suptitle(_headline(folder), fontsize=10)
-    target = Path(out) if out is not None else folder / "curves.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fmt = target.suffix.lstrip(".").lower() or "png"         # another suffix: that format, no metadata
-    names = "; ".join(title for title, _ in panels)
-    meta = {PANELS_KEY: f"panels: {names}", "Software": "torchkeel"} if fmt == "png" else None
-    fig.savefig(target, format=fmt, dpi=100, metadata=meta)
-    return target
+    return fig, folder, "; ".join(title for title, _ in panels)
 
 
 def _read_run(path: Path) -> tuple[Path, Rows, Rows, str]:
-    """(folder, step rows, epoch rows, x label) of a run folder; raise one clear line if it is none."""
+    """(folder, step rows, validation-point rows, x label) of a run folder; raise one clear line if it is none.
+
+    A validation-point row has ``ends_epoch`` 1.0 where it ends an epoch, 0.0 at a mid-epoch validation.
+    """
     if not path.exists():
         raise FileNotFoundError(f"plot: {str(path)!r} does not exist; pass a run folder such as "
                                 "runs/NAME/version_0.")
@@ -91,7 +112,8 @@ def _read_run(path: Path) -> tuple[Path, Rows, Rows, str]:
         steps, epochs = _read_csv(path / "metrics.csv")
         x_label = "optimizer step"
     elif (path / "history.json").is_file():
-        steps, epochs, x_label = [], _read_history(path / "history.json"), "epoch"
+        epochs, by_step = _read_history(path / "history.json")
+        steps, x_label = [], "optimizer step" if by_step else "epoch"
     else:
         found = [*path.glob("version_*"), *path.glob("*/version_*")]      # two levels, not a tree walk
         runs = [p for p in found if _VERSION.match(p.name) and p.is_dir()]
@@ -124,12 +146,17 @@ def _read_csv(path: Path) -> tuple[Rows, Rows]:
     epochs: Rows = []
     for row in rows:
         values = {k: _float(v) for k, v in row.items() if k not in ("kind", None)}
-        (epochs if row.get("kind") == "epoch" else steps).append(values)
+        kind = row.get("kind")
+        if kind in ("epoch", "validation"):       # a validation point: an epoch's end, or mid-epoch
+            epochs.append(values | {"ends_epoch": float(kind == "epoch")})
+        else:
+            steps.append(values)
     return steps, epochs
 
 
-def _read_history(path: Path) -> Rows:
-    """``History.to_json()``: a dict of equal-length lists with an ``epoch`` list (0-based)."""
+def _read_history(path: Path) -> tuple[Rows, bool]:
+    """``History.to_json()``: a dict of equal-length lists with an ``epoch`` list (0-based); True when
+    its rows are placed by their ``step`` (a history without that column: by epoch)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         columns = {k: list(v) for k, v in data.items()}
@@ -139,9 +166,12 @@ def _read_history(path: Path) -> Rows:
                          f"with an 'epoch' list): {type(exc).__name__}.") from None
     rows = [{k: _float(v[i]) if i < len(v) else math.nan for k, v in columns.items()}
             for i in range(count)]
-    for row in rows:
-        row["step"] = row["epoch"]                 # x axis: the 0-based epoch, as everywhere
-    return rows
+    times, by_step = columns.get("epoch_time"), "step" in columns
+    for i, row in enumerate(rows):              # History: rows that end an epoch carry epoch_time
+        row["ends_epoch"] = float(times is None or (i < len(times) and times[i] is not None))
+        if not by_step:
+            row["step"] = row["epoch"]             # x axis: the 0-based epoch, as everywhere
+    return rows, by_step
 
 
 def _xy(rows: Rows, key: str) -> tuple[list[float], list[float]]:
@@ -153,7 +183,7 @@ def _xy(rows: Rows, key: str) -> tuple[list[float], list[float]]:
 Series = tuple[str, list[float], list[float], dict[str, Any]]
 
 
-def _panels(steps: Rows, epochs: Rows) -> list[tuple[str, list[Series]]]:
+def _panels(steps: Rows, points: Rows) -> list[tuple[str, list[Series]]]:
     """(title, [(label, xs, ys, plot style)]) per panel; empty series and panels are left out."""
     thin = {"linewidth": 0.8, "alpha": 0.5, "color": "tab:blue"}
     dots = {"marker": "o", "markersize": 3}
@@ -162,12 +192,16 @@ def _panels(steps: Rows, epochs: Rows) -> list[tuple[str, list[Series]]]:
         made = [(label, *_xy(rows, key), style) for label, rows, key, style in specs]
         return [s for s in made if s[1]]
 
+    # points: every validation point; a mid-epoch one's train_loss and training means are a running mean
+    # of the epoch so far, so train series take only the rows that end an epoch; val_ series take all.
+    ends = [r for r in points if r.get("ends_epoch", 1.0) == 1.0]
     loss = series(("train (step)", steps, "train_loss", thin),
-                  ("train (epoch mean)", epochs, "train_loss", dots | {"color": "tab:blue"}),
-                  ("val", epochs, "val_loss", dots | {"color": "tab:orange"}))
-    names = [k for k in dict.fromkeys(k for r in epochs for k in r) if k not in _NOT_METRICS]
-    metrics = [(name, series((name, epochs, name, dots | {"color": "tab:green"}))) for name in names]
-    lr = series(("lr", sorted(steps + epochs, key=lambda r: r["step"]), "lr", {"color": "tab:purple"}))
+                  ("train (epoch mean)", ends, "train_loss", dots | {"color": "tab:blue"}),
+                  ("val", points, "val_loss", dots | {"color": "tab:orange"}))
+    names = [k for k in dict.fromkeys(k for r in points for k in r) if k not in _NOT_METRICS]
+    metrics = [(name, series((name, points if name.startswith("val_") else ends, name,
+                              dots | {"color": "tab:green"}))) for name in names]
+    lr = series(("lr", sorted(steps + points, key=lambda r: r["step"]), "lr", {"color": "tab:purple"}))
     panels = [("loss", loss), *metrics, ("lr", lr)]
     return [(title, s) for title, s in panels if s]
 
@@ -177,6 +211,8 @@ def _headline(folder: Path) -> str:
     name = f"{folder.parent.name}/{folder.name}" if _VERSION.match(folder.name) else folder.name
     try:
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-        return f"{name}: {summary['status']}, {summary['epochs_total']} epochs, {summary['steps']} steps"
+        epochs, validations = summary["epochs_total"], summary.get("validations")
+        more = f", {validations} validations" if isinstance(validations, int) and validations not in (0, epochs) else ""
+        return f"{name}: {summary['status']}, {epochs} epoch{'s' if epochs != 1 else ''}{more}, {summary['steps']} steps"
     except (OSError, ValueError, KeyError, TypeError):
         return name

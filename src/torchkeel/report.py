@@ -202,14 +202,16 @@ def _num(value: Any) -> str:
 def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
     """The runs under ``root``: ``root/NAME/version_N``, ``root/version_N``, or ``root`` itself.
 
-    Each row: ``name``, ``version``, ``run_dir``, ``status``, ``epochs``, ``steps``, ``best``
-    (``{"metric", "value", "epoch"}`` with a 0-based epoch, or ``None``) and ``last_checkpoint``.
+    Each row: ``name``, ``version``, ``run_dir``, ``status``, ``epochs``, ``validations``, ``steps``,
+    ``best`` (``{"metric", "value", "epoch"}`` with a 0-based epoch, or ``None``) and ``last_checkpoint``.
     ``status`` comes from ``summary.json`` (finished, stopped early, interrupted, failed). A folder
     without one, or whose ``metrics.csv`` changed after it was written (a resumed fit; the summary
     is then ignored as stale), has not reached the end of its fit: it is ``"running"`` if
     ``metrics.csv`` changed in the last ``RUNNING_WITHIN_S`` (60) seconds, else ``"interrupted"``
     (killed, or the machine went away). ``best`` is the summary's best monitored metric, else the
-    lowest ``val_loss`` in ``metrics.csv``; ``epochs`` the summary's total, else the CSV's epochs.
+    lowest ``val_loss`` of any validation in ``metrics.csv``; ``epochs`` the summary's total, else the
+    CSV's epochs (its ``epoch`` rows: a ``val_every_n_steps`` validation is no epoch); ``validations``
+    the summary's count, else the CSV's rows with a ``val_loss``.
 
     Args:
         root: the trainer's ``log_dir`` (default ``runs``), one experiment's folder, or one run.
@@ -234,15 +236,18 @@ def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
 def _run_row(folder: Path) -> dict[str, Any]:
     csv_file, summary_file = folder / "metrics.csv", folder / "summary.json"
     epochs: set[float] = set()
+    validations = 0
     best: dict[str, Any] | None = None
     csv_mtime = csv_file.stat().st_mtime if csv_file.is_file() else None
     try:
         with open(csv_file, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
                 epoch, value = _float(row.get("epoch")), _float(row.get("val_loss"))
-                if row.get("kind") != "epoch" or not math.isfinite(epoch):
+                if row.get("kind") not in ("epoch", "validation") or not math.isfinite(epoch):
                     continue
-                epochs.add(epoch)
+                if row.get("kind") == "epoch":
+                    epochs.add(epoch)
+                validations += row.get("val_loss") not in (None, "")
                 if math.isfinite(value) and (best is None or value < best["value"]):
                     best = {"metric": "val_loss", "value": value, "epoch": int(epoch)}
     except (OSError, ValueError, csv.Error):
@@ -261,8 +266,17 @@ def _run_row(folder: Path) -> dict[str, Any]:
     match = _VERSION.match(folder.name)
     return {"name": folder.parent.name, "version": int(match.group(1)) if match else -1,
             "run_dir": str(folder), "status": status,
-            "epochs": summary.get("epochs_total", len(epochs)), "steps": summary.get("steps"),
+            "epochs": summary.get("epochs_total", len(epochs)),
+            "validations": summary.get("validations", validations if not summary else None),
+            "steps": summary.get("steps"),
             "best": summary.get("best") or best, "last_checkpoint": last}
+
+
+def _validations(epochs: Any, validations: Any) -> str:
+    """`` (7 validations)`` where validations are not one per epoch (``val_every_n_steps``), else ``""``."""
+    if not isinstance(validations, int) or validations in (0, epochs):
+        return ""
+    return f" ({validations} validation{'s' if validations != 1 else ''})"
 
 
 def _json(path: Path) -> Any:
@@ -296,7 +310,8 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
         last = r.get("last_checkpoint") or "-"
         if last != "-" and Path(last).is_relative_to(r["run_dir"]):
             last = str(Path(last).relative_to(r["run_dir"]))
-        table.append((str(r["name"]), str(r["version"]), str(r["status"]),
-                      str(r["epochs"] if r["epochs"] is not None else "-"), best, last))
+        epochs = str(r["epochs"] if r["epochs"] is not None else "-")
+        note = _validations(r["epochs"], r.get("validations"))
+        table.append((str(r["name"]), str(r["version"]), str(r["status"]), epochs + note, best, last))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)

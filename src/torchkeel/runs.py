@@ -14,12 +14,15 @@ A new fit takes the next free ``version_N``; a resumed fit continues in the fold
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import math
 import re
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,38 @@ log = logging.getLogger("torchkeel")
 _VERSION = re.compile(r"^version_(\d+)$")
 STATUS_FINISHED, STATUS_STOPPED, STATUS_INTERRUPTED, STATUS_FAILED = (
     "finished", "stopped early", "interrupted", "failed")
+
+
+@contextlib.contextmanager
+def console(rank_zero: bool) -> Iterator[None]:
+    """For one ``fit``: show the ``torchkeel`` logger's INFO messages on stderr where nobody configured logging.
+
+    On rank 0, if no handler would receive the logger's records (none on it or its ancestors: the
+    application did not configure ``logging``), attach a plain stderr handler, and level INFO if the
+    logger has none, until the block ends (an exception too). Where the application has a handler,
+    nothing changes: its configuration decides, and no line is shown twice.
+
+    Args:
+        rank_zero: this process is rank 0 (other ranks show nothing more).
+    Example:
+        >>> with console(trainer.is_global_zero):
+        ...     log.info("resume_from='auto' picked ...")      # on stderr
+    """
+    if not rank_zero or log.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
+    if level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        if level == logging.NOTSET and log.level == logging.INFO:
+            log.setLevel(level)
 
 
 def next_version(root: Path) -> Path:
@@ -99,14 +134,15 @@ def build_summary(trainer: AdvancedTrainer, status: str, seconds: float, samples
         mode = getattr(ckpt, "mode", None) or getattr(trainer.early_stopping, "mode", "min")
         if values:
             value, i = (min if mode == "min" else max)(values)
-            best = {"metric": monitor, "value": value, "epoch": history["epoch"][i]}
+            best = {"metric": monitor, "value": value, "epoch": history["epoch"][i],
+                    "step": history.get("step", [None] * (i + 1))[i], "epoch_end": history.ends_epoch(i)}
     reason = trainer.state.stop_reason or (f"{type(exc).__name__}: {exc}" if exc is not None else None)
     paths = {"run_dir": getattr(trainer, "run_dir", None),
              "best_checkpoint": getattr(ckpt, "best_model_path", None) or None,
              "last_checkpoint": getattr(ckpt, "last_model_path", None) or None}
     return {
         "status": status, "reason": reason, "epochs_run": epochs_run,
-        "epochs_total": len(history.get("epoch", [])), "steps": trainer.state.step,
+        "epochs_total": history.epochs(), "validations": history.validations(), "steps": trainer.state.step,
         "skipped_steps": trainer.state.skipped_steps, "seconds": round(seconds, 3),
         "samples_per_sec": round(samples / seconds, 1) if seconds > 0 else None,
         "best": best, "last": dict(trainer.state.metrics),
@@ -114,15 +150,28 @@ def build_summary(trainer: AdvancedTrainer, status: str, seconds: float, samples
     }
 
 
+def validations_note(epochs: Any, validations: Any) -> str:
+    """``"; 7 validations"`` where validations are not one per epoch (``val_every_n_steps``), else ``""``."""
+    if not isinstance(validations, int) or validations in (0, epochs):
+        return ""
+    return f"; {validations} validation{'s' if validations != 1 else ''}"
+
+
 def format_summary(s: dict[str, Any]) -> str:
-    """The summary as a few aligned lines; epochs are 0-based, as in file names and summary.json."""
+    """The summary as a few aligned lines; epochs are 0-based, as in file names and summary.json.
+
+    Epochs count epochs, not validations: a run validating every N steps also says how many
+    validations it made. A best value from a mid-epoch validation also names its step.
+    """
     rows = [("status", s["status"] + (f" ({s['reason']})" if s["reason"] else "")),
             ("epochs", f"{s['epochs_run']} run, {s['epochs_total']} in total; {s['steps']} optimizer steps"
-                       + (f", {s['skipped_steps']} skipped" if s["skipped_steps"] else "")),
+                       + (f", {s['skipped_steps']} skipped" if s["skipped_steps"] else "")
+                       + validations_note(s["epochs_total"], s.get("validations"))),
             ("time", f"{s['seconds']:.1f}s" + (f", {s['samples_per_sec']:.0f} samples/s" if s["samples_per_sec"] else ""))]
     if s["best"]:
         b = s["best"]
-        rows.append(("best", f"{b['metric']} {b['value']:.4g} at epoch {b['epoch']}"))   # 0-based, as everywhere
+        mid = f" (step {b['step']}, mid-epoch)" if b.get("epoch_end") is False else ""
+        rows.append(("best", f"{b['metric']} {b['value']:.4g} at epoch {b['epoch']}{mid}"))   # 0-based, as everywhere
     if s["last"]:
         rows.append(("last", "  ".join(f"{k} {v:.4g}" for k, v in s["last"].items() if k != "epoch_time")))
     rows += [(k.replace("_", " "), v) for k, v in s["paths"].items()]

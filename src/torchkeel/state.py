@@ -45,7 +45,12 @@ class State:
 
 
 class History(dict[str, list[Any]]):
-    """Per-epoch records, indexable like a dict of lists: ``history['val_loss'][-1]``."""
+    """One row per validation point, indexable like a dict of lists: ``history['val_loss'][-1]``.
+
+    A row is written at each epoch's end and at each ``val_every_n_steps`` point (mid-epoch). The rows
+    that end an epoch (its end, or where ``max_steps`` or a stop cut it) carry ``epoch_time``; mid-epoch
+    validation rows have ``None`` there. ``epochs()`` and ``validations()`` count them.
+    """
 
     def append(self, record: Mapping[str, Any]) -> None:
         n = len(self.get("epoch", []))
@@ -54,6 +59,30 @@ class History(dict[str, list[Any]]):
         for column in self.values():
             if len(column) == n:
                 column.append(None)
+
+    def set_last(self, name: str, value: Any) -> None:
+        """Set ``name`` in the last row (a new column is ``None`` in the rows before it)."""
+        n = len(self.get("epoch", []))
+        if n == 0:
+            raise RuntimeError(f"History.set_last({name!r}): there is no row yet.")
+        self.setdefault(name, [None] * n)[-1] = value
+
+    def ends_epoch(self, i: int) -> bool:
+        """True when row ``i`` ends an epoch (it has an ``epoch_time``; a history without that column:
+        every row)."""
+        times = self.get("epoch_time")
+        return times is None or (i < len(times) and times[i] is not None)
+
+    def epochs(self) -> int:
+        """How many epochs the rows cover: distinct ``epoch`` values of the rows that end one.
+
+        An epoch cut by ``max_steps`` and continued after a resume counts once.
+        """
+        return len({e for i, e in enumerate(self.get("epoch", [])) if self.ends_epoch(i)})
+
+    def validations(self) -> int:
+        """How many rows hold a ``val_loss``: every validation, at epoch ends and mid-epoch."""
+        return sum(v is not None for v in self.get("val_loss", []))
 
     def to_json(self) -> str:
         return json.dumps(self, allow_nan=True)

@@ -250,7 +250,7 @@ def predict(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Any:
 
 def validation_point(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None, extra: Mapping[str, float] = {},
                      finished: bool = False) -> None:
-    """Validate and record one history row (the caller runs the hooks)."""
+    """Validate and record one history row; the caller runs the hooks, then ``trainer.logged.close_row()``."""
     state = trainer.state
     if trainer.world_size == 1:     # under DDP the ranks agree after the hooks, and before any checkpoint
         trainer.check_finite()
@@ -266,6 +266,7 @@ def validation_point(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None,
     state.epoch_finished = finished
     state.last_val_step = state.step
     trainer.history.append({"epoch": state.epoch, "step": state.step, **state.metrics})
+    trainer.logged.open_row(state.metrics, trainer.history)   # trainer.log in the point's hooks: this row
 
 
 def backward_counted(trainer: AdvancedTrainer, out: Any, n: int) -> None:
