@@ -134,8 +134,9 @@ def build_summary(trainer: AdvancedTrainer, status: str, seconds: float, samples
         mode = getattr(ckpt, "mode", None) or getattr(trainer.early_stopping, "mode", "min")
         if values:
             value, i = (min if mode == "min" else max)(values)
-            best = {"metric": monitor, "value": value, "epoch": history["epoch"][i],
-                    "step": history.get("step", [None] * (i + 1))[i], "epoch_end": history.ends_epoch(i)}
+            best = {"metric": monitor, "value": value, "epoch": history["epoch"][i]}
+            if not history.ends_epoch(i):       # a mid-epoch validation (val_every_n_steps): at which step
+                best["step"] = history.get("step", [None] * (i + 1))[i]
     reason = trainer.state.stop_reason or (f"{type(exc).__name__}: {exc}" if exc is not None else None)
     paths = {"run_dir": getattr(trainer, "run_dir", None),
              "best_checkpoint": getattr(ckpt, "best_model_path", None) or None,
@@ -170,7 +171,7 @@ def format_summary(s: dict[str, Any]) -> str:
             ("time", f"{s['seconds']:.1f}s" + (f", {s['samples_per_sec']:.0f} samples/s" if s["samples_per_sec"] else ""))]
     if s["best"]:
         b = s["best"]
-        mid = f" (step {b['step']}, mid-epoch)" if b.get("epoch_end") is False else ""
+        mid = f" (step {b['step']}, mid-epoch)" if "step" in b else ""
         rows.append(("best", f"{b['metric']} {b['value']:.4g} at epoch {b['epoch']}{mid}"))   # 0-based, as everywhere
     if s["last"]:
         rows.append(("last", "  ".join(f"{k} {v:.4g}" for k, v in s["last"].items() if k != "epoch_time")))
