@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -100,7 +101,8 @@ def test_sigterm_to_a_rank_waiting_in_a_collective_ends_it_within_the_grace_peri
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_rank_killed_around_sharded_saves_ends_the_survivor_quickly(tmp_path: Path, mode: str) -> None:
     """SIGKILL one rank at a random point just after a sharded save, 3 times; each time the other rank
-    is gone within the bound, with an error (gloo's, or the grace timer's after torchrun's SIGTERM)."""
+    is gone within the bound, and torchrun names the killed rank as the failure (the survivor itself may
+    end by gloo's error, by its grace timer, or by torchrun's SIGTERM outside fit)."""
     rng = random.Random(0)
     for i in range(3):
         out = tmp_path / f"try{i}"
@@ -121,4 +123,4 @@ def test_a_rank_killed_around_sharded_saves_ends_the_survivor_quickly(tmp_path: 
         log = (out / "log.txt").read_text()
         assert lived < BOUND, f"try {i}: rank {1 - victim} lived {lived:.1f}s after rank {victim} died:\n{log[-4000:]}"
         assert proc.returncode != 0
-        assert "Connection" in log or "no optimizer step ended" in log, log[-4000:]
+        assert re.search(rf"failed \(exitcode: -9\) local_rank: {victim}", log), log[-4000:]
