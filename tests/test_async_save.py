@@ -377,12 +377,12 @@ class Gate:
         self.path: Path | None = None
 
     def save(self, real: Any) -> Any:
-        def gated(obj: dict[str, Any], path: Any, meta: dict[str, Any] | None = None) -> Path:
+        def gated(obj: dict[str, Any], path: Any, meta: dict[str, Any] | None = None, **kw: Any) -> Path:
             self.path = Path(path)
             self.arrived.release()
             if not self.go.acquire(timeout=60):
                 raise TimeoutError("the test never released this save")
-            return cast(Path, real(obj, path, meta))
+            return cast(Path, real(obj, path, meta, **kw))
         return gated
 
 

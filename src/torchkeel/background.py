@@ -3,7 +3,8 @@
 The training step pays only for ``BackgroundSaver.snapshot`` (one copy of each tensor storage to
 host memory, pinned for CUDA tensors) and ``submit``; the write (``torchkeel.io.save``,
 ``torchkeel.dcp.save`` through ``group()``) runs in one non-daemon thread, so process exit waits
-for it. At most one save is in flight; its error is raised once, by the next ``submit`` or
+for it (a Ctrl-C during that wait ends the process at once with ``os._exit(130)``: the interpreter
+must not finalize under a running ``torch.save``; the unfinished temporary is harmless). At most one save is in flight; its error is raised once, by the next ``submit`` or
 ``wait``, and ``agree_error`` makes every rank raise it. Mechanism only: what and when to save is
 ``ModelCheckpoint``'s.
 
@@ -17,10 +18,15 @@ Example:
 
 from __future__ import annotations
 
+import _thread
 import atexit
+import contextlib
 import copy
+import os
+import signal
 import sys
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable
@@ -172,6 +178,7 @@ class BackgroundSaver:
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
+        self._done: _thread.LockType | None = None   # held while the save in flight runs
         self._error: tuple[BaseException, str, str] | None = None  # error, traceback text, what
         self._group: Any = None
         self._buffers = _Buffers()
@@ -216,16 +223,24 @@ class BackgroundSaver:
             raise TypeError(f"BackgroundSaver.submit(what={what!r}): what must be a str, e.g. "
                             "the checkpoint's file name.")
         self.wait()
-        thread = threading.Thread(target=self._run, args=(fn, what), daemon=False,
+        done = _thread.allocate_lock()
+        done.acquire()
+        thread = threading.Thread(target=self._run, args=(fn, what, done), daemon=False,
                                   name=f"torchkeel-save {what}".rstrip())
-        self._thread = thread
-        thread.start()
+        self._thread, self._done = thread, done
+        try:
+            thread.start()
+        except BaseException:
+            self._thread = self._done = None
+            raise
 
-    def _run(self, fn: Callable[[], object], what: str) -> None:
+    def _run(self, fn: Callable[[], object], what: str, done: _thread.LockType) -> None:
         try:
             fn()
         except BaseException as exc:  # noqa: BLE001 - kept for the training thread to raise
             self._error = (exc, traceback.format_exc(), what)
+        finally:
+            done.release()
 
     def wait(self) -> None:
         """Block until no save is in flight; raise its error (once) if it failed.
@@ -238,11 +253,13 @@ class BackgroundSaver:
             raise RuntimeError("BackgroundSaver: submit() or wait() from inside the save it would wait "
                                "for; call them from the training thread.")
         if thread is not None:
-            thread.join()
-            self._thread = None
+            _wait_done(self._done)
+            self._thread = self._done = None
         error, self._error = self._error, None
         if error is not None:
             exc, text, what = error
+            if isinstance(exc, KeyboardInterrupt):   # io.save stopped by a second Ctrl-C: not a failure
+                raise exc
             name = f" of {what!r}" if what else ""
             cause = str(exc) if isinstance(exc, CheckpointWriteError) else f"{type(exc).__name__}: {exc}"
             raised = CheckpointWriteError(
@@ -254,7 +271,8 @@ class BackgroundSaver:
     @property
     def in_flight(self) -> bool:
         """True while a submitted save is still running."""
-        return self._thread is not None and self._thread.is_alive()
+        done = self._done
+        return done is not None and done.locked()
 
     def group(self) -> Any:
         """A gloo process group for the background thread's collectives; ``None`` in one process.
@@ -328,15 +346,36 @@ def agree_error(saver: BackgroundSaver, where: str) -> None:
 _savers: weakref.WeakSet[BackgroundSaver] = weakref.WeakSet()
 
 
+def _wait_done(done: _thread.LockType | None) -> None:
+    """Block until the save thread released ``done``; a signal handler's exception leaves it running.
+
+    Not ``Thread.join``: on Python < 3.13 a KeyboardInterrupt inside ``join`` releases the running
+    thread's state lock and marks it stopped, so the interpreter exits and finalizes under a
+    ``torch.save`` still running in it (SIGSEGV, SIGABRT). Nor ``done.acquire()``: interrupted just
+    after it, the waiter would hold the lock for good. Polling owns nothing; 5 ms is nothing next
+    to a save.
+    """
+    while done is not None and done.locked():
+        time.sleep(0.005)
+
+
 def _finish_at_exit() -> None:
     # At exit the interpreter runs threading's exit hooks (last registered first), then joins
     # non-daemon threads. concurrent.futures' hook, registered when torchkeel.io imported it,
     # refuses new pool work from then on, and io.save hashes in a pool: so the saves must finish
     # here, before it. A failure nobody waited for is said, not lost.
     for saver in list(_savers):
-        thread = saver._thread
-        if thread is not None:
-            thread.join()
+        if saver._thread is not None:
+            try:
+                _wait_done(saver._done)
+            except KeyboardInterrupt:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os.write(2, b"torchkeel: Ctrl-C while the process waited at exit for a background checkpoint save; "
+                            b"exiting now without it (code 130). Its unfinished temporary is removed by the next "
+                            b"run; the checkpoints already written are complete.\n")
+                os._exit(128 + signal.SIGINT)
         if saver._error is not None:
             _, text, what = saver._error
             print(f"torchkeel: a background save{f' of {what!r}' if what else ''} failed and was "

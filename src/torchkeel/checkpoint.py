@@ -219,7 +219,8 @@ class ModelCheckpoint(Callback):
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:
         try:
-            self._settle("ModelCheckpoint at the end of fit")
+            with trainer.signal_flag.saving():
+                self._settle("ModelCheckpoint at the end of fit")
         finally:   # free the host copy and the gloo group; the next fit's on_fit_begin makes new ones
             saver, self._saver, self._group = self._saver, None, None
             if saver is not None:
@@ -234,6 +235,9 @@ class ModelCheckpoint(Callback):
                 self._settle_local()
             except Exception as wait_exc:  # noqa: BLE001 - never mask the exception that ends fit
                 log.error("ModelCheckpoint: the background save failed: %s", wait_exc)
+            except KeyboardInterrupt as stopped:   # io.save stopped by a second Ctrl-C
+                if stopped is not exc:
+                    log.warning("%s", stopped)
         if not self.save_on_exception or isinstance(exc, (SystemExit, KeyboardInterrupt)) or self.dirpath is None:
             return   # a preemption saved already; a second Ctrl-C means: stop now, save nothing
         if trainer.world_size > 1:
@@ -271,6 +275,15 @@ class ModelCheckpoint(Callback):
         """
         if self.dirpath is None:
             raise RuntimeError("ModelCheckpoint.save_now() before fit() began: no run folder yet.")
+        with trainer.signal_flag.saving():   # a second Ctrl-C stops the write, never lands inside it
+            return self._save_now(trainer, reason, ranked, rng, check_finite)
+
+    def finish_save(self) -> None:
+        """Wait until the background save in flight is written (every rank); raise its error on every rank."""
+        self._settle("ModelCheckpoint: the save in flight")
+
+    def _save_now(self, trainer: AdvancedTrainer, reason: str, ranked: bool, rng: dict[str, Any] | None,
+                  check_finite: bool) -> Path:
         self._settle(f"ModelCheckpoint before the save at step {trainer.state.step}")
         if check_finite:
             trainer.check_finite()
@@ -315,7 +328,7 @@ class ModelCheckpoint(Callback):
             else:
                 obj = {"format": 1, "model": trainer.unwrapped_model.state_dict()} if self.save_weights_only \
                     else resume.trainer_state(trainer, rng)              # includes the bookkeeping above
-                save_on_main(obj, path, meta, then=write_last)
+                save_on_main(obj, path, meta, then=write_last, interrupted=trainer.signal_flag.interrupted)
         except BaseException:
             self.load_state_dict(before)
             raise
@@ -329,6 +342,7 @@ class ModelCheckpoint(Callback):
                 write_last: Any, before: dict[str, Any]) -> None:
         """Snapshot the state to host memory now; write, ``last.json`` and prune in the background."""
         saver, writer, rank = self._saver, trainer.is_global_zero, trainer.rank
+        interrupted = trainer.signal_flag.interrupted
         if self._sharded:
             from torchkeel import shardstate
 
@@ -345,7 +359,7 @@ class ModelCheckpoint(Callback):
 
             def job() -> None:
                 if snap is not None:
-                    io.save(snap, path, meta)
+                    io.save(snap, path, meta, interrupted=interrupted)
                     write_last()
                 self._prune(writer)
         self._restore = before

@@ -74,7 +74,8 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | None = None,
-                 then: Callable[[], object] | None = None, clean: bool = False) -> Path:
+                 then: Callable[[], object] | None = None, clean: bool = False,
+                 interrupted: Callable[[], bool] | None = None) -> Path:
     """Rank 0 writes ``obj`` with ``torchkeel.io.save`` (atomic, verified); the others wait.
 
     Every rank learns whether the save worked (one all-reduce of a flag); if anything failed on
@@ -86,6 +87,7 @@ def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | Non
         obj: a flat dict of tensors and plain values. path: the file. meta: for the manifest.
         then: run on rank 0 after the write, e.g. updating ``last.json``.
         clean: first remove unfinished writes of killed saves (``io.clean_temporaries``) beside ``path``.
+        interrupted: passed to ``io.save``: once it returns True the write stops (a KeyboardInterrupt).
 
     Example:
         save_on_main({"format": 1, "model": model.state_dict()}, "ckpt/model.pt", meta={"epoch": 3})
@@ -98,7 +100,7 @@ def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | Non
             if clean and Path(path).parent.is_dir():
                 for tmp in io.clean_temporaries(Path(path).parent):
                     log.info("save_checkpoint: removed an unfinished write %s", tmp)
-            io.save(obj, path, meta=meta)
+            io.save(obj, path, meta=meta, interrupted=interrupted)
             if then is not None:
                 then()
         except Exception as exc:

@@ -69,6 +69,13 @@ def refusal(exc: BaseException) -> str:
     return " ".join(found.group(1).split()) if found else type(exc).__name__
 
 
+def _interrupted(path: Path) -> KeyboardInterrupt:
+    """What ``save(..., interrupted=...)`` raises: a plain KeyboardInterrupt (a subclass would exit with 1, not by SIGINT)."""
+    return KeyboardInterrupt(f"torchkeel: a second Ctrl-C stopped the save of {str(path)!r} while it was written; its "
+                             "temporary was removed and the checkpoints already written are complete: resume with "
+                             "fit(..., resume_from='auto').")
+
+
 def _fail(path: Path, reason: str, hint: str = "") -> CheckpointError:
     return CheckpointError(f"checkpoint {str(path)!r}: {reason}.{' ' + hint if hint else ''}",
                            path=path, reason=reason)
@@ -129,12 +136,22 @@ def write_text_atomic(path: StrPath, text: str) -> Path:
 
 
 class _Writer:
-    """A write-only file for ``torch.save`` that keeps the ``OSError`` its C++ writer would blur."""
+    """A write-only file for ``torch.save`` that keeps the ``OSError`` its C++ writer would blur.
 
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f, self.error = f, cast("OSError | None", None)
+    ``interrupted()`` is asked before each write: once it is True, each write raises the kept
+    KeyboardInterrupt. An error from a write is one the zip writer handles (as a full disk); a
+    signal handler's KeyboardInterrupt at any bytecode inside ``torch.save`` is not what it expects.
+    """
+
+    def __init__(self, f: IO[bytes], stop: KeyboardInterrupt | None = None,
+                 interrupted: Callable[[], bool] | None = None) -> None:
+        self.f, self.error = f, cast("OSError | KeyboardInterrupt | None", None)
+        self.stop, self.interrupted = stop, interrupted
 
     def write(self, data: ReadableBuffer) -> int:
+        if self.interrupted is not None and self.stop is not None and self.interrupted():
+            self.error = self.stop
+            raise self.stop
         try:
             return self.f.write(data)
         except OSError as exc:
@@ -178,19 +195,26 @@ def _root(chunks: list[str]) -> str:
     return hashlib.sha256("".join(chunks).encode()).hexdigest()
 
 
-def save(obj: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None) -> Path:
+def save(obj: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None,
+         interrupted: Callable[[], bool] | None = None) -> Path:
     """Write ``obj`` with ``torch.save``, then its manifest; atomic and durable.
 
     Args:
         obj: the state: tensors, plain containers, numbers and strings only.
         path: the payload, e.g. ``ckpt/epoch=3-step=120.pt``; its folder is created.
         meta: JSON-serializable facts for the manifest (``step``, ``epoch``, metrics).
+        interrupted: asked before each write of the payload and before the manifest is renamed
+            into place; once it returns True the save stops, removes its temporaries and raises
+            a ``KeyboardInterrupt`` that says so. Past that point the save completes.
     Example:
         >>> save({"model": model.state_dict()}, "ckpt/step-000120.pt", meta={"step": 120})
     """
     if not isinstance(obj, dict):
         raise TypeError(f"save(obj=<{type(obj).__name__}>): obj must be a dict, e.g. "
                         "{'model': model.state_dict()}.")
+    if interrupted is not None and not callable(interrupted):
+        raise TypeError(f"save(interrupted={interrupted!r}): pass a function taking no arguments that returns "
+                        "True once the save must stop, or None.")
     try:
         if not isinstance(meta, (dict, type(None))):
             raise TypeError(f"it is a {type(meta).__name__}, not a dict")
@@ -203,13 +227,14 @@ def save(obj: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None)
         raise ValueError(f"save(path={str(path)!r}): the name may not start with '.' or end with "
                          f"{MANIFEST_SUFFIX!r} (torchkeel's own files); use e.g. 'step-120.pt'.")
     manifest = final.with_name(final.name + MANIFEST_SUFFIX)
+    stop = _interrupted(final) if interrupted is not None else None
     with _cleanup_on_error(final) as temps, ThreadPoolExecutor(_workers() + 1, "torchkeel-io") as pool:
         final.parent.mkdir(parents=True, exist_ok=True)
         previous = _previous_entry(final)
         chunks: list[str] = []
 
         def write_payload(f: IO[bytes]) -> None:
-            w = _Writer(f)
+            w = _Writer(f, stop, interrupted)
             try:
                 torch.save(obj, cast(IO[bytes], w))
                 f.flush()
@@ -217,6 +242,8 @@ def save(obj: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None)
                 if w.error is None or w.error is exc:
                     raise
                 raise w.error from exc  # "File too large", not "unexpected pos 704 vs 598"
+            if w.error is not None:     # raised inside the zip writer, which went on regardless
+                raise w.error
             synced = pool.submit(os.fsync, f.fileno())  # the disk writes while the CPUs hash
             chunks.extend(_digests(f, f.tell(), pool, CHUNK_BYTES))
             synced.result()
@@ -227,7 +254,10 @@ def save(obj: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None)
                  "torchkeel": getattr(sys.modules.get("torchkeel"), "__version__", __version__),
                  "torch": torch.__version__, "created": time.time(), "meta": meta or {}}
         text = json.dumps(entry | {"previous": previous}, indent=1)
-        os.replace(_write_synced(manifest, temps, lambda f: f.write(text.encode())), manifest)
+        tmp_manifest = _write_synced(manifest, temps, lambda f: f.write(text.encode()))
+        if stop is not None and interrupted is not None and interrupted():   # the last moment to stop
+            raise stop
+        os.replace(tmp_manifest, manifest)
         os.replace(tmp_payload, final)  # dying before this: the old payload matches "previous"
         _fsync_dir(final.parent)
     if previous is not None:  # both renames are durable: drop "previous" (if this fails, the

@@ -295,6 +295,11 @@ class AdvancedTrainer:
         return self.history
 
     @property
+    def signal_flag(self) -> signals.SignalFlag:
+        """This trainer's signal handling: ``saving()`` around a checkpoint write, ``interrupted`` for ``io.save``."""
+        return self._signal
+
+    @property
     def _budget_spent(self) -> bool:
         return self.max_steps is not None and self.state.step >= self.max_steps
 

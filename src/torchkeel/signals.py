@@ -1,6 +1,9 @@
 """Signals: SIGTERM and the first Ctrl-C set a flag; the loop saves at the next optimizer step and exits.
 
-A second Ctrl-C aborts at once (``KeyboardInterrupt``). After the first signal a grace timer runs:
+A second Ctrl-C aborts at once (``KeyboardInterrupt``). While a checkpoint is written or waited for
+(``saving()``) it is not raised at whatever bytecode the save is at: ``io.save`` stops at its next write,
+removes its temporary and raises a KeyboardInterrupt saying so (a background save too); a save that
+cannot stop midway (a sharded one) finishes first, then the KeyboardInterrupt comes. After the first signal a grace timer runs:
 if the save has not started and no optimizer step has ended for ``grace_seconds`` (a rank stuck in a
 collective, a step that never ends), the process writes why to stderr and exits with the signal's
 code, saving nothing; the checkpoints already on disk are complete (io's commit protocol) and the
@@ -74,7 +77,10 @@ class SignalFlag:
         self.signum = 0
         self._pid = 0                          # the process that installed the handlers
         self._gate: _thread.LockType | None = None   # held while the grace timer runs; released to cancel
+        self._once: _thread.LockType | None = None   # taken by whoever starts this fit's grace timer
         self._beat = 0.0                       # time.monotonic() of the last sign of progress after the signal
+        self.aborted = False                   # a second Ctrl-C came: saves in progress stop
+        self._saving = 0                       # > 0 while the main thread writes a checkpoint or waits for one
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:           # a forked DataLoader worker: the main process decides
@@ -82,20 +88,40 @@ class SignalFlag:
         if self.received:
             if signum == signal.SIGINT:        # the second Ctrl-C: abort now, save nothing
                 self.cancel()
-                raise KeyboardInterrupt
+                self.aborted = True            # a save in progress (this thread's or a background one) stops
+                if not self._saving:
+                    raise KeyboardInterrupt
             return
         self.received, self.signum, self.name = True, signum, signal.Signals(signum).name
         self._beat = time.monotonic()
-        if self.grace_seconds is not None:
-            self._start_timer(self.grace_seconds)
+        self._start_timer_once(signum)
 
-    def _start_timer(self, seconds: float) -> None:
+    def _start_timer_once(self, signum: int) -> None:
+        # the handler and the watcher thread both come here for one signal: the first one starts it
+        once = self._once
+        if self.grace_seconds is not None and once is not None and once.acquire(False):
+            self._beat = time.monotonic()
+            self._start_timer(self.grace_seconds, signum)
+
+    def _watch(self, read_fd: int, catch: frozenset[int]) -> None:
+        # Python runs a signal's handler only when the main thread is back in the interpreter; one
+        # blocked in C++ (a gloo collective with a dead or stuck peer) never is, and torchrun's SIGTERM
+        # would wait for its SIGKILL. The C handler also writes the signal's number to the wakeup fd at
+        # once: this thread reads it and starts the grace timer from here.
+        with contextlib.suppress(OSError):
+            while data := os.read(read_fd, 64):
+                for signum in data:
+                    if signum in catch:
+                        self._start_timer_once(signum)
+        os.close(read_fd)
+
+    def _start_timer(self, seconds: float, signum: int) -> None:
         # a bare thread and lock: a signal handler must not take threading's locks (the main
         # thread may hold one, e.g. while the checkpoint writer starts its threads)
         gate = _thread.allocate_lock()
         gate.acquire()
         self._gate = gate
-        _thread.start_new_thread(self._wait, (gate, seconds, self.signum))
+        _thread.start_new_thread(self._wait, (gate, seconds, signum))
 
     def beat(self) -> None:
         """Training still progresses (an optimizer step ended): the grace period starts again."""
@@ -122,6 +148,27 @@ class SignalFlag:
         finally:
             os._exit(exit_code(signum))
 
+    def interrupted(self) -> bool:
+        """True once a second Ctrl-C came: what ``io.save(..., interrupted=...)`` asks before each write."""
+        return self.aborted
+
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        """Around a checkpoint save (or the wait for one): a second Ctrl-C stops it instead of raising inside it.
+
+        Inside, the second Ctrl-C only sets ``aborted``: ``io.save`` given ``interrupted`` stops at its next
+        write and raises a KeyboardInterrupt. If the save ends anyway (it had committed, or it cannot stop
+        midway), leaving the outermost ``saving()`` raises the KeyboardInterrupt.
+        """
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
+        if self.aborted and not self._saving:
+            raise KeyboardInterrupt("torchkeel: a second Ctrl-C came while a checkpoint was saved; that save "
+                                    "finished first and is complete. Stopped.")
+
     def cancel(self) -> None:
         """Stop the grace timer (the save begins, or fit ends)."""
         gate, self._gate = self._gate, None
@@ -132,19 +179,67 @@ class SignalFlag:
     def installed(self) -> Iterator[None]:
         import threading
 
-        self.received, self.signum, self.name = False, 0, ""
+        self.received, self.signum, self.name, self.aborted = False, 0, "", False
         if threading.current_thread() is not threading.main_thread() or not self.signals:
             yield
             return
         self._pid = os.getpid()
+        self._once = _thread.allocate_lock()
         catch = [s for s in self.signals if not (s == signal.SIGINT and signal.getsignal(s) is signal.SIG_IGN)]
         previous = {s: signal.signal(s, self._handler) for s in catch}
+        wakeup = self._watch_wakeup_fd(frozenset(catch)) if self.grace_seconds is not None else None
         try:
             yield
         finally:
+            self._once.acquire(False)          # no grace timer starts after fit
             self.cancel()
+            if wakeup is not None:
+                _restore_wakeup_fd(*wakeup)
             for s, h in previous.items():
                 signal.signal(s, h)
+
+    def _watch_wakeup_fd(self, catch: frozenset[int]) -> tuple[int, int] | None:
+        """Point Python's signal wakeup fd at a pipe read by ``_watch``; None where it is in use (asyncio)."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        try:
+            previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            previous = -2
+        if previous != -1:                     # someone else's: leave it, and go without the watcher
+            if previous != -2:
+                signal.set_wakeup_fd(previous)
+            os.close(read_fd)
+            os.close(write_fd)
+            return None
+        _wakeup_fds.add(write_fd)
+        _thread.start_new_thread(self._watch, (read_fd, catch))
+        return write_fd, previous
+
+
+_wakeup_fds: set[int] = set()   # this process's wakeup pipes: a forked child must not write to them
+
+
+def _restore_wakeup_fd(write_fd: int, previous: int) -> None:
+    signal.set_wakeup_fd(previous)
+    _wakeup_fds.discard(write_fd)
+    os.close(write_fd)                         # the watcher reads EOF and ends
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker) inherits the wakeup fd: its own SIGTERM (the loader ending
+    # it) would reach the parent's watcher and start the parent's grace timer. Its writes go nowhere.
+    if _wakeup_fds:
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in _wakeup_fds:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd)
+        os.close(null)
+        _wakeup_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def on_signal(trainer: AdvancedTrainer) -> None:
@@ -165,7 +260,11 @@ def on_signal(trainer: AdvancedTrainer) -> None:
     signum = signum or signal.SIGTERM
     name = flag.name or f"{signal.Signals(signum).name} on another rank"
     save_now = getattr(trainer.checkpoint, "save_now", None)
-    saved = save_now(trainer, reason="preempted") if callable(save_now) else None
+    finish = getattr(trainer.checkpoint, "finish_save", None)
+    with flag.saving():                        # a second Ctrl-C stops the save, never lands inside it
+        saved = save_now(trainer, reason="preempted") if callable(save_now) else None
+        if callable(finish):
+            finish()                           # a background save: written before we say "saved"
     where = f"saved {saved}" if saved else "nothing saved (no ModelCheckpoint attached)"
     code = exit_code(signum)
     message = (f"torchkeel: {name} received; stopped at epoch {trainer.state.epoch}, step {trainer.state.step}; "

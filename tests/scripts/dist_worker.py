@@ -35,9 +35,9 @@ def count_saves() -> list[str]:
     calls: list[str] = []
     real = io.save
 
-    def counting(obj: dict[str, Any], path: str | os.PathLike[str], meta: Any = None) -> Path:
+    def counting(obj: dict[str, Any], path: str | os.PathLike[str], meta: Any = None, **kw: Any) -> Path:
         calls.append(str(path))
-        return real(obj, path, meta=meta)
+        return real(obj, path, meta=meta, **kw)
 
     io.save = counting  # type: ignore[assignment]
     return calls
