@@ -160,7 +160,11 @@ def test_predict_under_ddp_drops_the_padding(runs: dict[str, Any]) -> None:
 def test_a_train_loader_that_gives_every_rank_the_whole_set_is_refused_on_every_rank(runs: dict[str, Any]) -> None:
     for rank in (0, 1):
         errors = runs["ddp"][rank]["errors"]
-        assert set(errors) == {"shuffled", "sequential", "batch_sampler"}
+        assert set(errors) == {"shuffled", "sequential", "batch_sampler", "one_replica"}
+        assert errors["one_replica"].startswith(
+            "fit(train_loader=...): the DistributedSampler was made for 1 rank(s) (num_replicas=1, rank=0), but "
+            f"this process is rank {rank} of 2"), errors["one_replica"]
+        assert "DistributedTrainer.create_dataloader(dataset, batch_size, shuffle=...)" in errors["one_replica"]
         for name, sampler in (("shuffled", "RandomSampler"), ("sequential", "SequentialSampler"),
                               ("batch_sampler", "SequentialSampler")):
             assert errors[name].startswith(

@@ -12,6 +12,7 @@ file alone. One test resumes in a fresh interpreter as a control.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -571,6 +572,15 @@ def test_second_ctrl_c_during_the_save_aborts_it_and_the_newest_valid_checkpoint
 KILLS = 21
 
 
+def _pointers(folder: Path) -> dict[str, str]:
+    """Every ``last.json`` under ``folder`` and what it names: it changes when a save commits."""
+    found = {}
+    for path in folder.rglob("last.json"):
+        with contextlib.suppress(FileNotFoundError):     # replaced as we look: read it next time
+            found[str(path)] = path.read_text()
+    return found
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_never_loses_the_newest_valid_checkpoint(server: Server, tmp_path: Path) -> None:
     save_dir, log = tmp_path / "ckpt", tmp_path / "kill"
@@ -579,9 +589,15 @@ def test_kill_9_at_random_moments_never_loses_the_newest_valid_checkpoint(server
     steps: list[int] = []
     mid_save = 0
     for kill in range(KILLS):
+        before = _pointers(save_dir)
         rid = server.start("train_kill", save_dir, 1000, output=log)
         pid = server.pid(rid)
         _wait_for(out, server, rid, f"READY {pid}")
+        if kill % 3 == 2:   # every third kill first waits for a new commit: progress however slow the machine
+            deadline = time.monotonic() + TIMEOUT
+            while _pointers(save_dir) == before:
+                assert server.exits.get(rid) is None and time.monotonic() < deadline, f"kill {kill}: no new save"
+                time.sleep(0.005)
         time.sleep(rnd.uniform(0.0, 0.6))
         os.kill(pid, signal.SIGKILL)
         code = server.wait(rid, 30)

@@ -186,6 +186,14 @@ def check_sharded(trainer: AdvancedTrainer, loader: Iterable[Any], name: str = "
     if trainer.world_size == 1 or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return
     sampler = _index_sampler(loader)
+    if isinstance(sampler, DistributedSampler) and (sampler.num_replicas, sampler.rank) != (trainer.world_size,
+                                                                                             trainer.rank):
+        raise ValueError(
+            f"fit({name}=...): the DistributedSampler was made for {sampler.num_replicas} rank(s) "
+            f"(num_replicas={sampler.num_replicas}, rank={sampler.rank}), but this process is rank {trainer.rank} of "
+            f"{trainer.world_size}: ranks would read overlapping or missing parts of the data. Build it after the "
+            "process group starts, with DistributedTrainer.create_dataloader(dataset, batch_size, shuffle=...) or "
+            "DistributedSampler(dataset) (it reads the rank and world size itself).")
     if type(sampler) not in (SequentialSampler, RandomSampler):
         return
     size = len(loader.dataset)   # type: ignore[arg-type]

@@ -87,6 +87,7 @@ def main() -> None:
             "shuffled": DataLoader(data, batch_size=16, shuffle=True),
             "sequential": DataLoader(data, batch_size=16),
             "batch_sampler": DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), 16, False)),
+            "one_replica": DataLoader(data, batch_size=16, sampler=DistributedSampler(data, num_replicas=1, rank=0)),
         }
         out["errors"] = {}
         for name, loader in refused.items() if world > 1 else ():
