@@ -137,7 +137,9 @@ def test_the_fsdp_optimizer_error_ends_both_ranks_cleanly(tmp_path: Path) -> Non
     proc = _torchrun("fsdp_stale_optimizer.py", tmp_path, "--uncaught")
     assert proc.returncode == 1, proc.stderr[-5000:]
     assert proc.stderr.count("ValueError: AdvancedTrainer(optimizer=...): 4 of the optimizer's 4") == 2
-    assert "SIGABRT" not in proc.stderr and "SIGSEGV" not in proc.stderr and "Signal" not in proc.stderr
+    # no rank aborted or crashed; torchrun may still SIGTERM a rank that is exiting with its own error
+    # once the other rank's exit was seen (rank 1's "Signal 15 (SIGTERM) received"): that is no abort
+    assert "SIGABRT" not in proc.stderr and "SIGSEGV" not in proc.stderr, proc.stderr[-5000:]
     assert not list(tmp_path.glob("rank*.json"))     # nothing trained, nothing written
 
 
