@@ -221,20 +221,21 @@ def recorder() -> Recorder:
     return Recorder()
 
 
+def build_trainer(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                  **kwargs: Any) -> AdvancedTrainer:
+    """AdvancedTrainer with test defaults: TinyNet, SGD(lr=0.1), MSELoss, no progress output."""
+    model = model if model is not None else make_model()
+    optimizer = optimizer if optimizer is not None else torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs.setdefault("criterion", nn.MSELoss())
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("device", "cpu")
+    return AdvancedTrainer(model=model, optimizer=optimizer, **kwargs)
+
+
 @pytest.fixture
 def make_trainer() -> Callable[..., AdvancedTrainer]:
-    """AdvancedTrainer with test defaults: TinyNet, SGD(lr=0.1), MSELoss, no progress output."""
-
-    def build(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-              **kwargs: Any) -> AdvancedTrainer:
-        model = model if model is not None else make_model()
-        optimizer = optimizer if optimizer is not None else torch.optim.SGD(model.parameters(), lr=0.1)
-        kwargs.setdefault("criterion", nn.MSELoss())
-        kwargs.setdefault("progress", False)
-        kwargs.setdefault("device", "cpu")
-        return AdvancedTrainer(model=model, optimizer=optimizer, **kwargs)
-
-    return build
+    """``build_trainer``, as a fixture."""
+    return build_trainer
 
 
 class RecordingSGD(torch.optim.SGD):

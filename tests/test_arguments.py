@@ -21,7 +21,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Scripted, assert_params_equal, free_port, loader, make_model, params_of
+from conftest import (
+    Scripted,
+    assert_params_equal,
+    build_trainer,
+    free_port,
+    loader,
+    make_model,
+    params_of,
+)
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -30,14 +38,7 @@ from torchkeel import AdvancedTrainer, Callback, EarlyStopping, GradientAccumula
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _trainer(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-             **kwargs: Any) -> AdvancedTrainer:
-    model = model if model is not None else make_model()
-    optimizer = optimizer if optimizer is not None else torch.optim.SGD(model.parameters(), lr=0.1)
-    kwargs.setdefault("criterion", nn.MSELoss())
-    kwargs.setdefault("progress", False)
-    kwargs.setdefault("device", "cpu")
-    return AdvancedTrainer(model=model, optimizer=optimizer, **kwargs)
+_trainer = build_trainer
 
 
 # ------------------------------------------------------------ 1: the optimizer's parameters
