@@ -1,25 +1,25 @@
-"""Checkpoint save/load: torchkeel.io against plain torch.save/torch.load, side by side.
+"""Checkpoint save/load: torchkeel.checkpoint.io against plain torch.save/torch.load, side by side.
 
 The state is a model plus its Adam state (an MLP of about 25M float32 parameters, with exp_avg and
 exp_avg_sq: about 300 MB). Each repeat times both sides back to back, alternating which goes first;
 the ratio is the median of the per-repeat ratios, so drifts and other load on the machine cancel.
 
-- save: ``torchkeel.io.save`` (``torch.save`` to a temporary, then the sha256 of each 8 MiB chunk
+- save: ``torchkeel.checkpoint.io.save`` (``torch.save`` to a temporary, then the sha256 of each 8 MiB chunk
   on all cores while ``fsync`` writes it out, manifest, renames, folder fsync) against
   ``torch.save`` to an open file + flush + ``os.fsync``. Each save writes a new name.
-- load: ``torchkeel.io.load`` (hash the chunks in parallel, ``torch.load(weights_only=True,
+- load: ``torchkeel.checkpoint.io.load`` (hash the chunks in parallel, ``torch.load(weights_only=True,
   mmap=True)`` of the same inode, copy the tensors out of the mapping in parallel) against
   ``torch.load(path, weights_only=True)`` of the same file. The file is in the page cache for both
   sides after the first read.
 - sha256: one thread hashing the whole file, what a verified load would cost without chunks.
 - async: the training stall of a background save (``BackgroundSaver.snapshot`` of the state to
-  host memory + ``submit`` of ``torchkeel.io.save`` on it: the time the step is blocked) against
-  a synchronous ``torchkeel.io.save`` of the same state; the background write is waited for
+  host memory + ``submit`` of ``torchkeel.checkpoint.io.save`` on it: the time the step is blocked) against
+  a synchronous ``torchkeel.checkpoint.io.save`` of the same state; the background write is waited for
   outside the timing. One warm-up save first: the first snapshot allocates its host memory (its
   stall is reported as ``first_stall``), later ones reuse it.
 - sharded (``--sharded``): the same under torchrun, 2 ranks (gloo, FSDP2 ``fully_shard``): stall
-  = ``get_state_dict`` + snapshot of the shards + submit of ``torchkeel.dcp.save`` against
-  ``get_state_dict`` + ``torchkeel.dcp.save``; each time is the slower rank's.
+  = ``get_state_dict`` + snapshot of the shards + submit of ``torchkeel.checkpoint.dcp.save`` against
+  ``get_state_dict`` + ``torchkeel.checkpoint.dcp.save``; each time is the slower rank's.
 
 Temporary files go to ``benchmarks/.tmp`` (removed afterwards). One JSON line per run is appended
 to ``benchmarks/results/<date>-<host>.jsonl``.
@@ -59,8 +59,8 @@ if str(ROOT / "src") not in sys.path:
 
 from overhead import append_result  # benchmarks/ is sys.path[0] for this script
 
-from torchkeel import io as tkio
-from torchkeel.background import BackgroundSaver
+from torchkeel.checkpoint import io as tkio
+from torchkeel.checkpoint.background import BackgroundSaver
 
 BUDGET = {"save": 1.15, "load": 1.15, "async": 0.2, "sharded": 0.2}
 
@@ -79,7 +79,7 @@ def make_state(mb: int) -> dict[str, Any]:
 
 
 def sha256_of(path: Path) -> str:
-    """The file's sha256, read in 1 MiB chunks as ``torchkeel.io`` does."""
+    """The file's sha256, read in 1 MiB chunks as ``torchkeel.checkpoint.io`` does."""
     sha, buf = hashlib.sha256(), bytearray(1 << 20)
     with open(path, "rb") as f:
         while n := f.readinto(buf):
@@ -151,8 +151,8 @@ def sharded_worker(mb: int, repeats: int, out: Path) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    from torchkeel import dcp
-    from torchkeel.process_group import init_process_group, shutdown
+    from torchkeel.checkpoint import dcp
+    from torchkeel.parallel.process_group import init_process_group, shutdown
 
     init_process_group("gloo")
     width = int((mb * 1e6 / 3 / 4 / 4) ** 0.5)

@@ -158,7 +158,7 @@ def side_torch(mb: int, fsync: bool) -> tuple[Save, Load]:
 
 def side_torchkeel(mb: int) -> tuple[Save, Load]:
     from torchkeel import AdvancedTrainer, load_checkpoint
-    from torchkeel import io as tkio
+    from torchkeel.checkpoint import io as tkio
 
     net, batch = _net(mb)
     trainer = AdvancedTrainer(model=net, optimizer=torch.optim.Adam(net.parameters()), criterion=nn.MSELoss(),

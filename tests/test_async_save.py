@@ -1,4 +1,4 @@
-"""torchkeel.background: snapshots, one save in flight, errors raised once, exit and kill -9 (real files)."""
+"""torchkeel.checkpoint.background: snapshots, one save in flight, errors raised once, exit and kill -9 (real files)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import pytest
 import torch
 from torch import nn
 
-from torchkeel import Callback, io
-from torchkeel.background import BackgroundSaver, agree_error
-from torchkeel.io import CheckpointWriteError
+from torchkeel import Callback
+from torchkeel.checkpoint import io
+from torchkeel.checkpoint.background import BackgroundSaver, agree_error
+from torchkeel.checkpoint.io import CheckpointWriteError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "async_worker.py"
@@ -359,7 +360,7 @@ def test_background_collectives_on_the_saver_group_do_not_block_the_default_grou
 @pytest.mark.distributed
 def test_a_sharded_snapshot_saved_on_the_saver_group_while_fsdp_trains_holds_the_state_at_snapshot(
         two_ranks: Path) -> None:
-    from torchkeel import dcp
+    from torchkeel.checkpoint import dcp
     out = two_ranks / "dtensor"
     expected = torch.load(out / "expected.pt", weights_only=True)
     saved = dcp.load_full(out / "step-1")

@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import torchkeel
-from torchkeel import AdvancedTrainer, Callback, EarlyStopping, io
-from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel import AdvancedTrainer, Callback, EarlyStopping
+from torchkeel.checkpoint import ModelCheckpoint, io
 
 NAN = math.nan
 

@@ -21,8 +21,8 @@ from conftest import free_port, make_dataset, make_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from torchkeel import AdvancedTrainer, Callback, dcp, io
-from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel import AdvancedTrainer, Callback
+from torchkeel.checkpoint import ModelCheckpoint, dcp, io
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "shard_truth.py"

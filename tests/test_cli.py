@@ -93,7 +93,7 @@ def test_inspect_and_export_read_a_sharded_directory(tmp_path: Path) -> None:
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from torchkeel import dcp
+    from torchkeel.checkpoint import dcp
 
     model = make_model()
     opt = torch.optim.Adam(model.parameters())

@@ -19,8 +19,8 @@ from conftest import Recorder, Scripted, Snapshots, loader, make_dataset, make_m
 from torch import nn
 from torch.utils.data import DataLoader
 
-from torchkeel import AdvancedTrainer, Callback, EarlyStopping, io
-from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel import AdvancedTrainer, Callback, EarlyStopping
+from torchkeel.checkpoint import ModelCheckpoint, io
 
 
 class ScriptVal(Callback):

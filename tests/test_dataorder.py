@@ -26,8 +26,8 @@ from torch.utils.data import (
     Sampler,
 )
 
-from torchkeel import AdvancedTrainer, Callback, io
-from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel import AdvancedTrainer, Callback
+from torchkeel.checkpoint import ModelCheckpoint, io
 
 N, BATCH = 48, 8                 # 6 batches (optimizer steps) per epoch
 
@@ -295,7 +295,7 @@ def test_demo_interrupted_at_an_epoch_end_and_resumed_equals_the_uninterrupted_d
 
     from torch.utils.data import Subset
 
-    from torchkeel.demo import DigitsCNN, build_trainer, split_digits
+    from torchkeel.tools.demo import DigitsCNN, build_trainer, split_digits
 
     def demo(out: Path, epochs: int, resume: bool) -> AdvancedTrainer:
         torch.manual_seed(99 if resume else 0)      # the demo seeds 0; a resumed run must not need it

@@ -1,4 +1,4 @@
-"""Sharded checkpoint directories (torchkeel.dcp): the commit protocol, verified loads, refusals."""
+"""Sharded checkpoint directories (torchkeel.checkpoint.dcp): the commit protocol, verified loads, refusals."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-from torchkeel import dcp
-from torchkeel.export import export_safetensors
-from torchkeel.io import CheckpointError, CheckpointWriteError
+from torchkeel.checkpoint import dcp
+from torchkeel.checkpoint.io import CheckpointError, CheckpointWriteError
+from torchkeel.tools.export import export_safetensors
 
 
 def _state(seed: int = 0) -> dict[str, Any]:
@@ -319,7 +319,7 @@ class _Tied(torch.nn.Module):
 def test_export_safetensors_loads_into_the_plain_model(tmp_path: Path, layout: str) -> None:
     from safetensors.torch import load_file
 
-    from torchkeel import io
+    from torchkeel.checkpoint import io
 
     torch.manual_seed(0)
     model = _Tied()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import free_port
 
-from torchkeel import io
+from torchkeel.checkpoint import io
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

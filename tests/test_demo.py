@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchkeel.cli import main
-from torchkeel.demo import load_digits, split_digits
+from torchkeel.tools.cli import main
+from torchkeel.tools.demo import load_digits, split_digits
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

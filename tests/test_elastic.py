@@ -21,7 +21,7 @@ import torch
 from conftest import free_port
 from torch.distributed import TCPStore
 
-from torchkeel import io
+from torchkeel.checkpoint import io
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

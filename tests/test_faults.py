@@ -23,9 +23,9 @@ from conftest import make_dataset, make_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from torchkeel import AdvancedTrainer, Callback, io
+from torchkeel import AdvancedTrainer, Callback
 from torchkeel import distributed as D
-from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel.checkpoint import ModelCheckpoint, io
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"

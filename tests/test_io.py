@@ -1,4 +1,4 @@
-"""torchkeel.io: atomic write, manifest, verified load. Real files; failures are injected."""
+"""torchkeel.checkpoint.io: atomic write, manifest, verified load. Real files; failures are injected."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from torchkeel import io as tkio
+from torchkeel.checkpoint import io as tkio
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -394,7 +394,7 @@ def test_disk_full_leaves_earlier_checkpoint(tmp_path: Path) -> None:
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     out = run_child(f"""
         import json, resource, signal, torch
-        from torchkeel import io as tkio
+        from torchkeel.checkpoint import io as tkio
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # write() fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         big = {{"w": torch.zeros(1 << 20)}}                  # 4 MB > the 1 MB limit
@@ -429,7 +429,7 @@ def test_malicious_pickle_refused_with_force_no_weights_only(tmp_path: Path) -> 
     torch.save({"x": Evil(control)}, tmp_path / "control.pt")
     out = run_child(f"""
         import json, os, torch
-        from torchkeel import io as tkio
+        from torchkeel.checkpoint import io as tkio
         try:
             tkio.load({str(tmp_path / "evil.pt")!r})
             refused = False

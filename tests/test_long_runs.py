@@ -24,7 +24,8 @@ from conftest import assert_params_equal, free_port, make_dataset, make_model, p
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from torchkeel import AdvancedTrainer, Callback, EarlyStopping, ModelCheckpoint, io
+from torchkeel import AdvancedTrainer, Callback, EarlyStopping, ModelCheckpoint
+from torchkeel.checkpoint import io
 
 
 def make(accum: int = 1, callbacks: Sequence[Callback] = (), checkpoint: ModelCheckpoint | None = None,

@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import NanAt, loader, make_dataset
 
-from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint, io
+from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint
+from torchkeel.checkpoint import io
 from torchkeel.nonfinite import MAX_UNREAD, NonFiniteGuard
 
 

@@ -16,9 +16,9 @@ from conftest import loader, make_dataset, make_model
 from torch import nn
 
 from torchkeel import AdvancedTrainer, Callback, EarlyStopping, ModelCheckpoint
-from torchkeel import io as tkio
-from torchkeel.plot import PANELS_KEY, PLOT_MISSING, plot_run
-from torchkeel.report import format_runs, inspect_checkpoint, list_runs
+from torchkeel.checkpoint import io as tkio
+from torchkeel.tools.plot import PANELS_KEY, PLOT_MISSING, plot_run
+from torchkeel.tools.report import format_runs, inspect_checkpoint, list_runs
 
 TINY_PARAMS = sum(p.numel() for p in make_model().parameters())   # 4*16 + 16 + 16*2 + 2 = 114
 

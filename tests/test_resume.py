@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import torchkeel
-from torchkeel import AdvancedTrainer, io
-from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel import AdvancedTrainer
+from torchkeel.checkpoint import ModelCheckpoint, io
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 ROOT = Path(__file__).resolve().parents[1]

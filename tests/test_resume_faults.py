@@ -25,8 +25,8 @@ from conftest import assert_state_equal, free_port, make_dataset, make_model, pa
 from torch import nn
 from torch.utils.data import DataLoader
 
-from torchkeel import AdvancedTrainer, Callback, io, resume
-from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel import AdvancedTrainer, Callback
+from torchkeel.checkpoint import ModelCheckpoint, io, resume
 
 ROOT = Path(__file__).resolve().parents[1]
 

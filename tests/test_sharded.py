@@ -1,4 +1,4 @@
-"""FSDP2 sharding (torchkeel.sharded) and DistributedTrainer(strategy='fsdp')."""
+"""FSDP2 sharding (torchkeel.parallel.sharded) and DistributedTrainer(strategy='fsdp')."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from torchkeel import sharded
 from torchkeel.distributed import DistributedTrainer
+from torchkeel.parallel import sharded
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import torchkeel
-from torchkeel import dcp, discovery, io
+from torchkeel.checkpoint import dcp, discovery, io
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "fsdp_ckpt.py"
@@ -34,7 +34,7 @@ def _pack(obj: dict[str, Any]) -> bytes:
 
 
 def _by_index(osd: dict[str, Any]) -> dict[str, Any]:
-    from torchkeel.shardstate import to_index_keys
+    from torchkeel.checkpoint.shardstate import to_index_keys
 
     return to_index_keys(osd)
 
@@ -295,7 +295,7 @@ def test_a_failed_background_save_is_raised_at_the_next_save_and_its_bookkeeping
 
 
 def test_inspect_describes_a_directory_and_says_when_it_does_not_verify(tmp_path: Path) -> None:
-    from torchkeel.report import inspect_checkpoint
+    from torchkeel.tools.report import inspect_checkpoint
 
     path = _dir(tmp_path / "epoch=0-step=2", 2, value=1.0)
     text = inspect_checkpoint(path)

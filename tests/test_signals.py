@@ -25,9 +25,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import torchkeel
-from torchkeel import AdvancedTrainer, Callback, io
+from torchkeel import AdvancedTrainer, Callback
 from torchkeel import signals as tk_signals
-from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel.checkpoint import ModelCheckpoint, io
 from torchkeel.signals import Preempted, SignalFlag
 
 ROOT = Path(__file__).resolve().parents[1]

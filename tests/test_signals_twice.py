@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from torchkeel import io
+from torchkeel.checkpoint import io
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "sig_twice.py"

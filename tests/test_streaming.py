@@ -23,8 +23,9 @@ from conftest import assert_params_equal, free_port
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import torchkeel
-from torchkeel import dataorder, io
-from torchkeel.dataorder import agreed_batches, shard_iterable
+from torchkeel import dataorder
+from torchkeel.checkpoint import io
+from torchkeel.streams import agreed_batches, shard_iterable
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))

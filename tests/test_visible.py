@@ -183,7 +183,7 @@ def test_torchkeel_runs_counts_epochs_not_validations(stepped_run: Path) -> None
 
 @needs_matplotlib
 def test_plot_draws_train_loss_per_epoch_and_val_loss_at_every_validation(tmp_path: Path) -> None:
-    from torchkeel.plot import plot_figure
+    from torchkeel.tools.plot import plot_figure
 
     root = tmp_path / "runs"
     t = trainer(root)

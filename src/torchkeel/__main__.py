@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from torchkeel.cli import main
+from torchkeel.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

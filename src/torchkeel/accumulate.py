@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import sharded
+from torchkeel.parallel import sharded
 
 _NO_CONTEXT = nullcontext()   # reusable: entering it costs nothing
 

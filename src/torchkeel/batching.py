@@ -83,7 +83,7 @@ def resolve_amp(use_amp: bool, amp_dtype: torch.dtype | None, device: torch.devi
 
 def grad_scaler(model: nn.Module, device: torch.device, enabled: bool) -> torch.amp.GradScaler:
     """float16's loss scaler; a sharded model's agrees across ranks on whether any shard overflowed."""
-    from torchkeel import sharded
+    from torchkeel.parallel import sharded
 
     if enabled and sharded.is_sharded(model):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler

@@ -9,7 +9,7 @@ saved at the checkpoint so dropout and the rest continue from there. An epoch-en
 the generators' state at save time instead, and a loader with its own ``state_dict()``
 (torchdata's StatefulDataLoader) keeps its position itself.
 
-``saved``/``restore`` are the checkpoint's view of this: what ``torchkeel.resume`` stores under
+``saved``/``restore`` are the checkpoint's view of this: what ``torchkeel.checkpoint.resume`` stores under
 ``"ranks"`` and ``"data"``, and how it is put back.
 """
 
@@ -37,16 +37,13 @@ from torch.utils.data import (
 )
 
 from torchkeel import streams
-from torchkeel.streams import (  # re-exported: the stream helpers' old home
-    agreed_batches,
-    shard_iterable,
-)
+from torchkeel.streams import agreed_batches
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
-__all__ = ["agreed_batches", "before_first_batch", "check_resume", "check_sharded", "data_state", "epoch_batches",
-           "real_samples", "restore", "rng_state", "saved", "set_data_state", "set_rng_state", "shard_iterable"]
+__all__ = ["before_first_batch", "check_resume", "check_sharded", "data_state", "epoch_batches",
+           "real_samples", "restore", "rng_state", "saved", "set_data_state", "set_rng_state"]
 
 log = logging.getLogger("torchkeel")
 T = TypeVar("T")

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from torchkeel.process_group import (
+from torchkeel.parallel.process_group import (
     all_reduce_sum,
     broadcast_object,
     get_local_rank,
@@ -76,7 +76,7 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
 def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | None = None,
                  then: Callable[[], object] | None = None, clean: bool = False,
                  interrupted: Callable[[], bool] | None = None) -> Path:
-    """Rank 0 writes ``obj`` with ``torchkeel.io.save`` (atomic, verified); the others wait.
+    """Rank 0 writes ``obj`` with ``torchkeel.checkpoint.io.save`` (atomic, verified); the others wait.
 
     Every rank learns whether the save worked (one all-reduce of a flag); if anything failed on
     rank 0 (cleaning, payload, manifest, ``then``), every rank raises ``CheckpointWriteError`` with
@@ -92,7 +92,7 @@ def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | Non
     Example:
         save_on_main({"format": 1, "model": model.state_dict()}, "ckpt/model.pt", meta={"epoch": 3})
     """
-    from torchkeel import io
+    from torchkeel.checkpoint import io
 
     error, cause = "", None
     if is_main_process():
@@ -117,7 +117,7 @@ def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | Non
 
 
 def _load_into(module: nn.Module | None, path: PathLike, where: str) -> dict[str, Any]:
-    from torchkeel import io
+    from torchkeel.checkpoint import io
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{where}: no checkpoint file at {str(path)!r}.")
@@ -153,7 +153,7 @@ def _check_strategy(model: nn.Module, strategy: object, fsdp_options: dict[str, 
     if ddp_only:
         raise ValueError(f"{where}(strategy='fsdp'): {ddp_only} are DistributedDataParallel options; "
                          "drop them or use strategy='ddp'.")
-    from torchkeel.sharded import find_units, mixed_precision
+    from torchkeel.parallel.sharded import find_units, mixed_precision
 
     find_units(model, fsdp_options["shard_modules"], fsdp_options["min_params"])  # checks them now
     mixed_precision(fsdp_options["amp_dtype"])
@@ -176,9 +176,9 @@ class DistributedTrainer:
         timeout: collective timeout.
         find_unused_parameters, ddp_kwargs: passed to DistributedDataParallel.
         strategy: "ddp" (replicate the model) or "fsdp" (shard parameters, gradients and
-            optimizer state with FSDP2's fully_shard; see torchkeel.sharded.shard_model).
+            optimizer state with FSDP2's fully_shard; see torchkeel.parallel.sharded.shard_model).
         shard_modules, min_params, reshard_after_forward, amp_dtype, activation_checkpointing,
-            cpu_offload: for "fsdp" only, as in torchkeel.sharded.shard_model.
+            cpu_offload: for "fsdp" only, as in torchkeel.parallel.sharded.shard_model.
 
     Example:
         with DistributedTrainer(model) as dt:
@@ -214,7 +214,7 @@ class DistributedTrainer:
         model = model.to(self.device)
         self.model: nn.Module = model
         if distributed and strategy == "fsdp":
-            from torchkeel.sharded import shard_model
+            from torchkeel.parallel.sharded import shard_model
 
             self.model = shard_model(model, **fsdp_options)
         elif distributed:
@@ -283,7 +283,7 @@ class DistributedTrainer:
 
     def model_state_dict(self) -> dict[str, Any]:
         """The unwrapped model's full state; under "fsdp" gathered to rank 0 (every rank calls it)."""
-        from torchkeel.sharded import full_state_dict, is_sharded
+        from torchkeel.parallel.sharded import full_state_dict, is_sharded
 
         return full_state_dict(self.model) if is_sharded(self.model) else self.module.state_dict()
 
@@ -292,7 +292,7 @@ class DistributedTrainer:
 
         Under "fsdp" every rank reads the full file and keeps its own shards.
         """
-        from torchkeel.sharded import is_sharded, load_full_state_dict
+        from torchkeel.parallel.sharded import is_sharded, load_full_state_dict
 
         where = "DistributedTrainer.load_checkpoint"
         if not is_sharded(self.model):

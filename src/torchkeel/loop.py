@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import batching, dataorder, extent, logged, resume, runs, signals, steps, sync
+from torchkeel import agreement, batching, dataorder, evaluate, logged, runs, schedule, signals
 from torchkeel.accumulate import GradientAccumulator
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
+from torchkeel.checkpoint import resume
 from torchkeel.distributed import unwrap_model
 from torchkeel.nonfinite import NanPolicy, NonFiniteGuard
 from torchkeel.runs import FitSummary
@@ -53,7 +54,7 @@ class AdvancedTrainer:
         log_every_n_steps: how often callbacks that log read the loss to the host.
         sync_every_n_steps: under DDP, how often (in optimizer steps) the ranks agree on stop
             requests, signals and non-finite losses; default ``log_every_n_steps``. A SIGTERM or a
-            stop on one rank takes effect on every rank within this many steps (see ``torchkeel.sync``).
+            stop on one rank takes effect on every rank within this many steps (see ``torchkeel.agreement``).
         sync_every_micro_batch: a sharded model (``DistributedTrainer(strategy='fsdp')``) with
             accumulation: reduce-scatter every micro-batch's gradients instead of only the window's
             last (no full-size gradient per rank: minimum memory, more communication). Also used
@@ -112,7 +113,7 @@ class AdvancedTrainer:
         sync_every_micro_batch: bool = False,
     ) -> None:
         model, device = batching.resolve_model(model, device)
-        skips = extent.check_trainer(model, optimizer, gradient_accumulation_steps, scheduler_interval,
+        skips = schedule.check_trainer(model, optimizer, gradient_accumulation_steps, scheduler_interval,
                                      log_every_n_steps, max_consecutive_skipped_steps, criterion=criterion,
                                      max_grad_norm=max_grad_norm, gradient_clip_value=gradient_clip_value,
                                      metrics=metrics)
@@ -129,7 +130,7 @@ class AdvancedTrainer:
         self.nan_policy = nan_policy
         self.progress = progress
         self.log_every_n_steps = log_every_n_steps
-        self.sync_every_n_steps = sync.check_cadence(sync_every_n_steps, log_every_n_steps)
+        self.sync_every_n_steps = agreement.check_cadence(sync_every_n_steps, log_every_n_steps)
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.is_global_zero = self.rank == 0
@@ -218,7 +219,7 @@ class AdvancedTrainer:
             val_every_n_steps: also validate (and run ``on_validation_end``) every this many steps.
             limit_train_batches, limit_val_batches: batches per epoch / validation: an int, or a
                 fraction in (0, 1] of the loader's length.
-            resume_from: a checkpoint path, ``'last'`` or ``'auto'`` (see ``torchkeel.resume``).
+            resume_from: a checkpoint path, ``'last'`` or ``'auto'`` (see ``torchkeel.checkpoint.resume``).
 
         What torchkeel decides (which checkpoint it resumed, what it skipped and why, ...) it says through
         the ``torchkeel`` logger at INFO; where the application configured no logging, on stderr (rank 0,
@@ -231,13 +232,13 @@ class AdvancedTrainer:
     def _fit(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, epochs: int | None,
              max_steps: int | None, val_every_n_steps: int | None, limit_train_batches: float | None,
              limit_val_batches: float | None, resume_from: str | None) -> History:
-        extent.plan(self, train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
+        schedule.plan(self, train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
                     limit_val_batches)
         state = self.state
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
-        if extent.nothing_to_do(self, resumed):     # epochs / max_steps already done: warned
+        if schedule.nothing_to_do(self, resumed):     # epochs / max_steps already done: warned
             return self.history
-        extent.continue_run(self, resumed, train_loader)
+        schedule.continue_run(self, resumed, train_loader)
         self._stop_shared = self._preempt = False
         callbacks = self.callbacks + runs.open_folder(self, resumed)
         hooks = self._hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
@@ -250,18 +251,18 @@ class AdvancedTrainer:
                 for cb in hooks["on_fit_begin"]:
                     cb.on_fit_begin(self)
                 start = state.epoch + 1 if state.epoch_finished else state.epoch
-                for epoch in extent.epochs_range(start, self.max_epochs):
-                    if state.should_stop or (self._budget_spent and not extent.validation_due(self)):
+                for epoch in schedule.epochs_range(start, self.max_epochs):
+                    if state.should_stop or (self._budget_spent and not schedule.validation_due(self)):
                         break                       # (a resume before the cut's validation runs it first)
-                    extent.begin_epoch(self, epoch)
+                    schedule.begin_epoch(self, epoch)
                     for cb in hooks["on_epoch_begin"]:
                         cb.on_epoch_begin(self)
                     tic = time.perf_counter()
-                    for batch in extent.batches(self, train_loader):
+                    for batch in schedule.batches(self, train_loader):
                         if self._step(batch):
                             for cb in hooks["on_step_end"]:
                                 cb.on_step_end(self)
-                            if state.step >= self._boundary and extent.at_boundary(self, val_loader):
+                            if state.step >= self._boundary and schedule.at_boundary(self, val_loader):
                                 break
                         if self._preempt:
                             signals.on_signal(self)
@@ -272,7 +273,7 @@ class AdvancedTrainer:
                             cb.on_step_end(self)
                     if self._preempt:
                         signals.on_signal(self)
-                    extent.end_epoch(self, val_loader, time.perf_counter() - tic)
+                    schedule.end_epoch(self, val_loader, time.perf_counter() - tic)
                     for cb in hooks["on_epoch_end"]:
                         cb.on_epoch_end(self)
                     for cb in hooks["on_validation_end"] if self._fresh else ():   # after the LR step
@@ -321,7 +322,7 @@ class AdvancedTrainer:
             count = batching.loss_items(batch, self._loss_items)
             loss = loss if count is None else (loss, count)
         if isinstance(loss, tuple) or self._counted:
-            steps.backward_counted(self, loss, n)
+            evaluate.backward_counted(self, loss, n)
         else:
             self.accum.backward(loss, n)
         if not self.accum.window_full:
@@ -345,7 +346,7 @@ class AdvancedTrainer:
             self._signal.beat()
         if (accum.nonfinite or self._nonfinite.lazy) and \
                 self._nonfinite.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
-            return steps.skipped(self, "the loss was non-finite on every one (nan_policy='skip'): check the data "
+            return evaluate.skipped(self, "the loss was non-finite on every one (nan_policy='skip'): check the data "
                                  "(inf/NaN inputs or labels) and the learning rate")
         if state.epoch_loss is None:
             state.epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -354,18 +355,18 @@ class AdvancedTrainer:
         state.epoch_samples += accum.window_samples
         if not stepped:
             state.skipped_steps += 1
-            return steps.skipped(self, f"GradScaler overflowed on every one (loss scale now {self.scaler.get_scale():.3g}): "
+            return evaluate.skipped(self, f"GradScaler overflowed on every one (loss scale now {self.scaler.get_scale():.3g}): "
                                  "check the loss scale, the data and the learning rate, or use bfloat16")
         state.step += 1
         state.consecutive_skipped_steps = 0
         if self.world_size > 1 and state.step % self.sync_every_n_steps == 0:
-            sync.agree(self)                # stop, signal, non-finite: acted on after this step's hooks
+            agreement.agree(self)                # stop, signal, non-finite: acted on after this step's hooks
         return True
 
     def training_step(self, batch: Any) -> torch.Tensor:
         """Forward one batch and return its mean loss. Override for custom batches or models."""
-        inputs, targets = steps.split(self, batch)
-        return steps.loss_of(self, steps.forward(self.model, inputs), targets, batch)
+        inputs, targets = evaluate.split(self, batch)
+        return evaluate.loss_of(self, evaluate.forward(self.model, inputs), targets, batch)
 
     def validation_step(self, batch: Any) -> tuple[Any, Any, Any]:
         """Forward one validation batch; return ``(loss, outputs, targets)``. Override as needed.
@@ -373,15 +374,15 @@ class AdvancedTrainer:
         ``loss`` may be ``(loss, count)``. For a model whose output has ``logits`` (and ``loss``),
         ``outputs`` are the logits and ``targets`` the batch's labels, which the metrics receive.
         """
-        return steps.validation_step(self, batch)
+        return evaluate.validation_step(self, batch)
 
     def validate(self, loader: Iterable[Any], limit_batches: int | None = None) -> dict[str, float]:
         """Mean validation loss and metrics over ``loader`` (reduced across ranks); training's RNG is kept."""
-        return steps.validate(self, loader, limit_batches)
+        return evaluate.validate(self, loader, limit_batches)
 
     def predict(self, loader: Iterable[Any]) -> Any:
         """Model outputs (a model output's ``logits``) for every batch, concatenated on the CPU when tensors."""
-        return steps.predict(self, loader)
+        return evaluate.predict(self, loader)
 
     # --------------------------------------------------------------------------- helpers
     def log(self, name: str, value: float | torch.Tensor, on_step: bool = True, on_epoch: bool = True,
@@ -426,17 +427,17 @@ class AdvancedTrainer:
     def check_finite(self) -> None:
         """Apply ``nan_policy`` to window losses not yet checked; a no-op where every step is checked.
 
-        Under DDP this is the ranks' agreement (``torchkeel.sync.agree``): call it on every rank at
+        Under DDP this is the ranks' agreement (``torchkeel.agreement.agree``): call it on every rank at
         the same point, as ModelCheckpoint does before it saves.
         """
-        sync.agree(self)
+        agreement.agree(self)
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly (see ``torchkeel.resume``)."""
+        """Everything needed to continue this run exactly (see ``torchkeel.checkpoint.resume``)."""
         return resume.trainer_state(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -457,4 +458,4 @@ class AdvancedTrainer:
         """Stop on a decision every rank shares: between batches one made so; else agree now (a collective)."""
         if not sync:
             return self.state.should_stop and (self.world_size == 1 or self._stop_shared)
-        return extent.agree_stop(self)
+        return schedule.agree_stop(self)

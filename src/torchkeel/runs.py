@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from torchkeel import io
 from torchkeel.callbacks import Callback
+from torchkeel.checkpoint import io
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -226,7 +226,7 @@ def open_folder(trainer: AdvancedTrainer, resumed: Path | None) -> list[Callback
     if trainer.world_size > 1:
         dist.broadcast_object_list(chosen, src=0)
     trainer.run_dir = Path(chosen[0])
-    from torchkeel.checkpoint import ModelCheckpoint  # checkpoint.py imports this module
+    from torchkeel.checkpoint.policy import ModelCheckpoint  # policy.py imports this module
 
     if isinstance(trainer.checkpoint, ModelCheckpoint) and trainer.checkpoint.dirpath is None \
             and trainer.checkpoint.save_dir is None:

@@ -8,7 +8,7 @@ if the save has not started and no optimizer step has ended for ``grace_seconds`
 collective, a step that never ends), the process writes why to stderr and exits with the signal's
 code, saving nothing; the checkpoints already on disk are complete (io's commit protocol) and the
 newest one resumes. Under DDP the ranks act on a signal at their next agreement (within
-``sync_every_n_steps`` steps, see ``torchkeel.sync``); a rank that keeps stepping until then is not stuck.
+``sync_every_n_steps`` steps, see ``torchkeel.agreement``); a rank that keeps stepping until then is not stuck.
 """
 
 from __future__ import annotations

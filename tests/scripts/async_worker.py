@@ -31,9 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import Callback, io
-from torchkeel.background import BackgroundSaver, agree_error
-from torchkeel.io import CheckpointWriteError
+from torchkeel import Callback
+from torchkeel.checkpoint import io
+from torchkeel.checkpoint.background import BackgroundSaver, agree_error
+from torchkeel.checkpoint.io import CheckpointWriteError
 
 
 def big_state(mb: float) -> dict[str, Any]:
@@ -146,7 +147,7 @@ def dtensor_mode(out: Path, rank: int) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from torchkeel import dcp
+    from torchkeel.checkpoint import dcp
 
     torch.manual_seed(0)
     model = Net()
@@ -246,7 +247,7 @@ def main() -> None:
     if args.mode in ("exit", "loop"):
         {"exit": exit_mode, "loop": loop_mode}[args.mode](args.out)
         return
-    from torchkeel.process_group import init_process_group, shutdown
+    from torchkeel.parallel.process_group import init_process_group, shutdown
     init_process_group("gloo")
     modes = {"agree": agree_mode, "group": group_mode, "dtensor": dtensor_mode}
     for mode in args.mode.split(","):

@@ -1,7 +1,7 @@
 """Sharded checkpoints under torchrun (FSDP2 on gloo) or in one plain process, for tests/test_dcp.py.
 
 --mode save: train 2 steps (with --src DIR: load DIR instead), save OUT/ckpt/step-2 with
-             torchkeel.dcp.save, write the full state to OUT/reference.pt (rank 0).
+             torchkeel.checkpoint.dcp.save, write the full state to OUT/reference.pt (rank 0).
 --mode load --src DIR: a model with other weights, load DIR, write the full state to OUT/loaded.pt.
 --mode loop: save step-1, step-2, ... until killed, printing "saving N" / "saved N".
 --mode fail: save step-1, then step-2 with rank 1 limited to 4 KiB files (RLIMIT_FSIZE); each rank
@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from torchkeel import dcp
-from torchkeel.io import CheckpointWriteError
-from torchkeel.process_group import init_process_group, shutdown
+from torchkeel.checkpoint import dcp
+from torchkeel.checkpoint.io import CheckpointWriteError
+from torchkeel.parallel.process_group import init_process_group, shutdown
 
 
 def say(line: str) -> None:

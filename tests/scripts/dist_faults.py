@@ -28,8 +28,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint, io
+from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint
 from torchkeel import distributed as D
+from torchkeel.checkpoint import io
 
 TIMEOUT = timedelta(seconds=20)
 

@@ -30,7 +30,7 @@ def report(out: Path, scenario: str, **values: Any) -> None:
 
 def count_saves() -> list[str]:
     """Record every checkpoint write this rank makes."""
-    from torchkeel import io
+    from torchkeel.checkpoint import io
 
     calls: list[str] = []
     real = io.save

@@ -1,7 +1,7 @@
 """FSDP2 == DDP == one process on the union batch, under torchrun (2 ranks, gloo), for tests/test_sharded.py.
 
 Every rank trains three copies of one model on the same micro-batches (its half of each union
-batch): sharded with torchkeel.sharded (plain, and with activation checkpointing and no reshard
+batch): sharded with torchkeel.parallel.sharded (plain, and with activation checkpointing and no reshard
 after forward), and DDP; rank 0 also trains a plain model on the union batches. Windows of 2, 2
 and 1 micro-batches (a short last one), SGD with momentum, norm clipping that binds. Rank 0 writes
 OUT/result.json with the max abs differences of the final weights.
@@ -19,9 +19,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from torchkeel import io, sharded
+from torchkeel.checkpoint import io
 from torchkeel.distributed import DistributedTrainer
-from torchkeel.process_group import init_process_group, shutdown
+from torchkeel.parallel import sharded
+from torchkeel.parallel.process_group import init_process_group, shutdown
 
 WINDOWS = (2, 2, 1)
 MAX_NORM = 0.5

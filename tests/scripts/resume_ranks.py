@@ -21,8 +21,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from torchkeel import AdvancedTrainer, ModelCheckpoint, io
+from torchkeel import AdvancedTrainer, ModelCheckpoint
 from torchkeel import distributed as D
+from torchkeel.checkpoint import io
 from torchkeel.distributed import DistributedTrainer
 
 OUT = Path(sys.argv[1]).resolve()

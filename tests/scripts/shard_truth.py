@@ -26,7 +26,8 @@ from fsdp_ckpt import Net
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint, dcp, shardstate
+from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint
+from torchkeel.checkpoint import dcp, shardstate
 from torchkeel.distributed import DistributedTrainer
 
 

@@ -29,9 +29,10 @@ from fsdp_equiv import Block, Net, max_diff  # its script folder is on sys.path
 from torch import nn
 from torch.utils.data import IterableDataset, TensorDataset
 
-from torchkeel import AdvancedTrainer, EarlyStopping, GradientAccumulator, sharded
+from torchkeel import AdvancedTrainer, EarlyStopping, GradientAccumulator
 from torchkeel.distributed import DistributedTrainer
-from torchkeel.process_group import shutdown
+from torchkeel.parallel import sharded
+from torchkeel.parallel.process_group import shutdown
 
 N, BATCH = 20, 4  # 10 samples per rank: batches of 4, 4, 2
 CASES = ("even", "value_clip", "every_micro_batch", "tokens", "uneven", "stream", "nan_skip", "validate")

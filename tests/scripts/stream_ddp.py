@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from torchkeel import AdvancedTrainer, Callback
-from torchkeel.dataorder import agreed_batches
 from torchkeel.distributed import DistributedTrainer
+from torchkeel.streams import agreed_batches
 
 torch.set_num_threads(1)
 BATCH, ACCUM, EPOCHS = 4, 2, 2

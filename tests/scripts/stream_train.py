@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from torchkeel import AdvancedTrainer, Callback
 from torchkeel.checkpoint import ModelCheckpoint
-from torchkeel.dataorder import shard_iterable
+from torchkeel.streams import shard_iterable
 
 torch.set_num_threads(1)
 PER_EPOCH, BATCH, ACCUM = 64, 4, 2        # 16 batches, 8 optimizer steps per epoch

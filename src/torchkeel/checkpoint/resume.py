@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchkeel import agree, dataorder, discovery, io, sharded
+from torchkeel import dataorder
+from torchkeel.checkpoint import discovery, io, resume_choice
+from torchkeel.parallel import sharded
 from torchkeel.signals import EXIT_PREEMPTED, Preempted
 
 if TYPE_CHECKING:
@@ -378,7 +380,7 @@ def _read(sharded_model: bool, path: str | Path) -> tuple[dict[str, Any], str]:
     state must be at the step and epoch its manifest claims (``check_progress``).
     """
     if Path(path).is_dir():
-        from torchkeel import shardstate
+        from torchkeel.checkpoint import shardstate
 
         if sharded_model:
             ckpt, sha = shardstate.read_head(path)
@@ -442,14 +444,14 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
     read = _Reader(sharded.is_sharded(trainer.unwrapped_model))
     choose = functools.partial(_choose, accept=read.accept)    # 'auto' falls back past what cannot be read
     if trainer.world_size > 1:
-        path, ckpt = agree.agree(trainer, resume_from, roots, choose, check_trainer_state, read)
+        path, ckpt = resume_choice.agree(trainer, resume_from, roots, choose, check_trainer_state, read)
     else:
         path = choose(resume_from, roots)[0]
         ckpt = read(path)[0] if path is not None else None
     if path is None or ckpt is None:
         return None
     if sharded.is_sharded(trainer.unwrapped_model):
-        from torchkeel import shardstate
+        from torchkeel.checkpoint import shardstate
 
         if Path(path).is_dir():     # shards into shards, at this world size
             check_trainer_state(trainer, ckpt, str(path))

@@ -1,4 +1,4 @@
-"""ModelCheckpoint: when to save, which to keep. The writing itself is ``torchkeel.io``."""
+"""ModelCheckpoint: when to save, which to keep. The writing itself is ``torchkeel.checkpoint.io``."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from torchkeel import io, resume, runs, sharded
+from torchkeel import runs
 from torchkeel.callbacks import Callback, EarlyStopping, Mode, infer_mode
+from torchkeel.checkpoint import io, resume
 from torchkeel.distributed import save_on_main
+from torchkeel.parallel import sharded
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -44,7 +46,7 @@ class ModelCheckpoint(Callback):
     Each run writes into its own ``<save_dir>/version_N/`` (a resumed run continues in the folder
     it resumed from), so a new run never overwrites an earlier one. A checkpoint is a ``.pt`` file
     plus its manifest; ``last.json`` in the run folder names the newest. On a sharded model
-    (FSDP2) it is a directory of the same name without ``.pt`` (``torchkeel.dcp``): every rank
+    (FSDP2) it is a directory of the same name without ``.pt`` (``torchkeel.checkpoint.dcp``): every rank
     writes its shards, the manifest last.
 
     Args:
@@ -144,7 +146,7 @@ class ModelCheckpoint(Callback):
         self._resumed_file: Path | None = None   # kept until this run commits a newer one it keeps
         self._sharded = False               # a sharded model: checkpoints are DCP directories
         self.async_save = async_save
-        self._saver: Any = None             # torchkeel.background.BackgroundSaver when async_save
+        self._saver: Any = None             # torchkeel.checkpoint.background.BackgroundSaver when async_save
         self._group: Any = None             # its gloo group for a sharded save's collectives
         self._restore: dict[str, Any] | None = None   # the bookkeeping before the save in flight
 
@@ -197,7 +199,7 @@ class ModelCheckpoint(Callback):
             for tmp in io.clean_temporaries(self.dirpath):
                 log.info("ModelCheckpoint: removed an unfinished write %s", tmp)
         if self.async_save and self._saver is None:
-            from torchkeel.background import BackgroundSaver
+            from torchkeel.checkpoint.background import BackgroundSaver
 
             self._saver = BackgroundSaver()
             if self._sharded and trainer.world_size > 1:     # collective: every rank, here
@@ -322,7 +324,7 @@ class ModelCheckpoint(Callback):
             return path
         try:   # a failure on any rank in the payload, its manifest or last.json fails every rank alike
             if self._sharded:       # every rank writes its shards (the state includes the bookkeeping above)
-                from torchkeel import shardstate
+                from torchkeel.checkpoint import shardstate
 
                 shardstate.save(trainer, path, meta, rng, self.save_weights_only, then=write_last)
             else:
@@ -344,7 +346,7 @@ class ModelCheckpoint(Callback):
         saver, writer, rank = self._saver, trainer.is_global_zero, trainer.rank
         interrupted = trainer.signal_flag.interrupted
         if self._sharded:
-            from torchkeel import shardstate
+            from torchkeel.checkpoint import shardstate
 
             snap = saver.snapshot(shardstate.build(trainer, None, self.save_weights_only))
             group = self._group
@@ -369,7 +371,7 @@ class ModelCheckpoint(Callback):
         """Wait for the save in flight; on any rank's failure restore the bookkeeping, raise everywhere."""
         if self._saver is None:
             return
-        from torchkeel.background import agree_error
+        from torchkeel.checkpoint.background import agree_error
 
         self._settle_local(lambda: agree_error(self._saver, where))
 

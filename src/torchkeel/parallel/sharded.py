@@ -249,7 +249,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
     """Load a full (unsharded) state dict into a sharded model; every rank passes the full state.
 
     Example:
-        >>> load_full_state_dict(model, torchkeel.io.load("ckpt/step-120.pt")["model"])
+        >>> load_full_state_dict(model, torchkeel.checkpoint.io.load("ckpt/step-120.pt")["model"])
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from torchkeel import discovery, io
+from torchkeel.checkpoint import discovery, io
 
 if TYPE_CHECKING:
     from typing import TypeAlias

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from torchkeel import accumulate, batching, dataorder, logged, signals, steps, sync
+from torchkeel import accumulate, agreement, batching, dataorder, evaluate, logged, signals
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -44,7 +44,7 @@ def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iter
     n = batching.num_batches(train_loader)
     trainer.num_batches = n if trainer._limit_train is None or n is None else min(n, trainer._limit_train)
     trainer.batch_size = getattr(train_loader, "batch_size", None)
-    trainer.accum.even_shards = sync.even_shards(trainer, train_loader)   # refuses uneven batch counts
+    trainer.accum.even_shards = agreement.even_shards(trainer, train_loader)   # refuses uneven batch counts
     trainer.accum.sync_every_micro_batch = trainer.sync_every_micro_batch or trainer.num_batches is None
     dataorder.before_first_batch(trainer, functools.partial(resumed_validation, val_loader=val_loader))
 
@@ -124,7 +124,7 @@ def end_epoch(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None, second
     finished, trainer._cut = not trainer._cut, False
     trainer._fresh = state.last_val_step != state.step   # else validated at this step: a stop or a stream's end
     if trainer._fresh:
-        steps.validation_point(trainer, val_loader, {"epoch_time": seconds}, finished)
+        evaluate.validation_point(trainer, val_loader, {"epoch_time": seconds}, finished)
     else:
         state.metrics["epoch_time"], state.epoch_finished = seconds, finished and not state.should_stop
         history = trainer.history             # that validation's row ends the epoch: it says so
@@ -141,7 +141,7 @@ def at_boundary(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> b
         trainer._cut = mid_epoch            # the epoch is not done: a resume continues it
         return True
     if mid_epoch:                        # at the epoch's last batch, the epoch's end validates
-        steps.validation_point(trainer, val_loader)
+        evaluate.validation_point(trainer, val_loader)
         for cb in trainer._hooks["on_validation_end"]:
             cb.on_validation_end(trainer)
         trainer.logged.close_row()
@@ -266,8 +266,8 @@ def epochs_range(start: int, epochs: int | None) -> Iterator[int]:
 
 
 def agree_stop(trainer: AdvancedTrainer) -> bool:
-    """At a validation point or an epoch's end: the ranks agree (``sync.agree``); save and exit on a signal."""
-    sync.agree(trainer)
+    """At a validation point or an epoch's end: the ranks agree (``agreement.agree``); save and exit on a signal."""
+    agreement.agree(trainer)
     if trainer._preempt:
         signals.on_signal(trainer)
     return trainer.state.should_stop

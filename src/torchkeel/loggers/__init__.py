@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from torchkeel.callbacks import Callback
-from torchkeel.extent import validation_due
 from torchkeel.logged import group_lrs, lr_names, step_values_of
+from torchkeel.schedule import validation_due
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer

@@ -231,7 +231,7 @@ def _result(trainer: AdvancedTrainer, history: Any, seconds: float, out: Path,
     if trainer.is_global_zero:
         paths["history"].write_text(json.dumps(dict(history), indent=1) + "\n")
     try:
-        from torchkeel.plot import plot_run
+        from torchkeel.tools.plot import plot_run
 
         paths["plot"] = plot_run(run_dir)
     except ImportError:                      # matplotlib is an optional extra

@@ -1,8 +1,8 @@
 """Background checkpoint saves: a host-memory snapshot now, the write in one background thread.
 
 The training step pays only for ``BackgroundSaver.snapshot`` (one copy of each tensor storage to
-host memory, pinned for CUDA tensors) and ``submit``; the write (``torchkeel.io.save``,
-``torchkeel.dcp.save`` through ``group()``) runs in one non-daemon thread, so process exit waits
+host memory, pinned for CUDA tensors) and ``submit``; the write (``torchkeel.checkpoint.io.save``,
+``torchkeel.checkpoint.dcp.save`` through ``group()``) runs in one non-daemon thread, so process exit waits
 for it (a Ctrl-C during that wait ends the process at once with ``os._exit(130)``: the interpreter
 must not finalize under a running ``torch.save``; the unfinished temporary is harmless). At most one save is in flight; its error is raised once, by the next ``submit`` or
 ``wait``, and ``agree_error`` makes every rank raise it. Mechanism only: what and when to save is
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel.io import CheckpointWriteError
+from torchkeel.checkpoint.io import CheckpointWriteError
 
 __all__ = ["BackgroundSaver", "agree_error"]
 
@@ -361,7 +361,7 @@ def _wait_done(done: _thread.LockType | None) -> None:
 
 def _finish_at_exit() -> None:
     # At exit the interpreter runs threading's exit hooks (last registered first), then joins
-    # non-daemon threads. concurrent.futures' hook, registered when torchkeel.io imported it,
+    # non-daemon threads. concurrent.futures' hook, registered when torchkeel.checkpoint.io imported it,
     # refuses new pool work from then on, and io.save hashes in a pool: so the saves must finish
     # here, before it. A failure nobody waited for is said, not lost.
     for saver in list(_savers):

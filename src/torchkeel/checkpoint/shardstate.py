@@ -1,4 +1,4 @@
-"""A trainer's full state in and out of a sharded checkpoint directory (FSDP2 and ``torchkeel.dcp``).
+"""A trainer's full state in and out of a sharded checkpoint directory (FSDP2 and ``torchkeel.checkpoint.dcp``).
 
 The directory holds ``model`` and ``optimizer`` as DCP shards (``get_state_dict``: parameter
 names, DTensor shards) and, under ``trainer``, everything else of ``resume.trainer_state`` (plain
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from torchkeel import dcp, dcpsafe
-from torchkeel.io import refusal
+from torchkeel.checkpoint import dcp, dcpsafe
+from torchkeel.checkpoint.io import refusal
 
 if TYPE_CHECKING:
-    from torchkeel.io import StrPath
+    from torchkeel.checkpoint.io import StrPath
     from torchkeel.loop import AdvancedTrainer
 
 __all__ = [
@@ -74,7 +74,7 @@ def build(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None,
     """The DCP state of a sharded trainer (every rank calls it: it gathers every rank's RNG)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    from torchkeel import resume
+    from torchkeel.checkpoint import resume
 
     model = trainer.unwrapped_model
     if weights_only:
@@ -183,8 +183,8 @@ def read_head(path: StrPath) -> tuple[dict[str, Any], str]:
     reader = dcpsafe.VerifiedReader(folder, manifest)
     items = reader._metadata.state_dict_metadata
     if TRAINER not in items:
-        raise dcpsafe.fail(folder, "no trainer state (written by torchkeel.dcp.save, not by ModelCheckpoint)",
-                        "Load it with torchkeel.dcp.load or torchkeel.load_checkpoint.")
+        raise dcpsafe.fail(folder, "no trainer state (written by torchkeel.checkpoint.dcp.save, not by ModelCheckpoint)",
+                        "Load it with torchkeel.checkpoint.dcp.load or torchkeel.load_checkpoint.")
     blob = dcp.load_local(folder, {TRAINER: b""}, manifest)[TRAINER]
     head = _unpack(blob, folder)
     head["model"] = {k.removeprefix("model."): torch.empty(tuple(md.size), dtype=md.properties.dtype, device="meta")
@@ -229,7 +229,7 @@ def load_into(trainer: AdvancedTrainer, path: StrPath, head: dict[str, Any], sou
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from torchkeel import resume
+    from torchkeel.checkpoint import resume
 
     msd, osd = get_state_dict(trainer.unwrapped_model, trainer.optimizer)   # the layout to fill
     state = {"model": msd, "optimizer": osd}

@@ -1,7 +1,7 @@
-"""Finding checkpoints (most progress first) and deleting them; the files are ``torchkeel.io``'s.
+"""Finding checkpoints (most progress first) and deleting them; the files are ``torchkeel.checkpoint.io``'s.
 
 Progress is the run (its ``version_N`` folder), then the step; the write time only breaks ties.
-``torchkeel.io`` re-exports every public name here, so ``io.find_latest`` and the rest still work.
+``torchkeel.checkpoint.io`` re-exports every public name here, so ``io.find_latest`` and the rest still work.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torchkeel.io import MANIFEST_SUFFIX, CheckpointError, _entries, _fsync_dir, verify
+from torchkeel.checkpoint.io import MANIFEST_SUFFIX, CheckpointError, _entries, _fsync_dir, verify
 
 if TYPE_CHECKING:
-    from torchkeel.io import StrPath
+    from torchkeel.checkpoint.io import StrPath
 
 __all__ = ["clean_temporaries", "find_latest", "is_checkpoint", "list_checkpoints", "remove"]
 
@@ -34,7 +34,7 @@ _DIR_MARKS = ("manifest.json", ".metadata")   # a sharded checkpoint directory h
 def _verify(path: StrPath) -> dict[str, Any]:
     """``io.verify`` for a file, ``dcp.verify`` for a sharded checkpoint directory."""
     if Path(path).is_dir():
-        from torchkeel import dcp
+        from torchkeel.checkpoint import dcp
 
         return dcp.verify(path)
     return verify(path)
@@ -44,7 +44,7 @@ def _dir_candidate(folder: Path, version: int) -> tuple[Any, Path, str] | None:
     """A sharded checkpoint directory as a candidate (progress from its manifest); None if it is none."""
     if not any(os.path.lexists(folder / mark) for mark in _DIR_MARKS):
         return None
-    from torchkeel import dcp
+    from torchkeel.checkpoint import dcp
 
     try:
         if folder.is_symlink():
@@ -209,7 +209,7 @@ def remove(path: StrPath, folder: StrPath | None = None, missing_ok: bool = Fals
 
     Raises ``ValueError``, deleting nothing, if either is a symlink or not a regular file, or if
     ``folder`` is given and the checkpoint is not directly in it. A sharded checkpoint directory
-    is removed by ``torchkeel.dcp.remove`` (its manifest first).
+    is removed by ``torchkeel.checkpoint.dcp.remove`` (its manifest first).
 
     Args:
         path: the payload. folder: the folder it must be in (symlinks resolved).
@@ -219,7 +219,7 @@ def remove(path: StrPath, folder: StrPath | None = None, missing_ok: bool = Fals
     """
     payload = Path(path)
     if payload.is_dir() and not payload.is_symlink():   # a sharded checkpoint directory
-        from torchkeel import dcp
+        from torchkeel.checkpoint import dcp
 
         dcp.remove(payload, folder)
         return

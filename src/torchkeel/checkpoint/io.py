@@ -379,7 +379,7 @@ def load_checkpoint(path: StrPath, map_location: MapLocation = "cpu") -> dict[st
         >>> model.load_state_dict(load_checkpoint("ckpt/version_0/epoch=3-step=120")["model"])
     """
     if os.fspath(path) != "" and Path(path).is_dir():
-        from torchkeel.shardstate import load_consolidated
+        from torchkeel.checkpoint.shardstate import load_consolidated
 
         if map_location is not None and not isinstance(map_location, (str, torch.device)):
             raise TypeError(f"load_checkpoint({str(path)!r}, map_location={map_location!r}): a sharded "
@@ -460,8 +460,8 @@ def _into_memory(obj: Any, pool: ThreadPoolExecutor) -> None:
             t.set_(fresh[key], t.storage_offset(), t.size(), t.stride())
 
 
-# Finding and deleting checkpoints lives in torchkeel.discovery; its names stay importable from here.
-from torchkeel.discovery import (
+# Finding and deleting checkpoints lives in torchkeel.checkpoint.discovery; its names stay importable from here.
+from torchkeel.checkpoint.discovery import (
     clean_temporaries,
     find_latest,
     is_checkpoint,

@@ -4,11 +4,11 @@ DCP's reader unpickles ``.metadata`` with a plain ``pickle.load`` and its planne
 non-tensor values with ``weights_only=False``: a crafted checkpoint could run code on load. Here
 ``.metadata`` is read once, checked against the sha256 its manifest verified, and parsed by an
 unpickler that admits only DCP's metadata classes, dtypes and plain containers (``MetadataUnpickler``);
-non-tensor values go through ``torch.load(weights_only=True)`` (``safe_bytes``). ``torchkeel.dcp``'s
-loads and ``torchkeel.shardstate`` read through ``VerifiedReader`` and the two planners.
+non-tensor values go through ``torch.load(weights_only=True)`` (``safe_bytes``). ``torchkeel.checkpoint.dcp``'s
+loads and ``torchkeel.checkpoint.shardstate`` read through ``VerifiedReader`` and the two planners.
 
 Example:
-    >>> reader = VerifiedReader(folder, verify(folder))     # torchkeel.dcp.verify's manifest
+    >>> reader = VerifiedReader(folder, verify(folder))     # torchkeel.checkpoint.dcp.verify's manifest
     >>> dcp_load(state, storage_reader=reader, planner=SafePlanner())
 """
 
@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from torchkeel.io import CheckpointError, refusal
+from torchkeel.checkpoint.io import CheckpointError, refusal
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.planner import ReadItem

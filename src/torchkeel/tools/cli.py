@@ -69,7 +69,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_demo(args)
-    from torchkeel.demo import run_demo
+    from torchkeel.tools.demo import run_demo
 
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -116,7 +116,7 @@ def _add_plot(sub: Any) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from torchkeel.plot import plot_run
+    from torchkeel.tools.plot import plot_run
 
     try:
         print(plot_run(args.run_dir, args.out))
@@ -137,7 +137,7 @@ def _add_inspect(sub: Any) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from torchkeel.report import inspect_checkpoint
+    from torchkeel.tools.report import inspect_checkpoint
 
     try:
         print(inspect_checkpoint(args.checkpoint))
@@ -157,7 +157,7 @@ def _add_runs(sub: Any) -> None:
 
 
 def _run_runs(args: argparse.Namespace) -> int:
-    from torchkeel.report import format_runs, list_runs
+    from torchkeel.tools.report import format_runs, list_runs
 
     try:
         print(format_runs(list_runs(args.root)))
@@ -179,8 +179,8 @@ def _add_export(sub: Any) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from torchkeel.export import export_safetensors
-    from torchkeel.io import CheckpointError
+    from torchkeel.checkpoint.io import CheckpointError
+    from torchkeel.tools.export import export_safetensors
 
     try:
         print(export_safetensors(args.checkpoint, args.out, key=args.key))

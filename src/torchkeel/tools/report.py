@@ -1,6 +1,6 @@
 """What a checkpoint holds and which runs a folder holds, as text: ``torchkeel inspect`` and ``runs``.
 
-Nothing here builds a model or imports more than ``torchkeel.io``: a checkpoint is read from its
+Nothing here builds a model or imports more than ``torchkeel.checkpoint.io``: a checkpoint is read from its
 manifest, verified, and loaded with ``weights_only=True``; a run folder from ``summary.json`` and
 ``metrics.csv``.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from torchkeel import io
+from torchkeel.checkpoint import io
 
 RUNNING_WITHIN_S = 60.0        # a run without a summary whose CSV changed this recently is "running"
 _VERSION = re.compile(r"^version_(\d+)$")
@@ -76,8 +76,8 @@ def inspect_checkpoint(path: str | Path) -> str:
 
 
 def _inspect_dir(folder: Path) -> str:
-    """``inspect_checkpoint`` of a sharded checkpoint directory (``torchkeel.dcp``)."""
-    from torchkeel import dcp, shardstate
+    """``inspect_checkpoint`` of a sharded checkpoint directory (``torchkeel.checkpoint.dcp``)."""
+    from torchkeel.checkpoint import dcp, shardstate
 
     try:
         entry = dcp._read_manifest(folder)

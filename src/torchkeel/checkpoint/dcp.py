@@ -1,13 +1,13 @@
-"""Sharded checkpoint directories (torch.distributed.checkpoint) with ``torchkeel.io``'s promises.
+"""Sharded checkpoint directories (torch.distributed.checkpoint) with ``torchkeel.checkpoint.io``'s promises.
 
 A sharded checkpoint is a directory ``NAME/``: DCP's shard files and ``.metadata``, plus
 ``manifest.json`` (format, versions, world size, meta, every file's size and sha256) written last.
 ``save`` (every rank): shards into ``.NAME.tmp-<random>/`` beside ``NAME`` (a temporary to
-``torchkeel.io``'s discovery), every rank hashes its own files, rank 0 writes the manifest, fsyncs,
+``torchkeel.checkpoint.io``'s discovery), every rank hashes its own files, rank 0 writes the manifest, fsyncs,
 renames the directory into place (an atomic exchange when ``NAME`` exists) and fsyncs the folder;
 a failure on any rank fails every rank with that rank's message. ``load``: the manifest and hashes
 first, then DCP's ``.metadata`` through an unpickler that admits only DCP's metadata classes, and
-non-tensor values through ``torch.load(weights_only=True)`` (``torchkeel.dcpsafe``): nothing in the files
+non-tensor values through ``torch.load(weights_only=True)`` (``torchkeel.checkpoint.dcpsafe``): nothing in the files
 can run code.
 """
 
@@ -36,15 +36,20 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from torchkeel.dcpsafe import METADATA, SafeFullPlanner, SafePlanner, VerifiedReader
-from torchkeel.dcpsafe import fail as _fail
-from torchkeel.discovery import _TEMP
-from torchkeel.io import CheckpointError, CheckpointWriteError, _fsync_dir, write_text_atomic
+from torchkeel.checkpoint.dcpsafe import METADATA, SafeFullPlanner, SafePlanner, VerifiedReader
+from torchkeel.checkpoint.dcpsafe import fail as _fail
+from torchkeel.checkpoint.discovery import _TEMP
+from torchkeel.checkpoint.io import (
+    CheckpointError,
+    CheckpointWriteError,
+    _fsync_dir,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from torchkeel.io import StrPath
+    from torchkeel.checkpoint.io import StrPath
 
     Error: TypeAlias = "str | tuple[int, str]"
 

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from torchkeel import io as ckpt_io
-from torchkeel.dcp import load_full
-from torchkeel.io import _fsync_dir
+from torchkeel.checkpoint import io as ckpt_io
+from torchkeel.checkpoint.dcp import load_full
+from torchkeel.checkpoint.io import _fsync_dir
 
 if TYPE_CHECKING:
-    from torchkeel.io import StrPath
+    from torchkeel.checkpoint.io import StrPath
 
 __all__ = ["export_safetensors"]
 

@@ -1,0 +1,1 @@
+"""What runs around training: the ``torchkeel`` command line, the demo, run reports, plots, export."""
