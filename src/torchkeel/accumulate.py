@@ -346,10 +346,22 @@ class GradientAccumulator:
         """Step once the window is full; return True when the optimizer stepped."""
         if self._micro < self.accumulation_steps:
             return False
-        return self._finish()
+        return self._unscale() and self.optimizer_step()
 
     def flush(self) -> bool:
         """Step a short last window, if any; return True when the optimizer stepped."""
+        return self._end_short() and self.optimizer_step()
+
+    def unscale_(self) -> bool:
+        """End the window (full or short) up to the optimizer step: its gradients unscaled and averaged.
+
+        ``step()`` is ``unscale_()`` then ``optimizer_step()``; between the two (``on_before_optimizer_step``)
+        the gradients are final but not yet clipped. False, with nothing left to do, when the window is
+        empty or non-finite (``nonfinite``: skipped, its gradients freed); then do not call ``optimizer_step``.
+        """
+        return self._unscale() if self._micro >= self.accumulation_steps else self._end_short()
+
+    def _end_short(self) -> bool:
         if self._micro == 0:
             return False
         if self.is_sharded and self._unsynced:
@@ -365,9 +377,9 @@ class GradientAccumulator:
             self._scale_grads(self._n_ref * self._world / n_global)
         if self._unsynced:
             self._all_reduce_grads()
-        return self._finish()
+        return self._unscale()
 
-    def _finish(self) -> bool:
+    def _unscale(self) -> bool:
         if self._window_loss is None:
             raise RuntimeError("GradientAccumulator.step() before any backward() in this window.")
         if 0 < self._counted < self._micro:
@@ -402,6 +414,11 @@ class GradientAccumulator:
             self.scaler.unscale_(self.optimizer)
         if not weighted and self.window_local != full:   # k * n_ref / n: 1 for equal micro-batches
             self._scale_grads(full / self.window_local)
+        return True
+
+    def optimizer_step(self) -> bool:
+        """After ``unscale_()``: clip once, step the optimizer (through the GradScaler); True when it stepped."""
+        scaling = self.scaler.is_enabled()
         if self.max_grad_norm is not None:
             params = self._clip_params()
             self.grad_norm = sharded.clip_grad_norm_(params, self.max_grad_norm) if self.is_sharded \

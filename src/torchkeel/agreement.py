@@ -5,7 +5,7 @@
   step communicates nothing beyond DDP's gradients; otherwise ``GradientAccumulator`` all-reduces
   each window's count as a device tensor.
 - Stop requests, signals and non-finite losses (``nan_policy`` ``'raise'``/``'stop'``) are agreed by
-  ``agree()``: one small all-reduce every ``sync_every_n_steps`` optimizer steps (the same steps on
+  ``Agreement.agree()``: one small all-reduce every ``sync_every_n_steps`` optimizer steps (the same steps on
   every rank), at validation points, at an epoch's end and before a checkpoint. A SIGTERM or a stop
   on one rank therefore takes effect on all ranks within ``sync_every_n_steps`` steps.
 - ``nan_policy='skip'`` needs none: every rank checks the averaged gradients, which are the same.
@@ -22,39 +22,89 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 from torchkeel import batching
+from torchkeel.nonfinite import NanPolicy, NonFiniteGuard
+from torchkeel.signals import SignalFlag
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
+    from torchkeel.state import State
 
 log = logging.getLogger("torchkeel")
 
 
-def agree(trainer: AdvancedTrainer) -> None:
-    """Every rank, at the same point: act together on stops, signals and non-finite losses seen anywhere.
+class Agreement:
+    """What every rank must decide alike, and this trainer's part in it: stops, signals, non-finite losses.
 
-    One process acts on its own findings with no communication. Raises ``FloatingPointError`` on
-    every rank at once for a non-finite loss under ``nan_policy='raise'``.
+    It owns the stop request's sharing (``stop_shared``: a decision every rank made at the same point),
+    the agreed signal (``preempt``: save and exit), the signal handlers' flag and the ``nan_policy``
+    guard; ``agree()`` is the one place the ranks exchange them.
+
+    Args:
+        state: the trainer's ``State`` (``should_stop`` and ``stop_reason`` are read and set).
+        world_size: the number of processes; 1 decides alone, with no communication.
+        device: where the agreement's tensor lives (the trainer's device; gloo: CPU).
+        nan_policy: ``'raise'``, ``'skip'`` or ``'stop'`` (see ``torchkeel.nonfinite``).
+        sync_every_n_steps: optimizer steps between agreements under DDP; ``None``: ``log_every_n_steps``.
+        log_every_n_steps: the default cadence.
+        signal_grace_seconds: see ``signals.SignalFlag``.
     """
-    guard, state = trainer._nonfinite, trainer.state
-    if trainer.world_size == 1:
-        guard.check(trainer)
-        trainer._preempt = trainer._signal.received
-        return
-    bad = guard.scan()
-    t = torch.tensor([float(state.should_stop), float(trainer._signal.received), float(bad)], device=trainer.device)
-    dist.all_reduce(t)
-    stop, signal, anywhere = t.tolist()
-    if anywhere:
-        found: list[Any] = [None] * trainer.world_size
-        dist.all_gather_object(found, guard.found)         # rare: name the earliest bad window on every rank
-        first = min((w for w in found if w is not None), key=lambda w: w[3])
-        guard.check(trainer, agreed=first, sync_note=(
-            f"under DDP the ranks agree on non-finite losses every sync_every_n_steps={trainer.sync_every_n_steps} "
-            "steps"))
-    if signal:
-        trainer._preempt = True
-    if stop:
-        trainer._request_stop(state.stop_reason or "a stop was requested on another rank", shared=True)
+
+    def __init__(self, state: State, world_size: int, device: torch.device, nan_policy: NanPolicy,
+                 sync_every_n_steps: int | None, log_every_n_steps: int, signal_grace_seconds: float | None) -> None:
+        self.every = check_cadence(sync_every_n_steps, log_every_n_steps)
+        self.state, self.world_size, self.device = state, world_size, device
+        self.guard = NonFiniteGuard(nan_policy, eager=device.type == "cpu", ranks=world_size)
+        self.signal = SignalFlag(grace_seconds=signal_grace_seconds)
+        self.preempt = False        # every rank agreed that a signal arrived: save and exit
+        self.stop_shared = False    # should_stop is a decision every rank shares (agreed or derived alike)
+
+    def begin_fit(self) -> None:
+        """A new fit: no stop is shared yet, no signal agreed."""
+        self.stop_shared = self.preempt = False
+
+    def request_stop(self, reason: str, shared: bool = False) -> None:
+        """Ask training to stop, keeping the first reason given.
+
+        Args:
+            reason: why, for ``state.stop_reason``.
+            shared: every rank requests it at this point (agreed, or derived from the same numbers).
+        """
+        self.state.should_stop = True
+        self.state.stop_reason = self.state.stop_reason or reason
+        self.stop_shared = self.stop_shared or shared
+
+    def stop_agreed(self) -> bool:
+        """Between batches: True when a stop is requested and every rank shares it (no collective)."""
+        return self.state.should_stop and (self.world_size == 1 or self.stop_shared)
+
+    def agree(self, trainer: AdvancedTrainer) -> None:
+        """Every rank, at the same point: act together on stops, signals and non-finite losses seen anywhere.
+
+        One process acts on its own findings with no communication. Raises ``FloatingPointError`` on
+        every rank at once for a non-finite loss under ``nan_policy='raise'``.
+
+        Args:
+            trainer: the trainer (the guard names where a bad window was and asks it to stop).
+        """
+        guard, state = self.guard, self.state
+        if self.world_size == 1:
+            guard.check(trainer)
+            self.preempt = self.signal.received
+            return
+        bad = guard.scan()
+        t = torch.tensor([float(state.should_stop), float(self.signal.received), float(bad)], device=self.device)
+        dist.all_reduce(t)
+        stop, signal, anywhere = t.tolist()
+        if anywhere:
+            found: list[Any] = [None] * self.world_size
+            dist.all_gather_object(found, guard.found)         # rare: name the earliest bad window on every rank
+            first = min((w for w in found if w is not None), key=lambda w: w[3])
+            guard.check(trainer, agreed=first, sync_note=(
+                f"under DDP the ranks agree on non-finite losses every sync_every_n_steps={self.every} steps"))
+        if signal:
+            self.preempt = True
+        if stop:
+            self.request_stop(state.stop_reason or "a stop was requested on another rank", shared=True)
 
 
 def check_cadence(every: object, default: int) -> int:

@@ -19,7 +19,6 @@ import itertools
 import logging
 import random
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -42,12 +41,11 @@ from torchkeel.streams import agreed_batches
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
-__all__ = ["before_first_batch", "check_resume", "check_sharded", "data_state", "epoch_batches",
+__all__ = ["DataOrder", "check_resume", "check_sharded", "data_state", "epoch_batches",
            "real_samples", "restore", "rng_state", "saved", "set_data_state", "set_rng_state"]
 
 log = logging.getLogger("torchkeel")
 T = TypeVar("T")
-FirstBatch = Callable[["AdvancedTrainer", "dict[str, Any] | None"], bool]
 
 
 # ------------------------------------------------------------------------------ RNG states
@@ -138,25 +136,27 @@ def set_data_state(loader: Any, state: dict[str, Any]) -> None:
             sampler.seed = saved["seed"]
 
 
-class _Order:
-    """What ``dataorder`` keeps per trainer: the train loader (read at save time) and what to put back."""
+class DataOrder:
+    """The trainer's place in its data: the train loader (read at save time) and what to put back.
 
-    def __init__(self) -> None:
+    The trainer holds one (``trainer.data_order``); ``epoch_batches``, ``saved`` and ``restore`` read and set it.
+
+    Args:
+        replay: a mid-epoch resume may replay (load and drop) the consumed batches of a loader that
+            cannot restore its position (``AdvancedTrainer(replay_data=...)``).
+    """
+
+    def __init__(self, replay: bool = True) -> None:
+        if not isinstance(replay, bool):
+            raise TypeError(f"AdvancedTrainer(replay_data={replay!r}): pass True or False.")
+        self.replay = replay
+        self.keep_step_rng = False          # set by ModelCheckpoint(save_on_exception=True)
+        self.step_rng: dict[str, Any] | None = None   # RNG states at the last optimizer step, when kept
         self.loader: Any = None
         self.pending: dict[str, Any] | None = None   # an epoch-end resume: the loader's order, at the next epoch
         self.given = -1                     # batches handed out this epoch (counted by streams.at_window_starts)
         self.snapshot: tuple[int, Any] = (-1, None)   # (batch, a stateful source's state at that window start)
-        self.first: FirstBatch | None = None  # runs once, before this fit's first batch (see before_first_batch)
-
-
-_ORDERS: weakref.WeakKeyDictionary[Any, _Order] = weakref.WeakKeyDictionary()
-
-
-def _order(trainer: AdvancedTrainer) -> _Order:
-    order = _ORDERS.get(trainer)
-    if order is None:
-        order = _ORDERS[trainer] = _Order()
-    return order
+        self.resumed_rng: dict[str, Any] | None = None   # a mid-epoch resume's RNG states of its step
 
 
 # --------------------------------------------------------------------------- rank shards
@@ -314,34 +314,25 @@ def _check_resized(trainer: AdvancedTrainer, loader: Any, pending: dict[str, Any
             "end of an epoch.")
 
 
-def before_first_batch(trainer: AdvancedTrainer, run: FirstBatch | None) -> None:
-    """Have ``epoch_batches`` call ``run(trainer, rng)`` once, at this fit's first epoch, after the loader's
-    position is restored and before its first batch; ``rng``: the RNG states of a mid-epoch resume's step
-    (else ``None``). When it returns True the epoch yields nothing (a stop every rank agreed on)."""
-    _order(trainer).first = run
-
-
 def epoch_batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
     """This epoch's batches; after a mid-epoch resume, the ones not yet consumed, in the same order.
 
     Under DDP a loader without ``len()`` (a stream, each rank its own) ends on every rank at once.
     """
-    order, pending = _order(trainer), trainer.state.resume
+    order, pending = trainer.data_order, trainer.state.resume
+    order.resumed_rng = pending["rng"] if pending is not None else None
     it = _epoch_iter(trainer, loader)
-    first, order.first = order.first, None
-    if first is not None and first(trainer, pending["rng"] if pending is not None else None):
-        return iter(())                          # a stop agreed at the resumed step's validation
     if trainer.world_size > 1 and not streams.sized(loader):
         return agreed_batches(it, trainer.accum.accumulation_steps, trainer.device)
-    _order(trainer).given = -1
+    order.given = -1
     source = streams.stream_source(loader)
-    if trainer.keep_step_rng and source is not None:    # an emergency save may come mid-window
-        return streams.at_window_starts(trainer, _order(trainer), it, source)
+    if order.keep_step_rng and source is not None:    # an emergency save may come mid-window
+        return streams.at_window_starts(trainer, order, it, source)
     return it
 
 
 def _epoch_iter(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
-    order = _order(trainer)
+    order = trainer.data_order
     order.loader = loader                    # saved() reads its generators' state at save time
     for _, sampler in _parts(loader)[1:]:
         set_epoch = getattr(sampler, "set_epoch", None)
@@ -376,7 +367,7 @@ def _epoch_iter(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any
     check_resume(trainer, loader, pending)
     set_data_state(loader, pending["epoch_data"])      # the loader draws this epoch's order again
     return _skipping_iter(loader, pending["batch"], then, pending["drop"], pending["resized"], why,
-                          replay=getattr(trainer, "replay_data", True))
+                          replay=trainer.data_order.replay)
 
 
 def check_resume(trainer: AdvancedTrainer, loader: Iterable[Any], pending: dict[str, Any] | None = None) -> None:
@@ -405,7 +396,7 @@ def saved(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[s
     next epoch (``data_now``: generators and sampler states now), a stateful loader's own state and
     its part of the epoch's loss sum.
     """
-    order, epoch_loss = _order(trainer), trainer.state.epoch_loss
+    order, epoch_loss = trainer.data_order, trainer.state.epoch_loss
     loader = order.loader
     source = streams.stream_source(loader) if loader is not None else None
     position = None                         # the source's state after the batches of completed steps
@@ -438,10 +429,10 @@ def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
     if state.epoch_finished:      # the epoch ended: the next iterator draws from the saved RNG state
         set_rng_state(mine["rng"])
         state.resume = None
-        _order(trainer).pending = {"order": mine.get("data_now", {}), "loader": mine.get("loader"),
+        trainer.data_order.pending = {"order": mine.get("data_now", {}), "loader": mine.get("loader"),
                                    "dataset": mine.get("dataset")}
         return
-    _order(trainer).pending = None
+    trainer.data_order.pending = None
     epoch_loss = mine["epoch_loss"] if "epoch_loss" in mine else loop["epoch_loss"]
     state.epoch_loss = epoch_loss.to(trainer.device) if epoch_loss is not None else None
     state.epoch_items = loop["epoch_samples"]

@@ -9,14 +9,13 @@ import itertools
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from torchkeel import batching, dataorder, logged
-from torchkeel.accumulate import as_count
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -71,8 +70,9 @@ def loss_of(trainer: AdvancedTrainer, outputs: Any, targets: Any, batch: Any) ->
 
 
 def where(trainer: AdvancedTrainer) -> str:
-    if trainer._val_batch is not None:
-        return f"validation batch {trainer._val_batch}"
+    """Where the batch in progress is, for an error message: a validation batch, or the epoch's batch."""
+    if trainer.log_context.val_batch is not None:
+        return f"validation batch {trainer.log_context.val_batch}"
     return f"epoch {trainer.state.epoch}, batch {trainer.state.batch}"
 
 
@@ -110,6 +110,15 @@ class KeepRNG:
             torch.cuda.set_rng_state_all(self.gpu)
 
 
+def autocast(trainer: AdvancedTrainer) -> AbstractContextManager[Any]:
+    """The trainer's autocast for one forward (``amp_dtype`` on its device), or no context without AMP.
+
+    Args:
+        trainer: the trainer whose device and ``amp_dtype`` apply.
+    """
+    return torch.autocast(trainer.device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype else nullcontext()
+
+
 def limited(loader: Iterable[Any], limit: int | None) -> Iterable[Any]:
     return loader if limit is None else itertools.islice(loader, limit)
 
@@ -133,18 +142,18 @@ def validate(trainer: AdvancedTrainer, loader: Iterable[Any], limit: int | None 
     sums = torch.zeros(2 + len(fns), dtype=torch.float64, device=device)  # loss*n, metrics, loss n
     count, counted, batches = 0, 0, 0
     trainer.logged.reset_epoch("val")
-    trainer._log_phase, log_count = "val", trainer._log_count
+    context, move = trainer.log_context, device.type != "cpu"
     real, seen = dataorder.real_samples(loader), 0    # a DistributedSampler's padding: dropped, not counted
     try:
-        with KeepRNG(device):
-            for trainer._val_batch, batch in enumerate(limited(loader, limit)):
+        with KeepRNG(device), context.validating():
+            for context.val_batch, batch in enumerate(limited(loader, limit)):
                 padding = False
                 if real is not None:
                     batch, seen, padding = unpadded(batch, real, seen)
-                if trainer._move:
+                if move:
                     batch = batching.to_device(batch, device)
-                trainer._log_count = n = batching.batch_size(batch)
-                with trainer._autocast(), scratch_log(trainer) if padding else nullcontext():
+                context.count = n = batching.batch_size(batch)
+                with autocast(trainer), scratch_log(trainer) if padding else nullcontext():
                     loss, outputs, targets = trainer.validation_step(batch)
                 if padding:         # as many forwards as the other ranks (they may communicate), all dropped
                     continue
@@ -163,8 +172,6 @@ def validate(trainer: AdvancedTrainer, loader: Iterable[Any], limit: int | None 
                     m.update(outputs, targets)
     finally:
         model.train(was_training)
-        trainer._val_batch = None
-        trainer._log_phase, trainer._log_count = "train", log_count
     if 0 < counted < batches:
         raise TypeError("validation_step returned (loss, count) on some batches and a plain loss on others; "
                         "return (loss, count) on every batch, or never.")
@@ -236,10 +243,10 @@ def predict(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Any:
             padding = False
             if real is not None:
                 batch, seen, padding = unpadded(batch, real, seen)
-            if trainer._move:
+            if trainer.device.type != "cpu":
                 batch = batching.to_device(batch, trainer.device)
             inputs = batch if isinstance(batch, (torch.Tensor, Mapping)) else split(trainer, batch)[0]
-            with trainer._autocast():
+            with autocast(trainer):
                 out = batching.logits_of(forward(model, inputs))     # padding alone: as many forwards as
                 if not padding:                                       # the other ranks, the output dropped
                     outs.append(batching.to_device(out, torch.device("cpu")))
@@ -258,29 +265,14 @@ def validation_point(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None,
     metrics: dict[str, float] = {"train_loss": epoch_loss(trainer)}
     metrics |= trainer.logged.epoch_values(trainer.world_size, trainer.device, "train")
     if val_loader is not None:
-        limit = trainer._limit_val
+        limit = trainer.plan.limit_val
         metrics |= trainer.validate(val_loader, limit) if limit else trainer.validate(val_loader)
     state.metrics = metrics | {"lr": trainer.lr, **extra}
-    logged.check_logged_monitors(trainer._pending_monitors, state.metrics)
-    trainer._pending_monitors = []
+    trainer.plan.check_logged_monitors(state.metrics)
     state.epoch_finished = finished
     state.last_val_step = state.step
     trainer.history.append({"epoch": state.epoch, "step": state.step, **state.metrics})
     trainer.logged.open_row(state.metrics, trainer.history)   # trainer.log in the point's hooks: this row
-
-
-def backward_counted(trainer: AdvancedTrainer, out: Any, n: int) -> None:
-    """``training_step`` returned ``(loss, count)``: the window weighs micro-batches by items."""
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(f"training_step returned {batching.shape(out)} at {where(trainer)} after returning "
-                        "(loss, count) earlier in this fit; return (loss, count) on every batch, or never.")
-    if not trainer._counted:
-        if trainer.accum.pending or trainer.state.step + trainer.state.skipped_steps != trainer._windows_at_fit:
-            raise TypeError(f"training_step returned (loss, count) at {where(trainer)} after returning a "
-                            "plain loss earlier in this fit; return (loss, count) on every batch, or never.")
-        trainer._counted = True
-    loss, count = out
-    trainer.accum.backward(loss, n, count=as_count(count, f"training_step's (loss, count) at {where(trainer)}"))
 
 
 def epoch_loss(trainer: AdvancedTrainer) -> float:
@@ -300,5 +292,5 @@ def skipped(trainer: AdvancedTrainer, why: str) -> bool:
     if limit is not None and n >= limit and not state.should_stop:
         log.warning("AdvancedTrainer: %d optimizer steps in a row were skipped (max_consecutive_skipped_steps=%d); "
                     "%s. Training stops; pass max_consecutive_skipped_steps=None to keep going.", n, limit, why)
-        trainer._request_stop(f"{n} consecutive skipped steps: {why}", shared=True)   # ranks skip alike
+        trainer.agreement.request_stop(f"{n} consecutive skipped steps: {why}", shared=True)   # ranks skip alike
     return False

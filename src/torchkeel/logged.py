@@ -29,10 +29,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -392,6 +393,30 @@ class LoggedValues:
         self._cache = None
 
 
+class LogContext:
+    """Where ``trainer.log`` is called from: the phase (training or a validation) and the batch in progress.
+
+    ``phase`` picks the epoch sums a value feeds; ``count`` (the samples of the batch in progress) is a
+    value's default weight; ``val_batch`` is the validation batch being evaluated (``None`` outside one),
+    for error messages. The trainer holds one (``trainer.log_context``).
+    """
+
+    def __init__(self) -> None:
+        self.phase: Phase = "train"
+        self.count = 1
+        self.val_batch: int | None = None
+
+    @contextlib.contextmanager
+    def validating(self) -> Iterator[None]:
+        """Inside: ``trainer.log`` feeds the validation's sums; on exit, training's phase and count come back."""
+        kept = self.count
+        self.phase = "val"
+        try:
+            yield
+        finally:
+            self.phase, self.count, self.val_batch = "train", kept, None
+
+
 def lr_names(optimizer: torch.optim.Optimizer) -> list[str]:
     """One metric name per param group: ``lr`` for group 0, then ``lr/<name>`` or ``lr/group<i>``.
 
@@ -423,6 +448,12 @@ def step_values_of(trainer: AdvancedTrainer) -> dict[str, float]:
     return store.step_values() if isinstance(store, LoggedValues) else {}
 
 
+def _overridden(cls: type, name: str) -> bool:
+    """True when ``cls`` has a ``name`` other than the one its first defining base (``AdvancedTrainer``) has."""
+    base = next(c for c in reversed(cls.__mro__) if name in vars(c))
+    return bool(getattr(cls, name) is not getattr(base, name))
+
+
 def check_monitors(trainer: AdvancedTrainer, val_loader: object | None) -> list[tuple[str, str]]:
     """At fit start: refuse a callback monitor nothing can compute; warn about one only ``trainer.log`` can.
 
@@ -434,16 +465,14 @@ def check_monitors(trainer: AdvancedTrainer, val_loader: object | None) -> list[
     Example:
         >>> pending = check_monitors(trainer, val_loader)     # fit, before training
     """
-    from torchkeel.loop import AdvancedTrainer
-
     names = {"train_loss", "lr", "epoch_time"}
     if val_loader is not None:
         names |= {"val_loss"} | {f"val_{k}" for k in trainer.metrics}
     cls = type(trainer)
-    own_val = cls.validation_step is not AdvancedTrainer.validation_step
+    own_val = _overridden(cls, "validation_step")
     logs_val = val_loader is not None and own_val
     user_callbacks = any(not type(cb).__module__.startswith("torchkeel.") for cb in trainer.callbacks)
-    logs_train = cls.training_step is not AdvancedTrainer.training_step or own_val or user_callbacks
+    logs_train = _overridden(cls, "training_step") or own_val or user_callbacks
     pending = []
     for cb in trainer.callbacks:
         monitor = getattr(cb, "monitor", None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -15,8 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel import agreement, batching, dataorder, evaluate, logged, runs, schedule, signals
-from torchkeel.accumulate import GradientAccumulator
+from torchkeel import batching, dataorder, evaluate, logged, runs, schedule, signals
+from torchkeel.accumulate import GradientAccumulator, as_count
+from torchkeel.agreement import Agreement, even_shards
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.checkpoint import resume
 from torchkeel.distributed import unwrap_model
@@ -113,24 +113,19 @@ class AdvancedTrainer:
         sync_every_micro_batch: bool = False,
     ) -> None:
         model, device = batching.resolve_model(model, device)
-        skips = schedule.check_trainer(model, optimizer, gradient_accumulation_steps, scheduler_interval,
-                                     log_every_n_steps, max_consecutive_skipped_steps, criterion=criterion,
-                                     max_grad_norm=max_grad_norm, gradient_clip_value=gradient_clip_value,
-                                     metrics=metrics)
-        self.max_consecutive_skipped_steps = skips
-        if not isinstance(replay_data, bool):
-            raise TypeError(f"AdvancedTrainer(replay_data={replay_data!r}): pass True or False.")
-        self.replay_data = replay_data
+        self.max_consecutive_skipped_steps = schedule.check_trainer(
+            model, optimizer, gradient_accumulation_steps, scheduler_interval, log_every_n_steps,
+            max_consecutive_skipped_steps, criterion=criterion, max_grad_norm=max_grad_norm,
+            gradient_clip_value=gradient_clip_value, metrics=metrics)
+        data_order = dataorder.DataOrder(replay_data)   # where training is in its data
         self.device = device
         self.model = model
         self.optimizer = optimizer
         self.criterion = criterion
         self.scheduler = scheduler
         self.metrics = dict(metrics or {})
-        self.nan_policy = nan_policy
         self.progress = progress
         self.log_every_n_steps = log_every_n_steps
-        self.sync_every_n_steps = agreement.check_cadence(sync_every_n_steps, log_every_n_steps)
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.is_global_zero = self.rank == 0
@@ -140,8 +135,16 @@ class AdvancedTrainer:
         self.accum = GradientAccumulator(
             model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value,
             sync_every_micro_batch=sync_every_micro_batch, criterion=criterion)
-        self._nonfinite = NonFiniteGuard(nan_policy, eager=device.type == "cpu", ranks=self.world_size)
-        self.accum.check_finite = self._nonfinite.eager
+        # the parts, each the owner of its state (see DESIGN.md, "Architecture: owners and seams")
+        self.state = State()
+        self.history = History()
+        self.agreement = Agreement(self.state, self.world_size, device, nan_policy, sync_every_n_steps,
+                                   log_every_n_steps, signal_grace_seconds)   # stop, signal, non-finite
+        self.accum.check_finite = self.agreement.guard.eager
+        self.plan = schedule.FitPlan(self.state)      # what a fit runs; fit makes its own
+        self.data_order = data_order
+        self.log_context = logged.LogContext()        # trainer.log's phase and default count
+        self.logged = logged.LoggedValues(device, reserved={f"val_{k}" for k in self.metrics})  # trainer.log's
         self.early_stopping = early_stopping
         self.checkpoint = checkpoint
         self.callbacks: list[Callback] = []
@@ -153,51 +156,29 @@ class AdvancedTrainer:
 
             self.callbacks.append(ProgressBar())
         self.callbacks += [cb for cb in (early_stopping, checkpoint) if cb is not None]
-        self._summary = FitSummary(show=progress)
-        self.callbacks.append(self._summary)
-        self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.run_name = run_name
-        self.run_dir: Path | None = None
+        self.runs = runs.RunFolders(log_dir, run_name, FitSummary(show=progress))   # run_dir, summary
+        self.callbacks.append(self.runs.summary)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"AdvancedTrainer(callbacks=...): {cb!r} is not a torchkeel.Callback.")
-        self.state = State()
-        self.history = History()
-        self.max_epochs: int | None = None
-        self.max_steps: int | None = None
-        self.val_every_n_steps: int | None = None
-        self._limit_train: int | None = None
-        self._limit_val: int | None = None
-        self._boundary = sys.maxsize  # the next step at which the loop validates or ends
-        self._cut = False             # max_steps ended this epoch early
-        self._fresh = False           # the epoch's end validated (not done already at this step)
-        self._hooks: dict[str, list[Callback]] = {h: [] for h in HOOKS}
-        self.num_batches: int | None = None
-        self.batch_size: int | None = None
-        self._val_batch: int | None = None     # index of the validation batch being evaluated
         self.hparams: dict[str, Any] = runs.hparams(
             self, gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
             gradient_clip_value=gradient_clip_value, scheduler_interval=scheduler_interval)
+        # the step's own: fixed here (or at fit start), read on every micro-batch
+        self._hooks: dict[str, list[Callback]] = {h: [] for h in HOOKS}
         no_context = nullcontext()   # reusable, so a step without AMP creates no context object
         self._autocast: Callable[[], AbstractContextManager[Any]] = (
             (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else (lambda: no_context)
         )
         self._move = device.type != "cpu"
         self._bare = self.amp_dtype is None and not (self.accum.is_ddp or self.accum.is_sharded)
-        self._counted = False         # this fit's training_step returns (loss, count)
         # a Hugging Face model's own loss (criterion=None) is a mean over tokens: count them for it
         self._loss_items = batching.own_loss_items(unwrap_model(model)) \
             if criterion is None and type(self).training_step is AdvancedTrainer.training_step else None
+        self._counted = False         # this fit's training_step returns (loss, count)
         self._windows_at_fit = 0      # optimizer windows (stepped or skipped) before this fit
-        self._signal = signals.SignalFlag(grace_seconds=signal_grace_seconds)
-        self._preempt = False        # every rank agreed that a signal arrived: save and exit
-        self._stop_shared = False    # should_stop is a decision every rank shares (agreed or derived alike)
-        self.keep_step_rng = False   # set by ModelCheckpoint(save_on_exception=True)
-        self.step_rng: dict[str, Any] | None = None   # RNG states at the last optimizer step
-        self.logged = logged.LoggedValues(device, reserved={f"val_{k}" for k in self.metrics})  # trainer.log's
-        self._log_phase: Literal["train", "val"] = "train"
-        self._log_count = 1              # samples of the batch in progress: trainer.log's default weight
-        self._pending_monitors: list[tuple[str, str]] = []   # monitors only trainer.log can give
+        self._optimizer_step = self.accum.step     # at fit start: with on_before_optimizer_step hooks or not
+        self._flush = self.accum.flush
 
     # ----------------------------------------------------------------------------- the loop
     def fit(
@@ -232,57 +213,78 @@ class AdvancedTrainer:
     def _fit(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, epochs: int | None,
              max_steps: int | None, val_every_n_steps: int | None, limit_train_batches: float | None,
              limit_val_batches: float | None, resume_from: str | None) -> History:
-        schedule.plan(self, train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
-                    limit_val_batches)
-        state = self.state
+        state, agreement = self.state, self.agreement
+        plan = self.plan = schedule.FitPlan(state, train_loader, val_loader, epochs, max_steps, val_every_n_steps,
+                                            limit_train_batches, limit_val_batches)   # checks fit's arguments
+        dataorder.check_sharded(self, train_loader)   # every rank alike, before any collective
+        plan.pending_monitors = logged.check_monitors(self, val_loader)
+        self.accum.even_shards = even_shards(self, train_loader)   # refuses uneven batch counts
+        self.accum.sync_every_micro_batch = self.sync_every_micro_batch or plan.num_batches is None
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
-        if schedule.nothing_to_do(self, resumed):     # epochs / max_steps already done: warned
+        if plan.nothing_to_do(resumed, warn=self.is_global_zero):     # epochs / max_steps already done: warned
             return self.history
         schedule.continue_run(self, resumed, train_loader)
-        self._stop_shared = self._preempt = False
-        callbacks = self.callbacks + runs.open_folder(self, resumed)
+        self._counted, self._windows_at_fit = False, state.step + state.skipped_steps
+        agreement.begin_fit()
+        callbacks = self.callbacks + self.runs.open(self, resumed)
         hooks = self._hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
         # loggers write a validation point's row after every other callback's on_validation_end has run,
         # so values trainer.log'ed there are in it
         hooks["on_validation_end"].sort(key=lambda cb: bool(getattr(cb, "writes_rows", False)))
+        hooked = bool(hooks["on_before_optimizer_step"])     # else the step pays nothing for the hook
+        self._optimizer_step = self._hooked_step if hooked else self.accum.step
+        self._flush = self._hooked_step if hooked else self.accum.flush
         try:
-            with self._signal.installed():
+            with agreement.signal.installed():
                 self.logged.refuse("on_fit_begin")
                 for cb in hooks["on_fit_begin"]:
                     cb.on_fit_begin(self)
                 start = state.epoch + 1 if state.epoch_finished else state.epoch
-                for epoch in schedule.epochs_range(start, self.max_epochs):
-                    if state.should_stop or (self._budget_spent and not schedule.validation_due(self)):
+                for epoch in plan.epochs(start):
+                    if state.should_stop or (plan.budget_spent and not plan.validation_due()):
                         break                       # (a resume before the cut's validation runs it first)
                     schedule.begin_epoch(self, epoch)
                     for cb in hooks["on_epoch_begin"]:
                         cb.on_epoch_begin(self)
                     tic = time.perf_counter()
-                    for batch in schedule.batches(self, train_loader):
+                    batches = schedule.batches(self, train_loader)   # a resume's position restored
+                    # a step checkpoint is written in on_step_end, before that step's validation: a run
+                    # resumed from it validates first, as the interrupted one did, with that step's RNG
+                    if epoch == start and plan.validation_due() and self._resumed_boundary(val_loader):
+                        batches = iter(())          # every rank agreed to stop there
+                    for batch in batches:
                         if self._step(batch):
                             for cb in hooks["on_step_end"]:
                                 cb.on_step_end(self)
-                            if state.step >= self._boundary and schedule.at_boundary(self, val_loader):
-                                break
-                        if self._preempt:
+                            if state.step >= plan.boundary and self._boundary(val_loader):
+                                break               # max_steps, or a stop agreed at a validation point
+                        if agreement.preempt:
                             signals.on_signal(self)
-                        if state.should_stop and self._stop_agreed():
+                        if state.should_stop and agreement.stop_agreed():
                             break
-                    if self._finish_window():
+                    if self._finish_window():       # a short last window
                         for cb in hooks["on_step_end"]:
                             cb.on_step_end(self)
-                    if self._preempt:
+                    if agreement.preempt:
                         signals.on_signal(self)
-                    schedule.end_epoch(self, val_loader, time.perf_counter() - tic)
+                    seconds = time.perf_counter() - tic
+                    fresh, finished = plan.end_epoch()    # the epoch's (or the max_steps cut's) point
+                    if fresh:
+                        for cb in hooks["on_validation_begin"]:
+                            cb.on_validation_begin(self)
+                        evaluate.validation_point(self, val_loader, {"epoch_time": seconds}, finished)
+                    else:                           # validated at this step already: a stop, a stream's end
+                        schedule.epoch_time(self, seconds, finished)
+                    plan.advance()
                     for cb in hooks["on_epoch_end"]:
                         cb.on_epoch_end(self)
-                    for cb in hooks["on_validation_end"] if self._fresh else ():   # after the LR step
+                    for cb in hooks["on_validation_end"] if fresh else ():   # after the LR step
                         cb.on_validation_end(self)
                     self.logged.close_row()
                     if self._stop_agreed(sync=True):
                         break
-                if self._budget_spent and not state.should_stop:
-                    state.stop_reason = f"reached max_steps={self.max_steps}"
+                if plan.budget_spent and not state.should_stop:
+                    state.stop_reason = f"reached max_steps={plan.max_steps}"
                 self.logged.refuse("on_fit_end")
                 for cb in hooks["on_fit_end"]:
                     cb.on_fit_end(self)
@@ -295,26 +297,53 @@ class AdvancedTrainer:
             self.logged.refuse(None)
         return self.history
 
+    def _boundary(self, val_loader: Iterable[Any] | None) -> bool:
+        """At ``max_steps`` or a ``val_every_n_steps`` step: the validation point mid-epoch; True to end the epoch."""
+        ends = self.plan.at_boundary()
+        if ends:
+            return True                     # max_steps: the epoch's end validates the cut
+        if ends is False:                   # mid-epoch (at the epoch's last batch, its end validates)
+            hooks = self._hooks
+            for cb in hooks["on_validation_begin"]:
+                cb.on_validation_begin(self)
+            evaluate.validation_point(self, val_loader)
+            for cb in hooks["on_validation_end"]:
+                cb.on_validation_end(self)
+            self.logged.close_row()
+        self.plan.advance()
+        return self._stop_agreed(sync=True)
+
+    def _resumed_boundary(self, val_loader: Iterable[Any] | None) -> bool:
+        """The boundary due at a resumed step, under the RNG states of that step (a mid-epoch checkpoint's).
+
+        The loader's iterator exists by now (its order drawn); the rest of the epoch continues from the
+        RNG states kept here. True when every rank agreed to stop.
+        """
+        rng, keep = self.data_order.resumed_rng, dataorder.rng_state()
+        if rng is not None:
+            dataorder.set_rng_state(rng)
+        try:
+            return self._boundary(val_loader)
+        finally:
+            dataorder.set_rng_state(keep)   # what orders the rest of the epoch: the loader's draw comes next
+
     @property
     def signal_flag(self) -> signals.SignalFlag:
         """This trainer's signal handling: ``saving()`` around a checkpoint write, ``interrupted`` for ``io.save``."""
-        return self._signal
-
-    @property
-    def _budget_spent(self) -> bool:
-        return self.max_steps is not None and self.state.step >= self.max_steps
+        return self.agreement.signal
 
     def _step(self, batch: Any) -> bool:
         """One micro-batch; at a window's end, the optimizer step. True once the optimizer stepped."""
         self.accum.zero_grad()              # the last window's, before the forward, as by hand
         if self._move:
             batch = batching.to_device(batch, self.device)
-        self._log_count = n = batching.batch_size(batch)
+        self.log_context.count = n = batching.batch_size(batch)
         loss: Any                           # training_step's loss, or (loss, count)
         if self._bare:                      # one process, no AMP: no context to enter
             loss = self.training_step(batch)
         else:                               # the epoch's last batch syncs a short window's grads
-            last = self.num_batches is not None and self.state.batch + 1 >= self.num_batches
+            total = self.plan.num_batches
+            last = total is not None and self.state.batch + 1 >= total
             with self.accum.no_sync(last), self._autocast():
                 loss = self.training_step(batch)
         self.state.batch += 1
@@ -322,30 +351,53 @@ class AdvancedTrainer:
             count = batching.loss_items(batch, self._loss_items)
             loss = loss if count is None else (loss, count)
         if isinstance(loss, tuple) or self._counted:
-            evaluate.backward_counted(self, loss, n)
+            self._backward_counted(loss, n)
         else:
             self.accum.backward(loss, n)
         if not self.accum.window_full:
             return False
-        return self._after_window(self.accum.step())
+        return self._after_window(self._optimizer_step())
+
+    def _hooked_step(self) -> bool:
+        """The window's optimizer step with ``on_before_optimizer_step`` between unscaling and clipping."""
+        if not self.accum.unscale_():       # an empty or non-finite window: nothing to step
+            return False
+        for cb in self._hooks["on_before_optimizer_step"]:
+            cb.on_before_optimizer_step(self)
+        return self.accum.optimizer_step()
+
+    def _backward_counted(self, out: Any, n: int) -> None:
+        """``training_step`` returned ``(loss, count)``: the window weighs micro-batches by items."""
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"training_step returned {batching.shape(out)} at {evaluate.where(self)} after "
+                            "returning (loss, count) earlier in this fit; return (loss, count) on every batch, "
+                            "or never.")
+        if not self._counted:
+            if self.accum.pending or self.state.step + self.state.skipped_steps != self._windows_at_fit:
+                raise TypeError(f"training_step returned (loss, count) at {evaluate.where(self)} after returning "
+                                "a plain loss earlier in this fit; return (loss, count) on every batch, or never.")
+            self._counted = True
+        loss, count = out
+        self.accum.backward(loss, n, count=as_count(count, f"training_step's (loss, count) at {evaluate.where(self)}"))
 
     def _finish_window(self) -> bool:
         """Step a short last window at the end of an epoch."""
-        return self._after_window(self.accum.flush()) if self.accum.pending else False
+        return self._after_window(self._flush()) if self.accum.pending else False
 
     def _after_window(self, stepped: bool) -> bool:
-        accum, state = self.accum, self.state
+        accum, state, agreement, order = self.accum, self.state, self.agreement, self.data_order
         state.batch_at_step = state.batch
-        if self.keep_step_rng:
-            self.step_rng = dataorder.rng_state()
+        if order.keep_step_rng:
+            order.step_rng = dataorder.rng_state()
         loss = accum.window_loss
         assert loss is not None  # _after_window follows a finished window
         if self.world_size == 1:            # one process: its own signal flag decides
-            self._preempt = self._signal.received
-        elif self._signal.received:         # the ranks agree at the next sync; a rank still stepping is not stuck
-            self._signal.beat()
-        if (accum.nonfinite or self._nonfinite.lazy) and \
-                self._nonfinite.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
+            agreement.preempt = agreement.signal.received
+        elif agreement.signal.received:     # the ranks agree at the next sync; a rank still stepping is not stuck
+            agreement.signal.beat()
+        guard = agreement.guard
+        if (accum.nonfinite or guard.lazy) and \
+                guard.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
             return evaluate.skipped(self, "the loss was non-finite on every one (nan_policy='skip'): check the data "
                                  "(inf/NaN inputs or labels) and the learning rate")
         if state.epoch_loss is None:
@@ -359,8 +411,8 @@ class AdvancedTrainer:
                                  "check the loss scale, the data and the learning rate, or use bfloat16")
         state.step += 1
         state.consecutive_skipped_steps = 0
-        if self.world_size > 1 and state.step % self.sync_every_n_steps == 0:
-            agreement.agree(self)                # stop, signal, non-finite: acted on after this step's hooks
+        if self.world_size > 1 and state.step % agreement.every == 0:
+            agreement.agree(self)            # stop, signal, non-finite: acted on after this step's hooks
         return True
 
     def training_step(self, batch: Any) -> torch.Tensor:
@@ -408,8 +460,8 @@ class AdvancedTrainer:
         Example:
             >>> self.log("acc", (outputs.argmax(1) == targets).float().mean())
         """
-        self.logged.log(name, value, self._log_count if count is None else count, on_step, on_epoch,
-                        self._log_phase)
+        context = self.log_context
+        self.logged.log(name, value, context.count if count is None else count, on_step, on_epoch, context.phase)
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -421,16 +473,16 @@ class AdvancedTrainer:
         """Mean loss of the last optimizer window (reads the device; call only when logging). Under DDP:
         this rank's, or all ranks' where the window's counts were all-reduced (token counts, uneven shards)."""
         if self.world_size == 1:
-            self._nonfinite.check(self)
+            self.agreement.guard.check(self)
         return self.accum.mean_loss()
 
     def check_finite(self) -> None:
         """Apply ``nan_policy`` to window losses not yet checked; a no-op where every step is checked.
 
-        Under DDP this is the ranks' agreement (``torchkeel.agreement.agree``): call it on every rank at
-        the same point, as ModelCheckpoint does before it saves.
+        Under DDP this is the ranks' agreement (``torchkeel.agreement.Agreement.agree``): call it on every
+        rank at the same point, as ModelCheckpoint does before it saves.
         """
-        agreement.agree(self)
+        self.agreement.agree(self)
 
     @property
     def lr(self) -> float:
@@ -446,16 +498,120 @@ class AdvancedTrainer:
     @property
     def summary(self) -> dict[str, Any]:
         """The last fit's summary: status, best/last metrics, epochs, time, throughput, paths."""
-        return self._summary.summary
-
-    def _request_stop(self, reason: str, shared: bool = False) -> None:
-        """``shared``: every rank requests it at this point (agreed, or derived from the same numbers)."""
-        self.state.should_stop = True
-        self.state.stop_reason = self.state.stop_reason or reason
-        self._stop_shared = self._stop_shared or shared
+        return self.runs.summary.summary
 
     def _stop_agreed(self, sync: bool = False) -> bool:
         """Stop on a decision every rank shares: between batches one made so; else agree now (a collective)."""
         if not sync:
-            return self.state.should_stop and (self.world_size == 1 or self._stop_shared)
-        return schedule.agree_stop(self)
+            return self.agreement.stop_agreed()
+        self.agreement.agree(self)          # at a validation point or an epoch's end: save and exit on a signal
+        if self.agreement.preempt:
+            signals.on_signal(self)
+        return self.state.should_stop
+
+    # ------------------------------------------------------------- views of the parts' state
+    # Callbacks and tests read these as the trainer's attributes; each part owns the value.
+    @property
+    def max_epochs(self) -> int | None:
+        """This fit's ``epochs`` (``None`` before a fit, or when only ``max_steps`` bounds it)."""
+        return self.plan.max_epochs
+
+    @max_epochs.setter
+    def max_epochs(self, value: int | None) -> None:
+        self.plan.max_epochs = value
+
+    @property
+    def max_steps(self) -> int | None:
+        """This fit's ``max_steps``."""
+        return self.plan.max_steps
+
+    @max_steps.setter
+    def max_steps(self, value: int | None) -> None:
+        self.plan.max_steps = value
+
+    @property
+    def val_every_n_steps(self) -> int | None:
+        """This fit's ``val_every_n_steps``."""
+        return self.plan.val_every_n_steps
+
+    @val_every_n_steps.setter
+    def val_every_n_steps(self, value: int | None) -> None:
+        self.plan.val_every_n_steps = value
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per epoch of this fit (after ``limit_train_batches``); ``None`` for a loader without ``len()``."""
+        return self.plan.num_batches
+
+    @num_batches.setter
+    def num_batches(self, value: int | None) -> None:
+        self.plan.num_batches = value
+
+    @property
+    def batch_size(self) -> int | None:
+        """The train loader's ``batch_size`` in this fit, when it has one."""
+        return self.plan.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | None) -> None:
+        self.plan.batch_size = value
+
+    @property
+    def nan_policy(self) -> NanPolicy:
+        """What a non-finite loss does: ``'raise'``, ``'skip'`` or ``'stop'`` (``torchkeel.nonfinite``)."""
+        return self.agreement.guard.policy
+
+    @property
+    def replay_data(self) -> bool:
+        """A mid-epoch resume may replay a loader that cannot restore its position (``DataOrder.replay``)."""
+        return self.data_order.replay
+
+    @replay_data.setter
+    def replay_data(self, value: bool) -> None:
+        self.data_order.replay = value
+
+    @property
+    def keep_step_rng(self) -> bool:
+        """Keep the RNG states of every optimizer step (``ModelCheckpoint(save_on_exception=True)`` sets it)."""
+        return self.data_order.keep_step_rng
+
+    @keep_step_rng.setter
+    def keep_step_rng(self, value: bool) -> None:
+        self.data_order.keep_step_rng = value
+
+    @property
+    def step_rng(self) -> dict[str, Any] | None:
+        """The RNG states at the last optimizer step, when ``keep_step_rng``."""
+        return self.data_order.step_rng
+
+    @property
+    def sync_every_n_steps(self) -> int:
+        """Optimizer steps between the ranks' agreements (``torchkeel.agreement``)."""
+        return self.agreement.every
+
+    @property
+    def log_dir(self) -> Path | None:
+        """The root of the run folders, or ``None``."""
+        return self.runs.log_dir
+
+    @property
+    def run_name(self) -> str:
+        """The experiment's folder name under ``log_dir``."""
+        return self.runs.run_name
+
+    @property
+    def run_dir(self) -> Path | None:
+        """This fit's run folder, ``<log_dir>/<run_name>/version_N/`` (``None`` without ``log_dir``)."""
+        return self.runs.run_dir
+
+    @property
+    def _nonfinite(self) -> NonFiniteGuard:
+        return self.agreement.guard
+
+    @_nonfinite.setter
+    def _nonfinite(self, guard: NonFiniteGuard) -> None:
+        self.agreement.guard = guard
+
+    @property
+    def _val_batch(self) -> int | None:
+        return self.log_context.val_batch

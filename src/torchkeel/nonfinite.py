@@ -107,7 +107,7 @@ class NonFiniteGuard:
         action = "training stops" if lazy_note else "step skipped"
         log.warning("Non-finite loss at %s%s: %s (nan_policy=%r).", where, lazy_note, action, self.policy)
         if self.policy == "stop":
-            trainer._request_stop(f"non-finite loss at {where}", shared=True)
+            trainer.agreement.request_stop(f"non-finite loss at {where}", shared=True)
 
 
 def _where(epoch: int, first_batch: int, span: int, step: int) -> str:

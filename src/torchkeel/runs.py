@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -217,21 +218,39 @@ def run_callbacks(trainer: AdvancedTrainer, run_dir: Path, summary: FitSummary) 
     return out
 
 
-def open_folder(trainer: AdvancedTrainer, resumed: Path | None) -> list[Callback]:
-    """Pick ``run_dir`` (the resumed run's folder, else the next version) and its callbacks."""
-    if trainer.log_dir is None:
-        return []
-    root = trainer.log_dir / trainer.run_name
-    chosen = [str((resumed and version_dir_of(resumed, root)) or next_version(root))]
-    if trainer.world_size > 1:
-        dist.broadcast_object_list(chosen, src=0)
-    trainer.run_dir = Path(chosen[0])
-    from torchkeel.checkpoint.policy import ModelCheckpoint  # policy.py imports this module
+class RunFolders:
+    """Where this trainer's fits write: ``<log_dir>/<run_name>/version_N/`` (``run_dir``), and the fit summary.
 
-    if isinstance(trainer.checkpoint, ModelCheckpoint) and trainer.checkpoint.dirpath is None \
-            and trainer.checkpoint.save_dir is None:
-        trainer.checkpoint.dirpath = trainer.run_dir / "checkpoints"
-    return run_callbacks(trainer, trainer.run_dir, trainer._summary)
+    Args:
+        log_dir: the root of the run folders; ``None`` writes none.
+        run_name: the experiment's folder name under ``log_dir``.
+        summary: the ``FitSummary`` callback whose summary ``summary.json`` holds.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str] | None, run_name: str, summary: FitSummary) -> None:
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.run_name = run_name
+        self.run_dir: Path | None = None
+        self.summary = summary
+
+    def open(self, trainer: AdvancedTrainer, resumed: Path | None) -> list[Callback]:
+        """Pick ``run_dir`` (the resumed run's folder, else the next version) and return its callbacks.
+
+        Args:
+            trainer: the trainer starting a fit (its rank and ``ModelCheckpoint``, whose folder defaults there).
+            resumed: the checkpoint the fit resumed from, if any.
+        """
+        if self.log_dir is None:
+            return []
+        root = self.log_dir / self.run_name
+        chosen = [str((resumed and version_dir_of(resumed, root)) or next_version(root))]
+        if trainer.world_size > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        self.run_dir = run_dir = Path(chosen[0])
+        ckpt = trainer.checkpoint        # a ModelCheckpoint with no folder of its own writes into the run's
+        if getattr(ckpt, "dirpath", False) is None and getattr(ckpt, "save_dir", False) is None:
+            ckpt.dirpath = run_dir / "checkpoints"   # type: ignore[union-attr]
+        return run_callbacks(trainer, run_dir, self.summary)
 
 
 def hparams(trainer: AdvancedTrainer, **given: Any) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """What one ``fit`` runs: its extent (epochs, max_steps), validation points, batch limits, and the checks.
 
-``fit`` calls ``plan`` before anything else, ``nothing_to_do`` and ``continue_run`` after a resume.
+``fit`` makes a ``FitPlan`` before anything else, and asks it ``nothing_to_do`` and calls ``continue_run``
+after a resume.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -18,83 +18,153 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from torchkeel import accumulate, agreement, batching, dataorder, evaluate, logged, signals
+from torchkeel import accumulate, batching, dataorder, logged
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
+    from torchkeel.state import State
 
 log = logging.getLogger("torchkeel")
 
 
-def plan(trainer: AdvancedTrainer, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, epochs: Any,
-         max_steps: Any, val_every_n_steps: Any, limit_train: Any, limit_val: Any) -> None:
-    """Check ``fit``'s arguments and set what this fit runs: extent, validation points, limits."""
-    if epochs is None and max_steps is None:
-        epochs = 1                       # the seed's fit(loader): one epoch
-    trainer.max_epochs = check_count("epochs", epochs)
-    trainer.max_steps = check_count("max_steps", max_steps)
-    trainer.val_every_n_steps = check_count("val_every_n_steps", val_every_n_steps)
-    batching.check_loader(train_loader, "train_loader", one_pass=True)   # epochs: see continue_run
-    dataorder.check_sharded(trainer, train_loader)   # every rank alike, before any collective
-    if val_loader is not None:          # a whole set on every rank is accepted there: exact, if not shared
-        batching.check_loader(val_loader, "val_loader")
-    trainer._pending_monitors = logged.check_monitors(trainer, val_loader)
-    trainer._limit_train = limit_of("limit_train_batches", limit_train, train_loader)
-    trainer._limit_val = limit_of("limit_val_batches", limit_val, val_loader)
-    n = batching.num_batches(train_loader)
-    trainer.num_batches = n if trainer._limit_train is None or n is None else min(n, trainer._limit_train)
-    trainer.batch_size = getattr(train_loader, "batch_size", None)
-    trainer.accum.even_shards = agreement.even_shards(trainer, train_loader)   # refuses uneven batch counts
-    trainer.accum.sync_every_micro_batch = trainer.sync_every_micro_batch or trainer.num_batches is None
-    dataorder.before_first_batch(trainer, functools.partial(resumed_validation, val_loader=val_loader))
+class FitPlan:
+    """What one ``fit`` runs and where it stands in it: extent, validation points, batch limits, the next boundary.
 
+    ``fit`` makes one per call (its constructor checks ``fit``'s arguments); before any fit the trainer
+    holds an empty one (every value ``None``). It reads the trainer's ``State`` (the step, the last
+    validation) and owns the rest: ``boundary`` (the next optimizer step at which the loop validates or
+    ends), ``cut`` (``max_steps`` ended the epoch early) and the monitors only ``trainer.log`` can give.
 
-def nothing_to_do(trainer: AdvancedTrainer, resumed: Path | None) -> bool:
-    """True, with a warning, when the epochs or steps already done cover this fit's ``epochs``/``max_steps``.
-
-    ``fit`` then returns the history unchanged: no hook runs, no folder is opened. A run stopped by a
-    callback is not this case (``continue_run`` says why it does not continue).
+    Args:
+        state: the trainer's progress.
+        train_loader: ``fit``'s; ``None``: no fit (an empty plan).
+        val_loader: ``fit``'s, or ``None``.
+        epochs: ``fit``'s; with neither ``epochs`` nor ``max_steps``, one epoch.
+        max_steps: optimizer steps, counting those done before a resume.
+        val_every_n_steps: also a validation point every this many steps.
+        limit_train_batches: batches per epoch: an int, or a fraction in (0, 1] of the loader's length.
+        limit_val_batches: batches per validation, as ``limit_train_batches``.
     """
-    state = trainer.state
-    if state.should_stop:
-        return False
-    done = state.epoch + 1 if state.epoch_finished else state.epoch
-    source = f"the checkpoint {resumed}" if resumed is not None else "this trainer"
-    if trainer.max_epochs is not None and done >= trainer.max_epochs:
-        message = (f"{source} already trained {done} epochs; fit(epochs={trainer.max_epochs}) has nothing to "
-                   f"do: pass epochs > {done} to continue.")
-    elif trainer.max_steps is not None and state.step >= trainer.max_steps and not validation_due(trainer):
-        message = (f"{source} already trained {state.step} optimizer steps; fit(max_steps={trainer.max_steps}) "
-                   f"has nothing to do: pass max_steps > {state.step} to continue.")
-    else:
-        return False
-    if trainer.is_global_zero:
-        warnings.warn(f"{message} The history is returned unchanged.", UserWarning, stacklevel=3)
-    return True
+
+    def __init__(self, state: State, train_loader: Iterable[Any] | None = None, val_loader: Iterable[Any] | None = None,
+                 epochs: Any = None, max_steps: Any = None, val_every_n_steps: Any = None,
+                 limit_train_batches: Any = None, limit_val_batches: Any = None) -> None:
+        if train_loader is not None and epochs is None and max_steps is None:
+            epochs = 1                       # the seed's fit(loader): one epoch
+        self.state = state
+        self.max_epochs = check_count("epochs", epochs)
+        self.max_steps = check_count("max_steps", max_steps)
+        self.val_every_n_steps = check_count("val_every_n_steps", val_every_n_steps)
+        if train_loader is not None:
+            batching.check_loader(train_loader, "train_loader", one_pass=True)   # epochs: see continue_run
+        if val_loader is not None:          # a whole set on every rank is accepted there: exact, if not shared
+            batching.check_loader(val_loader, "val_loader")
+        self.limit_train = limit_of("limit_train_batches", limit_train_batches, train_loader)
+        self.limit_val = limit_of("limit_val_batches", limit_val_batches, val_loader)
+        n = batching.num_batches(train_loader) if train_loader is not None else None
+        self.num_batches = n if self.limit_train is None or n is None else min(n, self.limit_train)
+        self.batch_size: int | None = getattr(train_loader, "batch_size", None)
+        self.pending_monitors: list[tuple[str, str]] = []   # monitors only trainer.log can give
+        self.boundary = sys.maxsize       # the next step at which the loop validates or ends
+        self.cut = False                  # max_steps ended this epoch early
+
+    @property
+    def budget_spent(self) -> bool:
+        """``max_steps`` optimizer steps are done."""
+        return self.max_steps is not None and self.state.step >= self.max_steps
+
+    def epochs(self, start: int) -> Iterator[int]:
+        """The epochs from ``start`` up to ``epochs`` (without end when only ``max_steps`` bounds the fit)."""
+        return epochs_range(start, self.max_epochs)
+
+    def next_boundary(self) -> int:
+        """The next optimizer step at which the loop validates or ends (``sys.maxsize``: none)."""
+        every, last = self.val_every_n_steps, self.max_steps if self.max_steps is not None else sys.maxsize
+        return min(last, (self.state.step // every + 1) * every) if every else last
+
+    def advance(self) -> None:
+        """Past a boundary or an epoch's end: aim at the next one."""
+        self.boundary = self.next_boundary()
+
+    def validation_due(self) -> bool:
+        """A validation point is due at ``state.step`` and has not run (a checkpoint written before it).
+
+        Due: every ``val_every_n_steps`` steps, and where ``max_steps`` ends the run (its cut validates).
+        """
+        state, every = self.state, self.val_every_n_steps
+        if state.step == 0 or state.last_val_step == state.step or state.epoch_finished:
+            return False
+        return self.budget_spent or (every is not None and state.step % every == 0)
+
+    def at_boundary(self) -> bool | None:
+        """At a boundary step: True when ``max_steps`` ends the fit here (a mid-epoch end is a cut),
+        False when a validation point is due mid-epoch, None when the epoch's end is next anyway."""
+        mid_epoch = self.num_batches is None or self.state.batch < self.num_batches
+        if self.budget_spent:
+            self.cut = mid_epoch            # the epoch is not done: a resume continues it
+            return True
+        return False if mid_epoch else None  # at the epoch's last batch, the epoch's end validates
+
+    def end_epoch(self) -> tuple[bool, bool]:
+        """``(fresh, finished)`` at the loop's end of an epoch (or a ``max_steps`` cut).
+
+        ``fresh``: its validation point is due (else it ran at this step: a stop or a stream's end);
+        ``finished``: the epoch is done (a cut leaves it unfinished: a resume continues it).
+        """
+        state = self.state
+        if state.batch == 0:
+            raise ValueError(f"train_loader yielded no batches in epoch {state.epoch}. Pass a non-empty loader.")
+        finished, self.cut = not self.cut, False
+        return state.last_val_step != state.step, finished
+
+    def check_logged_monitors(self, metrics: Mapping[str, float]) -> None:
+        """At the fit's first validation point: a monitor only ``trainer.log`` can give must be in ``metrics``."""
+        logged.check_logged_monitors(self.pending_monitors, metrics)
+        self.pending_monitors = []
+
+    def nothing_to_do(self, resumed: Path | None, warn: bool) -> bool:
+        """True, with a warning, when the epochs or steps already done cover this fit's ``epochs``/``max_steps``.
+
+        ``fit`` then returns the history unchanged: no hook runs, no folder is opened. A run stopped by a
+        callback is not this case (``continue_run`` says why it does not continue).
+
+        Args:
+            resumed: the checkpoint this fit resumed from, if any.
+            warn: this rank warns (rank 0).
+        """
+        state = self.state
+        if state.should_stop:
+            return False
+        done = state.epoch + 1 if state.epoch_finished else state.epoch
+        source = f"the checkpoint {resumed}" if resumed is not None else "this trainer"
+        if self.max_epochs is not None and done >= self.max_epochs:
+            message = (f"{source} already trained {done} epochs; fit(epochs={self.max_epochs}) has nothing to "
+                       f"do: pass epochs > {done} to continue.")
+        elif self.max_steps is not None and state.step >= self.max_steps and not self.validation_due():
+            message = (f"{source} already trained {state.step} optimizer steps; fit(max_steps={self.max_steps}) "
+                       f"has nothing to do: pass max_steps > {state.step} to continue.")
+        else:
+            return False
+        if warn:
+            warnings.warn(f"{message} The history is returned unchanged.", UserWarning, stacklevel=3)
+        return True
 
 
 def continue_run(trainer: AdvancedTrainer, resumed: Path | None, loader: Iterable[Any]) -> None:
     """After a resume, before any hook: refuse a position the loader cannot continue from; a larger budget
     continues; a callback's stop stays, and says why."""
-    state = trainer.state
+    state, plan = trainer.state, trainer.plan
     start = state.epoch + 1 if state.epoch_finished else state.epoch
-    if trainer.max_epochs is not None and trainer.max_epochs - start > 1 and batching.is_one_shot(loader):
-        raise batching.one_shot_error(loader, "train_loader", f" and this fit runs {trainer.max_epochs - start} "
-                                      f"epochs (epochs={trainer.max_epochs})")
+    if plan.max_epochs is not None and plan.max_epochs - start > 1 and batching.is_one_shot(loader):
+        raise batching.one_shot_error(loader, "train_loader", f" and this fit runs {plan.max_epochs - start} "
+                                      f"epochs (epochs={plan.max_epochs})")
     dataorder.check_resume(trainer, loader)      # epoch_batches checks too, but after the hooks
-    trainer._counted, trainer._windows_at_fit = False, state.step + state.skipped_steps
     if state.should_stop:
         log.warning("fit(resume_from=...): %s was stopped (%s), so training does not continue. Resume from "
                     "an earlier checkpoint, or start a new run, to train further.", resumed, state.stop_reason)
     else:
         state.stop_reason = None         # why the last fit ended (its budget) is no reason now
-    trainer._boundary = next_boundary(trainer)
-
-
-def next_boundary(trainer: AdvancedTrainer) -> int:
-    """The next optimizer step at which the loop validates or ends (``sys.maxsize``: none)."""
-    every, last = trainer.val_every_n_steps, trainer.max_steps if trainer.max_steps is not None else sys.maxsize
-    return min(last, (trainer.state.step // every + 1) * every) if every else last
+    plan.advance()
 
 
 def begin_epoch(trainer: AdvancedTrainer, epoch: int) -> None:
@@ -112,71 +182,29 @@ def begin_epoch(trainer: AdvancedTrainer, epoch: int) -> None:
 def batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
     """The epoch's batches from where it stands, up to ``limit_train_batches``."""
     it = dataorder.epoch_batches(trainer, loader)
-    limit = trainer._limit_train
+    limit = trainer.plan.limit_train
     return it if limit is None else itertools.islice(it, max(0, limit - trainer.state.batch))
 
 
-def end_epoch(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None, seconds: float) -> None:
-    """The epoch's (or a ``max_steps`` cut's) validation point; a cut leaves the epoch unfinished."""
+def epoch_time(trainer: AdvancedTrainer, seconds: float, finished: bool) -> None:
+    """An epoch's end with no new validation point (one ran at this step): record its time in that row."""
     state = trainer.state
-    if state.batch == 0:
-        raise ValueError(f"train_loader yielded no batches in epoch {state.epoch}. Pass a non-empty loader.")
-    finished, trainer._cut = not trainer._cut, False
-    trainer._fresh = state.last_val_step != state.step   # else validated at this step: a stop or a stream's end
-    if trainer._fresh:
-        evaluate.validation_point(trainer, val_loader, {"epoch_time": seconds}, finished)
-    else:
-        state.metrics["epoch_time"], state.epoch_finished = seconds, finished and not state.should_stop
-        history = trainer.history             # that validation's row ends the epoch: it says so
-        if history.get("step") and history["step"][-1] == state.step and history["epoch"][-1] == state.epoch:
-            history.set_last("epoch_time", seconds)
-            trainer.logged.open_row(state.metrics, history)   # on_epoch_end's trainer.log: that row
-    trainer._boundary = next_boundary(trainer)
-
-
-def at_boundary(trainer: AdvancedTrainer, val_loader: Iterable[Any] | None) -> bool:
-    """At ``max_steps`` or a validation step; True to end the epoch here."""
-    mid_epoch = trainer.num_batches is None or trainer.state.batch < trainer.num_batches
-    if trainer._budget_spent:
-        trainer._cut = mid_epoch            # the epoch is not done: a resume continues it
-        return True
-    if mid_epoch:                        # at the epoch's last batch, the epoch's end validates
-        evaluate.validation_point(trainer, val_loader)
-        for cb in trainer._hooks["on_validation_end"]:
-            cb.on_validation_end(trainer)
-        trainer.logged.close_row()
-    trainer._boundary = next_boundary(trainer)
-    return trainer._stop_agreed(sync=True)
+    state.metrics["epoch_time"], state.epoch_finished = seconds, finished and not state.should_stop
+    history = trainer.history             # that validation's row ends the epoch: it says so
+    if history.get("step") and history["step"][-1] == state.step and history["epoch"][-1] == state.epoch:
+        history.set_last("epoch_time", seconds)
+        trainer.logged.open_row(state.metrics, history)   # on_epoch_end's trainer.log: that row
 
 
 def validation_due(trainer: AdvancedTrainer) -> bool:
-    """A validation point is due at ``state.step`` and has not run (a checkpoint written before it).
+    """``trainer.plan.validation_due()``: a validation point is due at the trainer's step and has not run.
 
-    Due: every ``val_every_n_steps`` steps, and where ``max_steps`` ends the run (its cut validates).
+    For code that holds only the trainer (a logger at ``on_fit_begin``: TensorBoard's purge step).
+
+    Args:
+        trainer: the trainer whose current fit asks.
     """
-    state, every = trainer.state, trainer.val_every_n_steps
-    if state.step == 0 or state.last_val_step == state.step or state.epoch_finished:
-        return False
-    return trainer._budget_spent or (every is not None and state.step % every == 0)
-
-
-def resumed_validation(trainer: AdvancedTrainer, rng: dict[str, Any] | None,
-                       val_loader: Iterable[Any] | None) -> bool:
-    """Before a resumed fit's first batch: the validation due at the resumed step, if it has not run.
-
-    A step checkpoint (``every_n_steps``, an emergency save) is written in ``on_step_end``, before that
-    step's validation: the resumed run validates there first, as the interrupted one did, with the RNG
-    states of that step (what a checkpoint saved there holds). True when every rank agreed to stop.
-    """
-    if not validation_due(trainer):
-        return False
-    keep = dataorder.rng_state()
-    if rng is not None:
-        dataorder.set_rng_state(rng)
-    try:
-        return at_boundary(trainer, val_loader)
-    finally:
-        dataorder.set_rng_state(keep)     # what orders the rest of the epoch: the loader's draw comes next
+    return trainer.plan.validation_due()
 
 
 def check_trainer(model: Any, optimizer: Any, accumulation: Any, scheduler_interval: Any, log_every_n_steps: Any,
@@ -263,11 +291,3 @@ def limit_of(name: str, value: Any, loader: Iterable[Any] | None) -> int | None:
 
 def epochs_range(start: int, epochs: int | None) -> Iterator[int]:
     return iter(range(start, epochs)) if epochs is not None else itertools.count(start)
-
-
-def agree_stop(trainer: AdvancedTrainer) -> bool:
-    """At a validation point or an epoch's end: the ranks agree (``agreement.agree``); save and exit on a signal."""
-    agreement.agree(trainer)
-    if trainer._preempt:
-        signals.on_signal(trainer)
-    return trainer.state.should_stop

@@ -247,7 +247,7 @@ def on_signal(trainer: AdvancedTrainer) -> None:
 
     Ranks agree on the exit code too (the highest signal number any rank received: SIGTERM over SIGINT).
     """
-    flag = trainer._signal
+    flag = trainer.signal_flag
     flag.cancel()                              # the save begins: the grace timer must never cut it
     signum = flag.signum
     if trainer.world_size > 1:

@@ -49,7 +49,7 @@ def dataset_source(loader: Any) -> tuple[Any, str]:
 
 def check_replay(trainer: AdvancedTrainer, pending: dict[str, Any], why: str) -> None:
     """Refuse, before any step, to replay a stream when the trainer was told not to (``replay_data=False``)."""
-    if getattr(trainer, "replay_data", True):
+    if trainer.data_order.replay:
         return
     batches = pending["batch"]
     raise ValueError(

@@ -1,21 +1,32 @@
 """Callbacks: observe the loop and decide (stop, save, log). They never reorder its mechanics.
 
-The hook order, once, as a sketch of ``AdvancedTrainer.fit``::
+The hook order, once, as a sketch of ``AdvancedTrainer.fit`` (``tests/test_hook_order.py`` pins it)::
 
     on_fit_begin(trainer)                      # after resume, before the first batch
     for epoch in range(state.epoch, epochs):   # until epochs or max_steps, whichever comes first
         on_epoch_begin(trainer)
-        for batch in train_loader:
-            if trainer._step(batch):           # True once the optimizer stepped
+        if resumed and a validation is due at state.step:   # a step checkpoint written before it
+            on_validation_begin(trainer)       # (at max_steps: no point here, the epoch's end validates)
+            state.metrics = validate(val_loader)     # with the RNG states of that step
+            on_validation_end(trainer)
+        for batch in train_loader:             # (from a resume's position)
+            forward, backward                  # a window of gradient_accumulation_steps micro-batches
+            if the window is full (or the epoch's short last window, after the loop):
+                scaler.unscale_(optimizer)     # gradients unscaled and, under DDP, averaged
+                on_before_optimizer_step(trainer)    # gradient logging, custom clipping
+                clip; optimizer.step()         # (skipped on a non-finite window: no hook either)
                 on_step_end(trainer)           # once per real optimizer step
-                if state.step == max_steps: break
-                if state.step % val_every_n_steps == 0:      # mid-epoch validation point
+                if state.step == max_steps: break    # the epoch's end validates the cut
+                if state.step % val_every_n_steps == 0 and the epoch has batches left:
+                    on_validation_begin(trainer)     # EMA swaps weights here
                     state.metrics = validate(val_loader)     # reduced across ranks; RNG kept
-                    on_validation_end(trainer)               # EarlyStopping, ModelCheckpoint
+                    on_validation_end(trainer)       # EarlyStopping, ModelCheckpoint
             if state.should_stop: break
-        state.metrics = validate(val_loader)   # the epoch's (or the max_steps cut's) point
+        if no validation ran at this step:     # the epoch's (or the max_steps cut's) point
+            on_validation_begin(trainer)
+            state.metrics = validate(val_loader)
         on_epoch_end(trainer)                  # LRScheduler (epoch interval, ReduceLROnPlateau)
-        on_validation_end(trainer)             # EarlyStopping, ModelCheckpoint (ranked saves)
+        on_validation_end(trainer)             # EarlyStopping, ModelCheckpoint (ranked saves); if validated
         if state.should_stop: break
     on_fit_end(trainer)
     # any exception inside fit: on_exception(trainer, exc), then it propagates
@@ -27,7 +38,19 @@ without a val_loader (train_loss monitors), after ``on_epoch_end``: a checkpoint
 epoch's scheduler step, and metrics a callback adds in ``on_epoch_end`` are seen. A ``max_steps`` cut mid-epoch runs both hooks with
 ``state.epoch_finished`` False: the epoch goes on when the run is resumed with a larger budget.
 
-Only hooks a callback overrides are called: ``fit`` builds one list per hook.
+``on_validation_begin`` pairs with ``on_validation_end``: it fires before every validation point,
+with or without a val_loader (the point's train_loss and logged values are recorded either way),
+so a callback that swaps weights there (an EMA) can always swap them back in ``on_validation_end``.
+At an epoch's end ``on_epoch_end`` runs between the two.
+
+``on_before_optimizer_step`` sees the window's final gradients: unscaled (a float16 GradScaler's
+``unscale_`` has run), averaged across ranks under DDP, before clipping and ``optimizer.step()``.
+Whatever it does to them (log, scale, clip) the step uses. A window skipped as non-finite runs no
+optimizer step and so no hook; under a GradScaler, one whose gradients overflowed does run it (the
+scaler skips the step after).
+
+Only hooks a callback overrides are called: ``fit`` builds one list per hook; a trainer with no
+``on_before_optimizer_step`` callback steps exactly as one without the hook.
 """
 
 from __future__ import annotations
@@ -37,8 +60,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
-HOOKS = ("on_fit_begin", "on_epoch_begin", "on_step_end", "on_validation_end", "on_epoch_end", "on_fit_end",
-         "on_exception")
+HOOKS = ("on_fit_begin", "on_epoch_begin", "on_before_optimizer_step", "on_step_end", "on_validation_begin",
+         "on_validation_end", "on_epoch_end", "on_fit_end", "on_exception")
 
 
 @runtime_checkable
@@ -65,7 +88,9 @@ class Callback:
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None: ...
     def on_epoch_begin(self, trainer: AdvancedTrainer) -> None: ...
+    def on_before_optimizer_step(self, trainer: AdvancedTrainer) -> None: ...
     def on_step_end(self, trainer: AdvancedTrainer) -> None: ...
+    def on_validation_begin(self, trainer: AdvancedTrainer) -> None: ...
     def on_validation_end(self, trainer: AdvancedTrainer) -> None: ...
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None: ...
     def on_fit_end(self, trainer: AdvancedTrainer) -> None: ...
