@@ -42,15 +42,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchkeel.parallel import sharded
+from torchkeel.parallel.strategy import Strategy, strategy_of, unwrap_model
 
 _NO_CONTEXT = nullcontext()   # reusable: entering it costs nothing
 
@@ -91,8 +90,6 @@ def check_optimizer_params(owner: str, model: nn.Module, optimizer: torch.optim.
         optimizer: the optimizer to check.
         criterion: the loss; its parameters are allowed when it is an ``nn.Module``.
     """
-    from torchkeel.distributed import unwrap_model  # distributed imports this module
-
     inner = unwrap_model(model)
     own = {id(p): p.requires_grad for p in inner.parameters()}
     allowed = set(own)
@@ -108,7 +105,7 @@ def check_optimizer_params(owner: str, model: nn.Module, optimizer: torch.optim.
                 "model")
     if foreign and (replaced or not trains_model):
         of = "the model being trained" + (" or of the criterion" if isinstance(criterion, nn.Module) else "")
-        if sharded.is_sharded(inner):
+        if strategy_of(model).shards_gradients:
             fix = (f"The model is sharded (fully_shard replaced its parameters with new DTensor parameters), so "
                    f"an optimizer built from model.parameters() before sharding trains nothing: {wrap_fix}.")
         else:
@@ -143,6 +140,8 @@ class GradientAccumulator:
         criterion: the loss module, when the optimizer also holds its learnable parameters (a loss
             weight); every other parameter the optimizer holds must be the model's
             (``check_optimizer_params``).
+        strategy: how the model is held (``torchkeel.parallel.strategy``); default ``strategy_of(model)``.
+            The trainer passes its own, so both share one.
 
     Example:
         >>> acc = GradientAccumulator(model, optimizer, accumulation_steps=4, max_grad_norm=1.0)
@@ -165,6 +164,8 @@ class GradientAccumulator:
         even_shards: bool = False,
         sync_every_micro_batch: bool = False,
         criterion: Any = None,
+        *,
+        strategy: Strategy | None = None,
     ) -> None:
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
                 or accumulation_steps < 1:
@@ -186,14 +187,18 @@ class GradientAccumulator:
         # Optimizer.zero_grad(set_to_none=True) sets each grad to None inside a profiler range that
         # costs ~10 µs a step; an optimizer that does not override it gets the same loop without.
         self._plain_zero_grad = type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
-        self.is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)  # no_sync, all-reduces
-        self.is_sharded = sharded.is_sharded(model)    # FSDP2: DTensor grads, reduced by reduce-scatter
-        self._world = dist.get_world_size() if self.is_ddp or self.is_sharded else 1
-        self._group = getattr(model, "process_group", None) if self.is_ddp else None
+        if strategy is None:
+            strategy = strategy_of(model)
+        elif not isinstance(strategy, Strategy) or strategy.model is not model:
+            raise ValueError(f"GradientAccumulator(strategy={strategy!r}): pass the strategy of this model "
+                             "(torchkeel.parallel.strategy.strategy_of(model)), or None to build it here.")
+        self.strategy = strategy
+        self._reduced = strategy.reduces_gradients     # the backward averages grads over the dp group
+        self._sharded = strategy.shards_gradients      # ... into shards, unreachable until synced
+        self._world = strategy.dp_size                 # gradients and counts: averaged over the dp group
         self.even_shards = even_shards
         self.sync_every_micro_batch = sync_every_micro_batch
         self._closing = False      # no_sync said: the next backward ends the window (synced)
-        self._sync_on = True       # the sharded model's requires_gradient_sync, as last set
         self._agreed: torch.Tensor | None = None   # weighted DDP window: [global count, global loss sum]
         self._n_ref = 0            # samples in the window's first micro-batch
         self._full = 0             # the window's count the weights assumed: k * n_ref (n_ref: weighted path)
@@ -220,6 +225,16 @@ class GradientAccumulator:
         self.check_finite = True   # False: never read the loss or grads here (see torchkeel.nonfinite)
 
     @property
+    def is_ddp(self) -> bool:
+        """True when the model is a ``DistributedDataParallel`` (``strategy.kind == 'ddp'``)."""
+        return self.strategy.kind == "ddp"
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when the model is sharded with FSDP2 (``strategy.kind == 'fsdp'``)."""
+        return self.strategy.kind == "fsdp"
+
+    @property
     def pending(self) -> bool:
         """True when micro-batches have been accumulated since the last step."""
         return self._micro > 0
@@ -240,28 +255,13 @@ class GradientAccumulator:
         DDP: a context around the forward (and backward). Sharded: sets the model's gradient sync
         for the next backward, which may run after the context has exited (the trainer's does).
         """
-        if self.is_sharded:
-            self._closing = sync = last or self.is_last_micro_batch
+        if not self._reduced:      # one process: nothing to skip
+            return _NO_CONTEXT
+        self._closing = sync = last or self._micro + 1 == self.accumulation_steps
+        if self._sharded:          # a sharded short window cannot be reduced by hand: the option syncs all
             sync = sync or self.sync_every_micro_batch
-            if sync != self._sync_on:
-                self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]
-                self._sync_on = sync
-            self._unsynced = not sync
-            return _NO_CONTEXT
-        if not self.is_ddp:
-            return _NO_CONTEXT
-        self._closing = last or self.is_last_micro_batch
-        return self._ddp_no_sync(last)
-
-    @contextmanager
-    def _ddp_no_sync(self, last: bool) -> Iterator[None]:
-        if not (last or self.is_last_micro_batch):
-            with self.model.no_sync():  # type: ignore[operator]
-                self._unsynced = True
-                yield
-        else:
-            self._unsynced = False
-            yield
+        self._unsynced = not sync
+        return self.strategy.no_sync(sync)
 
     def backward(self, loss: torch.Tensor, num_samples: int | None = None, *,
                  count: int | torch.Tensor | None = None) -> None:
@@ -278,7 +278,7 @@ class GradientAccumulator:
             self._counted += 1
             self._backward_weighted(loss, as_count(count, "GradientAccumulator.backward(count=...)"), closing)
             return
-        if (self.is_ddp or self.is_sharded) and not self.even_shards:
+        if self._reduced and not self.even_shards:
             self._backward_weighted(loss, n, closing)
             return
         if self._grads_stale:
@@ -309,9 +309,9 @@ class GradientAccumulator:
         self._micro += 1
         weight: float | torch.Tensor = n / self._n_ref
         closing = closing or self._micro >= self.accumulation_steps
-        if self.is_sharded:       # the accumulated grads are FSDP's, unreachable: scaled by W / N in _finish
+        if self._sharded:         # the accumulated grads are FSDP's, unreachable: scaled by W / N in _finish
             weight = float(n)
-        elif closing and self.is_ddp:
+        elif closing and self._reduced:
             n_global = self._all_reduce_window(self._window_loss)
             if self._micro > 1:
                 self._scale_grads(self._n_ref * self._world / n_global)
@@ -329,7 +329,7 @@ class GradientAccumulator:
         t = torch.zeros(2, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
         t[0] = self._window_n
         t[1] = window_loss.detach() * self._n_ref
-        dist.all_reduce(t, group=self._group)
+        dist.all_reduce(t, group=self.strategy.dp_group)
         self._agreed = t
         return t[0]
 
@@ -364,14 +364,14 @@ class GradientAccumulator:
     def _end_short(self) -> bool:
         if self._micro == 0:
             return False
-        if self.is_sharded and self._unsynced:
+        if self._sharded and self._unsynced:
             self._reset_window()
             raise RuntimeError(
                 "GradientAccumulator.flush(): the short window's last backward ran without gradient sync on a "
                 "sharded model, whose unsharded gradients only FSDP can reduce. Pass no_sync(last=True) for a "
                 "window's last micro-batch, or GradientAccumulator(sync_every_micro_batch=True).")
         weighted = self._counted or not self.even_shards
-        if self.is_ddp and weighted and self._agreed is None:   # each rank's own n_ref, before averaging
+        if self._reduced and not self._sharded and weighted and self._agreed is None:   # each rank's own n_ref, before averaging
             assert self._window_loss is not None
             n_global = self._all_reduce_window(self._window_loss)
             self._scale_grads(self._n_ref * self._world / n_global)
@@ -388,7 +388,7 @@ class GradientAccumulator:
                 "GradientAccumulator.backward(): a window mixed micro-batches with count=... and without; "
                 "give every backward of a fit its count, or none."
             )
-        if self.is_sharded and (self._counted or not self.even_shards):   # grads: (1/W) sum n_i grad_i
+        if self._sharded and (self._counted or not self.even_shards):   # grads: (1/W) sum n_i grad_i
             self._scale_grads(self._world / self._all_reduce_window(self._window_loss))
         weighted = self._agreed is not None       # counts all-reduced: the grads are weighted already
         self.window_loss, self.window_ref, self.window_local = self._window_loss, self._n_ref, self._window_n
@@ -421,14 +421,9 @@ class GradientAccumulator:
         scaling = self.scaler.is_enabled()
         if self.max_grad_norm is not None:
             params = self._clip_params()
-            self.grad_norm = sharded.clip_grad_norm_(params, self.max_grad_norm) if self.is_sharded \
-                else nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+            self.grad_norm = self.strategy.clip_grad_norm_(params, self.max_grad_norm)
         if self.gradient_clip_value is not None:
-            if self.is_sharded:    # elementwise: each shard on its own
-                torch._foreach_clamp_min_(grads := self._local_grads(), -self.gradient_clip_value)
-                torch._foreach_clamp_max_(grads, self.gradient_clip_value)
-            else:
-                nn.utils.clip_grad_value_(self._params, self.gradient_clip_value, foreach=True)
+            self.strategy.clip_grad_value_(self._params, self.gradient_clip_value)
         if scaling:                    # skipped: update() lowered the scale (one host read, not two)
             before = self.scaler._scale.clone() if self.scaler._scale is not None else None
             self.scaler.step(self.optimizer)
@@ -443,7 +438,7 @@ class GradientAccumulator:
     def _nonfinite_now(self) -> bool:
         """One process: the window's loss (one scalar read). DDP, sharded: the averaged grads (their norm
         reduced across shards), alike on every rank."""
-        if not (self.is_ddp or self.is_sharded):
+        if not self._reduced:
             assert self.window_loss is not None
             return not math.isfinite(self.window_loss.item())
         if self.scaler.is_enabled():      # unscale_ finds the infs/NaNs and the scaler skips the step
@@ -452,8 +447,7 @@ class GradientAccumulator:
         if not grads:
             return False
         total = torch.stack(torch._foreach_norm(grads)).sum()
-        if self.is_sharded:               # each rank holds other shards: the verdict must be every rank's
-            dist.all_reduce(total)
+        self.strategy.sum_over_shards(total)   # sharded: each rank holds other shards, the verdict is every rank's
         return not bool(total.isfinite())
 
     def _reset_window(self) -> None:
@@ -461,8 +455,7 @@ class GradientAccumulator:
 
     def _local_grads(self) -> list[torch.Tensor]:
         """The gradients as plain tensors: a sharded model's local shards."""
-        grads = [p.grad for p in self._params if p.grad is not None]
-        return [g.to_local() for g in grads] if self.is_sharded else grads  # type: ignore[attr-defined]
+        return self.strategy.local_grads(self._params)
 
     def _scale_grads(self, factor: float | torch.Tensor) -> None:
         grads = self._local_grads()
@@ -512,10 +505,7 @@ class GradientAccumulator:
                 p.grad = None
 
     def _all_reduce_grads(self) -> None:
-        grads = [p.grad for p in self._params if p.grad is not None]
-        for g in grads:
-            dist.all_reduce(g, group=self._group)
-        torch._foreach_div_(grads, self._world)
+        self.strategy.reduce_unsynced([p.grad for p in self._params if p.grad is not None])
         self._unsynced = False
 
 

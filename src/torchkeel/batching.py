@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from torchkeel.parallel.strategy import strategy_of
+
 if TYPE_CHECKING:
     from torchkeel.state import State
 
@@ -26,8 +28,8 @@ def resolve_model(model: Any, device: str | torch.device | None) -> tuple[Any, t
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = check_device(device)
-    if isinstance(model, nn.Module) and not isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model.to(device)
+    if isinstance(model, nn.Module):
+        strategy_of(model).to(device)
     return model, device
 
 
@@ -79,17 +81,6 @@ def resolve_amp(use_amp: bool, amp_dtype: torch.dtype | None, device: torch.devi
             "AdvancedTrainer(amp_dtype=torch.bfloat16): this GPU cannot do bfloat16. Use amp_dtype=torch.float16."
         )
     return dtype
-
-
-def grad_scaler(model: nn.Module, device: torch.device, enabled: bool) -> torch.amp.GradScaler:
-    """float16's loss scaler; a sharded model's agrees across ranks on whether any shard overflowed."""
-    from torchkeel.parallel import sharded
-
-    if enabled and sharded.is_sharded(model):
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(device.type, enabled=True)
-    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def check_loader(loader: Any, name: str, one_pass: bool = False) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from torchkeel.parallel.process_group import (
@@ -37,32 +35,19 @@ from torchkeel.parallel.process_group import (
     is_main_process,
     shutdown,
 )
+from torchkeel.parallel.strategy import (
+    DataParallelStrategy,
+    DDPStrategy,
+    FSDPStrategy,
+    strategy_of,
+    unwrap_model,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 log = logging.getLogger("torchkeel")
 PathLike = str | os.PathLike[str]
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DataParallel, DistributedDataParallel and torch.compile wrappers, repeatedly.
-
-    Example:
-        state = unwrap_model(model).state_dict()   # no "module." or "_orig_mod." prefixes
-    """
-    while True:
-        if isinstance(model, (DataParallel, DistributedDataParallel)):
-            model = model.module
-        elif _is_compiled(model) and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded once torch.compile ran
-    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
-
 
 def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     out = {}
@@ -197,7 +182,7 @@ class DistributedTrainer:
         where = "DistributedTrainer"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{where}: model is a {type(model).__name__}; pass an nn.Module.")
-        if isinstance(model, (DataParallel, DistributedDataParallel)):
+        if strategy_of(model).kind in ("data_parallel", "ddp"):
             raise TypeError(f"{where}: model is already a {type(model).__name__}; pass the plain "
                             "module (model.module) and let DistributedTrainer wrap it.")
         fsdp_options: dict[str, Any] = {
@@ -214,13 +199,9 @@ class DistributedTrainer:
         model = model.to(self.device)
         self.model: nn.Module = model
         if distributed and strategy == "fsdp":
-            from torchkeel.parallel.sharded import shard_model
-
-            self.model = shard_model(model, **fsdp_options)
+            self.model = FSDPStrategy.wrap(model, **fsdp_options).model
         elif distributed:
-            ids = [self.device] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(
-                model, device_ids=ids, find_unused_parameters=find_unused_parameters, **ddp_kwargs)
+            self.model = DDPStrategy.wrap(model, self.device, find_unused_parameters, **ddp_kwargs).model
         else:
             log.info("%s: one process and no RANK/WORLD_SIZE, so the plain model is used on %s. "
                      "Launch with `torchrun --nproc_per_node N` for N processes.", where, self.device)
@@ -283,22 +264,15 @@ class DistributedTrainer:
 
     def model_state_dict(self) -> dict[str, Any]:
         """The unwrapped model's full state; under "fsdp" gathered to rank 0 (every rank calls it)."""
-        from torchkeel.parallel.sharded import full_state_dict, is_sharded
-
-        return full_state_dict(self.model) if is_sharded(self.model) else self.module.state_dict()
+        return strategy_of(self.model).model_state_dict(full=True)
 
     def load_checkpoint(self, path: PathLike) -> dict[str, Any]:
         """Load a checkpoint (weights_only, to cpu) into the unwrapped model; return the dict.
 
         Under "fsdp" every rank reads the full file and keeps its own shards.
         """
-        from torchkeel.parallel.sharded import is_sharded, load_full_state_dict
-
-        where = "DistributedTrainer.load_checkpoint"
-        if not is_sharded(self.model):
-            return _load_into(self.module, path, where)
-        ckpt = _load_into(None, path, where)
-        load_full_state_dict(self.model, _strip_prefixes(ckpt["model"]))
+        ckpt = _load_into(None, path, "DistributedTrainer.load_checkpoint")
+        strategy_of(self.model).load_model_state_dict(_strip_prefixes(ckpt["model"]), full=True)
         return ckpt
 
     def close(self) -> None:
@@ -335,7 +309,7 @@ class MultiGPUTrainer:
         model = unwrap_model(model).to(self.device)
         self.model: nn.Module = model
         if len(self.gpu_ids) >= 2:
-            self.model = DataParallel(model, device_ids=self.gpu_ids)
+            self.model = DataParallelStrategy.wrap(model, self.gpu_ids).model
         else:
             why = "no CUDA GPU is visible" if count == 0 else f"only GPU {self.gpu_ids[0]} is used"
             log.info("MultiGPUTrainer: %s, so the plain model runs on %s.", why, self.device)

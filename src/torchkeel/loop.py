@@ -21,6 +21,7 @@ from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, ove
 from torchkeel.checkpoint import resume
 from torchkeel.distributed import unwrap_model
 from torchkeel.nonfinite import NanPolicy, NonFiniteGuard
+from torchkeel.parallel.strategy import strategy_of
 from torchkeel.runs import FitSummary
 from torchkeel.state import History, State
 
@@ -130,11 +131,12 @@ class AdvancedTrainer:
         self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.is_global_zero = self.rank == 0
         self.amp_dtype = batching.resolve_amp(use_amp, amp_dtype, device)
-        self.scaler = batching.grad_scaler(model, device, enabled=self.amp_dtype == torch.float16)
+        self.strategy = strategy_of(model)    # how the model is held: sync, clip, scaler, state dicts, topology
+        self.scaler = self.strategy.grad_scaler(device, enabled=self.amp_dtype == torch.float16)
         self.sync_every_micro_batch = sync_every_micro_batch
         self.accum = GradientAccumulator(
             model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value,
-            sync_every_micro_batch=sync_every_micro_batch, criterion=criterion)
+            sync_every_micro_batch=sync_every_micro_batch, criterion=criterion, strategy=self.strategy)
         # the parts, each the owner of its state (see DESIGN.md, "Architecture: owners and seams")
         self.state = State()
         self.history = History()

@@ -1,6 +1,8 @@
-"""Parallelism: the process group's life (``process_group``) and FSDP2 sharding (``sharded``).
+"""Parallelism: the process group's life (``process_group``), FSDP2 sharding (``sharded``) and the
+strategy seam (``strategy``: one object per way of holding the model, and the data-parallel topology).
 
-The trainers that use them are public in ``torchkeel.distributed``.
+The trainers that use them are public in ``torchkeel.distributed``; ``AdvancedTrainer.strategy`` is one
+of the strategies below.
 """
 
 from __future__ import annotations
@@ -12,5 +14,14 @@ from torchkeel.parallel.sharded import (
     no_sync,
     shard_model,
 )
+from torchkeel.parallel.strategy import (
+    DataParallelStrategy,
+    DDPStrategy,
+    FSDPStrategy,
+    SingleDevice,
+    Strategy,
+    strategy_of,
+)
 
-__all__ = ["clip_grad_norm_", "full_state_dict", "load_full_state_dict", "no_sync", "shard_model"]
+__all__ = ["DDPStrategy", "DataParallelStrategy", "FSDPStrategy", "SingleDevice", "Strategy", "clip_grad_norm_",
+           "full_state_dict", "load_full_state_dict", "no_sync", "shard_model", "strategy_of"]

@@ -165,6 +165,7 @@ def no_sync(model: nn.Module) -> Iterator[None]:
     Example:
         >>> with no_sync(model): model(x).sum().backward()
     """
+    own = getattr(model, "no_sync", None)        # DDP's own
     if is_sharded(model):
         fsdp = cast("FSDPModule", model)
         fsdp.set_requires_gradient_sync(False)
@@ -172,8 +173,8 @@ def no_sync(model: nn.Module) -> Iterator[None]:
             yield
         finally:
             fsdp.set_requires_gradient_sync(True)
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
-        with model.no_sync():
+    elif callable(own):
+        with own():
             yield
     else:
         yield
