@@ -18,6 +18,8 @@ import os
 import pickle
 import re
 import secrets
+import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,15 +37,15 @@ if TYPE_CHECKING:
     MapLocation: TypeAlias = "str | torch.device | dict[str, str] | Callable[..., Any] | None"
     StrPath: TypeAlias = "str | os.PathLike[str]"
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "clean_temporaries", "find_latest",
-           "is_checkpoint", "list_checkpoints", "load", "load_checkpoint", "load_verified", "remove", "save", "verify",
-           "write_text_atomic"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "clean_temporaries", "load", "load_verified", "remove", "save",
+           "verify", "write_text_atomic"]
 
 __version__ = "0.1.0"  # used only when ``torchkeel.__version__`` cannot be read
 FORMAT = 2  # 1: one sha256 of the whole payload (still read); 2: a sha256 per chunk, in parallel
 FORMATS = (1, 2)
 CHUNK_BYTES = 8 << 20  # hashed in parallel; big enough that thread hand-offs cost nothing
 MANIFEST_SUFFIX = ".manifest.json"
+_TEMP = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")  # ".<name>.tmp-<random>", ours and mkstemp's
 
 
 class CheckpointError(RuntimeError):
@@ -370,28 +372,6 @@ def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
     return load_verified(path, map_location)[0]
 
 
-def load_checkpoint(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
-    """A checkpoint's whole state, verified first: a ``.pt`` file (``load``) or a sharded directory.
-
-    A directory (``ModelCheckpoint`` on a sharded model) is consolidated in this one process, with
-    the same top-level keys as a single file (the optimizer keyed by index, as ``state_dict()``).
-    Example:
-        >>> model.load_state_dict(load_checkpoint("ckpt/version_0/epoch=3-step=120")["model"])
-    """
-    if os.fspath(path) != "" and Path(path).is_dir():
-        from torchkeel.checkpoint.shardstate import load_consolidated
-
-        if map_location is not None and not isinstance(map_location, (str, torch.device)):
-            raise TypeError(f"load_checkpoint({str(path)!r}, map_location={map_location!r}): a sharded "
-                            "directory takes a device ('cpu', 'cuda:0') or None, not a mapping or function.")
-        state = load_consolidated(path)
-        if map_location is not None and torch.device(map_location).type != "cpu":
-            state = torch.utils._pytree.tree_map(
-                lambda v: v.to(map_location) if isinstance(v, torch.Tensor) else v, state)
-        return state
-    return load(path, map_location)
-
-
 def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """``load``, and the manifest entry the loaded bytes matched (its ``sha256`` names them)."""
     if os.fspath(path) == "":  # Path("") is "." (a folder): say what was meant instead
@@ -460,11 +440,57 @@ def _into_memory(obj: Any, pool: ThreadPoolExecutor) -> None:
             t.set_(fresh[key], t.storage_offset(), t.size(), t.stride())
 
 
-# Finding and deleting checkpoints lives in torchkeel.checkpoint.discovery; its names stay importable from here.
-from torchkeel.checkpoint.discovery import (
-    clean_temporaries,
-    find_latest,
-    is_checkpoint,
-    list_checkpoints,
-    remove,
-)
+# ---------------------------------------------------------------------------------- deletion
+def clean_temporaries(folder: StrPath) -> list[Path]:
+    """Remove unfinished writes (``.<name>.tmp-<random>``) from ``folder``; return them.
+
+    Regular files with such names, and directories of such names holding only regular files (an
+    unfinished sharded write); symlinks and everything else are left alone.
+    Example:
+        >>> clean_temporaries("ckpt")
+        [PosixPath('ckpt/.step-000120.pt.tmp-1f2e3d4c')]
+    """
+    removed = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if _TEMP.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            elif _TEMP.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    if all(e.is_file(follow_symlinks=False) for e in os.scandir(entry.path)):
+                        shutil.rmtree(entry.path)
+                        removed.append(Path(entry.path))
+    return removed
+
+
+def remove(path: StrPath, folder: StrPath | None = None, missing_ok: bool = False) -> None:
+    """Delete a checkpoint file: its manifest first, then its payload (either may already be gone).
+
+    Raises ``ValueError``, deleting nothing, if either is a symlink or not a regular file (a
+    sharded directory: ``torchkeel.checkpoint.discovery.remove``), or if ``folder`` is given and
+    the checkpoint is not directly in it.
+
+    Args:
+        path: the payload. folder: the folder it must be in (symlinks resolved).
+        missing_ok: when neither file exists, return instead of raising ``FileNotFoundError``.
+    Example:
+        >>> remove("ckpt/step-000120.pt", folder="ckpt")
+    """
+    payload = Path(path)
+    if folder is not None and payload.parent.resolve() != Path(folder).resolve():
+        raise ValueError(f"remove(path={str(path)!r}, folder={str(folder)!r}): the checkpoint is "
+                         "not in that folder; pass a path directly inside it.")
+    present = []
+    for p in (payload.with_name(payload.name + MANIFEST_SUFFIX), payload):
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                raise ValueError(f"remove(path={str(path)!r}): {str(p)!r} is a symlink or not a "
+                                 "regular file; torchkeel deletes only files it wrote.")
+            present.append(p)
+    if not present and not missing_ok:
+        raise FileNotFoundError(f"remove(path={str(path)!r}): no payload and no manifest there.")
+    for p in present:  # manifest first: dying in between leaves a payload that is no checkpoint
+        p.unlink()
+    _fsync_dir(payload.parent)
