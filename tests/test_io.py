@@ -465,3 +465,33 @@ def test_package_loads_only_with_weights_only() -> None:
                 problems += [f"{where}: from {node.module} import {a.name}" for a in node.names
                              if a.name in ("load", "loads", "Unpickler")]
     assert problems == []
+
+
+# ------------------------------------------------------------------------ the quick hash
+def test_a_new_manifest_names_its_quick_hash_and_loads_verify_with_it(tmp_path: Path) -> None:
+    import xxhash
+
+    path = tkio.save(state(4), tmp_path / "a.pt", meta={"step": 4})
+    manifest = tmp_path / "a.pt.manifest.json"
+    entry = json.loads(manifest.read_text())
+    data, step = path.read_bytes(), entry["chunk_bytes"]
+    assert entry["format"] == 2 and entry["quick"] == {
+        "hash": "xxh3_128", "chunks": [xxhash.xxh3_128_hexdigest(data[i:i + step]) for i in range(0, len(data), step)]}
+    # the quick hash is what a load checks: with the sha256 chunks made wrong, it still loads
+    manifest.write_text(json.dumps(entry | {"chunks": ["0" * 64] * len(entry["chunks"])}))
+    assert same(tkio.load(path), state(4))
+
+
+def test_a_quick_hash_that_disagrees_or_is_unknown_leaves_sha256_to_decide(tmp_path: Path) -> None:
+    path = tkio.save(state(5), tmp_path / "a.pt", meta={"step": 5})
+    manifest = tmp_path / "a.pt.manifest.json"
+    entry = json.loads(manifest.read_text())
+    wrong = {"hash": "xxh3_128", "chunks": ["0" * 32] * len(entry["chunks"])}
+    for quick in (wrong, {"hash": "md4", "chunks": entry["quick"]["chunks"]}, None):
+        manifest.write_text(json.dumps(entry | {"quick": quick}))
+        assert same(tkio.load(path), state(5)) and tkio.verify(path)["meta"] == {"step": 5}
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    manifest.write_text(json.dumps(entry))
+    with pytest.raises(tkio.CheckpointError, match=r"sha256 mismatch \(file corrupt\).*Bytes \d+-\d+ differ"):
+        tkio.load(path)
