@@ -1,7 +1,7 @@
 """Full trainer state in and out of a checkpoint, and ``resume_from`` (a path, 'last' or 'auto').
 
 Where training is in the data and the RNG states that order it live in ``torchkeel.dataorder``;
-signals and preemption in ``torchkeel.signals`` (both re-exported here for older imports).
+signals and preemption in ``torchkeel.signals``. A sharded trainer's state is ``sharded_state``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 from torchkeel import dataorder
 from torchkeel.checkpoint import dcp, discovery, io, resume_choice, shardstate
 from torchkeel.checkpoint.store import for_model
-from torchkeel.signals import EXIT_PREEMPTED, Preempted
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -30,8 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("torchkeel")
 
 FORMAT = 1
-__all__ = ["EXIT_PREEMPTED", "FORMAT", "Preempted", "check_model_state", "check_progress", "check_trainer_state",
-           "load_trainer_state", "resume", "search_roots", "trainer_state"]
+__all__ = ["FORMAT", "check_model_state", "check_progress", "check_trainer_state",
+           "load_trainer_state", "resume", "search_roots", "sharded_state", "trainer_state"]
 KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "ranks", "data", "loop", "history", "callbacks")
 _VERSION = re.compile(r"^version_(\d+)$")
 
