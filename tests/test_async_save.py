@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from torchkeel import Callback
-from torchkeel.checkpoint import io
+from torchkeel.checkpoint import discovery, io
 from torchkeel.checkpoint.background import BackgroundSaver, agree_error
 from torchkeel.checkpoint.io import CheckpointWriteError
 
@@ -311,7 +311,7 @@ def test_kill_9_during_a_background_save_leaves_the_previous_checkpoint_newest_a
     assert proc.returncode == -signal.SIGKILL and writing, (proc.returncode, log.read_text()[-3000:])
     step = int(writing[0].name.split(".")[1].removeprefix("step-"))   # .step-N.pt.tmp-<random>
     assert step >= 2
-    latest, _ = io.find_latest(out)
+    latest, _ = discovery.find_latest(out)
     assert latest == out / f"step-{step - 1}.pt" and not (out / f"step-{step}.pt").exists()
     assert io.load(latest)["step"] == step - 1
     io.clean_temporaries(out)
@@ -406,7 +406,7 @@ class Look(Callback):
             io.verify(self.run / name)
         self.seen.append({"writing": self.gate.path.name, "exists": self.gate.path.exists(), "on_disk": names,
                           "last.json": json.loads(last.read_text()) if last.exists() else None,
-                          "latest": (io.find_latest(self.run)[0] or Path("")).name})
+                          "latest": (discovery.find_latest(self.run)[0] or Path("")).name})
         self.expect = False
         self.gate.go.release()
 
@@ -482,5 +482,5 @@ def test_fit_raises_a_failed_background_save_on_every_rank_at_the_next_save(
                                       for e in range(kept_epochs)]
     if kept_epochs:   # the checkpoints before the failed one are intact and newest
         assert json.loads((run / "last.json").read_text())["last"] == kept[-1].name
-        assert io.find_latest(run)[0] == kept[-1]
+        assert discovery.find_latest(run)[0] == kept[-1]
         io.load(kept[-1])

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from torchkeel import AdvancedTrainer, Callback
-from torchkeel.checkpoint import ModelCheckpoint, dcp, io
+from torchkeel.checkpoint import ModelCheckpoint, dcp, discovery, io
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "shard_truth.py"
@@ -65,7 +65,7 @@ def _fit(trainer: AdvancedTrainer, epochs: int, **kwargs: Any) -> None:
 def _three_files(tmp_path: Path) -> dict[int, Path]:
     """Checkpoints at steps 8, 16 and 24 (one per epoch) written by a real run, by step."""
     _fit(_trainer(tmp_path)[0], 3)
-    files = {e["meta"]["step"]: p for p, e in io.list_checkpoints(tmp_path / "version_0")}
+    files = {e["meta"]["step"]: p for p, e in discovery.list_checkpoints(tmp_path / "version_0")}
     assert sorted(files) == [8, 16, 24]
     return files
 
@@ -101,7 +101,7 @@ def test_auto_falls_back_past_a_file_whose_state_holds_code_and_never_runs_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     files, marker = _three_files(tmp_path), tmp_path / "pwned"
     io.save({"format": 1, "state": Payload(marker)}, files[24], meta={"step": 24, "epoch": 2})  # valid manifest
-    assert io.is_checkpoint(files[24]) and not marker.exists()
+    assert discovery.is_checkpoint(files[24]) and not marker.exists()
     trainer, seen = _trainer(tmp_path)
     with caplog.at_level(logging.INFO, logger="torchkeel"):
         _fit(trainer, 4, resume_from="auto")
@@ -140,7 +140,7 @@ def test_sharded_checkpoints_holding_code_or_a_lying_manifest_are_refused_alike_
     ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
     _torchrun(tmp_path / "train", ckpt, "--mode", "train", "--epochs", "2")
     run = ckpt / "version_0"
-    found = io.list_checkpoints(run)
+    found = discovery.list_checkpoints(run)
     dirs = {e["meta"]["step"]: p for p, e in found}
     assert all(p.is_dir() for p in dirs.values()) and len(dirs) == len(found) >= 3, sorted(os.listdir(run))
     newest, second, third = (dirs[s] for s in sorted(dirs, reverse=True)[:3])
@@ -183,7 +183,7 @@ def test_a_sharded_save_failing_for_a_full_disk_says_so_on_every_rank(tmp_path: 
         assert "OSError: [Errno 27] File too large: '" in message and ".epoch=0-step=4.tmp-" in message, message
         assert "unexpected pos" not in message, message
     run = ckpt / "version_0"
-    kept = [p for p, _ in io.list_checkpoints(run)]
+    kept = [p for p, _ in discovery.list_checkpoints(run)]
     assert [p.name for p in kept] == ["epoch=0-step=2"], sorted(os.listdir(run))
     assert not [n for n in os.listdir(run) if n.startswith(".")]    # no temporary left
     dcp.verify(kept[0])

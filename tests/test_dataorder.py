@@ -27,7 +27,7 @@ from torch.utils.data import (
 )
 
 from torchkeel import AdvancedTrainer, Callback
-from torchkeel.checkpoint import ModelCheckpoint, io
+from torchkeel.checkpoint import ModelCheckpoint, discovery, io
 
 N, BATCH = 48, 8                 # 6 batches (optimizer steps) per epoch
 
@@ -110,7 +110,7 @@ def trainer_for(save_dir: Path | None, **ckpt: Any) -> Recording:
 
 
 def checkpoint_at(folder: Path, step: int, reason: str) -> Path:
-    found = [p for p, e in io.list_checkpoints(folder, recursive=True)
+    found = [p for p, e in discovery.list_checkpoints(folder, recursive=True)
              if e["meta"]["step"] == step and e["meta"]["reason"] == reason]
     assert len(found) == 1, (step, reason, found)
     return found[0]

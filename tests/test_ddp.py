@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import free_port
 
-from torchkeel.checkpoint import io
+from torchkeel.checkpoint import discovery, io
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -176,7 +176,7 @@ def test_checkpoint_written_once_and_resume_on_two_ranks_is_exact(tmp_path: Path
     crashed = torchrun(tmp_path / "part", "--epochs", "3", "--dropout", "0.2", "--ckpt", str(tmp_path / "ck"),
                        "--every-n-steps", "2", "--crash-at", "7")
     assert crashed.returncode != 0 and "planned crash at step 7" in crashed.stderr
-    saved = io.list_checkpoints(tmp_path / "ck" / "version_0")
+    saved = discovery.list_checkpoints(tmp_path / "ck" / "version_0")
     steps = [entry["meta"]["step"] for _, entry in saved]
     assert sorted(steps) == [6], steps              # one file per save, the newest kept (monitor=None)
     ok(torchrun(tmp_path / "part", "--epochs", "3", "--dropout", "0.2", "--ckpt", str(tmp_path / "ck"),
@@ -223,7 +223,7 @@ def test_sigterm_to_one_rank_saves_the_same_step_on_both_and_exits(tmp_path: Pat
     assert code != 0
     assert stderr.count("SIGTERM received") >= 1, stderr[-4000:]
     assert stderr.count("Exit code 143") >= 2, stderr[-4000:]     # both ranks stop at the same step
-    path, skipped = io.find_latest(tmp_path / "ck")
+    path, skipped = discovery.find_latest(tmp_path / "ck")
     assert path is not None and not skipped
     meta = io.verify(path)["meta"]
     assert meta["reason"] == "preempted"
@@ -238,7 +238,7 @@ def test_a_signal_waits_for_the_next_agreement_and_the_grace_period_counts_from_
                                     "--sync-every", "12", "--grace", "1", wait=90)
     assert "no optimizer step ended" not in stderr, stderr[-4000:]
     assert stderr.count("Exit code 143") >= 2, stderr[-4000:]
-    path, skipped = io.find_latest(tmp_path / "ck")
+    path, skipped = discovery.find_latest(tmp_path / "ck")
     assert path is not None and not skipped
     meta = io.verify(path)["meta"]
     assert meta["reason"] == "preempted" and meta["step"] % 12 == 0, meta      # at an agreement

@@ -21,7 +21,7 @@ import torch
 from conftest import free_port
 from torch.distributed import TCPStore
 
-from torchkeel.checkpoint import io
+from torchkeel.checkpoint import discovery, io
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -89,7 +89,7 @@ def test_two_nodes_write_each_checkpoint_once_on_global_rank_0(nodes_run: Path) 
                 for suffix in ("", io.MANIFEST_SUFFIX)]
     for rank in (0, 1):   # what each rank saw right after training: node 1's folder holds nothing
         assert disk(nodes_run, rank)["trained"]["files"] == sorted(expected)
-    saved = io.list_checkpoints(nodes_run / "node0" / "ckpt" / "version_0")     # each one verifies
+    saved = discovery.list_checkpoints(nodes_run / "node0" / "ckpt" / "version_0")     # each one verifies
     assert sorted(entry["meta"]["step"] for _, entry in saved) == steps + [18, 20, 22, 24], saved
 
 

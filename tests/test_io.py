@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from torchkeel.checkpoint import discovery
 from torchkeel.checkpoint import io as tkio
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -78,7 +79,7 @@ def test_round_trip_and_manifest(tmp_path: Path) -> None:
     assert manifest["torch"] == torch.__version__ and isinstance(manifest["torchkeel"], str)
     assert manifest["meta"] == {"step": 3, "epoch": 0} and manifest["previous"] is None
     assert isinstance(manifest["created"], float)
-    assert tkio.verify(path)["meta"]["step"] == 3 and tkio.is_checkpoint(path)
+    assert tkio.verify(path)["meta"]["step"] == 3 and discovery.is_checkpoint(path)
     # the payload is a normal torch.save file
     assert same(torch.load(path, weights_only=True, map_location="cpu"), state(3))
 
@@ -127,7 +128,7 @@ def zero_range(path: Path) -> None:
 def test_corruption_detected(tmp_path: Path, corrupt: Any, reason: str) -> None:
     path = tkio.save(state(0), tmp_path / "a.pt", meta={"step": 0})
     corrupt(path)
-    assert not tkio.is_checkpoint(path)
+    assert not discovery.is_checkpoint(path)
     for fn in (tkio.verify, tkio.load):
         with pytest.raises(tkio.CheckpointError, match=rf"a\.pt.*{reason}"):
             fn(path)
@@ -192,7 +193,7 @@ def test_missing_or_invalid_manifest(tmp_path: Path) -> None:
     manifest = tmp_path / "a.pt.manifest.json"
     text = manifest.read_text()
     manifest.unlink()
-    assert not tkio.is_checkpoint(path)
+    assert not discovery.is_checkpoint(path)
     with pytest.raises(tkio.CheckpointError, match=r"no manifest"):
         tkio.load(path)
     manifest.write_text("{not json")
@@ -244,15 +245,15 @@ def test_find_latest_skips_corrupt_and_incomplete(tmp_path: Path) -> None:
     torch.save(state(4), run / "epoch=0-step=4.pt")  # a payload with no manifest
     (run / ".epoch=0-step=5.pt.tmp-0123abcd").write_bytes(b"half a checkpoint")
     (run / ".epoch=0-step=5.pt.manifest.json.tmp-0123abcd").write_text("{}")
-    path, skipped = tkio.find_latest(tmp_path)
+    path, skipped = discovery.find_latest(tmp_path)
     assert path == run / "epoch=0-step=2.pt"
     no_manifest = "no manifest (incomplete write or not a torchkeel checkpoint)"
     assert skipped == [f"{run / 'epoch=0-step=4.pt'}: {no_manifest}",
                        f"{run / 'epoch=0-step=3.pt'}: sha256 mismatch (file corrupt)"]
-    assert tkio.find_latest(tmp_path, recursive=False) == (None, [])
-    assert tkio.find_latest([tmp_path / "missing", run])[0] == path
-    assert [e["meta"]["step"] for _, e in tkio.list_checkpoints(run)] == [2, 1]
-    assert tkio.find_latest(tmp_path / "missing") == (None, [])
+    assert discovery.find_latest(tmp_path, recursive=False) == (None, [])
+    assert discovery.find_latest([tmp_path / "missing", run])[0] == path
+    assert [e["meta"]["step"] for _, e in discovery.list_checkpoints(run)] == [2, 1]
+    assert discovery.find_latest(tmp_path / "missing") == (None, [])
 
 
 def write(path: Path, step: int, created: float | None = None) -> Path:
@@ -271,21 +272,21 @@ def test_discovery_goes_by_step_not_by_a_clock_set_an_hour_ahead(tmp_path: Path)
         write(run / f"epoch=0-step={step}.pt", step, created=ahead)
     for step in (6, 8):
         write(run / f"epoch=0-step={step}.pt", step)
-    assert tkio.find_latest(tmp_path) == (run / "epoch=0-step=8.pt", [])
-    assert [e["meta"]["step"] for _, e in tkio.list_checkpoints(run)] == [8, 6, 4, 2]
+    assert discovery.find_latest(tmp_path) == (run / "epoch=0-step=8.pt", [])
+    assert [e["meta"]["step"] for _, e in discovery.list_checkpoints(run)] == [8, 6, 4, 2]
 
 
 def test_the_newer_run_wins_over_more_steps_and_the_clock_only_breaks_ties(tmp_path: Path) -> None:
     now = time.time()
     write(tmp_path / "version_0" / "checkpoints" / "step=100.pt", 100, created=now + 3600)
     newest = write(tmp_path / "version_1" / "checkpoints" / "step=2.pt", 2, created=now - 3600)
-    assert tkio.find_latest(tmp_path)[0] == newest
+    assert discovery.find_latest(tmp_path)[0] == newest
     a = write(tmp_path / "version_1" / "checkpoints" / "a-step=2.pt", 2, created=now)
-    assert tkio.find_latest(tmp_path)[0] == a
+    assert discovery.find_latest(tmp_path)[0] == a
     no_manifest = tmp_path / "version_1" / "checkpoints" / "step=1.pt"
     torch.save({"w": torch.zeros(1)}, no_manifest)
     os.utime(no_manifest, (now + 7200, now + 7200))   # the newest mtime, the least progress
-    assert tkio.find_latest(tmp_path) == (a, [])
+    assert discovery.find_latest(tmp_path) == (a, [])
 
 
 def test_discovery_refuses_a_symlink_that_leads_out_of_the_checkpoint_root(tmp_path: Path) -> None:
@@ -295,7 +296,7 @@ def test_discovery_refuses_a_symlink_that_leads_out_of_the_checkpoint_root(tmp_p
     link = root / "version_0" / "step=9.pt"
     for name in (outside.name, outside.name + tkio.MANIFEST_SUFFIX):
         (link.parent / name).symlink_to(elsewhere / name)
-    path, skipped = tkio.find_latest(root)
+    path, skipped = discovery.find_latest(root)
     assert path == real
     assert len(skipped) == 1 and str(link) in skipped[0] and str(outside.resolve()) in skipped[0] \
         and "outside" in skipped[0], skipped
@@ -304,7 +305,7 @@ def test_discovery_refuses_a_symlink_that_leads_out_of_the_checkpoint_root(tmp_p
     inside.symlink_to(root / "version_0" / "real-step=3.pt")
     (root / "version_0" / (inside.name + tkio.MANIFEST_SUFFIX)).symlink_to(
         root / "version_0" / ("real-step=3.pt" + tkio.MANIFEST_SUFFIX))
-    assert tkio.find_latest(root)[0] in (inside, root / "version_0" / "real-step=3.pt")
+    assert discovery.find_latest(root)[0] in (inside, root / "version_0" / "real-step=3.pt")
 
 
 def test_clean_temporaries_touches_only_ours(tmp_path: Path) -> None:
@@ -338,7 +339,7 @@ def test_remove(tmp_path: Path) -> None:
     (tmp_path / "b.pt").symlink_to(target)  # b.pt's payload now points at another checkpoint
     with pytest.raises(ValueError, match=r"symlink"):
         tkio.remove(tmp_path / "b.pt")
-    assert (tmp_path / "b.pt.manifest.json").exists() and tkio.is_checkpoint(target)
+    assert (tmp_path / "b.pt.manifest.json").exists() and discovery.is_checkpoint(target)
 
 
 def test_write_text_atomic(tmp_path: Path) -> None:
@@ -464,3 +465,33 @@ def test_package_loads_only_with_weights_only() -> None:
                 problems += [f"{where}: from {node.module} import {a.name}" for a in node.names
                              if a.name in ("load", "loads", "Unpickler")]
     assert problems == []
+
+
+# ------------------------------------------------------------------------ the quick hash
+def test_a_new_manifest_names_its_quick_hash_and_loads_verify_with_it(tmp_path: Path) -> None:
+    import xxhash
+
+    path = tkio.save(state(4), tmp_path / "a.pt", meta={"step": 4})
+    manifest = tmp_path / "a.pt.manifest.json"
+    entry = json.loads(manifest.read_text())
+    data, step = path.read_bytes(), entry["chunk_bytes"]
+    assert entry["format"] == 2 and entry["quick"] == {
+        "hash": "xxh3_128", "chunks": [xxhash.xxh3_128_hexdigest(data[i:i + step]) for i in range(0, len(data), step)]}
+    # the quick hash is what a load checks: with the sha256 chunks made wrong, it still loads
+    manifest.write_text(json.dumps(entry | {"chunks": ["0" * 64] * len(entry["chunks"])}))
+    assert same(tkio.load(path), state(4))
+
+
+def test_a_quick_hash_that_disagrees_or_is_unknown_leaves_sha256_to_decide(tmp_path: Path) -> None:
+    path = tkio.save(state(5), tmp_path / "a.pt", meta={"step": 5})
+    manifest = tmp_path / "a.pt.manifest.json"
+    entry = json.loads(manifest.read_text())
+    wrong = {"hash": "xxh3_128", "chunks": ["0" * 32] * len(entry["chunks"])}
+    for quick in (wrong, {"hash": "md4", "chunks": entry["quick"]["chunks"]}, None):
+        manifest.write_text(json.dumps(entry | {"quick": quick}))
+        assert same(tkio.load(path), state(5)) and tkio.verify(path)["meta"] == {"step": 5}
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    manifest.write_text(json.dumps(entry))
+    with pytest.raises(tkio.CheckpointError, match=r"sha256 mismatch \(file corrupt\).*Bytes \d+-\d+ differ"):
+        tkio.load(path)

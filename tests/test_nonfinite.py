@@ -14,7 +14,7 @@ import torch
 from conftest import NanAt, loader, make_dataset
 
 from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint
-from torchkeel.checkpoint import io
+from torchkeel.checkpoint import discovery, io
 from torchkeel.nonfinite import MAX_UNREAD, NonFiniteGuard
 
 
@@ -74,7 +74,7 @@ def test_lazy_never_checkpoints_an_unchecked_step(make_trainer, tmp_path: Path) 
     trainer = lazy(make_trainer(criterion=NanAt(2), checkpoint=ckpt))
     with pytest.raises(FloatingPointError, match=r"batch 2, optimizer step 2 \(found at epoch 0, batch 4"):
         trainer.fit(train_loader=loader(make_dataset()), epochs=1)
-    saved = [entry["meta"]["step"] for _, entry in io.list_checkpoints(tmp_path, recursive=True)]
+    saved = [entry["meta"]["step"] for _, entry in discovery.list_checkpoints(tmp_path, recursive=True)]
     assert saved == [2]                     # step 4 would hold the NaN update: refused before writing
     assert all(torch.isfinite(t).all() for t in io.load(ckpt.last_model_path)["model"].values())
 

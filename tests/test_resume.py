@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 import torchkeel
 from torchkeel import AdvancedTrainer
-from torchkeel.checkpoint import ModelCheckpoint, io
+from torchkeel.checkpoint import ModelCheckpoint, discovery, io
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def train_resume(server: Server, *runs: tuple[Any, ...]) -> list[Run]:
 
 def checkpoint_at(run_dir: Path, step: int, reason: str) -> Path:
     """The checkpoint in ``run_dir`` written at optimizer ``step`` for ``reason`` ('step', 'epoch')."""
-    found = [p for p, entry in io.list_checkpoints(run_dir)
+    found = [p for p, entry in discovery.list_checkpoints(run_dir)
              if entry["meta"]["step"] == step and entry["meta"]["reason"] == reason]
     assert len(found) == 1, f"expected one {reason!r} checkpoint at step {step} in {run_dir}, found {found}"
     return found[0]
@@ -386,7 +386,7 @@ def test_exact_resume_mid_epoch_auto_after_a_crash_with_workers(server: Server, 
     run = tmp_path / "run"
     crashed = train_resume(server, ("--save-dir", run, "--workers", 2, "--crash-after", 5))[0].ok(code=3)
     assert "stopping after step 5" in crashed.stderr
-    newest, _ = io.find_latest(run)
+    newest, _ = discovery.find_latest(run)
     assert newest is not None and io.verify(newest)["meta"]["step"] == 5
     train_resume(server, ("--save-dir", run, "--workers", 2, "--resume", "auto",
                           "--out", tmp_path / "d.pt"))[0].ok()
@@ -398,7 +398,7 @@ def test_exact_resume_at_an_epoch_boundary_auto(server: Server, references: dict
                                                 tmp_path: Path) -> None:
     run = tmp_path / "run"
     train_resume(server, ("--save-dir", run, "--epochs", 2))[0].ok()
-    newest, _ = io.find_latest(run)
+    newest, _ = discovery.find_latest(run)
     assert newest is not None
     meta = io.verify(newest)["meta"]
     assert (meta["step"], meta["reason"], meta["epoch_finished"]) == (8, "epoch", True)
@@ -467,7 +467,7 @@ def test_sigterm_finishes_the_step_saves_exits_143_and_resumes_exactly(
     stopped = train_resume(server, ("--save-dir", run, "--sigterm-at", when, "--every-n-steps", 0,
                                      "--every-n-epochs", 0))[0].ok(code=torchkeel.EXIT_PREEMPTED)
     assert re.search(r"SIGTERM.*143.*resume_from='auto'", stopped.stderr, re.DOTALL), stopped.stderr
-    saved = io.list_checkpoints(run, recursive=True)
+    saved = discovery.list_checkpoints(run, recursive=True)
     assert len(saved) == 1, saved
     path, entry = saved[0]
     assert entry["meta"]["reason"] == "preempted" and str(path) in stopped.stderr
@@ -507,7 +507,7 @@ def test_second_sigterm_during_the_save_does_not_corrupt_it(server: Server, refe
     assert server.wait(rid) == torchkeel.EXIT_PREEMPTED, stderr[-3000:]
     assert "SIGTERM" in (tmp_path / "run.err").read_text()
     assert temporaries(run) == []
-    saved = io.list_checkpoints(run, recursive=True)
+    saved = discovery.list_checkpoints(run, recursive=True)
     assert len(saved) == 1 and saved[0][1]["meta"]["reason"] == "preempted", saved
     step = io.load(saved[0][0])["state"]["step"]
     assert 5 < step < 12
@@ -528,7 +528,7 @@ def test_ctrl_c_finishes_the_step_saves_exits_130_and_resumes_exactly(
     assert re.search(r"SIGINT received; stopped at epoch 1, step 6; saved .*Exit code 130\. Resume with "
                      r"fit\(\.\.\., resume_from='auto'\)", stopped.stderr), stopped.stderr
     assert "Traceback" not in stopped.stderr, stopped.stderr
-    (path, entry), = io.list_checkpoints(run, recursive=True)
+    (path, entry), = discovery.list_checkpoints(run, recursive=True)
     assert entry["meta"]["reason"] == "preempted" and str(path) in stopped.stderr
     state = io.load(path)
     assert (state["state"]["epoch"], state["state"]["step"], state["data"]["batch"]) == (1, 6, 4)
@@ -558,9 +558,9 @@ def test_second_ctrl_c_during_the_save_aborts_it_and_the_newest_valid_checkpoint
     stderr = (tmp_path / "run.err").read_text()
     assert "KeyboardInterrupt" in stderr and "Exit code 130" not in stderr, stderr[-3000:]
     assert temporaries(run) == []
-    saved = io.list_checkpoints(run, recursive=True)
+    saved = discovery.list_checkpoints(run, recursive=True)
     assert saved and all(e["meta"]["reason"] == "step" for _, e in saved), saved
-    latest, _ = io.find_latest(run)
+    latest, _ = discovery.find_latest(run)
     assert latest is not None
     step = io.load(latest)["state"]["step"]
     assert step in (4, 6), step            # step 6 if its periodic save ran before the first Ctrl-C
@@ -604,7 +604,7 @@ def test_kill_9_at_random_moments_never_loses_the_newest_valid_checkpoint(server
         assert code == -signal.SIGKILL, \
             f"kill {kill}: the run ended by itself ({code}); stderr:\n{err.read_text()[-3000:]}"
         mid_save += bool(temporaries(save_dir))
-        latest, skipped = io.find_latest(save_dir)              # verified against its manifest
+        latest, skipped = discovery.find_latest(save_dir)              # verified against its manifest
         if latest is None:
             assert not steps, f"kill {kill}: the checkpoint of step {steps[-1]} is gone ({skipped})"
             continue
@@ -614,21 +614,21 @@ def test_kill_9_at_random_moments_never_loses_the_newest_valid_checkpoint(server
         assert not steps or step >= steps[-1], f"kill {kill}: went back from step {steps[-1]} to {step}"
         pointer = latest.parent / "last.json"                   # absent if killed before the first one
         if pointer.exists() and (last := json.loads(pointer.read_text())["last"]) != latest.name:
-            assert io.is_checkpoint(latest.parent / last), f"last.json names {last}, which is not valid"
+            assert discovery.is_checkpoint(latest.parent / last), f"last.json names {last}, which is not valid"
         steps.append(step)
     assert len(set(steps)) >= 5, f"training hardly progressed across kills: {steps}"
     assert mid_save >= 3, f"only {mid_save} of {KILLS} kills landed during a save"
     # one more run resumes and finishes the epoch it is in, plus one more
-    latest, _ = io.find_latest(save_dir)
+    latest, _ = discovery.find_latest(save_dir)
     assert latest is not None
     epochs = io.verify(latest)["meta"]["epoch"] + 2
     rid = server.start("train_kill", save_dir, epochs, output=log)
     assert server.wait(rid) == 0, err.read_text()[-3000:]
-    latest, _ = io.find_latest(save_dir)
+    latest, _ = discovery.find_latest(save_dir)
     assert latest is not None
     final = io.load(latest)["state"]
     assert (final["epoch"], final["step"], final["epoch_finished"]) == (epochs - 1, epochs * 8, True)
     assert temporaries(latest.parent) == []
-    valid = {p.name for p, _ in io.list_checkpoints(latest.parent)}
+    valid = {p.name for p, _ in discovery.list_checkpoints(latest.parent)}
     orphans = {p.name for p in latest.parent.glob("*.pt")} - valid
     assert not orphans, f"payloads without a manifest were left behind: {orphans}"

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from torchkeel import AdvancedTrainer, Callback
-from torchkeel.checkpoint import ModelCheckpoint, io, resume
+from torchkeel.checkpoint import ModelCheckpoint, discovery, io, resume
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def test_a_gradscaler_trainer_refuses_a_checkpoint_without_scaler_state(saved: P
 def test_auto_picks_the_most_progress_and_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     trainer = build(tmp_path)
     fit(trainer, 3)                                   # steps 8, 16, 24 in version_0
-    files = {e["meta"]["step"]: p for p, e in io.list_checkpoints(tmp_path / "version_0")}
+    files = {e["meta"]["step"]: p for p, e in discovery.list_checkpoints(tmp_path / "version_0")}
     for step in (8, 16):                              # written "an hour later" by a wrong clock
         manifest = files[step].with_name(files[step].name + io.MANIFEST_SUFFIX)
         manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"created": time.time() + 3600}))

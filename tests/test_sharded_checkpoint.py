@@ -101,7 +101,7 @@ def test_a_sharded_fit_writes_verified_directories_keeps_the_top_k_and_resumes_e
     pointer = json.loads((run / "last.json").read_text())
     assert pointer["last"] == Path(reference["last"]).name and pointer["best"] == Path(reference["best"]).name
     assert discovery.find_latest(run)[0] == Path(reference["last"])
-    assert [p.name for p, _ in io.list_checkpoints(run)] == sorted(kept, key=lambda n: -int(n.split("=")[-1]))
+    assert [p.name for p, _ in discovery.list_checkpoints(run)] == sorted(kept, key=lambda n: -int(n.split("=")[-1]))
 
     # kill -9 both ranks while they write step checkpoints (every step, in the background), then
     # resume 'auto' (async too)
@@ -191,7 +191,7 @@ def test_discovery_finds_directories_and_skips_a_damaged_one_with_a_reason(tmp_p
     old, new = _dir(run / "epoch=0-step=2", 2), _dir(run / "epoch=0-step=4", 4)
     io.save({"model": {"w": torch.zeros(3)}}, run / "epoch=0-step=3.pt", meta={"step": 3})
     assert discovery.find_latest(tmp_path) == (new, [])
-    assert [p.name for p, _ in io.list_checkpoints(run)] == ["epoch=0-step=4", "epoch=0-step=3.pt",
+    assert [p.name for p, _ in discovery.list_checkpoints(run)] == ["epoch=0-step=4", "epoch=0-step=3.pt",
                                                              "epoch=0-step=2"]
     shard = new / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
@@ -203,7 +203,7 @@ def test_discovery_finds_directories_and_skips_a_damaged_one_with_a_reason(tmp_p
     (new / "manifest.json").unlink()                           # a write that never finished its manifest
     assert discovery.find_latest(tmp_path)[1] == [(f"{new}: no manifest (incomplete write or not a torchkeel "
                                                   "checkpoint)")]
-    assert not io.is_checkpoint(new) and io.is_checkpoint(old)
+    assert not discovery.is_checkpoint(new) and discovery.is_checkpoint(old)
 
 
 def test_clean_temporaries_and_remove_handle_directories(tmp_path: Path) -> None:
@@ -217,10 +217,10 @@ def test_clean_temporaries_and_remove_handle_directories(tmp_path: Path) -> None
     assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=2"]
     (tmp_path / "link").symlink_to(kept)
     with pytest.raises(ValueError, match="symlink"):
-        io.remove(tmp_path / "link")
-    io.remove(kept, folder=tmp_path)
+        discovery.remove(tmp_path / "link")
+    discovery.remove(kept, folder=tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["link"]
-    io.remove(kept, missing_ok=True)                           # already gone: fine
+    discovery.remove(kept, missing_ok=True)                           # already gone: fine
 
 
 def test_load_checkpoint_of_a_directory_has_the_single_file_keys(tmp_path: Path) -> None:
@@ -289,7 +289,7 @@ def test_a_failed_background_save_is_raised_at_the_next_save_and_its_bookkeeping
     ckpt.dirpath = run
     with pytest.raises(io.CheckpointWriteError, match=r"background save of 'epoch=0-step=2.pt' failed"):
         _fit_plain(ckpt)
-    assert io.is_checkpoint(run / "epoch=0-step=2.pt")        # the payload itself committed before that
+    assert discovery.is_checkpoint(run / "epoch=0-step=2.pt")        # the payload itself committed before that
     assert not (run / "epoch=0-step=4.pt").exists()          # raised before the next save wrote anything
     assert ckpt.last_model_path == "" and ckpt.best_k_models == {}     # as before the failed save
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 import torchkeel
 from torchkeel import AdvancedTrainer, Callback
 from torchkeel import signals as tk_signals
-from torchkeel.checkpoint import ModelCheckpoint, io
+from torchkeel.checkpoint import ModelCheckpoint, discovery, io
 from torchkeel.signals import Preempted, SignalFlag
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_first_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path: Path, refe
     assert info.value.code == tk_signals.EXIT_INTERRUPTED == 130
     assert re.search(r"SIGINT received; stopped at epoch 0, step 6; saved .*Exit code 130\. "
                      r"Resume with fit\(\.\.\., resume_from='auto'\)", str(info.value)), str(info.value)
-    (path, entry), = io.list_checkpoints(tmp_path, recursive=True)
+    (path, entry), = discovery.list_checkpoints(tmp_path, recursive=True)
     assert str(path) in str(info.value)
     assert entry["meta"]["reason"] == "preempted" and entry["meta"]["step"] == 6
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "fit left its SIGINT handler behind"
@@ -94,7 +94,7 @@ def test_second_ctrl_c_aborts_at_once_and_the_newest_checkpoint_resumes(tmp_path
     with pytest.raises(KeyboardInterrupt):
         fit(trainer)
     assert trainer.state.step == 5, "the second Ctrl-C did not abort at once"
-    saved = io.list_checkpoints(tmp_path, recursive=True)
+    saved = discovery.list_checkpoints(tmp_path, recursive=True)
     assert [e["meta"]["reason"] for _, e in saved] == ["step", "step"], "something was saved after the abort"
     torch.manual_seed(99)
     again = build(tmp_path)
@@ -107,7 +107,7 @@ def test_second_ctrl_c_saves_nothing_even_with_save_on_exception(tmp_path: Path)
     trainer = build(tmp_path, (SendAt(5, signal.SIGINT, times=2),), every_n_steps=2, save_on_exception=True)
     with pytest.raises(KeyboardInterrupt):
         fit(trainer)
-    saved = io.list_checkpoints(tmp_path, recursive=True)
+    saved = discovery.list_checkpoints(tmp_path, recursive=True)
     assert [e["meta"]["reason"] for _, e in saved] == ["step", "step"], "the abort was saved after all"
 
 
@@ -218,7 +218,7 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_resumed_run_is_exac
                        rf"saved (\S+)\. Exit code {code}\.", proc.stderr)
     assert sorted(s[0] for s in stops) == ["", " on another rank"], proc.stderr[-4000:]
     assert {s[1:] for s in stops} == {("1", "4", stops[0][3])}, f"the ranks stopped apart: {stops}"
-    preempted = [p for p, e in io.list_checkpoints(tmp_path / "ck", recursive=True) if e["meta"]["reason"] == "preempted"]
+    preempted = [p for p, e in discovery.list_checkpoints(tmp_path / "ck", recursive=True) if e["meta"]["reason"] == "preempted"]
     assert [str(p) for p in preempted] == [stops[0][3]]
     proc = torchrun(tmp_path / "out", "--ckpt", tmp_path / "ck", "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -249,6 +249,6 @@ def test_a_rank_blocked_when_the_signal_comes_ends_the_job_within_the_grace_peri
     assert re.search(r"SIGTERM received and the checkpoint save has not started; no optimizer step ended for 3s.*exiting with code 143",
                      proc.stderr), proc.stderr[-4000:]
     assert "stopped at epoch" not in proc.stderr, "a save started"
-    latest, skipped = io.find_latest(tmp_path / "ck")
+    latest, skipped = discovery.find_latest(tmp_path / "ck")
     assert latest is not None and io.verify(latest)["meta"]["step"] == 3, (latest, skipped)
-    assert not [p for p, e in io.list_checkpoints(tmp_path / "ck", recursive=True) if e["meta"]["step"] > 3]
+    assert not [p for p, e in discovery.list_checkpoints(tmp_path / "ck", recursive=True) if e["meta"]["step"] > 3]

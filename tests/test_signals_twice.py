@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from torchkeel.checkpoint import io
+from torchkeel.checkpoint import discovery, io
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "sig_twice.py"
@@ -86,14 +86,14 @@ def interrupt_twice_during_a_save(out: Path, async_save: bool) -> tuple[int, str
 
 def check_disk_and_resume(out: Path, ckpt: Path) -> None:
     """Every checkpoint on disk verifies; only temporaries are left besides; 'auto' resumes the newest."""
-    listed = io.list_checkpoints(ckpt)
+    listed = discovery.list_checkpoints(ckpt)
     assert listed, "not even the checkpoint of step 3 is on disk"
     for path, _ in listed:
         io.verify(path)
     names = {p.name for p, _ in listed} | {p.name + io.MANIFEST_SUFFIX for p, _ in listed} | {"last.json"}
     stray = [p.name for p in ckpt.iterdir() if p.name not in names and ".tmp-" not in p.name]
     assert not stray, f"files that are neither checkpoints nor temporaries: {stray}"
-    latest, skipped = io.find_latest(ckpt)
+    latest, skipped = discovery.find_latest(ckpt)
     assert latest is not None, skipped
     step = io.verify(latest)["meta"]["step"]
     proc = subprocess.run([sys.executable, str(WORKER), "--out", str(out), "--resume", "auto", "--steps", str(step + 2)],
@@ -116,7 +116,7 @@ def test_a_second_ctrl_c_during_a_save_aborts_cleanly_and_what_is_on_disk_resume
                          r"its temporary was removed.*resume_from=.auto.|came while a checkpoint was saved; that save "
                          r"finished first and is complete)", stderr), stderr[-4000:]
         assert "CheckpointWriteError" not in stderr, stderr[-4000:]
-        for path, _ in io.list_checkpoints(ckpt):
+        for path, _ in discovery.list_checkpoints(ckpt):
             io.verify(path)
     assert outcomes == [-signal.SIGINT] * TRIES
     check_disk_and_resume(tmp_path / f"try{TRIES - 1}", ckpt)

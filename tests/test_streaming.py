@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import torchkeel
 from torchkeel import dataorder
-from torchkeel.checkpoint import io
+from torchkeel.checkpoint import discovery, io
 from torchkeel.streams import agreed_batches, shard_iterable
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -41,7 +41,7 @@ def stream_loader(source: str, workers: int = 0) -> DataLoader:
 
 def checkpoint_at(folder: Path, step: int, reason: str = "step") -> Path:
     found = [p for d in (folder, *folder.rglob("*")) if d.is_dir()
-             for p, entry in io.list_checkpoints(d) if entry["meta"]["step"] == step and entry["meta"]["reason"] == reason]
+             for p, entry in discovery.list_checkpoints(d) if entry["meta"]["step"] == step and entry["meta"]["reason"] == reason]
     assert len(found) == 1, f"expected one checkpoint at step {step} under {folder}, found {found}"
     return found[0]
 

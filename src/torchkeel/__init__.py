@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from torchkeel.accumulate import GradientAccumulator
 from torchkeel.callbacks import Callback, EarlyStopping, LRScheduler, Stateful
-from torchkeel.checkpoint.io import CheckpointError, CheckpointWriteError, load_checkpoint
+from torchkeel.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint
 from torchkeel.checkpoint.policy import ModelCheckpoint
 from torchkeel.loop import AdvancedTrainer
 from torchkeel.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted

@@ -257,10 +257,11 @@ class DistributedTrainer:
         Example:
             dt.save_checkpoint("ckpt/last.pt", epoch=epoch)
         """
+        from torchkeel.checkpoint.store import FILE, commit
+
         _check_extra("DistributedTrainer.save_checkpoint", extra)
         meta = {k: v for k, v in extra.items() if isinstance(v, (int, float, str))}
-        return save_on_main({"format": 1, "model": self.model_state_dict(), **extra}, path, meta=meta,
-                            clean=True)
+        return commit(FILE, {"format": 1, "model": self.model_state_dict(), **extra}, path, meta, clean=True)
 
     def model_state_dict(self) -> dict[str, Any]:
         """The unwrapped model's full state; under "fsdp" gathered to rank 0 (every rank calls it)."""

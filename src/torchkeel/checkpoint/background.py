@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchkeel.checkpoint.io import CheckpointWriteError
+from torchkeel.parallel.collective import raise_together
 
 __all__ = ["BackgroundSaver", "agree_error"]
 
@@ -305,8 +306,7 @@ class BackgroundSaver:
 def agree_error(saver: BackgroundSaver, where: str) -> None:
     """Every rank: ``saver.wait()``, then raise the same error if the save failed on any rank.
 
-    One all-reduce on the default group (which ranks failed; a second collective only on failure,
-    to send the lowest failed rank's message); in one process, ``saver.wait()`` only. A collective
+    ``parallel.collective.raise_together`` on the default group; in one process, ``saver.wait()`` only. A collective
     save that failed on one rank fails on all: the error then says "every rank", and its message
     names the rank where it happened.
 
@@ -318,29 +318,12 @@ def agree_error(saver: BackgroundSaver, where: str) -> None:
     """
     if not isinstance(saver, BackgroundSaver):
         raise TypeError(f"agree_error(saver=<{type(saver).__name__}>): pass a BackgroundSaver.")
-    if not _distributed():
-        saver.wait()
-        return
     error: CheckpointWriteError | None = None
     try:
         saver.wait()
     except CheckpointWriteError as exc:
         error = exc
-    rank, world = dist.get_rank(), dist.get_world_size()
-    nccl = "nccl" in str(dist.get_backend())
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    flags = torch.zeros(world, dtype=torch.int32, device=device)
-    flags[rank] = int(error is not None)
-    dist.all_reduce(flags)  # which ranks failed, in one collective
-    failed = [r for r, f in enumerate(flags.tolist()) if f]
-    if not failed:
-        return
-    box = [str(error) if error is not None else None]
-    dist.broadcast_object_list(box, src=failed[0])  # the lowest failed rank's message
-    ranks = ("every rank" if len(failed) == world else
-             f"rank {failed[0]}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}")
-    raise CheckpointWriteError(f"{where} failed on {ranks}: {box[0]}",
-                               reason=f"background save failed on {ranks}") from error
+    raise_together(error, where, kind=CheckpointWriteError, message=None if error is None else str(error))
 
 
 _savers: weakref.WeakSet[BackgroundSaver] = weakref.WeakSet()

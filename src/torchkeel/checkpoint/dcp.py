@@ -38,13 +38,14 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeel.checkpoint.dcpsafe import METADATA, SafeFullPlanner, SafePlanner, VerifiedReader
 from torchkeel.checkpoint.dcpsafe import fail as _fail
-from torchkeel.checkpoint.discovery import _TEMP
 from torchkeel.checkpoint.io import (
+    _TEMP,
     CheckpointError,
     CheckpointWriteError,
     _fsync_dir,
     write_text_atomic,
 )
+from torchkeel.parallel.collective import raise_together
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -68,19 +69,13 @@ def _distributed() -> bool:
 
 def _agree(error: Error, where: str, kind: type[CheckpointError] = CheckpointWriteError,
            group: Any = None) -> None:
-    """Raise ``kind`` on every rank if ``error`` is set on any (the lowest failed rank's message).
+    """Raise ``kind`` on every rank if ``error`` is set on any (``parallel.collective.raise_together``).
 
     An error is a message, or ``(rank, message)`` for one DCP relayed from the rank it happened on.
     ``group``: the process group of the collective (default: the default group).
     """
-    errors: list[Any] = [error]
-    if _distributed():
-        errors = [None] * dist.get_world_size(group)
-        dist.all_gather_object(errors, error, group=group)
-    failed = sorted(e if isinstance(e, tuple) else (rank, e) for rank, e in enumerate(errors) if e)
-    if failed:
-        rank, message = failed[0]
-        raise kind(f"{where} failed on rank {rank}: {message}" if _distributed() else f"{where}: {message}")
+    origin, message = error if isinstance(error, tuple) else (None, error)
+    raise_together(message or None, where, group=group, kind=kind, origin=origin)
 
 
 def _broadcast(obj: Any, group: Any = None) -> Any:
@@ -218,8 +213,8 @@ def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = Non
             tmp.mkdir()  # a new directory: never an existing name
         except OSError as exc:
             error = _message(exc)
-    error, tmp = _broadcast((error, tmp), group)
-    _agree(error, where, group=group)
+    tmp = _broadcast(tmp, group)
+    _agree(error, where, group=group)   # rank 0's only
     error, files = "", {}
     try:
         with warnings.catch_warnings():
@@ -252,7 +247,7 @@ def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = Non
                 _commit(tmp, final)
             except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
                 error = _message(exc)
-        _agree(_broadcast(error, group), where, group=group)
+        _agree(error, where, group=group)   # rank 0's, or none
     finally:
         if rank == 0 and tmp.exists():
             with contextlib.suppress(OSError):
@@ -345,7 +340,7 @@ def load(path: StrPath, state: dict[str, Any], manifest: dict[str, Any] | None =
                 manifest = verify(folder)
             except CheckpointError as exc:
                 error = str(exc)
-        _agree(_broadcast(error), f"sharded load({str(path)!r})", CheckpointError)
+        _agree(error, f"sharded load({str(path)!r})", CheckpointError)   # rank 0's, or none
         manifest = cast("dict[str, Any]", _broadcast(manifest))
     error, reader = "", None
     try:

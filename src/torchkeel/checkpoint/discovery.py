@@ -1,7 +1,8 @@
-"""Finding checkpoints (most progress first) and deleting them; the files are ``torchkeel.checkpoint.io``'s.
+"""Finding checkpoints (most progress first) and deleting them, through the stores that hold them.
 
 Progress is the run (its ``version_N`` folder), then the step; the write time only breaks ties.
-``torchkeel.checkpoint.io`` re-exports every public name here, so ``io.find_latest`` and the rest still work.
+Each store (``torchkeel.checkpoint.store``: a file, a directory of shards) lists, verifies and
+removes its own kind; this module walks the folders and orders what they find.
 """
 
 from __future__ import annotations
@@ -10,53 +11,24 @@ import contextlib
 import itertools
 import os
 import re
-import shutil
-import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torchkeel.checkpoint.io import MANIFEST_SUFFIX, CheckpointError, _entries, _fsync_dir, verify
+from torchkeel.checkpoint.io import CheckpointError
+from torchkeel.checkpoint.store import STORES, for_path
 
 if TYPE_CHECKING:
     from torchkeel.checkpoint.io import StrPath
 
 __all__ = ["clean_temporaries", "find_latest", "is_checkpoint", "list_checkpoints", "remove"]
 
-_TEMP = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")  # ".<name>.tmp-<random>", ours and mkstemp's
-_STEP_IN_NAME = re.compile(r"step[=_-]?(\d+)", re.IGNORECASE)
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
 
 
-_DIR_MARKS = ("manifest.json", ".metadata")   # a sharded checkpoint directory has one of them
-
-
 def _verify(path: StrPath) -> dict[str, Any]:
-    """``io.verify`` for a file, ``dcp.verify`` for a sharded checkpoint directory."""
-    if Path(path).is_dir():
-        from torchkeel.checkpoint import dcp
-
-        return dcp.verify(path)
-    return verify(path)
-
-
-def _dir_candidate(folder: Path, version: int) -> tuple[Any, Path, str] | None:
-    """A sharded checkpoint directory as a candidate (progress from its manifest); None if it is none."""
-    if not any(os.path.lexists(folder / mark) for mark in _DIR_MARKS):
-        return None
-    from torchkeel.checkpoint import dcp
-
-    try:
-        if folder.is_symlink():
-            raise CheckpointError(str(folder), reason="a symlinked directory (refused: only checkpoints "
-                                  "torchkeel wrote in the searched folder are loaded)")
-        manifest = dcp._read_manifest(folder)
-        return _key(version, manifest["meta"].get("step"), manifest.get("created")), folder, ""
-    except CheckpointError as exc:
-        step = int(m.group(1)) if (m := _STEP_IN_NAME.search(folder.name)) else None
-        with contextlib.suppress(OSError):
-            return _key(version, step, os.lstat(folder).st_mtime), folder, exc.reason
-    return None
+    """Its store's ``verify``: a file's manifest entry, a directory's manifest."""
+    return for_path(path).verify(path)
 
 
 def is_checkpoint(path: StrPath) -> bool:
@@ -81,46 +53,21 @@ def _version(root: str, folder: Path) -> int:
     return next((int(m.group(1)) for part in reversed(parts) if (m := _VERSION_DIR.match(part))), -1)
 
 
-def _outside(path: Path, folder: Path) -> str:
-    """Why ``path`` or its manifest is refused: a symlink leading out of ``folder``; else ""."""
-    inside = folder.resolve()
-    for p in (path.with_name(path.name + MANIFEST_SUFFIX), path):
-        if p.is_symlink() and not p.resolve().is_relative_to(inside):
-            return (f"a symlink to {str(p.resolve())!r}, outside {str(folder)!r} (refused: only "
-                    "checkpoints inside the searched folder are loaded; copy it there to use it)")
-    return ""
+def candidates(folders: Iterable[Path], recursive: bool) -> list[tuple[Any, Path, str]]:
+    """(progress, checkpoint, reason it is already known to be invalid, or "") for every candidate.
 
-
-def _candidates(folders: Iterable[Path], recursive: bool) -> list[tuple[Any, Path, str]]:
-    """(progress, payload, reason it is already known to be invalid, or "") for every candidate."""
+    Every store lists its own kind in each folder; a checkpoint directory is not searched inside.
+    """
     found = []
     for folder in folders:
         walk = os.walk(folder) if recursive else itertools.islice(os.walk(folder), 1)
-        for root, dirs, names in walk:  # os.walk does not follow symlinked folders
+        for root, dirs, _ in walk:  # os.walk does not follow symlinked folders
             version = _version(root, folder)
-            for name in list(dirs):  # sharded checkpoints: directories (not searched inside)
-                if not name.startswith(".") and (found_dir := _dir_candidate(Path(root, name), version)):
-                    found.append(found_dir)
-                    dirs.remove(name)
-            for name in names:
-                path = Path(root, name.removesuffix(MANIFEST_SUFFIX))
-                if name.startswith("."):  # temporaries and hidden files are never checkpoints
-                    continue
-                if name.endswith(MANIFEST_SUFFIX):
-                    try:
-                        entry = _entries(path)[0]
-                        progress = _key(version, entry["meta"].get("step"), entry.get("created"))
-                        found.append((progress, path, _outside(path, folder)))
-                        continue
-                    except CheckpointError as exc:
-                        reason = exc.reason
-                elif name.endswith(".pt") and name + MANIFEST_SUFFIX not in names:
-                    reason = "no manifest (incomplete write or not a torchkeel checkpoint)"
-                else:
-                    continue
-                step = int(m.group(1)) if (m := _STEP_IN_NAME.search(path.name)) else None
-                with contextlib.suppress(OSError):
-                    found.append((_key(version, step, os.lstat(Path(root, name)).st_mtime), path, reason))
+            for store in STORES:
+                for c in store.scan(Path(root), within=folder):
+                    found.append((_key(version, c.step, c.created), c.path, c.reason))
+                    if c.path.name in dirs:
+                        dirs.remove(c.path.name)
     return sorted(found, key=lambda c: c[0], reverse=True)
 
 
@@ -139,7 +86,7 @@ def list_checkpoints(folder: StrPath, recursive: bool = False) -> list[tuple[Pat
         >>> [(p.name, entry["meta"]["step"]) for p, entry in list_checkpoints("ckpt")]
     """
     valid = []
-    for progress, path, reason in _candidates(_as_folders(folder), recursive):
+    for progress, path, reason in candidates(_as_folders(folder), recursive):
         if not reason:
             with contextlib.suppress(CheckpointError):
                 entry = _verify(path)  # the "previous" entry after a cut-short overwrite
@@ -166,7 +113,7 @@ def find_latest(folder_or_folders: StrPath | Iterable[StrPath], recursive: bool 
         ['ckpt/epoch=3-step=120.pt: sha256 mismatch (file corrupt)']
     """
     skipped: list[str] = []
-    for _, path, reason in _candidates(_as_folders(folder_or_folders), recursive):
+    for _, path, reason in candidates(_as_folders(folder_or_folders), recursive):
         if not reason:
             try:
                 _verify(path)
@@ -181,60 +128,28 @@ def find_latest(folder_or_folders: StrPath | Iterable[StrPath], recursive: bool 
 
 # ---------------------------------------------------------------------------------- deletion
 def clean_temporaries(folder: StrPath) -> list[Path]:
-    """Remove unfinished writes (``.<name>.tmp-<random>``) from ``folder``; return them.
+    """Remove every store's unfinished writes (``.<name>.tmp-<random>``) from ``folder``; return them.
 
-    Regular files with such names, and directories of such names holding only regular files (an
-    unfinished sharded write); symlinks and everything else are left alone.
     Example:
         >>> clean_temporaries("ckpt")
         [PosixPath('ckpt/.step-000120.pt.tmp-1f2e3d4c')]
     """
-    removed = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if _TEMP.match(entry.name) and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed.append(Path(entry.path))
-            elif _TEMP.match(entry.name) and entry.is_dir(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    if all(e.is_file(follow_symlinks=False) for e in os.scandir(entry.path)):
-                        shutil.rmtree(entry.path)
-                        removed.append(Path(entry.path))
+    removed: list[Path] = []
+    for store in STORES:
+        removed += [p for p in store.clean_temporaries(folder) if p not in removed]
     return removed
 
 
 def remove(path: StrPath, folder: StrPath | None = None, missing_ok: bool = False) -> None:
-    """Delete a checkpoint: its manifest first, then its payload (either may already be gone).
+    """Delete a checkpoint through its store: its manifest first, then its payload or directory.
 
-    Raises ``ValueError``, deleting nothing, if either is a symlink or not a regular file, or if
-    ``folder`` is given and the checkpoint is not directly in it. A sharded checkpoint directory
-    is removed by ``torchkeel.checkpoint.dcp.remove`` (its manifest first).
+    Raises ``ValueError``, deleting nothing, for a symlink, something torchkeel did not write, or
+    a checkpoint not directly in ``folder`` when given.
 
     Args:
-        path: the payload. folder: the folder it must be in (symlinks resolved).
-        missing_ok: when neither file exists, return instead of raising ``FileNotFoundError``.
+        path: the payload or directory. folder: the folder it must be in (symlinks resolved).
+        missing_ok: when nothing is there, return instead of raising ``FileNotFoundError``.
     Example:
         >>> remove("ckpt/step-000120.pt", folder="ckpt")
     """
-    payload = Path(path)
-    if payload.is_dir() and not payload.is_symlink():   # a sharded checkpoint directory
-        from torchkeel.checkpoint import dcp
-
-        dcp.remove(payload, folder)
-        return
-    if folder is not None and payload.parent.resolve() != Path(folder).resolve():
-        raise ValueError(f"remove(path={str(path)!r}, folder={str(folder)!r}): the checkpoint is "
-                         "not in that folder; pass a path directly inside it.")
-    present = []
-    for p in (payload.with_name(payload.name + MANIFEST_SUFFIX), payload):
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISREG(os.lstat(p).st_mode):
-                raise ValueError(f"remove(path={str(path)!r}): {str(p)!r} is a symlink or not a "
-                                 "regular file; torchkeel deletes only files it wrote.")
-            present.append(p)
-    if not present and not missing_ok:
-        raise FileNotFoundError(f"remove(path={str(path)!r}): no payload and no manifest there.")
-    for p in present:  # manifest first: dying in between leaves a payload that is no checkpoint
-        p.unlink()
-    _fsync_dir(payload.parent)
+    for_path(path).remove(path, folder, missing_ok)

@@ -1,4 +1,4 @@
-"""ModelCheckpoint: when to save, which to keep. The writing itself is ``torchkeel.checkpoint.io``."""
+"""ModelCheckpoint: when to save, which to keep. The writing itself is a store's (``torchkeel.checkpoint.store``)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import torch.distributed as dist
 
 from torchkeel import runs
 from torchkeel.callbacks import Callback, EarlyStopping, Mode, infer_mode
-from torchkeel.checkpoint import io, resume
-from torchkeel.distributed import save_on_main
-from torchkeel.parallel import sharded
+from torchkeel.checkpoint import discovery, io, resume
+from torchkeel.checkpoint.store import FILE, AsyncStore, Store, claimed_meta, commit, for_model
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -144,10 +143,9 @@ class ModelCheckpoint(Callback):
         self._unranked: list[list[float]] = []   # [epoch, score] of each non-finite score seen
         self._resumed_dir: Path | None = None
         self._resumed_file: Path | None = None   # kept until this run commits a newer one it keeps
-        self._sharded = False               # a sharded model: checkpoints are DCP directories
+        self._store: Store = FILE           # where checkpoints go: a file, or DCP directories (sharded model)
         self.async_save = async_save
-        self._saver: Any = None             # torchkeel.checkpoint.background.BackgroundSaver when async_save
-        self._group: Any = None             # its gloo group for a sharded save's collectives
+        self._saver: AsyncStore | None = None   # the store, written in the background, when async_save
         self._restore: dict[str, Any] | None = None   # the bookkeeping before the save in flight
 
     @property
@@ -176,7 +174,7 @@ class ModelCheckpoint(Callback):
         self._resumed_file = Path(path).resolve()
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
-        self._sharded = sharded.is_sharded(trainer.unwrapped_model)
+        self._store = for_model(trainer.unwrapped_model)
         if self.save_on_exception:     # an emergency save resumes from the last optimizer step
             trainer.keep_step_rng = True
         for cb in trainer.callbacks:
@@ -196,14 +194,10 @@ class ModelCheckpoint(Callback):
             self.dirpath = Path(chosen[0])
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            for tmp in io.clean_temporaries(self.dirpath):
+            for tmp in discovery.clean_temporaries(self.dirpath):
                 log.info("ModelCheckpoint: removed an unfinished write %s", tmp)
-        if self.async_save and self._saver is None:
-            from torchkeel.checkpoint.background import BackgroundSaver
-
-            self._saver = BackgroundSaver()
-            if self._sharded and trainer.world_size > 1:     # collective: every rank, here
-                self._group = self._saver.group()
+        if self.async_save and self._saver is None:     # a sharded store's gloo group: every rank, here
+            self._saver = AsyncStore(self._store)
 
     def on_step_end(self, trainer: AdvancedTrainer) -> None:
         if self.every_n_steps and trainer.state.step % self.every_n_steps == 0:
@@ -224,7 +218,7 @@ class ModelCheckpoint(Callback):
             with trainer.signal_flag.saving():
                 self._settle("ModelCheckpoint at the end of fit")
         finally:   # free the host copy and the gloo group; the next fit's on_fit_begin makes new ones
-            saver, self._saver, self._group = self._saver, None, None
+            saver, self._saver = self._saver, None
             if saver is not None:
                 saver.close()
         if self.monitor and self.save_top_k != 0 and not self.best_model_path and trainer.is_global_zero:
@@ -262,8 +256,8 @@ class ModelCheckpoint(Callback):
         """A valid checkpoint this instance wrote at ``epoch`` and ``step``, newest first; None if none."""
         for name in reversed(self._created):
             path = Path(name)
-            claims = _claimed_meta(path)
-            if claims.get("epoch") == epoch and claims.get("step") == step and io.is_checkpoint(path):
+            claims = claimed_meta(path)
+            if claims.get("epoch") == epoch and claims.get("step") == step and discovery.is_checkpoint(path):
                 return name
         return None
 
@@ -323,14 +317,8 @@ class ModelCheckpoint(Callback):
             self._submit(trainer, path, meta, write_last, before)
             return path
         try:   # a failure on any rank in the payload, its manifest or last.json fails every rank alike
-            if self._sharded:       # every rank writes its shards (the state includes the bookkeeping above)
-                from torchkeel.checkpoint import shardstate
-
-                shardstate.save(trainer, path, meta, rng, self.save_weights_only, then=write_last)
-            else:
-                obj = {"format": 1, "model": trainer.unwrapped_model.state_dict()} if self.save_weights_only \
-                    else resume.trainer_state(trainer, rng)              # includes the bookkeeping above
-                save_on_main(obj, path, meta, then=write_last, interrupted=trainer.signal_flag.interrupted)
+            commit(self._store, self._state(trainer, rng), path, meta, then=write_last,
+                   interrupted=trainer.signal_flag.interrupted)
         except BaseException:
             self.load_state_dict(before)
             raise
@@ -339,45 +327,38 @@ class ModelCheckpoint(Callback):
             log.info("ModelCheckpoint: saved %s (%s).", path, reason)
         return path
 
+    def _state(self, trainer: AdvancedTrainer, rng: dict[str, Any] | None) -> dict[str, Any]:
+        """What a checkpoint holds (every rank builds it: it gathers every rank's RNG), in the store's layout."""
+        if self._store.sharded:     # every rank's shards; the bookkeeping above is in the blob
+            return resume.sharded_state(trainer, rng, self.save_weights_only)
+        if self.save_weights_only:
+            return {"format": 1, "model": trainer.unwrapped_model.state_dict()}
+        return resume.trainer_state(trainer, rng)        # includes the bookkeeping above
+
     # ------------------------------------------------------------------------ background saves
     def _submit(self, trainer: AdvancedTrainer, path: Path, meta: dict[str, Any],
                 write_last: Any, before: dict[str, Any]) -> None:
         """Snapshot the state to host memory now; write, ``last.json`` and prune in the background."""
-        saver, writer, rank = self._saver, trainer.is_global_zero, trainer.rank
-        interrupted = trainer.signal_flag.interrupted
-        if self._sharded:
-            from torchkeel.checkpoint import shardstate
-
-            snap = saver.snapshot(shardstate.build(trainer, None, self.save_weights_only))
-            group = self._group
-
-            def job() -> None:
-                shardstate.write(snap, path, meta, rank, then=write_last, group=group)
-                self._prune(writer)
-        else:
-            obj = {"format": 1, "model": trainer.unwrapped_model.state_dict()} if self.save_weights_only \
-                else resume.trainer_state(trainer)        # every rank: it gathers every rank's RNG
-            snap = saver.snapshot(obj) if writer else None
-
-            def job() -> None:
-                if snap is not None:
-                    io.save(snap, path, meta, interrupted=interrupted)
-                    write_last()
-                self._prune(writer)
+        saver, writer = self._saver, trainer.is_global_zero
+        assert saver is not None
+        state = self._state(trainer, None)
         self._restore = before
-        saver.submit(job, what=path.name)
+        saver.write(state if (writer or saver.collective) else None, path, meta, then=write_last,
+                    interrupted=trainer.signal_flag.interrupted, after=lambda: self._prune(writer))
 
     def _settle(self, where: str) -> None:
         """Wait for the save in flight; on any rank's failure restore the bookkeeping, raise everywhere."""
-        if self._saver is None:
+        saver = self._saver
+        if saver is None:
             return
-        from torchkeel.checkpoint.background import agree_error
-
-        self._settle_local(lambda: agree_error(self._saver, where))
+        self._settle_local(lambda: saver.settle(where))
 
     def _settle_local(self, wait: Any = None) -> None:
         try:
-            (wait or self._saver.wait)()
+            if wait is not None:
+                wait()
+            elif self._saver is not None:
+                self._saver.wait()
         except BaseException:
             if self._restore is not None:
                 self.load_state_dict(self._restore)
@@ -408,7 +389,7 @@ class ModelCheckpoint(Callback):
             self._created.remove(old)
             if writer and Path(old).resolve().parent == self._dir.resolve():   # only this run's folder
                 try:   # missing_ok: already gone is fine (a resumed run's bookkeeping)
-                    io.remove(old, missing_ok=True)
+                    discovery.remove(old, missing_ok=True)
                 except (OSError, ValueError) as exc:   # the new checkpoint is durable: train on
                     log.warning("ModelCheckpoint: could not delete %s, which fell out of the top %d (%s: %s). "
                                 "The new checkpoint %s is saved; training goes on. Delete the old one by hand.",
@@ -423,7 +404,7 @@ class ModelCheckpoint(Callback):
         fields |= trainer.state.metrics
         name = _fill(self.filename, fields, ", ".join(sorted(fields)))
         name = name.replace("/", "_").replace(os.sep, "_").replace("\0", "")
-        base, n, suffix = name, 1, "" if self._sharded else ".pt"
+        base, n, suffix = name, 1, self._store.suffix
         while not self._free(self._dir / f"{name}{suffix}", entry):
             name, n = f"{base}-v{n}", n + 1
         return self._dir / f"{name}{suffix}"
@@ -457,17 +438,6 @@ class ModelCheckpoint(Callback):
         self.last_model_path = state_dict["last_model_path"]
         self._created = list(state_dict["created"])
         self._unranked = [list(u) for u in state_dict.get("unranked", [])]   # absent before 0.1.x
-
-
-def _claimed_meta(path: Path) -> dict[str, Any]:
-    """The ``meta`` a checkpoint's manifest claims, without hashing; ``{}`` when there is none."""
-    manifest = path / "manifest.json" if path.is_dir() else path.with_name(path.name + io.MANIFEST_SUFFIX)
-    try:
-        data = json.loads(manifest.read_bytes())
-    except (OSError, ValueError):
-        return {}
-    meta = data.get("meta") if isinstance(data, dict) else None
-    return meta if isinstance(meta, dict) else {}
 
 
 def _fill(template: str, fields: dict[str, Any], available: str) -> str:

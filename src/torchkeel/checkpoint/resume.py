@@ -1,7 +1,7 @@
 """Full trainer state in and out of a checkpoint, and ``resume_from`` (a path, 'last' or 'auto').
 
 Where training is in the data and the RNG states that order it live in ``torchkeel.dataorder``;
-signals and preemption in ``torchkeel.signals`` (both re-exported here for older imports).
+signals and preemption in ``torchkeel.signals``. A sharded trainer's state is ``sharded_state``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchkeel import dataorder
-from torchkeel.checkpoint import discovery, io, resume_choice
-from torchkeel.parallel import sharded
-from torchkeel.signals import EXIT_PREEMPTED, Preempted
+from torchkeel.checkpoint import dcp, discovery, io, resume_choice, shardstate
+from torchkeel.checkpoint.store import for_model
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("torchkeel")
 
 FORMAT = 1
-__all__ = ["EXIT_PREEMPTED", "FORMAT", "Preempted", "check_model_state", "check_progress", "check_trainer_state",
-           "load_trainer_state", "resume", "search_roots", "trainer_state"]
+__all__ = ["FORMAT", "check_model_state", "check_progress", "check_trainer_state",
+           "load_trainer_state", "resume", "search_roots", "sharded_state", "trainer_state"]
 KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "ranks", "data", "loop", "history", "callbacks")
 _VERSION = re.compile(r"^version_(\d+)$")
 
@@ -43,14 +43,12 @@ def trainer_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None,
     ``rng`` replaces the RNG states of this moment (an emergency save passes those of the last step).
     ``weights=False``: no ``model`` and ``optimizer`` (a sharded checkpoint holds those as shards).
     """
-    from torchkeel import __version__
-
     state = trainer.state
     tensors = {"model": trainer.unwrapped_model.state_dict(),
                "optimizer": trainer.optimizer.state_dict()} if weights else {}
     return {
         "format": FORMAT,
-        "versions": {"torchkeel": __version__, "torch": str(torch.__version__)},
+        "versions": {"torchkeel": getattr(sys.modules.get("torchkeel"), "__version__", io.__version__), "torch": str(torch.__version__)},
         **tensors,
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
         "scaler": trainer.scaler.state_dict(),
@@ -380,8 +378,6 @@ def _read(sharded_model: bool, path: str | Path) -> tuple[dict[str, Any], str]:
     state must be at the step and epoch its manifest claims (``check_progress``).
     """
     if Path(path).is_dir():
-        from torchkeel.checkpoint import shardstate
-
         if sharded_model:
             ckpt, sha = shardstate.read_head(path)
             meta = ckpt[shardstate.MANIFEST]["meta"]
@@ -441,7 +437,8 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
         raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(...) or "
                          "log_dir=... to know where to look, or pass a checkpoint path.")
     path: Path | None
-    read = _Reader(sharded.is_sharded(trainer.unwrapped_model))
+    sharded_model = for_model(trainer.unwrapped_model).sharded
+    read = _Reader(sharded_model)
     choose = functools.partial(_choose, accept=read.accept)    # 'auto' falls back past what cannot be read
     if trainer.world_size > 1:
         path, ckpt = resume_choice.agree(trainer, resume_from, roots, choose, check_trainer_state, read)
@@ -450,12 +447,10 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
         ckpt = read(path)[0] if path is not None else None
     if path is None or ckpt is None:
         return None
-    if sharded.is_sharded(trainer.unwrapped_model):
-        from torchkeel.checkpoint import shardstate
-
+    if sharded_model:
         if Path(path).is_dir():     # shards into shards, at this world size
             check_trainer_state(trainer, ckpt, str(path))
-            shardstate.load_into(trainer, path, ckpt, str(path))
+            _load_sharded(trainer, path, ckpt, str(path))
         else:                       # a full single file: every rank keeps its own shards of it
             load_model, load_optimizer = shardstate.full_loaders(trainer)
             load_trainer_state(trainer, ckpt, str(path), load_model=load_model, load_optimizer=load_optimizer)
@@ -466,3 +461,46 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
     log.info("Resumed from %s at epoch %d, step %d.", path, trainer.state.epoch, trainer.state.step)
     return Path(path)
 
+
+# ------------------------------------------------------------------------- sharded trainers
+def sharded_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None,
+                  weights_only: bool = False) -> dict[str, Any]:
+    """The DCP state of a sharded trainer (every rank calls it: it gathers every rank's RNG).
+
+    ``model`` and ``optimizer`` as shards (``get_state_dict``); everything else of
+    ``trainer_state`` as one blob under ``shardstate.TRAINER``, from rank 0.
+    Args: trainer: a trainer over a sharded model. rng: as for ``trainer_state``.
+        weights_only: the model's shards only.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    model = trainer.unwrapped_model
+    if weights_only:
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        rest: dict[str, Any] = {"format": FORMAT}
+    else:
+        msd, osd = get_state_dict(model, trainer.optimizer)
+        state = {"model": msd, "optimizer": osd}
+        rest = trainer_state(trainer, rng, weights=False)
+        rest[shardstate.GROUPS] = osd["param_groups"]
+    if trainer.rank == 0:    # one writer of the blob (the other ranks' copies are the same)
+        state[shardstate.TRAINER] = shardstate.pack(rest)
+    return state
+
+
+def _load_sharded(trainer: AdvancedTrainer, path: str | Path, head: dict[str, Any], source: str) -> None:
+    """Load a checked directory into a sharded trainer, at this world size (collective).
+
+    ``head`` is ``shardstate.read_head``'s (verified on this rank), already checked against the
+    trainer on every rank, which agreed on the manifest's sha256.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(trainer.unwrapped_model, trainer.optimizer)   # the layout to fill
+    state = {"model": msd, "optimizer": osd}
+    head = dict(head)
+    dcp.load(path, state, head.pop(shardstate.MANIFEST, None))
+    ckpt = {**head, "model": state["model"], "optimizer": state["optimizer"]}
+    model_loader, optimizer_loader = shardstate.sharded_loaders(trainer)
+    load_trainer_state(trainer, ckpt, source, check=False, load_model=model_loader,
+                       load_optimizer=optimizer_loader)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from torchkeel.checkpoint import discovery, io
+from torchkeel.parallel.collective import raise_together
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -40,7 +41,7 @@ def agree(trainer: AdvancedTrainer, resume_from: str | Path, roots: list[Path], 
     ``read(path)`` gives the verified checkpoint and a sha256 naming it (a sharded directory's: of
     its manifest, which names every file's sha256).
     """
-    choice: dict[str, Any] = {"path": None, "sha256": None, "passed": [], "error": None}
+    choice: dict[str, Any] = {"path": None, "sha256": None, "passed": []}
     ckpt: dict[str, Any] | None = None
     own: Exception | None = None
     if trainer.rank == 0:
@@ -50,16 +51,17 @@ def agree(trainer: AdvancedTrainer, resume_from: str | Path, roots: list[Path], 
                 ckpt, sha256 = read(path)
                 choice.update(path=str(path), sha256=sha256)
         except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
-            own, choice["error"] = exc, (type(exc).__name__, str(exc))
+            own = exc
+    try:    # rank 0's error, with its type and text, on every rank (rank 0 raises the error itself)
+        raise_together(own, "", message=None if own is None else str(own), describe=lambda failed: failed[0])
+    except Exception:
+        if own is None:
+            raise
+    if own is not None:
+        raise own
     box = [choice]
     dist.broadcast_object_list(box, src=0)
     choice = box[0]
-    if choice["error"] is not None:         # rank 0's error, raised as it is on every rank
-        if own is not None:
-            raise own
-        kind, text = choice["error"]
-        known = (FileNotFoundError, ValueError, TypeError, io.CheckpointError)
-        raise next((k for k in known if k.__name__ == kind), RuntimeError)(text)
     problem = None
     try:
         if trainer.rank != 0:
@@ -68,10 +70,11 @@ def agree(trainer: AdvancedTrainer, resume_from: str | Path, roots: list[Path], 
             check(trainer, ckpt, choice["path"])
     except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
         own, problem = exc, f"{exc}"
-    problems: list[Any] = [None] * trainer.world_size
-    dist.all_gather_object(problems, problem)
-    if any(problems):
-        raise io.CheckpointError(_disagreement(resume_from, choice, problems), path=choice["path"]) from own
+    path = choice["path"]
+    raise_together(own if own is not None and problem else problem, f"fit(resume_from={str(resume_from)!r})", message=problem,
+                   kind=lambda text: io.CheckpointError(text, path=path),
+                   describe=lambda failed: _disagreement(resume_from, choice,
+                                                         [failed.get(r) for r in range(trainer.world_size)]))
     return (Path(choice["path"]) if choice["path"] else None), ckpt
 
 
@@ -82,7 +85,7 @@ def _read_same(resume_from: str | Path, roots: list[Path], choice: dict[str, Any
         if resume_from != "auto":
             return None, None
         passed = set(choice["passed"])
-        here = [p for _, p, why in discovery._candidates(roots, True) if not why and str(p) not in passed]
+        here = [p for _, p, why in discovery.candidates(roots, True) if not why and str(p) not in passed]
         return None, f"it has {len(here)} checkpoint(s) rank 0 has not, e.g. {here[0]}" if here else None
     path = Path(choice["path"])
     if not path.exists():

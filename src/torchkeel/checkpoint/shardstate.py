@@ -4,8 +4,9 @@ The directory holds ``model`` and ``optimizer`` as DCP shards (``get_state_dict`
 names, DTensor shards) and, under ``trainer``, everything else of ``resume.trainer_state`` (plain
 values, every rank's RNG) as one ``torch.save`` blob written by rank 0 and read back with
 ``weights_only=True``. ``load_consolidated`` turns a directory into the single-file layout (the
-optimizer keyed by index, as ``optimizer.state_dict()``) in one plain process; ``load_into`` loads
-it into a sharded trainer at any world size; ``full_loaders`` put a single file into one.
+optimizer keyed by index, as ``optimizer.state_dict()``) in one plain process; ``read_head`` reads
+its plain values; ``sharded_loaders`` and ``full_loaders`` put shards or a single file into a
+sharded trainer (``torchkeel.checkpoint.resume`` builds and loads the whole state).
 """
 
 from __future__ import annotations
@@ -28,18 +29,15 @@ if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
 __all__ = [
-    "build",
     "full_loaders",
     "load_consolidated",
-    "load_into",
     "manifest_sha256",
+    "pack",
     "read_consolidated",
     "read_head",
-    "save",
     "sharded_loaders",
     "to_index_keys",
     "to_name_keys",
-    "write",
 ]
 
 TRAINER = "trainer"   # the key of the plain-value blob in the DCP state
@@ -47,7 +45,7 @@ GROUPS = "optimizer_groups"   # in the blob: the optimizer's param_groups (names
 MANIFEST = "_manifest"        # in read_head's result: the manifest this rank verified
 
 
-def _pack(obj: dict[str, Any]) -> bytes:
+def pack(obj: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -67,53 +65,6 @@ def _unpack(blob: Any, path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise dcpsafe.fail(path, f"its {TRAINER!r} entry holds a {type(obj).__name__}, not a dict")
     return obj
-
-
-def build(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None,
-          weights_only: bool = False) -> dict[str, Any]:
-    """The DCP state of a sharded trainer (every rank calls it: it gathers every rank's RNG)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-    from torchkeel.checkpoint import resume
-
-    model = trainer.unwrapped_model
-    if weights_only:
-        state: dict[str, Any] = {"model": get_model_state_dict(model)}
-        rest: dict[str, Any] = {"format": resume.FORMAT}
-    else:
-        msd, osd = get_state_dict(model, trainer.optimizer)
-        state = {"model": msd, "optimizer": osd}
-        rest = resume.trainer_state(trainer, rng, weights=False)
-        rest[GROUPS] = osd["param_groups"]
-    if trainer.rank == 0:    # one writer of the blob (the other ranks' copies are the same)
-        state[TRAINER] = _pack(rest)
-    return state
-
-
-def save(trainer: AdvancedTrainer, path: StrPath, meta: dict[str, Any], rng: dict[str, Any] | None = None,
-         weights_only: bool = False, then: Callable[[], object] | None = None) -> Path:
-    """Write the trainer's state as a sharded checkpoint directory (collective); ``then`` on rank 0 after.
-
-    A failure of ``then`` on rank 0 fails every rank with its message, as one of the save does.
-    Example:
-        >>> save(trainer, "ckpt/version_0/epoch=0-step=8", meta={"step": 8})
-    """
-    return write(build(trainer, rng, weights_only), path, meta, trainer.rank, then)
-
-
-def write(state: dict[str, Any], path: StrPath, meta: dict[str, Any], rank: int,
-          then: Callable[[], object] | None = None, group: Any = None) -> Path:
-    """``dcp.save`` of ``build``'s state, then ``then`` on rank 0, agreed on ``group`` (collective)."""
-    final = dcp.save(state, path, meta, group=group)
-    error = ""
-    if then is not None and rank == 0:
-        try:
-            then()
-        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
-            error = f"{type(exc).__name__}: {exc}"
-    if then is not None:
-        dcp._agree(dcp._broadcast(error, group), f"sharded save({str(path)!r})", group=group)
-    return final
 
 
 # --------------------------------------------------------------------------- optimizer keys
@@ -219,23 +170,3 @@ def full_loaders(trainer: AdvancedTrainer) -> tuple[Callable[[Any], object], Cal
     model, opt, full = trainer.unwrapped_model, trainer.optimizer, StateDictOptions(full_state_dict=True)
     return (lambda msd: set_model_state_dict(model, msd, options=full),
             lambda osd: set_optimizer_state_dict(model, opt, to_name_keys(model, opt, osd), options=full))
-
-
-def load_into(trainer: AdvancedTrainer, path: StrPath, head: dict[str, Any], source: str) -> None:
-    """Load a checked directory into a sharded trainer, at this world size (collective).
-
-    ``head`` is ``read_head``'s (verified on this rank), already checked against the trainer on
-    every rank, which agreed on the manifest's sha256.
-    """
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from torchkeel.checkpoint import resume
-
-    msd, osd = get_state_dict(trainer.unwrapped_model, trainer.optimizer)   # the layout to fill
-    state = {"model": msd, "optimizer": osd}
-    head = dict(head)
-    dcp.load(path, state, head.pop(MANIFEST, None))
-    ckpt = {**head, "model": state["model"], "optimizer": state["optimizer"]}
-    model_loader, optimizer_loader = sharded_loaders(trainer)
-    resume.load_trainer_state(trainer, ckpt, source, check=False, load_model=model_loader,
-                              load_optimizer=optimizer_loader)
