@@ -116,3 +116,14 @@ def test_a_sink_in_a_few_lines_gets_the_csv_series_also_after_a_resume(tmp_path:
     kept = [s for s in first if s[1] < 6 or (s[1] == 6 and s[3] == "step")]
     assert all(s in second for s in kept)                                          # the first fit's, as written
     assert [s[4] for s in second if s[:2] == ("val_loss", 16)] == [trainer.history["val_loss"][-1]]
+
+
+def test_a_sink_without_the_five_methods_is_refused_at_construction(tmp_path: Path) -> None:
+    class NoClose(JsonLinesSink):
+        close = None   # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match=r"^LoggerCallback\(.*NoClose.*\): a sink needs the methods open, "
+                                        r"write_step, write_validation, write_hparams, close; it has no close\.$"):
+        LoggerCallback(NoClose(tmp_path / "points.jsonl"))
+    with pytest.raises(ValueError, match=r"^LoggerCallback\(log_every_n_steps=0\): must be an int >= 1"):
+        LoggerCallback(JsonLinesSink(tmp_path / "points.jsonl"), log_every_n_steps=0)

@@ -153,6 +153,9 @@ class Sink(Protocol):
         """Flush and release the storage."""
 
 
+SINK_METHODS = ("open", "write_step", "write_validation", "write_hparams", "close")
+
+
 class LoggerCallback(Callback):
     """Decide what is logged when, and hand it to sinks that write it. Rank 0 only.
 
@@ -173,6 +176,11 @@ class LoggerCallback(Callback):
 
     def __init__(self, *sinks: Sink, log_every_n_steps: int | None = None) -> None:
         check_every(type(self).__name__, log_every_n_steps)
+        for sink in sinks:
+            missing = [m for m in SINK_METHODS if not callable(getattr(sink, m, None))]
+            if missing:
+                raise TypeError(f"{type(self).__name__}({sink!r}): a sink needs the methods "
+                                f"{', '.join(SINK_METHODS)}; it has no {', '.join(missing)}.")
         self.sinks: tuple[Sink, ...] = sinks
         self.log_every_n_steps = log_every_n_steps
         self._open: tuple[Sink, ...] = ()   # the sinks this fit opened: empty off rank 0 and between fits
