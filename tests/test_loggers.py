@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchkeel import AdvancedTrainer, Callback, loggers
+from torchkeel import AdvancedTrainer, Callback
 from torchkeel.loggers import (
     TENSORBOARD_MISSING,
     CSVLogger,
@@ -26,6 +26,7 @@ from torchkeel.loggers import (
     TensorBoardLogger,
     ensure_console_logging,
     epoch_line,
+    progress,
 )
 
 # The optional extras (torchkeel[tensorboard], torchkeel[progress]): without them these tests skip.
@@ -308,7 +309,7 @@ class _Clock:
 def test_progress_bar_on_a_terminal_is_rate_limited(monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="torchkeel")
-    monkeypatch.setattr(loggers, "time", _Clock())
+    monkeypatch.setattr(progress, "time", _Clock())
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(2, 8, generator=g), torch.randint(0, 3, (2,), generator=g)) for _ in range(1000)]
     tty = _TTY()
@@ -427,7 +428,7 @@ class _Stream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]
 
 @needs_tqdm
 def test_progress_bar_counts_steps_without_a_loader_length(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loggers, "time", _Clock())
+    monkeypatch.setattr(progress, "time", _Clock())
     tty = _TTY()
     trainer = _trainer(callbacks=[ProgressBar(refresh_rate_hz=1e6, file=tty)], gradient_accumulation_steps=2)
     trainer.fit(DataLoader(_Stream(), batch_size=4), epochs=2)     # 10 batches, 5 optimizer steps per epoch
@@ -438,7 +439,7 @@ def test_progress_bar_counts_steps_without_a_loader_length(monkeypatch: pytest.M
 
 @needs_tqdm
 def test_progress_bar_counts_steps_to_max_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loggers, "time", _Clock())
+    monkeypatch.setattr(progress, "time", _Clock())
     tty = _TTY()
     trainer = _trainer(callbacks=[ProgressBar(refresh_rate_hz=1e6, file=tty)])
     trainer.fit(DataLoader(_Stream(), batch_size=8), epochs=3, max_steps=8)     # 5 steps per epoch

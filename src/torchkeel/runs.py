@@ -4,7 +4,7 @@
 ``runs/mnist/version_N/``::
 
     hparams.json      trainer configuration and hyperparameters (at fit start)
-    metrics.csv       one row per logged step and per epoch (CSVLogger)
+    metrics.csv       one row per logged step and per epoch (as CSVLogger writes it)
     tensorboard/      TensorBoard events (when tensorboard is installed)
     checkpoints/      ModelCheckpoint's files when it was given no save_dir of its own
     summary.json      status, best and last metrics, epochs, time, throughput (at fit end)
@@ -206,16 +206,18 @@ class RunFolder(Callback):
 
 
 def run_callbacks(trainer: AdvancedTrainer, run_dir: Path, summary: FitSummary) -> list[Callback]:
-    """The callbacks that fill a run folder: CSV metrics, TensorBoard when installed, the JSON files."""
-    from torchkeel.loggers import CSVLogger, TensorBoardLogger
+    """The callbacks that fill a run folder: CSV metrics, TensorBoard when installed, the JSON files.
 
-    out: list[Callback] = [CSVLogger(run_dir / "metrics.csv")]
+    One ``LoggerCallback`` drives both sinks: one hook call a step, one read of the loss a logging step.
+    """
+    from torchkeel.loggers import CSVSink, LoggerCallback, Sink, TensorBoardSink
+
+    sinks: list[Sink] = [CSVSink(run_dir / "metrics.csv")]
     if importlib.util.find_spec("tensorboard") is not None:
-        out.append(TensorBoardLogger(run_dir / "tensorboard"))
+        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
     else:
         log.info("Run folder %s: no TensorBoard events (pip install 'torchkeel[tensorboard]').", run_dir)
-    out.append(RunFolder(run_dir, summary))
-    return out
+    return [LoggerCallback(*sinks), RunFolder(run_dir, summary)]
 
 
 class RunFolders:
