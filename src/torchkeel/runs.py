@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -31,13 +30,13 @@ import torch.distributed as dist
 
 from torchkeel.callbacks import Callback
 from torchkeel.checkpoint import io
+from torchkeel.versions import next_version, version_dir_of
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
 log = logging.getLogger("torchkeel")
 
-_VERSION = re.compile(r"^version_(\d+)$")
 STATUS_FINISHED, STATUS_STOPPED, STATUS_INTERRUPTED, STATUS_FAILED = (
     "finished", "stopped early", "interrupted", "failed")
 
@@ -72,21 +71,6 @@ def console(rank_zero: bool) -> Iterator[None]:
         log.removeHandler(handler)
         if level == logging.NOTSET and log.level == logging.INFO:
             log.setLevel(level)
-
-
-def next_version(root: Path) -> Path:
-    """``root/version_N`` with N one past the highest existing."""
-    taken = [int(m.group(1)) for p in (root.iterdir() if root.is_dir() else []) if (m := _VERSION.match(p.name))]
-    return root / f"version_{max(taken, default=-1) + 1}"
-
-
-def version_dir_of(path: str | Path, root: Path) -> Path | None:
-    """The ``version_N`` folder under ``root`` that holds ``path``, if any."""
-    p, root = Path(path).resolve(), root.resolve()
-    for parent in p.parents:
-        if parent.parent == root and _VERSION.match(parent.name):
-            return parent
-    return None
 
 
 class FitSummary(Callback):

@@ -179,7 +179,7 @@ def _sha256(data: memoryview) -> str:
 
 
 def _xxh3_128(data: memoryview) -> str:
-    return xxhash.xxh3_128_hexdigest(data)
+    return str(xxhash.xxh3_128_hexdigest(data))
 
 
 HASHES: dict[str, Callable[[memoryview], str]] = {"sha256": _sha256, QUICK: _xxh3_128}

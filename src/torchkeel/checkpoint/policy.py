@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from torchkeel import runs
 from torchkeel.callbacks import Callback, EarlyStopping, Mode, infer_mode
 from torchkeel.checkpoint import discovery, io, resume
 from torchkeel.checkpoint.store import FILE, AsyncStore, Store, claimed_meta, commit, for_model
+from torchkeel.versions import next_version, version_dir_of
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -170,7 +170,7 @@ class ModelCheckpoint(Callback):
     # ------------------------------------------------------------------------------- hooks
     def resumed_from(self, path: str | os.PathLike[str]) -> None:
         """Continue writing in the run folder of ``path`` when it is one of ours."""
-        self._resumed_dir = runs.version_dir_of(Path(path), self.root_dir)
+        self._resumed_dir = version_dir_of(Path(path), self.root_dir)
         self._resumed_file = Path(path).resolve()
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
@@ -188,7 +188,7 @@ class ModelCheckpoint(Callback):
                         "next save.%s", self.every_n_steps, self.monitor,
                         "" if self.every_n_epochs else " With every_n_epochs=0 no checkpoint is ranked.")
         if self.dirpath is None:
-            chosen = [str(self._resumed_dir or runs.next_version(self.root_dir))]
+            chosen = [str(self._resumed_dir or next_version(self.root_dir))]
             if trainer.world_size > 1:              # rank 0 picks the folder for everyone
                 dist.broadcast_object_list(chosen, src=0)
             self.dirpath = Path(chosen[0])

@@ -1,0 +1,28 @@
+"""The ``version_N`` folders under a root: the run folders and the checkpoint folders share the numbering.
+
+A fit's TensorBoard run (``runs.RunFolders``) and its checkpoints (``ModelCheckpoint``) each live in
+``<root>/version_N``; a resumed fit keeps the N of the checkpoint it resumed, a new one takes the next.
+This module only reads folder names: it writes nothing and owns no state.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_VERSION = re.compile(r"^version_(\d+)$")
+
+
+def next_version(root: Path) -> Path:
+    """``root/version_N`` with N one past the highest existing."""
+    taken = [int(m.group(1)) for p in (root.iterdir() if root.is_dir() else []) if (m := _VERSION.match(p.name))]
+    return root / f"version_{max(taken, default=-1) + 1}"
+
+
+def version_dir_of(path: str | Path, root: Path) -> Path | None:
+    """The ``version_N`` folder under ``root`` that holds ``path``, if any."""
+    p, root = Path(path).resolve(), root.resolve()
+    for parent in p.parents:
+        if parent.parent == root and _VERSION.match(parent.name):
+            return parent
+    return None
