@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import signal
-import socket
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
 import torch
+from launch import DIST_ENV
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -41,13 +41,6 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(self.act(self.fc1(x))))
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for a test's torchrun or spawn rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_model(seed: int = 0, dropout: float = 0.0) -> TinyNet:
@@ -219,6 +212,13 @@ def model() -> TinyNet:
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
+
+
+@pytest.fixture
+def no_dist_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process without torchrun's variables (RANK, MASTER_PORT, ...): one plain process."""
+    for name in DIST_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 
 def build_trainer(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,

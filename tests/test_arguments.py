@@ -13,7 +13,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +24,11 @@ from conftest import (
     Scripted,
     assert_params_equal,
     build_trainer,
-    free_port,
     loader,
     make_model,
     params_of,
 )
+from launch import torchrun
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -108,10 +107,7 @@ def test_wrappers_keep_the_same_parameters() -> None:
 
 def _torchrun(script: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", TORCH_DISTRIBUTED_DEBUG="INFO")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / script), "--out", str(out), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return torchrun(ROOT / "tests" / "scripts" / script, "--out", out, *args, env=env, timeout=300)
 
 
 @pytest.mark.slow

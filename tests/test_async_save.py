@@ -320,10 +320,8 @@ def test_kill_9_during_a_background_save_leaves_the_previous_checkpoint_newest_a
 
 # -------------------------------------------------------------------- 2 ranks (torchrun, gloo)
 def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
-    from conftest import free_port
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    from launch import torchrun
+    return torchrun(WORKER, *args, env=_env(), timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import free_port, make_dataset, make_model
+from conftest import make_dataset, make_model
+from launch import torchrun
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -125,10 +124,7 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(out: Path, ckpt: Path, *args: str) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER),
-           "--out", str(out), "--ckpt", str(ckpt), *args]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    proc = torchrun(WORKER, "--out", out, "--ckpt", ckpt, *args, env=_env(), timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
 

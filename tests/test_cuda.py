@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from launch import torchrun
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -315,9 +316,7 @@ def run_two_ranks(out: Path, worker: str, timeout: float) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env["PYTHONPATH"] = str(ROOT / "src")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = torchrun(script, out, env=env, timeout=timeout, standalone=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 

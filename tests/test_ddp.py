@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import launch
 import pytest
 import torch
-from conftest import free_port
 
 from torchkeel import io
 
@@ -31,9 +31,7 @@ def _env() -> dict[str, str]:
 
 
 def torchrun(out: Path, *args: str, nproc: int = 2, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), "--out", str(out), *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    return launch.torchrun(script, "--out", out, *args, env=_env(), timeout=TIMEOUT, nproc=nproc)
 
 
 def single(out: Path, *args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
@@ -196,10 +194,8 @@ def test_resuming_with_another_world_size_warns(tmp_path: Path) -> None:
 def sigterm_to_rank1(out: Path, *args: str, wait: float) -> tuple[int, str, float]:
     """2 ranks with checkpoints in ``out/ck``; SIGTERM to rank 1 once it trained 3 steps (the script's
     ``--slow`` marks that). Returns (exit code, stderr, seconds from the signal to the job's end)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), "--out", str(out),
-           "--ckpt", str(out / "ck"), *args]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch.start_torchrun(SCRIPT, "--out", out, "--ckpt", out / "ck", *args, env=_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = out / "ready-rank1"
         deadline = time.monotonic() + 90

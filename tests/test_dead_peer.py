@@ -15,12 +15,11 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from launch import start_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "dead_peer.py"
@@ -35,10 +34,9 @@ def _env() -> dict[str, str]:
 
 def _launch(out: Path, *args: str) -> subprocess.Popen[bytes]:
     out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), "--out", str(out), *args]
     with open(out / "log.txt", "wb") as log:
-        return subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return start_torchrun(WORKER, "--out", out, *args, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
 
 
 def _alive(pid: int) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import free_port
+from launch import free_port, torchrun
 from torch.distributed import TCPStore
 
 from torchkeel import io
@@ -28,7 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"
 TIMEOUT = 240
-RUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def _env() -> dict[str, str]:
@@ -49,11 +48,10 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 
 def two_nodes(script: str, *args: str) -> list[subprocess.CompletedProcess[str]]:
     """Two torchrun agents, one process each, static rendezvous on 127.0.0.1."""
-    port = str(free_port())
-    cmds = [[*RUN, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr",
-             "127.0.0.1", "--master_port", port, str(SCRIPTS / script), *args] for node in (0, 1)]
+    port = free_port()
     with ThreadPoolExecutor(2) as pool:
-        return list(pool.map(run, cmds))
+        return list(pool.map(lambda node: torchrun(SCRIPTS / script, *args, env=_env(), timeout=TIMEOUT, nproc=1,
+                                                   nnodes=2, node_rank=node, port=port), (0, 1)))
 
 
 def result(out: Path, rank: int = 0) -> dict[str, Any]:
@@ -96,9 +94,9 @@ def test_two_nodes_write_each_checkpoint_once_on_global_rank_0(nodes_run: Path) 
 def test_kill_9_of_one_worker_restarts_and_resumes_to_the_uninterrupted_weights(nodes_run: Path,
                                                                                 tmp_path: Path) -> None:
     """torchrun --standalone --max-restarts: the launch line whose restarts failed before torchkeel's store fix."""
-    proc = ok(run([*RUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", "2",
-                   str(SCRIPTS / "elastic_train.py"), "--out", str(tmp_path), "--ckpt", str(tmp_path / "ck"),
-                   "--kill-rank", "1", "--kill-step", "11"]))
+    proc = ok(torchrun(SCRIPTS / "elastic_train.py", "--out", tmp_path, "--ckpt", tmp_path / "ck",
+                       "--kill-rank", "1", "--kill-step", "11", env=_env(), timeout=TIMEOUT, standalone=True,
+                       launcher_args=("--max-restarts", "2")))
     assert "exitcode: -9" in proc.stderr, proc.stderr[-3000:]        # rank 1 really died of SIGKILL
     for rank in (0, 1):
         full, resumed = result(nodes_run, rank), result(tmp_path, rank)

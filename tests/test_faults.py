@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import launch
 import pytest
 import torch
 from conftest import make_dataset, make_model
+from launch import child_env
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -31,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from dist_faults import Jam, ScriptVal
-from test_distributed_lifecycle import child_env, no_dist_env, torchrun  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_dist_env")
 
@@ -145,7 +146,7 @@ def test_temporaries_left_by_kill_9_mid_save_are_removed_by_the_next_save(tmp_pa
 @pytest.fixture(scope="module")
 def save_faults(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("faults")
-    proc = torchrun("dist_faults.py", "save_faults", str(out), timeout=180)
+    proc = launch.torchrun(SCRIPTS / "dist_faults.py", "save_faults", out, env=child_env(), timeout=180, standalone=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, [json.loads((out / f"save_faults-rank{r}.json").read_text()) for r in range(2)]
 
@@ -181,7 +182,8 @@ def test_ddp_a_failed_save_in_fit_fails_every_rank_with_rank_0s_message(
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_an_exception_on_one_rank_inside_fit_ends_the_job_with_its_message(tmp_path: Path) -> None:
-    proc = torchrun("dist_faults.py", "raise_in_step", str(tmp_path), timeout=120)
+    proc = launch.torchrun(SCRIPTS / "dist_faults.py", "raise_in_step", tmp_path, env=child_env(), timeout=120,
+                           standalone=True)
     assert proc.returncode != 0
     assert "ValueError: rank 1: planned failure in training_step at step 3" in proc.stdout + proc.stderr
     assert list(tmp_path.glob("raise_in_step-rank*.json")) == []   # neither rank finished fit

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from launch import free_port
 
 from torchkeel.logged import LoggedValues, epoch_name
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import free_port
+from launch import free_port
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_params_equal, free_port, make_dataset, make_model, params_of
+from conftest import assert_params_equal, make_dataset, make_model, params_of
+from launch import start_torchrun
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -359,17 +360,15 @@ DDP_SCRIPT = Path(__file__).parent / "scripts" / "long_ddp.py"
 
 def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(DDP_SCRIPT), "--out", str(out), *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = start_torchrun(DDP_SCRIPT, "--out", out, *args, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         stdout, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)           # torchrun and both ranks
         proc.communicate()
         raise AssertionError(f"torchrun {args} did not end within 120 s (a hang?)") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "")
 
 
 def _ranks(out: Path) -> list[dict[str, Any]]:

@@ -12,8 +12,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_state_equal, free_port, make_dataset, make_model, params_of
+from conftest import assert_state_equal, make_dataset, make_model, params_of
+from launch import torchrun
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -225,10 +224,7 @@ def test_each_folder_is_searched_once(tmp_path: Path, caplog: pytest.LogCaptureF
 def test_ranks_resume_from_the_same_checkpoint_or_all_raise(tmp_path: Path) -> None:
     """Per-node disks: each rank works in its own folder, so the same relative path names two files."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / "resume_ranks.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    proc = torchrun(ROOT / "tests" / "scripts" / "resume_ranks.py", tmp_path, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-6000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0.keys() == r1.keys()

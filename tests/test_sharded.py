@@ -120,13 +120,10 @@ def test_clip_grad_norm_on_plain_gradients_equals_torch(norm_type: float) -> Non
 @pytest.mark.distributed
 def test_fsdp_equals_ddp_equals_one_process(tmp_path: Path) -> None:
     """2 ranks, gloo, fp32: windows of 2, 2, 1 micro-batches, momentum, clipping that binds."""
-    from conftest import free_port
+    from launch import torchrun
 
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / "fsdp_equiv.py"), "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = torchrun(ROOT / "tests" / "scripts" / "fsdp_equiv.py", "--out", tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["sharded"] and r["units"] == ["Block"] * 3 and r["dt_units"] == 3

@@ -56,11 +56,10 @@ def _env() -> dict[str, str]:
 
 
 def _cmd(nproc: int) -> list[str]:
-    from conftest import free_port
+    from launch import torchrun_command
     if nproc == 1:
         return [sys.executable, str(WORKER), "--plain"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER)]
+    return torchrun_command(WORKER, nproc=nproc)
 
 
 def _run(nproc: int, out: Path, ckpt: Path, *args: str) -> tuple[dict[str, Any], str]:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from launch import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("even", "value_clip", "every_micro_batch", "tokens", "uneven", "stream", "nan_skip", "validate")
@@ -24,10 +22,7 @@ CASES = ("even", "value_clip", "every_micro_batch", "tokens", "uneven", "stream"
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("sharded_fit")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", TORCH_DISTRIBUTED_DEBUG="INFO")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / "sharded_fit.py"), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = torchrun(ROOT / "tests" / "scripts" / "sharded_fit.py", "--out", out, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads((out / "result.json").read_text())  # type: ignore[no-any-return]
 

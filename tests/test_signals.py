@@ -11,12 +11,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import launch
 import pytest
 import torch
 from conftest import assert_params_equal, assert_state_equal, make_dataset, make_model
@@ -180,15 +180,7 @@ def _env() -> dict[str, str]:
 
 
 def torchrun(out: Path, *args: Any, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), str(SCRIPTS / "ddp_signals.py"),
-           "--out", str(out), *map(str, args)]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    return launch.torchrun(SCRIPTS / "ddp_signals.py", "--out", out, *args, env=_env(), timeout=timeout)
 
 
 def result(out: Path, rank: int) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_params_equal, free_port
+from conftest import assert_params_equal
+from launch import torchrun_command
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import torchkeel
@@ -258,9 +259,8 @@ def test_a_plain_stream_run_to_max_steps_with_workers_resumes_exactly_after_a_cr
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["loop", "fit"])
 def test_two_ranks_whose_streams_run_out_at_different_times_end_together(tmp_path: Path, mode: str) -> None:
-    code = run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPTS / "stream_ddp.py"),
-                "--out", str(tmp_path), "--mode", mode], tmp_path / "torchrun.log")
+    code = run(torchrun_command(SCRIPTS / "stream_ddp.py", "--out", tmp_path, "--mode", mode),
+               tmp_path / "torchrun.log")
     log = (tmp_path / "torchrun.log").read_text()
     assert code == 0 and "terminate called" not in log, log[-4000:]
     ranks = [torch.load(tmp_path / f"result-rank{r}.pt", weights_only=True) for r in (0, 1)]
