@@ -6,6 +6,7 @@ import copy
 import signal
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,18 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 torch.set_num_threads(1)
+
+# Folders whose every test starts processes (torchrun, kill -9, real signals): `make test-fast` skips them.
+SLOW_FOLDERS = ("distributed", "faults")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under a slow folder ``slow`` (other folders mark their slow tests one by one)."""
+    slow = tuple(TESTS / name for name in SLOW_FOLDERS)
+    for item in items:
+        if any(item.path.is_relative_to(folder) for folder in slow):
+            item.add_marker(pytest.mark.slow)
 
 N_SAMPLES = 64
 IN_FEATURES = 4
