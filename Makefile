@@ -20,11 +20,20 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m torchkeel demo
 
+# The in-process tests run on 2 xdist workers (JOBS=1 runs them in this process). The tests marked
+# slow (tests/distributed/ and tests/faults/ whole, the process-level tests elsewhere) run one at a
+# time: two gloo jobs at once on 2 cores only slow each other down. Both parts run even if the first
+# fails; `make test` fails if either did.
+JOBS ?= 2
+XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS))
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST) -m "not slow"; fast=$$?; \
+	$(PY) -m pytest -q -m slow; slow=$$?; \
+	[ $$fast -eq 0 ] && [ $$slow -eq 0 ]
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
