@@ -1,5 +1,8 @@
-"""The one way the tests start torchrun: a command line, a finished run, or a running job.
+"""The one way the tests start processes: torchrun jobs, and one-process runs forked by a warm server.
 
+torchrun: a command line (``torchrun_command``), a finished run (``torchrun``) or a running job
+(``start_torchrun``). ``Server`` forks one training process per request from an interpreter that
+imported torch once (tests/faults/scripts/train_server.py); ``Run`` is one such run's result.
 Every test that launches a multi-process job goes through here, so the rendezvous (a free port on
 127.0.0.1, or ``--standalone``), the interpreter and the launcher's own flags are written once. Each
 caller still passes its own script, arguments, process count, environment and timeout.
@@ -7,16 +10,23 @@ caller still passes its own script, arguments, process count, environment and ti
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torchkeel
+
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 SRC = Path(__file__).resolve().parents[1] / "src"
+TRAIN_SERVER = Path(__file__).resolve().parent / "faults" / "scripts" / "train_server.py"
+SERVER_TIMEOUT = 120   # seconds for any one process the server forks (they take one or two)
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
@@ -29,6 +39,15 @@ def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
     return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def fork_env() -> dict[str, str]:
+    """This process's environment, unbuffered, whose children import the same torchkeel as this process."""
+    env = dict(os.environ)
+    src = str(Path(torchkeel.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def free_port() -> int:
@@ -100,3 +119,90 @@ def start_torchrun(script: str | Path, *args: object, env: Mapping[str, str] | N
     """
     cmd = torchrun_command(script, *args, nproc=nproc, standalone=standalone, **(command or {}))
     return subprocess.Popen(cmd, env=env, **popen)
+
+
+class Server:
+    """tests/faults/scripts/train_server.py: forks one training process per request (see its docstring).
+
+    Args:
+        log: the file that gets the server's own stderr.
+    """
+
+    def __init__(self, log: Path) -> None:
+        self.log = open(log, "w")  # noqa: SIM115 - open for the server's lifetime
+        self.proc = subprocess.Popen([sys.executable, str(TRAIN_SERVER)], cwd=SRC.parent, env=fork_env(),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.pids: dict[str, int] = {}
+        self.exits: dict[str, int] = {}
+        self.changed = threading.Condition()
+        self.count = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            kind, rid, value = line.split()
+            with self.changed:
+                (self.pids if kind == "PID" else self.exits)[rid] = int(value)
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def _until(self, table: dict[str, int], rid: str, timeout: float) -> int:
+        with self.changed:
+            if not self.changed.wait_for(lambda: rid in table or self.proc.poll() is not None, timeout):
+                raise AssertionError(f"run {rid}: nothing from the server within {timeout}s")
+            if rid not in table:
+                raise AssertionError(f"the server died ({self.proc.returncode}); see {self.log.name}")
+            return table[rid]
+
+    def start(self, script: str, *argv: Any, output: Path) -> str:
+        """Start a run; its stdout goes to ``output``.out and its stderr to ``output``.err."""
+        assert self.proc.stdin is not None
+        self.count += 1
+        rid = f"r{self.count}"
+        request = {"id": rid, "script": script, "argv": [str(a) for a in argv],
+                   "stdout": f"{output}.out", "stderr": f"{output}.err"}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return rid
+
+    def pid(self, rid: str) -> int:
+        return self._until(self.pids, rid, SERVER_TIMEOUT)
+
+    def wait(self, rid: str, timeout: float = SERVER_TIMEOUT) -> int:
+        try:
+            return self._until(self.exits, rid, timeout)
+        except AssertionError:
+            os.kill(self.pid(rid), signal.SIGKILL)
+            raise
+
+    def close(self) -> None:
+        with self.changed:
+            running = [pid for rid, pid in self.pids.items() if rid not in self.exits]
+        for pid in running:                     # a failed test may leave one: never let it train on
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+class Run:
+    """One train_resume.py run: its exit code, stdout and stderr."""
+
+    def __init__(self, code: int, output: Path) -> None:
+        self.code = code
+        self.stdout = Path(f"{output}.out").read_text() if Path(f"{output}.out").exists() else ""
+        self.stderr = Path(f"{output}.err").read_text() if Path(f"{output}.err").exists() else ""
+
+    def ok(self, code: int = 0) -> Run:
+        assert self.code == code, f"exited {self.code}, expected {code}; stderr:\n{self.stderr[-4000:]}"
+        return self

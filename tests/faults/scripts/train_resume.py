@@ -1,4 +1,4 @@
-"""One training run for tests/fit/test_resume.py, in its own process: `train_resume.py --save-dir D --out O.pt`.
+"""One training run for tests/faults/test_resume_processes.py, in its own process: `train_resume.py --save-dir D --out O.pt`.
 
 The configuration is fixed so that two runs can be compared bit for bit: shuffled DataLoader (global
 RNG, or its own generator with --generator SEED), dropout, AdamW, gradient accumulation 2 with a short last window (7 batches per epoch), a
@@ -11,7 +11,7 @@ Ways to stop early, each leaving the newest checkpoint at a known optimizer step
   --sigterm-at val:M     or in validation batch M (counted over all epochs); --signal INT sends SIGINT
                          (Ctrl-C) instead; --worker-sigint: each DataLoader worker sends itself SIGINT
 With --out, the final weights, optimizer and scheduler state, history and per-step losses are saved
-there (plain torch.save) for the test to compare. tests/fit/scripts/train_server.py runs main() in forked
+there (plain torch.save) for the test to compare. tests/faults/scripts/train_server.py runs main() in forked
 children too.
 """
 

@@ -1,4 +1,4 @@
-"""Signals under torchrun, for tests/fit/test_signals.py: `torchrun --nproc_per_node 2 ddp_signals.py --out D`.
+"""Signals under torchrun, for tests/faults/test_signals_processes.py: `torchrun --nproc_per_node 2 ddp_signals.py --out D`.
 
 2 ranks, a DistributedSampler, dropout (each rank draws its own masks), AdamW, accumulation 2 and a
 per-step scheduler. Each rank writes <out>/result-rank<R>.pt (weights, optimizer, history, state) when

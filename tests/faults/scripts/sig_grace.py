@@ -1,4 +1,4 @@
-"""The grace timer alone, for tests/fit/test_signals.py: `sig_grace.py GRACE TERM|INT MODE`.
+"""The grace timer alone, for tests/faults/test_signals_processes.py: `sig_grace.py GRACE TERM|INT MODE`.
 
 Installs torchkeel's SignalFlag, sends itself the signal, then, by MODE:
   block     sleeps 3 x GRACE, as a main thread stuck in a collective would (the timer must end it)

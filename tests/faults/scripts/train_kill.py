@@ -1,4 +1,4 @@
-"""A training run made to be killed with SIGKILL, for tests/fit/test_resume.py: `train_kill.py SAVE_DIR EPOCHS`.
+"""A training run made to be killed with SIGKILL, for tests/faults/test_resume_processes.py: `train_kill.py SAVE_DIR EPOCHS`.
 
 It always resumes with `resume_from='auto'` and prints `READY <pid>` when training begins. The state
 is ~25 MB (weights and AdamW moments), so a save takes a noticeable time; one is written every 2
