@@ -20,17 +20,18 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m torchkeel demo
 
-# The in-process tests run on 2 xdist workers (JOBS=1 runs them in this process). The tests marked
-# slow (tests/distributed/ and tests/faults/ whole, the process-level tests elsewhere) run one at a
-# time: two gloo jobs at once on 2 cores only slow each other down. Both parts run even if the first
-# fails; `make test` fails if either did.
+# Tests marked serial (tests/distributed/ and tests/faults/ whole, every multi-process `distributed`
+# test elsewhere, the benchmarks) run one at a time: two gloo jobs at once on 2 cores only slow each
+# other down. The rest (in-process tests, and slow ones that start a single process) run first on 2
+# xdist workers (JOBS=1: in this process). Both parts run even if the first fails; `make test` fails
+# if either did. test-fast runs the tests not marked slow on the xdist workers.
 JOBS ?= 2
 XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS))
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) -m "not slow"; fast=$$?; \
-	$(PY) -m pytest -q -m slow; slow=$$?; \
-	[ $$fast -eq 0 ] && [ $$slow -eq 0 ]
+	$(PY) -m pytest -q $(XDIST) -m "not serial"; parallel=$$?; \
+	$(PY) -m pytest -q -m serial; serial=$$?; \
+	[ $$parallel -eq 0 ] && [ $$serial -eq 0 ]
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) -m "not slow"

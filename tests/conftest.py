@@ -31,11 +31,18 @@ TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test under a slow folder ``slow`` (other folders mark their slow tests one by one)."""
+    """Mark every test under a slow folder ``slow`` (other folders mark their slow tests one by one).
+
+    Those, and every multi-process test (``distributed``) wherever it is, are also marked ``serial``:
+    `make test` runs them one at a time, after the rest ran on 2 xdist workers.
+    """
     slow = tuple(TESTS / name for name in SLOW_FOLDERS)
     for item in items:
         if any(item.path.is_relative_to(folder) for folder in slow):
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.serial)
+        elif item.get_closest_marker("distributed") or item.get_closest_marker("serial"):
+            item.add_marker(pytest.mark.serial)
 
 N_SAMPLES = 64
 IN_FEATURES = 4

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]   # benchmarks measure: they run alone
 
 
 def run_bench(script: str, *args: str, codes: tuple[int, ...] = (0, 1), timeout: float = 300) -> str:
