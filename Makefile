@@ -20,11 +20,21 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m torchkeel demo
 
+# Tests marked serial (tests/distributed/ and tests/faults/ whole, every multi-process `distributed`
+# test elsewhere, the benchmarks) run one at a time: two gloo jobs at once on 2 cores only slow each
+# other down. The rest (in-process tests, and slow ones that start a single process) run first on 2
+# xdist workers (JOBS=1: in this process). Both parts run even if the first fails; `make test` fails
+# if either did. test-fast runs the tests not marked slow on the xdist workers.
+JOBS ?= 2
+XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS))
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST) -m "not serial"; parallel=$$?; \
+	$(PY) -m pytest -q -m serial; serial=$$?; \
+	[ $$parallel -eq 0 ] && [ $$serial -eq 0 ]
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import signal
-import socket
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from launch import DIST_ENV
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,6 +24,25 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 torch.set_num_threads(1)
+
+# Folders whose every test starts processes (torchrun, kill -9, real signals): `make test-fast` skips them.
+SLOW_FOLDERS = ("distributed", "faults")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under a slow folder ``slow`` (other folders mark their slow tests one by one).
+
+    Those, and every multi-process test (``distributed``) wherever it is, are also marked ``serial``:
+    `make test` runs them one at a time, after the rest ran on 2 xdist workers.
+    """
+    slow = tuple(TESTS / name for name in SLOW_FOLDERS)
+    for item in items:
+        if any(item.path.is_relative_to(folder) for folder in slow):
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.serial)
+        elif item.get_closest_marker("distributed") or item.get_closest_marker("serial"):
+            item.add_marker(pytest.mark.serial)
 
 N_SAMPLES = 64
 IN_FEATURES = 4
@@ -41,13 +61,6 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(self.act(self.fc1(x))))
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for a test's torchrun or spawn rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_model(seed: int = 0, dropout: float = 0.0) -> TinyNet:
@@ -219,6 +232,13 @@ def model() -> TinyNet:
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
+
+
+@pytest.fixture
+def no_dist_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process without torchrun's variables (RANK, MASTER_PORT, ...): one plain process."""
+    for name in DIST_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 
 def build_trainer(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
