@@ -18,8 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from torchkeel import AdvancedTrainer
-from torchkeel.checkpoint import io
-from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel.checkpoint import ModelCheckpoint, io
 
 
 # ------------------------------------------------------------------------- fast, in-process

@@ -19,9 +19,8 @@ from torch.utils.data import DataLoader
 
 import torchkeel
 from torchkeel import AdvancedTrainer, Callback
-from torchkeel.checkpoint import discovery, io
 from torchkeel import signals as tk_signals
-from torchkeel.checkpoint import ModelCheckpoint
+from torchkeel.checkpoint import ModelCheckpoint, discovery
 from torchkeel.signals import Preempted, SignalFlag
 
 
