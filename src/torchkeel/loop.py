@@ -173,7 +173,7 @@ class AdvancedTrainer:
             (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else (lambda: no_context)
         )
         self._move = device.type != "cpu"
-        self._bare = self.amp_dtype is None and not (self.accum.is_ddp or self.accum.is_sharded)
+        self._bare = self.amp_dtype is None and not self.strategy.reduces_gradients
         # a Hugging Face model's own loss (criterion=None) is a mean over tokens: count them for it
         self._loss_items = batching.own_loss_items(unwrap_model(model)) \
             if criterion is None and type(self).training_step is AdvancedTrainer.training_step else None

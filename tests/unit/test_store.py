@@ -16,7 +16,7 @@ from torchkeel.checkpoint import discovery
 from torchkeel.checkpoint.io import CheckpointError, CheckpointWriteError
 from torchkeel.checkpoint.store import FILE, SHARDED, AsyncStore, Store, for_path, load_checkpoint
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "torchkeel"
+SRC = Path(__file__).resolve().parents[2] / "src" / "torchkeel"
 MEMBERS = ("collective", "sharded", "suffix", "write", "verify", "load", "remove", "scan", "clean_temporaries")
 
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from torchkeel.callbacks import Callback, EarlyStopping, Mode, infer_mode
 from torchkeel.checkpoint import discovery, io, resume
-from torchkeel.checkpoint.store import FILE, AsyncStore, Store, claimed_meta, commit, for_model
+from torchkeel.checkpoint.store import FILE, AsyncStore, Store, claimed_meta, commit, for_strategy
 from torchkeel.versions import next_version, version_dir_of
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ class ModelCheckpoint(Callback):
         self._resumed_file = Path(path).resolve()
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
-        self._store = for_model(trainer.unwrapped_model)
+        self._store = for_strategy(trainer.strategy)
         if self.save_on_exception:     # an emergency save resumes from the last optimizer step
             trainer.keep_step_rng = True
         for cb in trainer.callbacks:

@@ -21,7 +21,7 @@ import torch
 
 from torchkeel import dataorder
 from torchkeel.checkpoint import dcp, discovery, io, resume_choice, shardstate
-from torchkeel.checkpoint.store import for_model
+from torchkeel.checkpoint.store import for_strategy
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -437,7 +437,7 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
         raise ValueError(f"fit(resume_from={resume_from!r}) needs checkpoint=ModelCheckpoint(...) or "
                          "log_dir=... to know where to look, or pass a checkpoint path.")
     path: Path | None
-    sharded_model = for_model(trainer.unwrapped_model).sharded
+    sharded_model = for_strategy(trainer.strategy).sharded
     read = _Reader(sharded_model)
     choose = functools.partial(_choose, accept=read.accept)    # 'auto' falls back past what cannot be read
     if trainer.world_size > 1:

@@ -6,7 +6,7 @@ it (``ModelCheckpoint``, ``discovery``, ``resume``) does I/O of its own or asks 
 - ``ShardedStore``: a directory of DCP shards and its manifest (``torchkeel.checkpoint.dcp``),
   written by every rank;
 - ``AsyncStore``: either one, written in a background thread from a host snapshot.
-``for_model`` is the one place that asks whether a model is sharded; ``commit`` writes through a
+``for_strategy`` maps the strategy's answer (is a checkpoint sharded?) to a store; ``commit`` writes through a
 store and makes every rank raise the same error (``parallel.collective.raise_together``).
 """
 
@@ -23,18 +23,30 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from torchkeel.checkpoint import dcp, io, shardstate
 from torchkeel.checkpoint.background import BackgroundSaver, agree_error
-from torchkeel.parallel import sharded
 from torchkeel.parallel.collective import raise_together
 
 if TYPE_CHECKING:
     from torchkeel.checkpoint.io import MapLocation, StrPath
+    from torchkeel.parallel.strategy import Strategy
 
-__all__ = ["FILE", "SHARDED", "STORES", "AsyncStore", "Candidate", "FileStore", "ShardedStore", "Store", "claimed_meta", "commit",
-           "for_model", "for_path", "load_checkpoint"]
+__all__ = [
+    "FILE",
+    "SHARDED",
+    "STORES",
+    "AsyncStore",
+    "Candidate",
+    "FileStore",
+    "ShardedStore",
+    "Store",
+    "claimed_meta",
+    "commit",
+    "for_path",
+    "for_strategy",
+    "load_checkpoint",
+]
 
 log = logging.getLogger("torchkeel")
 _STEP_IN_NAME = re.compile(r"step[=_-]?(\d+)", re.IGNORECASE)
@@ -246,12 +258,14 @@ FILE, SHARDED = FileStore(), ShardedStore()
 STORES: tuple[Store, ...] = (FILE, SHARDED)
 
 
-def for_model(model: nn.Module) -> Store:
-    """The store that writes ``model``'s checkpoints: shards for a sharded (FSDP2) model, else a file.
+def for_strategy(strategy: Strategy) -> Store:
+    """The store that writes the checkpoints of a model held by ``strategy``: shards where the strategy
+    says a checkpoint is sharded (FSDP2), else a file.
 
-    The one place in ``torchkeel.checkpoint`` that asks how a model is held.
+    Args:
+        strategy: the trainer's ``torchkeel.parallel.strategy.Strategy``.
     """
-    return SHARDED if sharded.is_sharded(model) else FILE
+    return SHARDED if strategy.checkpoint_is_sharded else FILE
 
 
 def for_path(path: StrPath) -> Store:
