@@ -3,7 +3,6 @@ each wrapped in ``AsyncStore``; ``torchkeel.checkpoint`` has no import cycle and
 
 from __future__ import annotations
 
-import ast
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,48 +104,3 @@ def test_async_write_returns_before_the_write_and_settle_waits(tmp_path: Path) -
         assert torch.equal(store.load(tmp_path / "a.pt")["model"]["w"], torch.zeros(4))
     finally:
         store.close()
-
-
-# --------------------------------------------------------------------------- import graph
-def _runtime_imports(path: Path) -> tuple[set[str], list[str]]:
-    """The torchkeel modules ``path`` imports when it is imported, and imports made inside functions."""
-    tree, top, inner = ast.parse(path.read_text()), set(), []
-    for node in tree.body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.startswith("torchkeel"):
-                names = [f"{sub.module}.{a.name}" for a in sub.names]
-                within = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                if within:
-                    inner.append(f"{path.name}:{sub.lineno} from {sub.module}")
-                else:
-                    top.add(sub.module)
-                    top.update(names)
-            elif isinstance(sub, ast.Import):
-                top.update(a.name for a in sub.names if a.name.startswith("torchkeel"))
-    return top, inner
-
-
-def test_checkpoint_modules_have_no_lazy_import_and_no_cycle() -> None:
-    modules = {f"torchkeel.checkpoint.{p.stem}": p for p in (SRC / "checkpoint").glob("*.py") if p.stem != "__init__"}
-    modules["torchkeel.parallel.collective"] = SRC / "parallel" / "collective.py"
-    graph, lazy = {}, []
-    for name, path in modules.items():
-        top, inner = _runtime_imports(path)
-        graph[name] = {m for m in top if m in modules}
-        lazy += inner
-    assert lazy == []
-    done: set[str] = set()
-
-    def visit(name: str, stack: list[str]) -> None:
-        assert name not in stack, f"import cycle: {' -> '.join([*stack, name])}"
-        if name not in done:
-            for dep in sorted(graph[name]):
-                visit(dep, [*stack, name])
-            done.add(name)
-    for name in sorted(graph):
-        visit(name, [])
-    assert "torchkeel.checkpoint.discovery" not in graph["torchkeel.checkpoint.io"]
-    assert "torchkeel.checkpoint.io" not in graph["torchkeel.checkpoint.discovery"] or \
-        "torchkeel.checkpoint.discovery" not in graph["torchkeel.checkpoint.io"]

@@ -40,6 +40,7 @@ from torchkeel.checkpoint.dcpsafe import METADATA, SafeFullPlanner, SafePlanner,
 from torchkeel.checkpoint.dcpsafe import fail as _fail
 from torchkeel.checkpoint.io import (
     _TEMP,
+    DIRECTORY_MANIFEST,
     CheckpointError,
     CheckpointWriteError,
     _fsync_dir,
@@ -59,7 +60,7 @@ __all__ = ["clean_temporaries", "is_sharded", "load", "load_full", "load_local",
 
 FORMAT = 1
 KIND = "torchkeel-dcp"
-MANIFEST = "manifest.json"
+MANIFEST = DIRECTORY_MANIFEST
 
 
 # ------------------------------------------------------------------------ ranks agreeing

@@ -47,6 +47,7 @@ QUICK = "xxh3_128"  # format 2's "quick" field: the same chunks by a faster hash
 FORMATS = (1, 2)
 CHUNK_BYTES = 8 << 20  # hashed in parallel; big enough that thread hand-offs cost nothing
 MANIFEST_SUFFIX = ".manifest.json"
+DIRECTORY_MANIFEST = "manifest.json"  # a sharded checkpoint directory's (torchkeel.checkpoint.dcp)
 _TEMP = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")  # ".<name>.tmp-<random>", ours and mkstemp's
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchkeel import dataorder
-from torchkeel.checkpoint import dcp, discovery, io, resume_choice, shardstate
+from torchkeel.checkpoint import discovery, io, resume_choice
 from torchkeel.checkpoint.store import for_strategy
 
 if TYPE_CHECKING:
@@ -378,6 +378,10 @@ def _read(sharded_model: bool, path: str | Path) -> tuple[dict[str, Any], str]:
     state must be at the step and epoch its manifest claims (``check_progress``).
     """
     if Path(path).is_dir():
+        from torchkeel.checkpoint import (
+            shardstate,  # lazy: it loads torch.distributed.checkpoint (FSDP)
+        )
+
         if sharded_model:
             ckpt, sha = shardstate.read_head(path)
             meta = ckpt[shardstate.MANIFEST]["meta"]
@@ -452,6 +456,8 @@ def resume(trainer: AdvancedTrainer, resume_from: str | Path) -> Path | None:
             check_trainer_state(trainer, ckpt, str(path))
             _load_sharded(trainer, path, ckpt, str(path))
         else:                       # a full single file: every rank keeps its own shards of it
+            from torchkeel.checkpoint import shardstate
+
             load_model, load_optimizer = shardstate.full_loaders(trainer)
             load_trainer_state(trainer, ckpt, str(path), load_model=load_model, load_optimizer=load_optimizer)
     else:
@@ -474,6 +480,8 @@ def sharded_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None,
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    from torchkeel.checkpoint import shardstate
+
     model = trainer.unwrapped_model
     if weights_only:
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
@@ -495,6 +503,8 @@ def _load_sharded(trainer: AdvancedTrainer, path: str | Path, head: dict[str, An
     trainer on every rank, which agreed on the manifest's sha256.
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from torchkeel.checkpoint import dcp, shardstate
 
     msd, osd = get_state_dict(trainer.unwrapped_model, trainer.optimizer)   # the layout to fill
     state = {"model": msd, "optimizer": osd}

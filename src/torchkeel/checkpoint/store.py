@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 import torch.distributed as dist
 
-from torchkeel.checkpoint import dcp, io, shardstate
+from torchkeel.checkpoint import io
 from torchkeel.checkpoint.background import BackgroundSaver, agree_error
 from torchkeel.parallel.collective import raise_together
 
@@ -49,8 +49,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("torchkeel")
+# _LAZY: ``dcp`` and ``shardstate`` are imported where a sharded checkpoint is touched: they import
+# torch.distributed.checkpoint and with it FSDP, which a process that never shards must not load
+# (a module imported once a process group exists may capture it: DESIGN.md, lifecycle).
 _STEP_IN_NAME = re.compile(r"step[=_-]?(\d+)", re.IGNORECASE)
-_DIR_MARKS = (dcp.MANIFEST, ".metadata")   # a sharded checkpoint directory has one of them
+_DIR_MARKS = (io.DIRECTORY_MANIFEST, ".metadata")   # a sharded checkpoint directory has one of them
 
 
 class Candidate(NamedTuple):
@@ -193,6 +196,8 @@ class ShardedStore:
             then: after the commit, on rank 0 (its failure fails every rank). group: the process
             group of the collectives. interrupted: unused (DCP writes cannot stop midway).
         """
+        from torchkeel.checkpoint import dcp  # lazy: see _LAZY
+
         if state is None:
             raise ValueError(f"ShardedStore.write({str(path)!r}): every rank passes its state.")
         final = dcp.save(state, path, meta, group=group)
@@ -209,10 +214,14 @@ class ShardedStore:
 
     def verify(self, path: StrPath) -> dict[str, Any]:
         """``dcp.verify``: every file against the manifest."""
+        from torchkeel.checkpoint import dcp  # lazy: see _LAZY
+
         return dcp.verify(path)
 
     def load(self, path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
         """The consolidated state in the single-file layout (``shardstate.load_consolidated``)."""
+        from torchkeel.checkpoint import shardstate  # lazy: see _LAZY
+
         if map_location is not None and not isinstance(map_location, (str, torch.device)):
             raise TypeError(f"load_checkpoint({str(path)!r}, map_location={map_location!r}): a sharded "
                             "directory takes a device ('cpu', 'cuda:0') or None, not a mapping or function.")
@@ -224,12 +233,16 @@ class ShardedStore:
 
     def remove(self, path: StrPath, folder: StrPath | None = None, missing_ok: bool = False) -> None:
         """``dcp.remove``: the manifest first, then the directory."""
+        from torchkeel.checkpoint import dcp  # lazy: see _LAZY
+
         if missing_ok and not os.path.lexists(path):
             return
         dcp.remove(path, folder)
 
     def scan(self, folder: Path, within: Path | None = None) -> list[Candidate]:
         """Subdirectories of ``folder`` that look like sharded checkpoints (a manifest or DCP metadata)."""
+        from torchkeel.checkpoint import dcp  # lazy: see _LAZY
+
         found = []
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             with os.scandir(folder) as entries:
@@ -251,6 +264,8 @@ class ShardedStore:
 
     def clean_temporaries(self, folder: StrPath) -> list[Path]:
         """``dcp.clean_temporaries``: unfinished ``.<name>.tmp-<random>/`` directories."""
+        from torchkeel.checkpoint import dcp  # lazy: see _LAZY
+
         return dcp.clean_temporaries(folder)
 
 
@@ -276,7 +291,7 @@ def for_path(path: StrPath) -> Store:
 def claimed_meta(path: StrPath) -> dict[str, Any]:
     """The ``meta`` a checkpoint's manifest claims (a file's or a directory's), without hashing; ``{}`` if none."""
     where = Path(path)
-    manifest = where / dcp.MANIFEST if where.is_dir() else where.with_name(where.name + io.MANIFEST_SUFFIX)
+    manifest = where / io.DIRECTORY_MANIFEST if where.is_dir() else where.with_name(where.name + io.MANIFEST_SUFFIX)
     try:
         data = json.loads(manifest.read_bytes())
     except (OSError, ValueError):
