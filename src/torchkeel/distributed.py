@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from torchkeel.parallel.collective import raise_together
 from torchkeel.parallel.process_group import (
     all_reduce_sum,
     broadcast_object,
@@ -79,7 +79,7 @@ def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | Non
     """
     from torchkeel.checkpoint import io
 
-    error, cause = "", None
+    error: Exception | None = None
     if is_main_process():
         try:
             if clean and Path(path).parent.is_dir():
@@ -88,16 +88,9 @@ def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | Non
             io.save(obj, path, meta=meta, interrupted=interrupted)
             if then is not None:
                 then()
-        except Exception as exc:
-            error, cause = f"{type(exc).__name__}: {exc}", exc
-            if not is_distributed():
-                raise
-    if is_distributed():
-        nccl = "nccl" in str(dist.get_backend())
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        if all_reduce_sum(torch.tensor([int(bool(error))], device=device)).item():
-            message = broadcast_object(error)
-            raise io.CheckpointWriteError(f"save_checkpoint({str(path)!r}) failed on rank 0: {message}") from cause
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
+            error = exc
+    raise_together(error, f"save_checkpoint({str(path)!r})", kind=io.CheckpointWriteError)
     return Path(path)
 
 
