@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from torchkeel.parallel.collective import raise_together
 from torchkeel.parallel.process_group import (
     all_reduce_sum,
     broadcast_object,
@@ -63,10 +62,11 @@ def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | Non
                  interrupted: Callable[[], bool] | None = None) -> Path:
     """Rank 0 writes ``obj`` with ``torchkeel.checkpoint.io.save`` (atomic, verified); the others wait.
 
-    Every rank learns whether the save worked (one all-reduce of a flag); if anything failed on
-    rank 0 (cleaning, payload, manifest, ``then``), every rank raises ``CheckpointWriteError`` with
-    rank 0's message, so no rank trains on alone. One process: the error itself is raised. The one
-    writer behind ``ModelCheckpoint``, ``DistributedTrainer`` and ``MultiGPUTrainer``.
+    Every rank learns whether the save worked (``parallel.collective.raise_together``); if anything
+    failed on rank 0 (cleaning, payload, manifest, ``then``), every rank raises
+    ``CheckpointWriteError`` with rank 0's message, so no rank trains on alone. One process: the
+    error itself is raised. ``torchkeel.checkpoint.store.commit`` through the file store, as
+    ``ModelCheckpoint`` writes; behind ``DistributedTrainer`` and ``MultiGPUTrainer``.
 
     Args:
         obj: a flat dict of tensors and plain values. path: the file. meta: for the manifest.
@@ -77,21 +77,9 @@ def save_on_main(obj: dict[str, Any], path: PathLike, meta: dict[str, Any] | Non
     Example:
         save_on_main({"format": 1, "model": model.state_dict()}, "ckpt/model.pt", meta={"epoch": 3})
     """
-    from torchkeel.checkpoint import io
+    from torchkeel.checkpoint.store import FILE, commit
 
-    error: Exception | None = None
-    if is_main_process():
-        try:
-            if clean and Path(path).parent.is_dir():
-                for tmp in io.clean_temporaries(Path(path).parent):
-                    log.info("save_checkpoint: removed an unfinished write %s", tmp)
-            io.save(obj, path, meta=meta, interrupted=interrupted)
-            if then is not None:
-                then()
-        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
-            error = exc
-    raise_together(error, f"save_checkpoint({str(path)!r})", kind=io.CheckpointWriteError)
-    return Path(path)
+    return commit(FILE, obj, path, meta, then=then, interrupted=interrupted, clean=clean)
 
 
 def _load_into(module: nn.Module | None, path: PathLike, where: str) -> dict[str, Any]:
