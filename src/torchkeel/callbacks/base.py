@@ -1,6 +1,6 @@
 """Callbacks: observe the loop and decide (stop, save, log). They never reorder its mechanics.
 
-The hook order, once, as a sketch of ``AdvancedTrainer.fit`` (``tests/test_hook_order.py`` pins it)::
+The hook order, once, as a sketch of ``AdvancedTrainer.fit`` (``tests/fit/test_hook_order.py`` pins it)::
 
     on_fit_begin(trainer)                      # after resume, before the first batch
     for epoch in range(state.epoch, epochs):   # until epochs or max_steps, whichever comes first

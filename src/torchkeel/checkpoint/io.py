@@ -418,7 +418,7 @@ def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dic
         source = by_fd if by_fd.exists() else file
         try:
             # weights_only=True explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides only calls
-            # that leave it unset (torch/serialization.py, torch >= 2.6; tests/test_io.py checks).
+            # that leave it unset (torch/serialization.py, torch >= 2.6; tests/unit/test_io.py checks).
             obj = torch.load(source, map_location=map_location, weights_only=True, mmap=True)
             if _stamp(source) != stamp:  # by name (no /proc): it may have been replaced
                 raise _fail(file, "changed while it was read", "Something replaced it; load again.")

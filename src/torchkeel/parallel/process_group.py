@@ -226,7 +226,7 @@ def shutdown(*models: nn.Module) -> None:
     # Gloo abort at exit ("terminate called without an active exception", SIGABRT): a gloo
     # thread drops the last reference to a finished collective during interpreter teardown.
     # torch 2.13 CPU, torchrun --nproc_per_node 2, 2 cores, 2 launches at a time
-    # (tests/scripts/dist_launch_loop.py on dist_plain_ddp.py / dist_clean_exit.py):
+    # (tests/distributed/scripts/dist_launch_loop.py on dist_plain_ddp.py / dist_clean_exit.py):
     #   plain DDP script, no cleanup:                     10 aborts in 120 launches
     #   `with DistributedTrainer(...)` (close()):          0 aborts in 80 launches
     #   init_process_group + DDP + shutdown(model):        0 aborts in 60 launches
