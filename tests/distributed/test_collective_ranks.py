@@ -31,8 +31,11 @@ def test_one_rank_fails_and_both_raise_the_same_error(tmp_path: Path) -> None:
                   "rank 1", "cause": None}, r0
     assert r1 == r0 | {"cause": "disk full on rank 1"}, r1           # the failing rank chains its own error
     assert proc.returncode == 1, proc.stderr[-3000:]
+    # Both reports above prove that both ranks raised (a rank hung in the collective writes none).
+    # Which exit code torchrun shows for the slower one is a race: once one rank exits with 1, its
+    # monitor SIGTERMs the rest, so a rank still on its way out may show -15.
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
-    assert codes and set(codes) == {"1"}, proc.stderr[-3000:]          # no rank was killed: each exited with 1
+    assert "1" in codes and set(codes) <= {"1", "-15"}, proc.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""``raise_together`` under torchrun (2 ranks, gloo), for tests/unit/test_collective.py.
+"""``raise_together`` under torchrun (2 ranks, gloo), for tests/distributed/test_collective_ranks.py.
 
 --fail RANKS: the comma-separated ranks that fail (each with ``ValueError(f"disk full on rank {r}")``);
 the others pass ``None``. Each rank writes what it raised (type, message, cause) to
