@@ -1,4 +1,4 @@
-"""The strategy seam under torchrun (2 ranks, gloo), for tests/unit/test_strategy.py.
+"""The strategy seam under torchrun (2 ranks, gloo), for tests/distributed/test_strategy_ranks.py.
 
 Per kind (DDP, FSDP2, and DDP over a one-rank data-parallel group): what ``strategy_of`` detects, its
 data-parallel rank, size and group; that ``no_sync(sync=False)`` really skips the reduction (the
