@@ -34,7 +34,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark every test under a slow folder ``slow`` (other folders mark their slow tests one by one).
 
     Those, and every multi-process test (``distributed``) wherever it is, are also marked ``serial``:
-    `make test` runs them one at a time, after the rest ran on 2 xdist workers.
+    `make test` runs them one at a time, after the rest ran on 2 xdist workers. Tests marked
+    ``first`` (long ones that measure no time) are moved to the front.
     """
     slow = tuple(TESTS / name for name in SLOW_FOLDERS)
     for item in items:
@@ -43,6 +44,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.serial)
         elif item.get_closest_marker("distributed") or item.get_closest_marker("serial"):
             item.add_marker(pytest.mark.serial)
+    # the longest tests first, so that the xdist workers do not wait for one at the end
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)
 
 N_SAMPLES = 64
 IN_FEATURES = 4

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,18 +77,6 @@ def test_overhead_benchmark_quick() -> None:
         costs = re.search(rf"\| {model}: keeping one logged value, µs/step [^|]*\| (-?[0-9.]+) by hand \| "
                           r"(-?[0-9.]+) trainer\.log \|", out)
         assert costs and all(math.isfinite(float(v)) for v in costs.groups()), out
-
-
-def test_instructions_benchmark_quick() -> None:
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:   # says what is missing
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "instructions.py"), "--quick", "--no-save"],
-                              capture_output=True, text=True, check=False, timeout=120)
-        assert proc.returncode == 2 and "valgrind" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-        return
-    out = run_bench("instructions.py", "--quick", codes=(0,), timeout=900)
-    for side in ("raw", "raw_logged", "trainer", "logged"):
-        numbers(rf"\| {side}: [^|]+ \| ([0-9,]+) \| {NUMBER}×", out.replace(",", ""))
-    numbers(rf"costs {NUMBER} instructions a step through trainer\.log and {NUMBER} by hand", out.replace(",", ""))
 
 
 def test_checkpoint_benchmark_small() -> None:
