@@ -22,6 +22,7 @@ import shutil
 import stat
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -393,7 +394,7 @@ def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
     """Verify the payload, then ``torch.load(weights_only=True)`` it.
 
     The chunks are hashed in parallel; then ``torch.load(mmap=True)`` maps the same open file (one
-    inode, even if the name is replaced meanwhile) and the tensors are copied out of the mapping in
+    inode, even if the name is replaced meanwhile) and the tensors are read out of that file in
     parallel, so no file stays mapped. Its size and mtime must not change in between: what is
     loaded is what was hashed.
 
@@ -422,7 +423,7 @@ def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dic
             obj = torch.load(source, map_location=map_location, weights_only=True, mmap=True)
             if _stamp(source) != stamp:  # by name (no /proc): it may have been replaced
                 raise _fail(file, "changed while it was read", "Something replaced it; load again.")
-            _into_memory(obj, pool)
+            _into_memory(obj, pool, f)
         except pickle.UnpicklingError as exc:
             raise _fail(file, "refused by torch.load(weights_only=True): it holds objects other "
                         "than tensors, containers, numbers and strings",
@@ -438,10 +439,46 @@ def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dic
     return obj, entry
 
 
-def _into_memory(obj: Any, pool: ThreadPoolExecutor) -> None:
+def _record_offsets(f: io.BufferedReader) -> list[tuple[int, int]]:
+    """``(file offset, size)`` of every stored (uncompressed) tensor record of the ``torch.save`` zip ``f``, in order.
+
+    From the zip's central directory and each record's local header (30 bytes, then its name and
+    extra field); ``torch.save`` stores tensor data uncompressed. ``[]`` when ``f`` is not a zip.
+    """
+    try:
+        with zipfile.ZipFile(f) as z:
+            infos = [i for i in z.infolist() if "/data/" in i.filename and i.compress_type == zipfile.ZIP_STORED]
+            out = []
+            for info in infos:
+                f.seek(info.header_offset)
+                header = f.read(30)
+                if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                    return []
+                start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") \
+                    + int.from_bytes(header[28:30], "little")
+                out.append((start, info.file_size))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []
+    return sorted(out)
+
+
+def _pread_into(fd: int, out: torch.Tensor, offset: int) -> None:
+    view, done = memoryview(cast("ReadableBuffer", out.numpy())).cast("B"), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)   # releases the GIL
+        if n <= 0:
+            raise EOFError(f"{done} of {len(view)} bytes at offset {offset}")
+        done += n
+
+
+def _into_memory(obj: Any, pool: ThreadPoolExecutor, f: io.BufferedReader | None = None) -> None:
     """Move every CPU tensor's storage out of the file mapping, in place and in parallel.
 
     Tensors that shared a storage (tied weights, views) share the new one, as after a plain load.
+    With ``f``, the open payload that ``torch.load(mmap=True)`` mapped, each storage is read from
+    the file at its record's offset (``preadv``: the kernel copies from the page cache, without
+    faulting in the mapping's pages one by one, which cost as much as the copy itself); a storage
+    whose place in the file is not certain is copied from the mapping instead.
     """
     tensors: dict[int, torch.Tensor] = {}  # by id: one tensor may appear under several keys
     todo: list[Any] = [obj]
@@ -460,13 +497,25 @@ def _into_memory(obj: Any, pool: ThreadPoolExecutor) -> None:
         s = t.untyped_storage()
         keys.append((t, (s.data_ptr(), s.nbytes())))
         mapped.setdefault(keys[-1][1], s)
+    # where each storage lies in the file: storages and records in the same order, at one base address
+    offsets: dict[tuple[int, int], int] = {}
+    if f is not None:
+        records = [r for r in _record_offsets(f) if r[1] > 0]
+        held = sorted(k for k in mapped if k[1] > 0)
+        if len(held) == len(records) and all(k[1] == size for k, (_, size) in zip(held, records)) \
+                and len({k[0] - start for k, (start, _) in zip(held, records)}) <= 1:
+            offsets = {k: start for k, (start, _) in zip(held, records)}
 
-    def copy(storage: torch.UntypedStorage) -> torch.UntypedStorage:
-        out = torch.empty(storage.nbytes(), dtype=torch.uint8)
-        out.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))  # releases the GIL
+    def copy(key: tuple[int, int]) -> torch.UntypedStorage:
+        out = torch.empty(key[1], dtype=torch.uint8)
+        if key in offsets:
+            assert f is not None
+            _pread_into(f.fileno(), out, offsets[key])
+        else:
+            out.copy_(torch.empty(0, dtype=torch.uint8).set_(mapped[key]))  # releases the GIL
         return out.untyped_storage()
 
-    fresh = dict(zip(mapped, pool.map(copy, mapped.values())))
+    fresh = dict(zip(mapped, pool.map(copy, mapped)))
     with torch.no_grad():
         for t, key in keys:
             t.set_(fresh[key], t.storage_offset(), t.size(), t.stride())
