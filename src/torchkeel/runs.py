@@ -26,11 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
-
 from torchkeel.callbacks import Callback
 from torchkeel.checkpoint import io
-from torchkeel.versions import next_version, version_dir_of
+from torchkeel.versions import agreed_version, version_dir_of
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -229,10 +227,7 @@ class RunFolders:
         if self.log_dir is None:
             return []
         root = self.log_dir / self.run_name
-        chosen = [str((resumed and version_dir_of(resumed, root)) or next_version(root))]
-        if trainer.world_size > 1:
-            dist.broadcast_object_list(chosen, src=0)
-        self.run_dir = run_dir = Path(chosen[0])
+        self.run_dir = run_dir = agreed_version(root, resumed and version_dir_of(resumed, root), trainer.world_size)
         ckpt = trainer.checkpoint        # a ModelCheckpoint with no folder of its own writes into the run's
         if getattr(ckpt, "dirpath", False) is None and getattr(ckpt, "save_dir", False) is None:
             ckpt.dirpath = run_dir / "checkpoints"   # type: ignore[union-attr]

@@ -9,12 +9,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
-
 from torchkeel.callbacks import Callback, EarlyStopping, Mode, infer_mode
 from torchkeel.checkpoint import discovery, io, resume
 from torchkeel.checkpoint.store import FILE, AsyncStore, Store, claimed_meta, commit, for_strategy
-from torchkeel.versions import next_version, version_dir_of
+from torchkeel.versions import agreed_version, version_dir_of
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -188,10 +186,7 @@ class ModelCheckpoint(Callback):
                         "next save.%s", self.every_n_steps, self.monitor,
                         "" if self.every_n_epochs else " With every_n_epochs=0 no checkpoint is ranked.")
         if self.dirpath is None:
-            chosen = [str(self._resumed_dir or next_version(self.root_dir))]
-            if trainer.world_size > 1:              # rank 0 picks the folder for everyone
-                dist.broadcast_object_list(chosen, src=0)
-            self.dirpath = Path(chosen[0])
+            self.dirpath = agreed_version(self.root_dir, self._resumed_dir, trainer.world_size)
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             for tmp in discovery.clean_temporaries(self.dirpath):
