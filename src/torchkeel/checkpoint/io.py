@@ -49,6 +49,13 @@ FORMATS = (1, 2)
 CHUNK_BYTES = 8 << 20  # hashed in parallel; big enough that thread hand-offs cost nothing
 MANIFEST_SUFFIX = ".manifest.json"
 DIRECTORY_MANIFEST = "manifest.json"  # a sharded checkpoint directory's (torchkeel.checkpoint.dcp)
+
+
+def manifest_of(payload: Path) -> Path:
+    """The manifest beside the payload ``payload``: ``NAME.manifest.json``."""
+    return payload.with_name(payload.name + MANIFEST_SUFFIX)
+
+
 _TEMP = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")  # ".<name>.tmp-<random>", ours and mkstemp's
 
 
@@ -247,7 +254,7 @@ def save(obj: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None,
     if final.name.startswith(".") or final.name.endswith(MANIFEST_SUFFIX):
         raise ValueError(f"save(path={str(path)!r}): the name may not start with '.' or end with "
                          f"{MANIFEST_SUFFIX!r} (torchkeel's own files); use e.g. 'step-120.pt'.")
-    manifest = final.with_name(final.name + MANIFEST_SUFFIX)
+    manifest = manifest_of(final)
     stop = _interrupted(final) if interrupted is not None else None
     with _cleanup_on_error(final) as temps, ThreadPoolExecutor(_workers() + 1, "torchkeel-io") as pool:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -306,7 +313,7 @@ def _previous_entry(final: Path) -> dict[str, Any] | None:
 def _entries(path: Path) -> list[dict[str, Any]]:
     """The manifest's entry, then its ``previous`` entry if any; raise if it is not valid."""
     try:
-        data = json.loads(path.with_name(path.name + MANIFEST_SUFFIX).read_bytes())
+        data = json.loads(manifest_of(path).read_bytes())
     except FileNotFoundError:
         raise _fail(path, "no manifest (incomplete write or not a torchkeel checkpoint)") from None
     except (OSError, ValueError) as exc:
@@ -569,7 +576,7 @@ def remove(path: StrPath, folder: StrPath | None = None, missing_ok: bool = Fals
         raise ValueError(f"remove(path={str(path)!r}, folder={str(folder)!r}): the checkpoint is "
                          "not in that folder; pass a path directly inside it.")
     present = []
-    for p in (payload.with_name(payload.name + MANIFEST_SUFFIX), payload):
+    for p in (manifest_of(payload), payload):
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISREG(os.lstat(p).st_mode):
                 raise ValueError(f"remove(path={str(path)!r}): {str(p)!r} is a symlink or not a "

@@ -406,7 +406,7 @@ class ModelCheckpoint(Callback):
 
     def _free(self, path: Path, entry: float | None) -> bool:
         """True when nothing is at ``path``, or a checkpoint of ours that this save evicts anyway."""
-        if not path.exists() and not path.with_name(path.name + io.MANIFEST_SUFFIX).exists():
+        if not path.exists() and not io.manifest_of(path).exists():
             return True
         if str(path) not in self._created or path.is_symlink():
             return False

@@ -325,7 +325,7 @@ def _choose(resume_from: str | Path, roots: list[Path],
             if target.parent != given.parent.resolve():
                 log.warning("fit(resume_from=%r): it is a symlink to %s, in another folder; loading that file.",
                             str(resume_from), target)
-            if not given.with_name(given.name + io.MANIFEST_SUFFIX).exists():
+            if not io.manifest_of(given).exists():
                 given = target                           # its manifest is beside the file it names
         return given, []
     for root in roots:       # unfinished writes of killed runs are never checkpoints

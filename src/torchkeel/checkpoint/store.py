@@ -175,7 +175,7 @@ class FileStore:
 def _outside(path: Path, folder: Path) -> str:
     """Why ``path`` or its manifest is refused: a symlink leading out of ``folder``; else ""."""
     inside = folder.resolve()
-    for p in (path.with_name(path.name + io.MANIFEST_SUFFIX), path):
+    for p in (io.manifest_of(path), path):
         if p.is_symlink() and not p.resolve().is_relative_to(inside):
             return (f"a symlink to {str(p.resolve())!r}, outside {str(folder)!r} (refused: only "
                     "checkpoints inside the searched folder are loaded; copy it there to use it)")
@@ -291,7 +291,7 @@ def for_path(path: StrPath) -> Store:
 def claimed_meta(path: StrPath) -> dict[str, Any]:
     """The ``meta`` a checkpoint's manifest claims (a file's or a directory's), without hashing; ``{}`` if none."""
     where = Path(path)
-    manifest = where / io.DIRECTORY_MANIFEST if where.is_dir() else where.with_name(where.name + io.MANIFEST_SUFFIX)
+    manifest = where / io.DIRECTORY_MANIFEST if where.is_dir() else io.manifest_of(where)
     try:
         data = json.loads(manifest.read_bytes())
     except (OSError, ValueError):

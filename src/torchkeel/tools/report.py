@@ -130,7 +130,7 @@ def _meta_lines(meta: dict[str, Any]) -> list[tuple[str, str]]:
 def _manifest(payload: Path) -> dict[str, Any]:
     """The manifest beside ``payload``; raise one ValueError line when it is no checkpoint."""
     where = f"inspect: {str(payload)!r}"
-    manifest = payload.with_name(payload.name + io.MANIFEST_SUFFIX)
+    manifest = io.manifest_of(payload)
     if payload.is_dir():
         newest = max(payload.glob("*" + io.MANIFEST_SUFFIX), key=lambda p: p.stat().st_mtime, default=None)
         hint = f", e.g. {str(newest).removesuffix(io.MANIFEST_SUFFIX)!r}" if newest else ""
