@@ -508,7 +508,7 @@ def _phases_trainer(loop: TrainerLoop, batches: Batches) -> dict[str, float]:
                (trainer.accum, "_agree", "  of which finiteness check (_agree)"),
                (trainer.optimizer, "step", "  of which optimizer.step"),
                (trainer.optimizer, "zero_grad", "  of which zero_grad"),
-               (trainer, "_after_window", "_after_window")]
+               (trainer.stepper, "_after_window", "_after_window")]
     for obj, name, key in targets:
         if not hasattr(obj, name) or name in vars(obj):
             continue
@@ -531,7 +531,7 @@ def _phases_trainer(loop: TrainerLoop, batches: Batches) -> dict[str, float]:
             if name in vars(obj):
                 delattr(obj, name)
     top = [k for k in ph if k != "total" and not k.startswith(" ")]
-    ph["rest of the loop (fit, hooks, _step glue)"] = ph["total"] - sum(ph[k] for k in top)
+    ph["rest of the loop (fit, hooks, stepper.run glue)"] = ph["total"] - sum(ph[k] for k in top)
     return ph
 
 

@@ -47,11 +47,15 @@ class Agreement:
         sync_every_n_steps: optimizer steps between agreements under DDP; ``None``: ``log_every_n_steps``.
         log_every_n_steps: the default cadence.
         signal_grace_seconds: see ``signals.SignalFlag``.
+        max_consecutive_skipped_steps: stop after this many skipped optimizer steps in a row
+            (``skipped()``); ``None`` never stops for that.
     """
 
     def __init__(self, state: State, world_size: int, device: torch.device, nan_policy: NanPolicy,
-                 sync_every_n_steps: int | None, log_every_n_steps: int, signal_grace_seconds: float | None) -> None:
+                 sync_every_n_steps: int | None, log_every_n_steps: int, signal_grace_seconds: float | None,
+                 max_consecutive_skipped_steps: int | None = None) -> None:
         self.every = check_cadence(sync_every_n_steps, log_every_n_steps)
+        self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
         self.state, self.world_size, self.device = state, world_size, device
         self.guard = NonFiniteGuard(nan_policy, eager=device.type == "cpu", ranks=world_size)
         self.signal = SignalFlag(grace_seconds=signal_grace_seconds)
@@ -72,6 +76,20 @@ class Agreement:
         self.state.should_stop = True
         self.state.stop_reason = self.state.stop_reason or reason
         self.stop_shared = self.stop_shared or shared
+
+    def skipped(self, why: str) -> bool:
+        """Count a skipped window; stop training once ``max_consecutive_skipped_steps`` were in a row.
+
+        Every rank skips alike (the averaged gradients, or the agreed loss scale, decide), so the stop
+        is shared. Returns False: the window did not step.
+        """
+        state, limit = self.state, self.max_consecutive_skipped_steps
+        state.consecutive_skipped_steps = n = state.consecutive_skipped_steps + 1
+        if limit is not None and n >= limit and not state.should_stop:
+            log.warning("AdvancedTrainer: %d optimizer steps in a row were skipped (max_consecutive_skipped_steps=%d); "
+                        "%s. Training stops; pass max_consecutive_skipped_steps=None to keep going.", n, limit, why)
+            self.request_stop(f"{n} consecutive skipped steps: {why}", shared=True)
+        return False
 
     def stop_agreed(self) -> bool:
         """Between batches: True when a stop is requested and every rank shares it (no collective)."""

@@ -283,14 +283,3 @@ def epoch_loss(trainer: AdvancedTrainer) -> float:
     if trainer.world_size > 1:
         dist.all_reduce(total)
     return float(total) / float(state.epoch_items)      # global samples (items) of the epoch
-
-
-def skipped(trainer: AdvancedTrainer, why: str) -> bool:
-    """Count a skipped window; stop training once ``max_consecutive_skipped_steps`` were in a row."""
-    state, limit = trainer.state, trainer.max_consecutive_skipped_steps
-    state.consecutive_skipped_steps = n = state.consecutive_skipped_steps + 1
-    if limit is not None and n >= limit and not state.should_stop:
-        log.warning("AdvancedTrainer: %d optimizer steps in a row were skipped (max_consecutive_skipped_steps=%d); "
-                    "%s. Training stops; pass max_consecutive_skipped_steps=None to keep going.", n, limit, why)
-        trainer.agreement.request_stop(f"{n} consecutive skipped steps: {why}", shared=True)   # ranks skip alike
-    return False

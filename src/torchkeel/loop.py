@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from torchkeel import batching, dataorder, evaluate, logged, runs, schedule, signals
@@ -114,37 +113,31 @@ class AdvancedTrainer:
         sync_every_micro_batch: bool = False,
     ) -> None:
         model, device = batching.resolve_model(model, device)
-        self.max_consecutive_skipped_steps = schedule.check_trainer(
+        schedule.check_trainer(
             model, optimizer, gradient_accumulation_steps, scheduler_interval, log_every_n_steps,
             max_consecutive_skipped_steps, criterion=criterion, max_grad_norm=max_grad_norm,
             gradient_clip_value=gradient_clip_value, metrics=metrics)
-        data_order = dataorder.DataOrder(replay_data)   # where training is in its data
         self.device = device
         self.model = model
         self.optimizer = optimizer
         self.criterion = criterion
         self.scheduler = scheduler
         self.metrics = dict(metrics or {})
-        self.progress = progress
         self.log_every_n_steps = log_every_n_steps
-        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.rank = dist.get_rank() if self.world_size > 1 else 0
-        self.is_global_zero = self.rank == 0
-        self.amp_dtype = batching.resolve_amp(use_amp, amp_dtype, device)
-        self.strategy = strategy_of(model)    # how the model is held: sync, clip, scaler, state dicts, topology
-        self.scaler = self.strategy.grad_scaler(device, enabled=self.amp_dtype == torch.float16)
-        self.sync_every_micro_batch = sync_every_micro_batch
-        self.accum = GradientAccumulator(
-            model, optimizer, gradient_accumulation_steps, max_grad_norm, self.scaler, gradient_clip_value,
-            sync_every_micro_batch=sync_every_micro_batch, criterion=criterion, strategy=self.strategy)
         # the parts, each the owner of its state (see DESIGN.md, "Architecture: owners and seams")
+        self.strategy = strategy_of(model)    # how the model is held, and the topology (ranks, groups)
+        amp = batching.resolve_amp(use_amp, amp_dtype, device)
+        self.accum = GradientAccumulator(
+            model, optimizer, gradient_accumulation_steps, max_grad_norm,
+            self.strategy.grad_scaler(device, enabled=amp == torch.float16), gradient_clip_value,
+            sync_every_micro_batch=sync_every_micro_batch, criterion=criterion, strategy=self.strategy)
         self.state = State()
         self.history = History()
-        self.agreement = Agreement(self.state, self.world_size, device, nan_policy, sync_every_n_steps,
-                                   log_every_n_steps, signal_grace_seconds)   # stop, signal, non-finite
+        self.agreement = Agreement(self.state, self.strategy.world_size, device, nan_policy, sync_every_n_steps,
+                                   log_every_n_steps, signal_grace_seconds, max_consecutive_skipped_steps)
         self.accum.check_finite = self.agreement.guard.eager
         self.plan = schedule.FitPlan(self.state)      # what a fit runs; fit makes its own
-        self.data_order = data_order
+        self.data_order = dataorder.DataOrder(replay_data)   # where training is in its data
         self.log_context = logged.LogContext()        # trainer.log's phase and default count
         self.logged = logged.LoggedValues(device, reserved={f"val_{k}" for k in self.metrics})  # trainer.log's
         self.early_stopping = early_stopping
@@ -158,29 +151,15 @@ class AdvancedTrainer:
 
             self.callbacks.append(ProgressBar())
         self.callbacks += [cb for cb in (early_stopping, checkpoint) if cb is not None]
-        self.runs = runs.RunFolders(log_dir, run_name, FitSummary(show=progress))   # run_dir, summary
+        self.runs = runs.RunFolders(log_dir, run_name, FitSummary(show=progress))   # run_dir, summary, hparams
         self.callbacks.append(self.runs.summary)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"AdvancedTrainer(callbacks=...): {cb!r} is not a torchkeel.Callback.")
-        self.hparams: dict[str, Any] = runs.hparams(
+        self.stepper = Stepper(self, amp, sync_every_micro_batch)   # a micro-batch; at a window's end, the step
+        self.runs.hparams = runs.hparams(
             self, gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
             gradient_clip_value=gradient_clip_value, scheduler_interval=scheduler_interval)
-        # the step's own: fixed here (or at fit start), read on every micro-batch
-        self._hooks: dict[str, list[Callback]] = {h: [] for h in HOOKS}
-        no_context = nullcontext()   # reusable, so a step without AMP creates no context object
-        self._autocast: Callable[[], AbstractContextManager[Any]] = (
-            (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else (lambda: no_context)
-        )
-        self._move = device.type != "cpu"
-        self._bare = self.amp_dtype is None and not self.strategy.reduces_gradients
-        # a Hugging Face model's own loss (criterion=None) is a mean over tokens: count them for it
-        self._loss_items = batching.own_loss_items(unwrap_model(model)) \
-            if criterion is None and type(self).training_step is AdvancedTrainer.training_step else None
-        self._counted = False         # this fit's training_step returns (loss, count)
-        self._windows_at_fit = 0      # optimizer windows (stepped or skipped) before this fit
-        self._optimizer_step = self.accum.step     # at fit start: with on_before_optimizer_step hooks or not
-        self._flush = self.accum.flush
 
     # ----------------------------------------------------------------------------- the loop
     def fit(
@@ -221,21 +200,19 @@ class AdvancedTrainer:
         dataorder.check_sharded(self, train_loader)   # every rank alike, before any collective
         plan.pending_monitors = logged.check_monitors(self, val_loader)
         self.accum.even_shards = even_shards(self, train_loader)   # refuses uneven batch counts
-        self.accum.sync_every_micro_batch = self.sync_every_micro_batch or plan.num_batches is None
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
         if plan.nothing_to_do(resumed, warn=self.is_global_zero):     # epochs / max_steps already done: warned
             return self.history
         schedule.continue_run(self, resumed, train_loader)
-        self._counted, self._windows_at_fit = False, state.step + state.skipped_steps
         agreement.begin_fit()
         callbacks = self.callbacks + self.runs.open(self, resumed)
-        hooks = self._hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}
+        hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}   # only overridden hooks run
         # loggers write a validation point's row after every other callback's on_validation_end has run,
         # so values trainer.log'ed there are in it
         hooks["on_validation_end"].sort(key=lambda cb: bool(getattr(cb, "writes_rows", False)))
-        hooked = bool(hooks["on_before_optimizer_step"])     # else the step pays nothing for the hook
-        self._optimizer_step = self._hooked_step if hooked else self.accum.step
-        self._flush = self._hooked_step if hooked else self.accum.flush
+        stepper = self.stepper
+        stepper.begin_fit(plan, hooks)
+        step = stepper.run
         try:
             with agreement.signal.installed():
                 self.logged.refuse("on_fit_begin")
@@ -252,19 +229,19 @@ class AdvancedTrainer:
                     batches = schedule.batches(self, train_loader)   # a resume's position restored
                     # a step checkpoint is written in on_step_end, before that step's validation: a run
                     # resumed from it validates first, as the interrupted one did, with that step's RNG
-                    if epoch == start and plan.validation_due() and self._resumed_boundary(val_loader):
+                    if epoch == start and plan.validation_due() and self._resumed_boundary(val_loader, hooks):
                         batches = iter(())          # every rank agreed to stop there
                     for batch in batches:
-                        if self._step(batch):
+                        if step(batch):
                             for cb in hooks["on_step_end"]:
                                 cb.on_step_end(self)
-                            if state.step >= plan.boundary and self._boundary(val_loader):
+                            if state.step >= plan.boundary and self._boundary(val_loader, hooks):
                                 break               # max_steps, or a stop agreed at a validation point
                         if agreement.preempt:
                             signals.on_signal(self)
                         if state.should_stop and agreement.stop_agreed():
                             break
-                    if self._finish_window():       # a short last window
+                    if stepper.finish_window():      # a short last window
                         for cb in hooks["on_step_end"]:
                             cb.on_step_end(self)
                     if agreement.preempt:
@@ -299,13 +276,12 @@ class AdvancedTrainer:
             self.logged.refuse(None)
         return self.history
 
-    def _boundary(self, val_loader: Iterable[Any] | None) -> bool:
+    def _boundary(self, val_loader: Iterable[Any] | None, hooks: dict[str, list[Callback]]) -> bool:
         """At ``max_steps`` or a ``val_every_n_steps`` step: the validation point mid-epoch; True to end the epoch."""
         ends = self.plan.at_boundary()
         if ends:
             return True                     # max_steps: the epoch's end validates the cut
         if ends is False:                   # mid-epoch (at the epoch's last batch, its end validates)
-            hooks = self._hooks
             for cb in hooks["on_validation_begin"]:
                 cb.on_validation_begin(self)
             evaluate.validation_point(self, val_loader)
@@ -315,7 +291,7 @@ class AdvancedTrainer:
         self.plan.advance()
         return self._stop_agreed(sync=True)
 
-    def _resumed_boundary(self, val_loader: Iterable[Any] | None) -> bool:
+    def _resumed_boundary(self, val_loader: Iterable[Any] | None, hooks: dict[str, list[Callback]]) -> bool:
         """The boundary due at a resumed step, under the RNG states of that step (a mid-epoch checkpoint's).
 
         The loader's iterator exists by now (its order drawn); the rest of the epoch continues from the
@@ -325,7 +301,7 @@ class AdvancedTrainer:
         if rng is not None:
             dataorder.set_rng_state(rng)
         try:
-            return self._boundary(val_loader)
+            return self._boundary(val_loader, hooks)
         finally:
             dataorder.set_rng_state(keep)   # what orders the rest of the epoch: the loader's draw comes next
 
@@ -333,89 +309,6 @@ class AdvancedTrainer:
     def signal_flag(self) -> signals.SignalFlag:
         """This trainer's signal handling: ``saving()`` around a checkpoint write, ``interrupted`` for ``io.save``."""
         return self.agreement.signal
-
-    def _step(self, batch: Any) -> bool:
-        """One micro-batch; at a window's end, the optimizer step. True once the optimizer stepped."""
-        self.accum.zero_grad()              # the last window's, before the forward, as by hand
-        if self._move:
-            batch = batching.to_device(batch, self.device)
-        self.log_context.count = n = batching.batch_size(batch)
-        loss: Any                           # training_step's loss, or (loss, count)
-        if self._bare:                      # one process, no AMP: no context to enter
-            loss = self.training_step(batch)
-        else:                               # the epoch's last batch syncs a short window's grads
-            total = self.plan.num_batches
-            last = total is not None and self.state.batch + 1 >= total
-            with self.accum.no_sync(last), self._autocast():
-                loss = self.training_step(batch)
-        self.state.batch += 1
-        if self._loss_items is not None and type(loss) is torch.Tensor:   # a HF model's own token mean
-            count = batching.loss_items(batch, self._loss_items)
-            loss = loss if count is None else (loss, count)
-        if isinstance(loss, tuple) or self._counted:
-            self._backward_counted(loss, n)
-        else:
-            self.accum.backward(loss, n)
-        if not self.accum.window_full:
-            return False
-        return self._after_window(self._optimizer_step())
-
-    def _hooked_step(self) -> bool:
-        """The window's optimizer step with ``on_before_optimizer_step`` between unscaling and clipping."""
-        if not self.accum.unscale_():       # an empty or non-finite window: nothing to step
-            return False
-        for cb in self._hooks["on_before_optimizer_step"]:
-            cb.on_before_optimizer_step(self)
-        return self.accum.optimizer_step()
-
-    def _backward_counted(self, out: Any, n: int) -> None:
-        """``training_step`` returned ``(loss, count)``: the window weighs micro-batches by items."""
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(f"training_step returned {batching.shape(out)} at {evaluate.where(self)} after "
-                            "returning (loss, count) earlier in this fit; return (loss, count) on every batch, "
-                            "or never.")
-        if not self._counted:
-            if self.accum.pending or self.state.step + self.state.skipped_steps != self._windows_at_fit:
-                raise TypeError(f"training_step returned (loss, count) at {evaluate.where(self)} after returning "
-                                "a plain loss earlier in this fit; return (loss, count) on every batch, or never.")
-            self._counted = True
-        loss, count = out
-        self.accum.backward(loss, n, count=as_count(count, f"training_step's (loss, count) at {evaluate.where(self)}"))
-
-    def _finish_window(self) -> bool:
-        """Step a short last window at the end of an epoch."""
-        return self._after_window(self._flush()) if self.accum.pending else False
-
-    def _after_window(self, stepped: bool) -> bool:
-        accum, state, agreement, order = self.accum, self.state, self.agreement, self.data_order
-        state.batch_at_step = state.batch
-        if order.keep_step_rng:
-            order.step_rng = dataorder.rng_state()
-        loss = accum.window_loss
-        assert loss is not None  # _after_window follows a finished window
-        if self.world_size == 1:            # one process: its own signal flag decides
-            agreement.preempt = agreement.signal.received
-        elif agreement.signal.received:     # the ranks agree at the next sync; a rank still stepping is not stuck
-            agreement.signal.beat()
-        guard = agreement.guard
-        if (accum.nonfinite or guard.lazy) and \
-                guard.window(self, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
-            return evaluate.skipped(self, "the loss was non-finite on every one (nan_policy='skip'): check the data "
-                                 "(inf/NaN inputs or labels) and the learning rate")
-        if state.epoch_loss is None:
-            state.epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        state.epoch_loss.add_(loss, alpha=accum.window_ref)
-        state.epoch_items = state.epoch_items + accum.window_items   # a device tensor stays one: no host read
-        state.epoch_samples += accum.window_samples
-        if not stepped:
-            state.skipped_steps += 1
-            return evaluate.skipped(self, f"GradScaler overflowed on every one (loss scale now {self.scaler.get_scale():.3g}): "
-                                 "check the loss scale, the data and the learning rate, or use bfloat16")
-        state.step += 1
-        state.consecutive_skipped_steps = 0
-        if self.world_size > 1 and state.step % agreement.every == 0:
-            agreement.agree(self)            # stop, signal, non-finite: acted on after this step's hooks
-        return True
 
     def training_step(self, batch: Any) -> torch.Tensor:
         """Forward one batch and return its mean loss. Override for custom batches or models."""
@@ -513,6 +406,63 @@ class AdvancedTrainer:
 
     # ------------------------------------------------------------- views of the parts' state
     # Callbacks and tests read these as the trainer's attributes; each part owns the value.
+    @property
+    def world_size(self) -> int:
+        """The number of processes (1 without an initialized process group)."""
+        return self.strategy.world_size
+
+    @property
+    def rank(self) -> int:
+        """This process's rank among all processes."""
+        return self.strategy.rank
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        self.strategy.rank = value
+
+    @property
+    def is_global_zero(self) -> bool:
+        """True on rank 0, the process that logs and writes the run folder."""
+        return self.strategy.rank == 0
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        """The gradient scaler (enabled for float16 AMP), the accumulator's."""
+        return self.accum.scaler
+
+    @scaler.setter
+    def scaler(self, value: torch.amp.GradScaler) -> None:
+        self.accum.scaler = value
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype, or ``None`` without AMP."""
+        return self.stepper.amp_dtype
+
+    @property
+    def sync_every_micro_batch(self) -> bool:
+        """``AdvancedTrainer(sync_every_micro_batch=...)``: how a sharded model's step syncs."""
+        return self.stepper.sync_every_micro_batch
+
+    @property
+    def max_consecutive_skipped_steps(self) -> int | None:
+        """Stop after this many skipped optimizer steps in a row (``None``: never)."""
+        return self.agreement.max_consecutive_skipped_steps
+
+    @property
+    def progress(self) -> bool:
+        """A progress bar (rank 0, terminal) or one line per epoch, and the fit's summary, are shown."""
+        return self.runs.summary.show
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The configuration ``hparams.json`` and the loggers record (``runs.hparams``); settable."""
+        return self.runs.hparams
+
+    @hparams.setter
+    def hparams(self, value: dict[str, Any]) -> None:
+        self.runs.hparams = value
+
     @property
     def max_epochs(self) -> int | None:
         """This fit's ``epochs`` (``None`` before a fit, or when only ``max_steps`` bounds it)."""
@@ -617,3 +567,138 @@ class AdvancedTrainer:
     @property
     def _val_batch(self) -> int | None:
         return self.log_context.val_batch
+
+
+class Stepper:
+    """The step: one micro-batch (move, autocast, ``training_step``, backward) and, at a window's end, the
+    optimizer step and its counters (DESIGN.md, "One optimizer step"). The trainer holds one
+    (``trainer.stepper``); ``fit`` calls ``run`` for each batch and ``finish_window`` at an epoch's end.
+
+    It owns what the step fixes once (the autocast context, whether batches move, the bare path of one
+    process without AMP, a Hugging Face model's own token count) or at fit start (the step with or without
+    ``on_before_optimizer_step`` callbacks, whether ``training_step`` returns ``(loss, count)``), read on
+    every micro-batch; the window's arithmetic is the accumulator's, the decisions the agreement's.
+
+    Args:
+        trainer: the trainer whose step this is (its ``training_step`` runs each micro-batch).
+        amp_dtype: the autocast dtype, or ``None`` for full precision.
+        sync_every_micro_batch: see ``AdvancedTrainer``.
+    """
+
+    def __init__(self, trainer: AdvancedTrainer, amp_dtype: torch.dtype | None, sync_every_micro_batch: bool) -> None:
+        self.trainer = trainer
+        self.accum, self.state, self.agreement = trainer.accum, trainer.state, trainer.agreement
+        self.data_order, self.log_context, self.plan = trainer.data_order, trainer.log_context, trainer.plan
+        self.device = device = trainer.device
+        self.amp_dtype = amp_dtype
+        self.sync_every_micro_batch = sync_every_micro_batch
+        self.world_size = trainer.strategy.world_size
+        no_context = nullcontext()   # reusable, so a step without AMP creates no context object
+        self.autocast: Callable[[], AbstractContextManager[Any]] = (
+            (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else (lambda: no_context))
+        self.move = device.type != "cpu"
+        self.bare = amp_dtype is None and not trainer.strategy.reduces_gradients
+        # a Hugging Face model's own loss (criterion=None) is a mean over tokens: count them for it
+        self.loss_items = batching.own_loss_items(unwrap_model(trainer.model)) \
+            if trainer.criterion is None and type(trainer).training_step is AdvancedTrainer.training_step else None
+        self.training_step: Callable[[Any], Any] = trainer.training_step
+        self.counted = False         # this fit's training_step returns (loss, count)
+        self.windows_at_fit = 0      # optimizer windows (stepped or skipped) before this fit
+        self.before_optimizer_step: list[Callback] = []
+        self.optimizer_step = self.accum.step    # with on_before_optimizer_step callbacks: _hooked_step
+        self.flush = self.accum.flush
+
+    def begin_fit(self, plan: schedule.FitPlan, hooks: dict[str, list[Callback]]) -> None:
+        """A new fit: its plan, its ``on_before_optimizer_step`` callbacks, the trainer's ``training_step``."""
+        self.plan, state, accum = plan, self.state, self.accum
+        self.training_step = self.trainer.training_step
+        self.counted, self.windows_at_fit = False, state.step + state.skipped_steps
+        # a loader without len(): a short last window cannot be foreseen, so a sharded model syncs each one
+        accum.sync_every_micro_batch = self.sync_every_micro_batch or plan.num_batches is None
+        self.before_optimizer_step = hooks["on_before_optimizer_step"]
+        hooked = bool(self.before_optimizer_step)      # else the step pays nothing for the hook
+        self.optimizer_step = self._hooked_step if hooked else accum.step
+        self.flush = self._hooked_step if hooked else accum.flush
+
+    def run(self, batch: Any) -> bool:
+        """One micro-batch; at a window's end, the optimizer step. True once the optimizer stepped."""
+        self.accum.zero_grad()              # the last window's, before the forward, as by hand
+        if self.move:
+            batch = batching.to_device(batch, self.device)
+        self.log_context.count = n = batching.batch_size(batch)
+        loss: Any                           # training_step's loss, or (loss, count)
+        if self.bare:                      # one process, no AMP: no context to enter
+            loss = self.training_step(batch)
+        else:                               # the epoch's last batch syncs a short window's grads
+            total = self.plan.num_batches
+            last = total is not None and self.state.batch + 1 >= total
+            with self.accum.no_sync(last), self.autocast():
+                loss = self.training_step(batch)
+        self.state.batch += 1
+        if self.loss_items is not None and type(loss) is torch.Tensor:   # a HF model's own token mean
+            count = batching.loss_items(batch, self.loss_items)
+            loss = loss if count is None else (loss, count)
+        if isinstance(loss, tuple) or self.counted:
+            self._backward_counted(loss, n)
+        else:
+            self.accum.backward(loss, n)
+        if not self.accum.window_full:
+            return False
+        return self._after_window(self.optimizer_step())
+
+    def _hooked_step(self) -> bool:
+        """The window's optimizer step with ``on_before_optimizer_step`` between unscaling and clipping."""
+        if not self.accum.unscale_():       # an empty or non-finite window: nothing to step
+            return False
+        for cb in self.before_optimizer_step:
+            cb.on_before_optimizer_step(self.trainer)
+        return self.accum.optimizer_step()
+
+    def _backward_counted(self, out: Any, n: int) -> None:
+        """``training_step`` returned ``(loss, count)``: the window weighs micro-batches by items."""
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"training_step returned {batching.shape(out)} at {evaluate.where(self.trainer)} after "
+                            "returning (loss, count) earlier in this fit; return (loss, count) on every batch, "
+                            "or never.")
+        if not self.counted:
+            if self.accum.pending or self.state.step + self.state.skipped_steps != self.windows_at_fit:
+                raise TypeError(f"training_step returned (loss, count) at {evaluate.where(self.trainer)} after returning "
+                                "a plain loss earlier in this fit; return (loss, count) on every batch, or never.")
+            self.counted = True
+        loss, count = out
+        self.accum.backward(loss, n, count=as_count(count, f"training_step's (loss, count) at {evaluate.where(self.trainer)}"))
+
+    def finish_window(self) -> bool:
+        """Step a short last window at the end of an epoch; True once the optimizer stepped."""
+        return self._after_window(self.flush()) if self.accum.pending else False
+
+    def _after_window(self, stepped: bool) -> bool:
+        accum, state, agreement, order = self.accum, self.state, self.agreement, self.data_order
+        state.batch_at_step = state.batch
+        if order.keep_step_rng:
+            order.step_rng = dataorder.rng_state()
+        loss = accum.window_loss
+        assert loss is not None  # _after_window follows a finished window
+        if self.world_size == 1:            # one process: its own signal flag decides
+            agreement.preempt = agreement.signal.received
+        elif agreement.signal.received:     # the ranks agree at the next sync; a rank still stepping is not stuck
+            agreement.signal.beat()
+        guard = agreement.guard
+        if (accum.nonfinite or guard.lazy) and \
+                guard.window(self.trainer, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
+            return agreement.skipped("the loss was non-finite on every one (nan_policy='skip'): check the data "
+                                 "(inf/NaN inputs or labels) and the learning rate")
+        if state.epoch_loss is None:
+            state.epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        state.epoch_loss.add_(loss, alpha=accum.window_ref)
+        state.epoch_items = state.epoch_items + accum.window_items   # a device tensor stays one: no host read
+        state.epoch_samples += accum.window_samples
+        if not stepped:
+            state.skipped_steps += 1
+            return agreement.skipped(f"GradScaler overflowed on every one (loss scale now {accum.scaler.get_scale():.3g}): "
+                                 "check the loss scale, the data and the learning rate, or use bfloat16")
+        state.step += 1
+        state.consecutive_skipped_steps = 0
+        if self.world_size > 1 and state.step % agreement.every == 0:
+            agreement.agree(self.trainer)            # stop, signal, non-finite: acted on after this step's hooks
+        return True

@@ -216,6 +216,7 @@ class RunFolders:
         self.run_name = run_name
         self.run_dir: Path | None = None
         self.summary = summary
+        self.hparams: dict[str, Any] = {}   # the trainer's configuration, for hparams.json and the loggers
 
     def open(self, trainer: AdvancedTrainer, resumed: Path | None) -> list[Callback]:
         """Pick ``run_dir`` (the resumed run's folder, else the next version) and return its callbacks.

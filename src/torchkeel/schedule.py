@@ -209,8 +209,8 @@ def validation_due(trainer: AdvancedTrainer) -> bool:
 
 def check_trainer(model: Any, optimizer: Any, accumulation: Any, scheduler_interval: Any, log_every_n_steps: Any,
                   skips: Any, *, criterion: Any = None, max_grad_norm: Any = None, gradient_clip_value: Any = None,
-                  metrics: Any = None) -> int | None:
-    """``AdvancedTrainer``'s argument checks; returns ``max_consecutive_skipped_steps``."""
+                  metrics: Any = None) -> None:
+    """``AdvancedTrainer``'s argument checks, all before any part is built."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"AdvancedTrainer(model=...): expected an nn.Module, got {type(model).__name__}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -233,7 +233,6 @@ def check_trainer(model: Any, optimizer: Any, accumulation: Any, scheduler_inter
     if skips is not None and (isinstance(skips, bool) or not isinstance(skips, int) or skips < 1):
         raise ValueError(f"AdvancedTrainer(max_consecutive_skipped_steps={skips!r}): must be an int >= 1, "
                          "or None to never stop for skipped steps.")
-    return skips
 
 
 def check_metrics(metrics: Any) -> None:

@@ -97,6 +97,8 @@ class Strategy:
 
     Attributes:
         model: the model as trained (wrapped or sharded). module: the unwrapped model.
+        rank, world_size: this process's rank among all processes, and their number (1 without an
+            initialized process group); the trainer's ``rank``/``world_size``/``is_global_zero``.
         dp_rank, dp_size, dp_group: this process's data-parallel rank, the number of data-parallel
             replicas the gradients and counts are averaged over, and their process group (``None``:
             no process group, or the default one).
@@ -113,6 +115,8 @@ class Strategy:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.module = unwrap_model(model)
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.dp_rank = 0
         self.dp_size = 1
         self.dp_group: ProcessGroup | None = None
