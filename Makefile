@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(PY) -m torchkeel demo
 
 # Tests marked serial (tests/distributed/ and tests/faults/ whole, every multi-process `distributed`
-# test elsewhere, the benchmarks) run one at a time: two gloo jobs at once on 2 cores only slow each
-# other down. The rest (in-process tests, and slow ones that start a single process) run first on 2
+# test elsewhere, the benchmarks that start ranks) run one at a time: two gloo jobs at once on 2 cores
+# only slow each other down; most start their ranks forked from one warm interpreter (tests/launch.py). The rest (in-process tests, and slow ones that start a single process) run first on 2
 # xdist workers (JOBS=1: in this process). Both parts run even if the first fails; `make test` fails
 # if either did. test-fast runs the tests not marked slow on the xdist workers.
 JOBS ?= 2

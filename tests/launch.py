@@ -1,21 +1,27 @@
-"""The one way the tests start processes: torchrun jobs, and one-process runs forked by a warm server.
+"""The one way the tests start processes: torchrun jobs, forked ranks, and one-process runs forked by a warm server.
 
 torchrun: a command line (``torchrun_command``), a finished run (``torchrun``) or a running job
-(``start_torchrun``). ``Server`` forks one training process per request from an interpreter that
-imported torch once (tests/faults/scripts/train_server.py); ``Run`` is one such run's result.
-Every test that launches a multi-process job goes through here, so the rendezvous (a free port on
-127.0.0.1, or ``--standalone``), the interpreter and the launcher's own flags are written once. Each
-caller still passes its own script, arguments, process count, environment and timeout.
+(``start_torchrun``): for what only torchrun does (its agent, restarts, signals to the agent, nodes,
+a script's exit under it). ``ranks``: a finished job whose ranks are forked from one warm interpreter
+(tests/rank_server.py: real processes, env:// rendezvous on 127.0.0.1, no agent), for tests of what
+the ranks do together; it saves each job the seconds of CPU its interpreters spend importing torch.
+``Server`` forks one training process per request (tests/faults/scripts/train_server.py); ``Run`` is
+one such run's result. Every test that launches a multi-process job goes through here, so the
+rendezvous (a free port on 127.0.0.1, or ``--standalone``), the interpreter and the launcher's own
+flags are written once. Each caller still passes its own script, arguments, process count,
+environment and timeout.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +32,7 @@ import torchkeel
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 SRC = Path(__file__).resolve().parents[1] / "src"
 TRAIN_SERVER = Path(__file__).resolve().parent / "faults" / "scripts" / "train_server.py"
+RANK_SERVER = Path(__file__).resolve().parent / "rank_server.py"
 SERVER_TIMEOUT = 120   # seconds for any one process the server forks (they take one or two)
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
@@ -119,6 +126,104 @@ def start_torchrun(script: str | Path, *args: object, env: Mapping[str, str] | N
     """
     cmd = torchrun_command(script, *args, nproc=nproc, standalone=standalone, **(command or {}))
     return subprocess.Popen(cmd, env=env, **popen)
+
+
+def ranks(script: str | Path, *args: object, env: Mapping[str, str] | None, timeout: float,
+          nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` on ``nproc`` ranks forked by the warm rank server, to its end; as ``torchrun`` returns.
+
+    The ranks get torchrun's worker environment on a free port of 127.0.0.1; the return code is 0 when
+    every rank exited 0, else 1 (a failed rank ends the others, as torchrun's agent does); stdout and
+    stderr hold every rank's, interleaved. Never raises on the code.
+
+    Args:
+        script: the worker script each rank runs.
+        *args: the script's arguments.
+        env: the ranks' environment (None: this process's).
+        timeout: seconds before the ranks are killed and ``subprocess.TimeoutExpired`` is raised.
+        nproc: the number of ranks.
+    """
+    return _rank_server().run(Path(script).resolve(), [str(a) for a in args],
+                              dict(os.environ if env is None else env), nproc, timeout)
+
+
+class _RankServer:
+    """The client of tests/rank_server.py: one per test process, started on first use, ended at exit."""
+
+    def __init__(self) -> None:
+        env = child_env()
+        env.pop("TORCH_DISTRIBUTED_DEBUG", None)     # read by the imports: each job sets its own
+        self.dir = Path(tempfile.mkdtemp(prefix="torchkeel-ranks-"))
+        self.log = open(self.dir / "server.err", "w")  # noqa: SIM115 - open for the server's lifetime
+        self.proc = subprocess.Popen([sys.executable, str(RANK_SERVER)], cwd=SRC.parent, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.exits: dict[str, tuple[int, str]] = {}
+        self.changed = threading.Condition()
+        self.lock = threading.Lock()
+        self.count = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            _, rid, code, codes = line.split()
+            with self.changed:
+                self.exits[rid] = (int(code), codes)
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        with self.lock:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+
+    def run(self, script: Path, argv: list[str], env: dict[str, str], nproc: int,
+            timeout: float) -> subprocess.CompletedProcess[str]:
+        with self.lock:
+            self.count += 1
+            rid = f"j{self.count}"
+        out, err = self.dir / f"{rid}.out", self.dir / f"{rid}.err"
+        self._send(json.dumps({"id": rid, "script": str(script), "argv": argv, "env": env, "nproc": nproc,
+                               "port": free_port(), "stdout": str(out), "stderr": str(err)}))
+        cmd = ["rank_server", str(script), *argv]
+        with self.changed:
+            done = self.changed.wait_for(lambda: rid in self.exits or self.proc.poll() is not None, timeout)
+        if not done:
+            self._send(f"KILL {rid}")
+            raise subprocess.TimeoutExpired(cmd, timeout, output=_read(out), stderr=_read(err))
+        if rid not in self.exits:
+            raise AssertionError(f"the rank server died ({self.proc.returncode}); see {self.log.name}")
+        code, _ = self.exits.pop(rid)
+        proc = subprocess.CompletedProcess(cmd, code, _read(out), _read(err))
+        out.unlink(missing_ok=True)
+        err.unlink(missing_ok=True)
+        return proc
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+_SERVER: list[_RankServer] = []
+
+
+def _rank_server() -> _RankServer:
+    if not _SERVER or _SERVER[0].proc.poll() is not None:
+        _SERVER[:] = [_RankServer()]
+        atexit.register(_SERVER[0].close)
+    return _SERVER[0]
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 class Server:

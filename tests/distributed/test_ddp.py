@@ -1,4 +1,5 @@
-"""AdvancedTrainer under DDP: real torchrun processes on gloo, compared with one process."""
+"""AdvancedTrainer under DDP: real processes on gloo (ranks forked by launch.ranks; torchrun where a test
+signals the job), compared with one process."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def torchrun(out: Path, *args: str, nproc: int = 2, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
-    return launch.torchrun(script, "--out", out, *args, env=_env(), timeout=TIMEOUT, nproc=nproc)
+def ranks(out: Path, *args: str, nproc: int = 2, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
+    return launch.ranks(script, "--out", out, *args, env=_env(), timeout=TIMEOUT, nproc=nproc)
 
 
 def single(out: Path, *args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
@@ -51,7 +52,7 @@ def ok(proc: subprocess.CompletedProcess[str]) -> None:
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path: Path, accum: int) -> None:
     """70 samples: uneven last batches and, with accumulation, a short last window."""
-    ok(torchrun(tmp_path / "ddp", "--batch", "8", "--accum", str(accum)))
+    ok(ranks(tmp_path / "ddp", "--batch", "8", "--accum", str(accum)))
     ok(single(tmp_path / "one", "--batch", "16", "--accum", str(accum)))
     ddp0, ddp1, one = result(tmp_path / "ddp", 0), result(tmp_path / "ddp", 1), result(tmp_path / "one")
     assert ddp0["world_size"] == 2 and one["world_size"] == 1
@@ -69,9 +70,9 @@ def test_a_step_issues_no_collective_of_its_own(tmp_path: Path) -> None:
     no all-reduce but DDP's gradients (the user's comm hook's buckets, when it has one); every
     sync_every_n_steps (here 4) steps one 3-number all-reduce agrees on stop, signal and non-finite."""
     common = ("--accum", "2", "--count-collectives", "--samples", "192", "--sync-every", "4")
-    ok(torchrun(tmp_path / "ours", *common))
-    ok(torchrun(tmp_path / "theirs", *common, "--own-comm-hook"))
-    ok(torchrun(tmp_path / "view", "--accum", "2", "--samples", "192", "--sync-every", "4", "--bucket-view"))
+    ok(ranks(tmp_path / "ours", *common))
+    ok(ranks(tmp_path / "theirs", *common, "--own-comm-hook"))
+    ok(ranks(tmp_path / "view", "--accum", "2", "--samples", "192", "--sync-every", "4", "--bucket-view"))
     ours, theirs, view = result(tmp_path / "ours"), result(tmp_path / "theirs"), result(tmp_path / "view")
     for key, value in ours["model"].items():                      # grads that are bucket views too
         assert torch.equal(view["model"][key], value), key
@@ -91,7 +92,7 @@ def test_uneven_shards_all_reduce_the_window_count_and_equal_one_process(tmp_pat
     """A plain list of batches (no sampler to check): each window's count and loss sum travel in one
     all-reduce before its last backward; ranks hold batches of different sizes (rank 0: 5, rank 1: 11),
     and the result equals one process on the union."""
-    ok(torchrun(tmp_path / "ddp", "--uneven", "--accum", "2", "--count-collectives", "--sync-every", "1000"))
+    ok(ranks(tmp_path / "ddp", "--uneven", "--accum", "2", "--count-collectives", "--sync-every", "1000"))
     ok(single(tmp_path / "one", "--uneven", "--accum", "2"))
     ddp0, ddp1, one = result(tmp_path / "ddp", 0), result(tmp_path / "ddp", 1), result(tmp_path / "one")
     for key, value in one["model"].items():
@@ -100,7 +101,7 @@ def test_uneven_shards_all_reduce_the_window_count_and_equal_one_process(tmp_pat
     assert all(calls == [(2, False)] for _, calls in ddp0["collectives_per_step"]), ddp0["collectives_per_step"]
     h0, h = json.loads(ddp0["history"]), json.loads(one["history"])
     assert h0["train_loss"] == pytest.approx(h["train_loss"], rel=1e-5)
-    refused = torchrun(tmp_path / "more", "--uneven", "--extra-batch-rank", "1")   # a collective would hang
+    refused = ranks(tmp_path / "more", "--uneven", "--extra-batch-rank", "1")   # a collective would hang
     assert refused.returncode != 0
     assert refused.stderr.count("ranks have between 4 and 5 batches per epoch; DDP would hang") == 2, \
         refused.stderr[-4000:]
@@ -110,7 +111,7 @@ def test_token_counts_that_differ_by_rank_equal_one_process_on_the_union(tmp_pat
     """Rank 0 short sequences, rank 1 long ones; 60 sequences, 4 per rank and micro-batch: 8
     micro-batches per epoch, accum 3 -> windows of 3, 3 and a short 2 (flush), whose last
     micro-batch is 2 sequences per rank."""
-    ok(torchrun(tmp_path / "ddp", "--batch", "4", "--accum", "3", script=TOKENS))
+    ok(ranks(tmp_path / "ddp", "--batch", "4", "--accum", "3", script=TOKENS))
     ok(single(tmp_path / "one", "--batch", "8", "--accum", "3", script=TOKENS))
     ddp0, ddp1, one = result(tmp_path / "ddp", 0), result(tmp_path / "ddp", 1), result(tmp_path / "one")
     assert ddp0["world_size"] == 2 and one["world_size"] == 1
@@ -130,7 +131,7 @@ def test_token_counts_that_differ_by_rank_equal_one_process_on_the_union(tmp_pat
 def test_non_finite_loss_on_one_rank_is_skipped_by_both(tmp_path: Path) -> None:
     """Both ranks skip the bad window: the weights the next window starts from are those after
     the previous step, on both ranks (not merely equal to each other)."""
-    ok(torchrun(tmp_path, "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "skip"))
+    ok(ranks(tmp_path, "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "skip"))
     r0, r1 = result(tmp_path, 0), result(tmp_path, 1)
     assert r0["state"]["skipped_steps"] == r1["state"]["skipped_steps"] == 1
     for key in r0["model"]:
@@ -144,7 +145,7 @@ def test_non_finite_loss_on_one_rank_is_skipped_by_both(tmp_path: Path) -> None:
 
 
 def test_non_finite_loss_on_one_rank_raises_on_both(tmp_path: Path) -> None:
-    proc = torchrun(tmp_path, "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "raise")
+    proc = ranks(tmp_path, "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "raise")
     assert proc.returncode != 0
     assert proc.stderr.count("FloatingPointError: Non-finite loss at epoch 0") >= 2, proc.stderr[-4000:]
 
@@ -152,32 +153,32 @@ def test_non_finite_loss_on_one_rank_raises_on_both(tmp_path: Path) -> None:
 def test_a_non_finite_loss_with_finite_gradients_on_one_rank_is_reported_on_both(tmp_path: Path) -> None:
     """The loss is inf in value only (its gradients are finite): 'skip' cannot see it before the
     step, so the ranks' next agreement reports it on both ranks; 'raise' raises on both."""
-    ok(proc := torchrun(tmp_path / "skip", "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "skip",
+    ok(proc := ranks(tmp_path / "skip", "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "skip",
                         "--inf-value-only"))
     assert proc.stderr.count("but its averaged gradients were finite, so the step was taken") == 2, proc.stderr[-4000:]
     assert result(tmp_path / "skip", 0)["state"]["skipped_steps"] == 0
-    raised = torchrun(tmp_path / "raise", "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "raise",
+    raised = ranks(tmp_path / "raise", "--nan-rank", "1", "--nan-step", "2", "--nan-policy", "raise",
                       "--inf-value-only")
     assert raised.returncode != 0
     assert raised.stderr.count("FloatingPointError: Non-finite loss at epoch 0") >= 2, raised.stderr[-4000:]
 
 
 def test_a_stop_requested_on_one_rank_stops_both_at_the_same_epoch(tmp_path: Path) -> None:
-    ok(torchrun(tmp_path, "--stop-rank", "1", "--stop-epoch", "1", "--epochs", "5"))
+    ok(ranks(tmp_path, "--stop-rank", "1", "--stop-epoch", "1", "--epochs", "5"))
     r0, r1 = result(tmp_path, 0), result(tmp_path, 1)
     assert r0["state"]["epoch"] == r1["state"]["epoch"] == 1
     assert r0["state"]["should_stop"] and r1["state"]["should_stop"]
 
 
 def test_checkpoint_written_once_and_resume_on_two_ranks_is_exact(tmp_path: Path) -> None:
-    ok(torchrun(tmp_path / "full", "--epochs", "3", "--dropout", "0.2"))
-    crashed = torchrun(tmp_path / "part", "--epochs", "3", "--dropout", "0.2", "--ckpt", str(tmp_path / "ck"),
+    ok(ranks(tmp_path / "full", "--epochs", "3", "--dropout", "0.2"))
+    crashed = ranks(tmp_path / "part", "--epochs", "3", "--dropout", "0.2", "--ckpt", str(tmp_path / "ck"),
                        "--every-n-steps", "2", "--crash-at", "7")
     assert crashed.returncode != 0 and "planned crash at step 7" in crashed.stderr
     saved = discovery.list_checkpoints(tmp_path / "ck" / "version_0")
     steps = [entry["meta"]["step"] for _, entry in saved]
     assert sorted(steps) == [6], steps              # one file per save, the newest kept (monitor=None)
-    ok(torchrun(tmp_path / "part", "--epochs", "3", "--dropout", "0.2", "--ckpt", str(tmp_path / "ck"),
+    ok(ranks(tmp_path / "part", "--epochs", "3", "--dropout", "0.2", "--ckpt", str(tmp_path / "ck"),
                 "--every-n-steps", "2", "--resume", "auto"))
     full, resumed = result(tmp_path / "full"), result(tmp_path / "part")
     for key, value in full["model"].items():
@@ -185,7 +186,7 @@ def test_checkpoint_written_once_and_resume_on_two_ranks_is_exact(tmp_path: Path
 
 
 def test_resuming_with_another_world_size_warns(tmp_path: Path) -> None:
-    ok(torchrun(tmp_path / "a", "--epochs", "1", "--ckpt", str(tmp_path / "ck")))
+    ok(ranks(tmp_path / "a", "--epochs", "1", "--ckpt", str(tmp_path / "ck")))
     proc = single(tmp_path / "b", "--epochs", "2", "--ckpt", str(tmp_path / "ck"), "--resume", "auto")
     ok(proc)
     assert "Resuming with world_size=1, the checkpoint was written with world_size=2" in proc.stderr

@@ -1,4 +1,4 @@
-"""Data under DDP (issue 22, item 5) on 2 real torchrun ranks (gloo), compared with one process.
+"""Data under DDP (issue 22, item 5) on 2 real ranks (gloo), compared with one process.
 
 tests/distributed/scripts/ddp_data.py validates a 101-sample set (a DistributedSampler pads it to 102
 on 2 ranks), fits with lr=0 and predicts, once in one process and once on 2 ranks. Split from
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from launch import torchrun_command
+from launch import ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "distributed" / "scripts" / "ddp_data.py"
@@ -41,10 +41,11 @@ def _run(cmd: list[str]) -> None:
 # -------------------------------------------------------------------------------- two ranks
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """{"one": rank 0 of one process, "ddp": [rank 0, rank 1] of torchrun --nproc_per_node 2}."""
+    """{"one": rank 0 of one process, "ddp": [rank 0, rank 1] of 2 ranks}."""
     out = tmp_path_factory.mktemp("ddp_data")
     _run([sys.executable, str(SCRIPT), "--out", str(out / "one")])
-    _run(torchrun_command(SCRIPT, "--out", out / "ddp"))
+    proc = ranks(SCRIPT, "--out", out / "ddp", env=_env(), timeout=TIMEOUT)
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-4000:]
     load = lambda p: torch.load(p, weights_only=True)
     return {"one": load(out / "one" / "result-rank0.pt"),
             "ddp": [load(out / "ddp" / f"result-rank{r}.pt") for r in (0, 1)]}

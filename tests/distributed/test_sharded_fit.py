@@ -1,4 +1,4 @@
-"""AdvancedTrainer on an FSDP2-sharded model: equal to DDP and to one process (torchrun, 2 gloo ranks).
+"""AdvancedTrainer on an FSDP2-sharded model: equal to DDP and to one process (2 gloo ranks).
 
 One launch of tests/distributed/scripts/sharded_fit.py trains every case sharded, with DDP and (rank 0) in one
 process on the union batches; the assertions read its result.json.
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launch import torchrun
+from launch import ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = ("even", "value_clip", "every_micro_batch", "tokens", "uneven", "stream", "nan_skip", "validate")
@@ -22,7 +22,7 @@ CASES = ("even", "value_clip", "every_micro_batch", "tokens", "uneven", "stream"
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("sharded_fit")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", TORCH_DISTRIBUTED_DEBUG="INFO")
-    proc = torchrun(ROOT / "tests" / "distributed" / "scripts" / "sharded_fit.py", "--out", out, env=env, timeout=600)
+    proc = ranks(ROOT / "tests" / "distributed" / "scripts" / "sharded_fit.py", "--out", out, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads((out / "result.json").read_text())  # type: ignore[no-any-return]
 

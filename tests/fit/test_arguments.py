@@ -28,7 +28,7 @@ from conftest import (
     make_model,
     params_of,
 )
-from launch import torchrun
+from launch import ranks
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -105,15 +105,15 @@ def test_wrappers_keep_the_same_parameters() -> None:
     GradientAccumulator(nn.DataParallel(model), opt)
 
 
-def _torchrun(script: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _ranks(script: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", TORCH_DISTRIBUTED_DEBUG="INFO")
-    return torchrun(ROOT / "tests" / "fit" / "scripts" / script, "--out", out, *args, env=env, timeout=300)
+    return ranks(ROOT / "tests" / "fit" / "scripts" / script, "--out", out, *args, env=env, timeout=300)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_an_optimizer_built_before_fsdp_sharding_is_refused_on_every_rank(tmp_path: Path) -> None:
-    proc = _torchrun("fsdp_stale_optimizer.py", tmp_path)
+    proc = _ranks("fsdp_stale_optimizer.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-5000:]
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -131,10 +131,10 @@ def test_an_optimizer_built_before_fsdp_sharding_is_refused_on_every_rank(tmp_pa
 @pytest.mark.distributed
 def test_the_fsdp_optimizer_error_ends_both_ranks_cleanly(tmp_path: Path) -> None:
     """Left uncaught, as in a user's script: both ranks exit with the error, no hang, no abort."""
-    proc = _torchrun("fsdp_stale_optimizer.py", tmp_path, "--uncaught")
+    proc = _ranks("fsdp_stale_optimizer.py", tmp_path, "--uncaught")
     assert proc.returncode == 1, proc.stderr[-5000:]
     assert proc.stderr.count("ValueError: AdvancedTrainer(optimizer=...): 4 of the optimizer's 4") == 2
-    # no rank aborted or crashed; torchrun may still SIGTERM a rank that is exiting with its own error
+    # no rank aborted or crashed; the launcher (as torchrun) may still SIGTERM a rank that is exiting with its own error
     # once the other rank's exit was seen (rank 1's "Signal 15 (SIGTERM) received"): that is no abort
     assert "SIGABRT" not in proc.stderr and "SIGSEGV" not in proc.stderr, proc.stderr[-5000:]
     assert not list(tmp_path.glob("rank*.json"))     # nothing trained, nothing written

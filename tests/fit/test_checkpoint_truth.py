@@ -1,7 +1,7 @@
 """Checkpoints tell the truth (issue 22, items 11-13): a manifest that lies about its step, a trainer state
 holding code, a sharded save failing for a full disk.
 
-Checkpoints are real: written by real runs (one process, or 2 torchrun ranks on gloo with FSDP2), then
+Checkpoints are real: written by real runs (one process, or 2 ranks on gloo with FSDP2), then
 rewritten as an attacker or a bad copy would, valid manifests included.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_dataset, make_model
-from launch import torchrun
+from launch import ranks
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -123,8 +123,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(out: Path, ckpt: Path, *args: str) -> str:
-    proc = torchrun(WORKER, "--out", out, "--ckpt", ckpt, *args, env=_env(), timeout=TIMEOUT)
+def _ranks(out: Path, ckpt: Path, *args: str) -> str:
+    proc = ranks(WORKER, "--out", out, "--ckpt", ckpt, *args, env=_env(), timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
 
@@ -134,19 +134,19 @@ def _torchrun(out: Path, ckpt: Path, *args: str) -> str:
 def test_sharded_checkpoints_holding_code_or_a_lying_manifest_are_refused_alike_and_skipped_by_auto(
         tmp_path: Path) -> None:
     ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
-    _torchrun(tmp_path / "train", ckpt, "--mode", "train", "--epochs", "2")
+    _ranks(tmp_path / "train", ckpt, "--mode", "train", "--epochs", "2")
     run = ckpt / "version_0"
     found = discovery.list_checkpoints(run)
     dirs = {e["meta"]["step"]: p for p, e in found}
     assert all(p.is_dir() for p in dirs.values()) and len(dirs) == len(found) >= 3, sorted(os.listdir(run))
     newest, second, third = (dirs[s] for s in sorted(dirs, reverse=True)[:3])
-    _torchrun(tmp_path / "plant", ckpt, "--mode", "plant", "--target", str(newest), "--marker", str(marker))
+    _ranks(tmp_path / "plant", ckpt, "--mode", "plant", "--target", str(newest), "--marker", str(marker))
     dcp.verify(newest)                                   # the manifest is valid: only the load can refuse it
     _rewrite_meta(second / dcp.MANIFEST, step=999)       # an older state whose manifest claims the most steps
     dcp.verify(second)
     third_step = json.loads((third / dcp.MANIFEST).read_text())["meta"]["step"]
     second_step = sorted(dirs, reverse=True)[1]
-    stderr = _torchrun(tmp_path / "resume", ckpt, "--mode", "resume", "--epochs", "2",
+    stderr = _ranks(tmp_path / "resume", ckpt, "--mode", "resume", "--epochs", "2",
                        "--tries", str(newest), str(second), "auto")
     ranks = [json.loads((tmp_path / "resume" / f"tries-rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1], ranks                   # every rank: the same error, or the same step
@@ -171,7 +171,7 @@ def test_a_sharded_save_failing_for_a_full_disk_says_so_on_every_rank(tmp_path: 
     # failing inside torch.save's zip writer came out as DCP's "unexpected pos 704 vs 598" (a limit
     # reached in the small values, as tests/unit/test_dcp.py's 4 KiB, raised the OSError itself).
     ckpt = tmp_path / "ckpt"
-    _torchrun(tmp_path, ckpt, "--mode", "fsize", "--epochs", "2", "--width", "256", "--limit", str(64 << 10))
+    _ranks(tmp_path, ckpt, "--mode", "fsize", "--epochs", "2", "--width", "256", "--limit", str(64 << 10))
     errors = [json.loads((tmp_path / f"error-rank{r}.json").read_text())["error"] for r in (0, 1)]
     for kind, message in errors:
         assert kind == "CheckpointWriteError", errors

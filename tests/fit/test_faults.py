@@ -146,7 +146,7 @@ def test_temporaries_left_by_kill_9_mid_save_are_removed_by_the_next_save(tmp_pa
 @pytest.fixture(scope="module")
 def save_faults(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("faults")
-    proc = launch.torchrun(SCRIPTS / "dist_faults.py", "save_faults", out, env=child_env(), timeout=180, standalone=True)
+    proc = launch.ranks(SCRIPTS / "dist_faults.py", "save_faults", out, env=child_env(), timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, [json.loads((out / f"save_faults-rank{r}.json").read_text()) for r in range(2)]
 

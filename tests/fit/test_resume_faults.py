@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_state_equal, make_dataset, make_model, params_of
-from launch import torchrun
+from launch import ranks
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -224,7 +224,7 @@ def test_each_folder_is_searched_once(tmp_path: Path, caplog: pytest.LogCaptureF
 def test_ranks_resume_from_the_same_checkpoint_or_all_raise(tmp_path: Path) -> None:
     """Per-node disks: each rank works in its own folder, so the same relative path names two files."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    proc = torchrun(ROOT / "tests" / "fit" / "scripts" / "resume_ranks.py", tmp_path, env=env, timeout=240)
+    proc = ranks(ROOT / "tests" / "fit" / "scripts" / "resume_ranks.py", tmp_path, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-6000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0.keys() == r1.keys()

@@ -63,8 +63,10 @@ def _cmd(nproc: int) -> list[str]:
 
 
 def _run(nproc: int, out: Path, ckpt: Path, *args: str) -> tuple[dict[str, Any], str]:
-    proc = subprocess.run([*_cmd(nproc), "--out", str(out), "--ckpt", str(ckpt), *args], env=_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    from launch import ranks
+    argv = ["--out", str(out), "--ckpt", str(ckpt), *args]
+    proc = subprocess.run([*_cmd(1), *argv], env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+                          check=False) if nproc == 1 else ranks(WORKER, *argv, env=_env(), timeout=TIMEOUT, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out / "result.pt", weights_only=True), proc.stderr
 

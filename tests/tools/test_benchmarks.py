@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]   # benchmarks measure: they run alone
+# No time is asserted here: one-process benchmarks run beside the in-process tests, those that start
+# ranks (marked distributed) one at a time with the other multi-process tests.
+pytestmark = pytest.mark.slow
 
 
 def run_bench(script: str, *args: str, codes: tuple[int, ...] = (0, 1), timeout: float = 300) -> str:
@@ -44,6 +46,7 @@ def numbers(pattern: str, text: str) -> list[float]:
     return values
 
 
+@pytest.mark.distributed
 def test_ddp_benchmark_pairs_the_trainer_with_a_hand_written_loop() -> None:
     out = run_bench("ddp.py", "--quick", codes=(0,))
     numbers(rf"hand-written DDP loop\s+{NUMBER} us/step", out)
@@ -54,6 +57,7 @@ def test_ddp_benchmark_pairs_the_trainer_with_a_hand_written_loop() -> None:
     assert "malloc pinned" in out
 
 
+@pytest.mark.distributed
 def test_ddp_benchmark_control_and_alone_modes() -> None:
     out = run_bench("ddp.py", "--quick", "--control", "--malloc", "default", codes=(0,))
     assert "A/A CONTROL" in out and "malloc default" in out
@@ -104,6 +108,7 @@ def test_peers_benchmark_measures_imports_and_checkpoints_without_the_peers() ->
     numbers(rf"`import torch` itself: {NUMBER} ms", out)
 
 
+@pytest.mark.distributed
 def test_fsdp_benchmark_halves_the_per_rank_state_and_pairs_the_trainer_with_fully_shard(tmp_path: Path) -> None:
     """Each FSDP rank holds exactly half of DDP's parameter, gradient and Adam bytes (2 ranks, even shapes)."""
     out = run_bench("fsdp.py", "--quick", "--json", str(tmp_path / "run.json"), codes=(0,), timeout=600)

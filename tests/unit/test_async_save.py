@@ -319,17 +319,17 @@ def test_kill_9_during_a_background_save_leaves_the_previous_checkpoint_newest_a
         name for i in range(1, step) for name in (f"step-{i}.pt", f"step-{i}.pt{io.MANIFEST_SUFFIX}"))
 
 
-# -------------------------------------------------------------------- 2 ranks (torchrun, gloo)
-def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
-    from launch import torchrun
-    return torchrun(WORKER, *args, env=_env(), timeout=TIMEOUT)
+# ------------------------------------------------------------------------------ 2 ranks (gloo)
+def _ranks(*args: str) -> subprocess.CompletedProcess[str]:
+    from launch import ranks
+    return ranks(WORKER, *args, env=_env(), timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One torchrun launch (2 ranks, gloo) for the three cases below: each writes into OUT/<mode>/."""
+    """One launch (2 ranks, gloo) for the three cases below: each writes into OUT/<mode>/."""
     out = tmp_path_factory.mktemp("ranks")
-    proc = _torchrun("--mode", "agree,group,dtensor", "--out", str(out))
+    proc = _ranks("--mode", "agree,group,dtensor", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -465,7 +465,7 @@ def test_last_json_top_k_and_discovery_move_only_after_the_background_write_comm
 ])
 def test_fit_raises_a_failed_background_save_on_every_rank_at_the_next_save(
         tmp_path: Path, strategy: str, fail_rank: int, limit: int, failed: str, kept_epochs: int) -> None:
-    proc = _torchrun("--mode", "fit-fail", "--strategy", strategy, "--fail-rank", str(fail_rank),
+    proc = _ranks("--mode", "fit-fail", "--strategy", strategy, "--fail-rank", str(fail_rank),
                      "--limit", str(limit), "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     messages = [(tmp_path / f"error-rank{rank}.txt").read_text() for rank in (0, 1)]

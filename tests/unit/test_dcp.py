@@ -185,7 +185,7 @@ def test_clean_temporaries_removes_only_unfinished_directories(tmp_path: Path) -
     dcp.verify(tmp_path / "step-1")
 
 
-# ----------------------------------------------------------------- real processes (torchrun, gloo)
+# -------------------------------------------- real processes (forked ranks; torchrun to kill, gloo)
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "unit" / "scripts" / "dcp_worker.py"
 TIMEOUT = 300
@@ -205,8 +205,9 @@ def _cmd(nproc: int) -> list[str]:
 
 
 def _run(nproc: int, *args: str) -> None:
-    proc = subprocess.run([*_cmd(nproc), *args], env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT, check=False)
+    from launch import ranks
+    proc = subprocess.run([*_cmd(1), *args], env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+                          check=False) if nproc == 1 else ranks(WORKER, *args, env=_env(), timeout=TIMEOUT, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -120,11 +120,11 @@ def test_clip_grad_norm_on_plain_gradients_equals_torch(norm_type: float) -> Non
 @pytest.mark.distributed
 def test_fsdp_equals_ddp_equals_one_process(tmp_path: Path) -> None:
     """2 ranks, gloo, fp32: windows of 2, 2, 1 micro-batches, momentum, clipping that binds."""
-    from launch import torchrun
+    from launch import ranks
 
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     script = ROOT / "tests" / "distributed" / "scripts" / "fsdp_equiv.py"
-    proc = torchrun(script, "--out", tmp_path, env=env, timeout=300)
+    proc = ranks(script, "--out", tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["sharded"] and r["units"] == ["Block"] * 3 and r["dt_units"] == 3
