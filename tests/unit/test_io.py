@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -534,5 +535,52 @@ def test_a_quick_hash_that_disagrees_or_is_unknown_leaves_sha256_to_decide(tmp_p
     data = path.read_bytes()
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     manifest.write_text(json.dumps(entry))
+    with pytest.raises(tkio.CheckpointError, match=r"sha256 mismatch \(file corrupt\).*Bytes \d+-\d+ differ"):
+        tkio.load(path)
+
+
+def test_a_quick_hashed_load_reads_each_byte_once_hashing_it_on_the_way_and_equals_torch_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No separate hash pass: each chunk is read into the storages it covers (and the bytes between
+    records into a buffer), hashed as it is read; records straddle chunks. A flipped byte is then
+    caught, and the sha256 chunks name it."""
+    monkeypatch.setattr(tkio, "CHUNK_BYTES", 100_000)     # many chunks, records across their edges
+    g = torch.Generator().manual_seed(1)
+    obj = {"a": torch.randn(300, 500, generator=g), "b": torch.arange(77_777, dtype=torch.int16),
+           "tied": None, "small": [torch.tensor(2.0), torch.zeros(0)], "n": 3}
+    obj["tied"] = obj["a"]
+    path = tkio.save(obj, tmp_path / "a.pt")
+    size = path.stat().st_size
+    assert json.loads(tkio.manifest_of(path).read_text())["chunk_bytes"] == 100_000 and size > 7 * 100_000
+    read: list[tuple[int, int]] = []
+    real_preadv, real_pread, real_digests = os.preadv, os.pread, tkio._digests
+
+    def preadv(fd: int, buffers: Any, offset: int) -> int:
+        n = real_preadv(fd, buffers, offset)
+        read.append((offset, n))
+        return n
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        data = real_pread(fd, n, offset)
+        read.append((offset, len(data)))
+        return data
+
+    def no_second_pass(*args: Any) -> Any:
+        raise AssertionError("the payload was hashed in a pass of its own")
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "pread", pread)
+    monkeypatch.setattr(tkio, "_digests", no_second_pass)
+    got = tkio.load(path)
+    expected = torch.load(path, weights_only=True)
+    assert torch.equal(got["a"], expected["a"]) and torch.equal(got["b"], expected["b"]) and got["n"] == 3
+    assert got["tied"].data_ptr() == got["a"].data_ptr() and torch.equal(got["small"][0], torch.tensor(2.0))
+    covered = sorted(read)
+    assert covered[0][0] == 0 and all(a + n == b for (a, n), (b, _) in itertools.pairwise(covered))
+    assert covered[-1][0] + covered[-1][1] == size            # every byte, once
+    monkeypatch.setattr(tkio, "_digests", real_digests)
+    data = bytearray(path.read_bytes())
+    data[size // 2] ^= 0x10                                   # inside the first tensor's bytes
+    path.write_bytes(bytes(data))
     with pytest.raises(tkio.CheckpointError, match=r"sha256 mismatch \(file corrupt\).*Bytes \d+-\d+ differ"):
         tkio.load(path)

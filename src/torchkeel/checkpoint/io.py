@@ -9,6 +9,7 @@ between them leaves the old payload valid.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import io
@@ -403,12 +404,14 @@ def verify(path: StrPath) -> dict[str, Any]:
 
 
 def load(path: StrPath, map_location: MapLocation = "cpu") -> dict[str, Any]:
-    """Verify the payload, then ``torch.load(weights_only=True)`` it.
+    """Verify the payload and ``torch.load(weights_only=True)`` it; nothing is returned unverified.
 
-    The chunks are hashed in parallel; then ``torch.load(mmap=True)`` maps the same open file (one
-    inode, even if the name is replaced meanwhile) and the tensors are read out of that file in
-    parallel, so no file stays mapped. Its size and mtime must not change in between: what is
-    loaded is what was hashed.
+    ``torch.load(mmap=True)`` maps the open file (one inode, even if the name is replaced meanwhile)
+    and builds the object with its storages still in the file (no code runs: weights_only). Then,
+    with the manifest's quick hash, each chunk is read in parallel into the storages it covers and
+    hashed as it is read, one pass over the bytes; otherwise (an older manifest, a mismatch to name,
+    another ``map_location``) the chunks are hashed first and the storages read after. Either way no
+    file stays mapped, and the file's size and mtime must not change: what is loaded is what was hashed.
 
     Args: path: the payload. map_location: as for ``torch.load``.
     Example:
@@ -426,9 +429,12 @@ def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dic
     file = Path(path)
     with _open_payload(file) as f, ThreadPoolExecutor(_workers(), "torchkeel-io") as pool:
         stamp = _stamp(f)
-        entry = _verify_open(file, f, pool)
         by_fd = Path(f"/proc/self/fd/{f.fileno()}")  # mmap needs a path: this one is our inode
         source = by_fd if by_fd.exists() else file
+        loaded = _load_checking_quick(file, f, source, stamp, pool, map_location)
+        if loaded is not None:
+            return loaded
+        entry = _verify_open(file, f, pool)
         try:
             # weights_only=True explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides only calls
             # that leave it unset (torch/serialization.py, torch >= 2.6; tests/unit/test_io.py checks).
@@ -449,6 +455,131 @@ def load_verified(path: StrPath, map_location: MapLocation = "cpu") -> tuple[dic
     if not isinstance(obj, dict):
         raise _fail(file, f"holds a {type(obj).__name__}, not a dict")
     return obj, entry
+
+
+def _load_checking_quick(file: Path, f: io.BufferedReader, source: Path, stamp: tuple[int, int, int],
+                         pool: ThreadPoolExecutor, map_location: MapLocation) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Load and check the quick hash in one pass over the bytes; ``None`` where this cannot decide.
+
+    ``torch.load(weights_only=True, mmap=True)`` reads the zip's directory and the pickle (no code
+    runs: only tensors, containers, numbers and strings are built) with every storage still in the
+    file. Then each manifest chunk, in parallel, is read (``preadv``) straight into the storages it
+    covers (the bytes between records into a scratch buffer) and hashed piece by piece while those
+    bytes are in the CPU's cache: one pass over memory instead of a hash pass and a copy pass.
+    Nothing is returned unless every chunk matches; ``None`` (the caller then verifies first, with
+    sha256 naming any bytes that differ, and loads) for a manifest entry with no quick hash, a
+    ``map_location`` other than the CPU, a file ``torch.load`` refuses, storages that do not lie in
+    the file's records one to one, or any mismatch.
+    """
+    if map_location not in (None, "cpu") and map_location != torch.device("cpu"):
+        return None
+    try:
+        entries = _entries(file)
+    except CheckpointError:
+        return None
+    entry = next((e for e in entries if e["size"] == stamp[1] and e["quick"] is not None
+                  and e["quick"]["hash"] == QUICK), None)
+    if entry is None:
+        return None
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the verifying path names what is wrong
+        return None
+    if not isinstance(obj, dict):
+        return None
+    storages = _storages(obj)
+    records = [r for r in _record_offsets(f) if r[1] > 0]
+    held = sorted(k for k in storages.mapped if k[1] > 0)
+    if len(held) != len(records) or any(k[1] != n for k, (_, n) in zip(held, records)) \
+            or len({k[0] - start for k, (start, _) in zip(held, records)}) > 1:
+        return None
+    fresh = {k: torch.empty(k[1], dtype=torch.uint8) for k in storages.mapped}
+    placed = [(start, n, memoryview(cast("ReadableBuffer", fresh[k].numpy())).cast("B"))
+              for k, (start, n) in zip(held, records)]
+    starts = [p[0] for p in placed]
+    size, step, fd = stamp[1], entry["chunk_bytes"], f.fileno()
+
+    def chunk(lo: int) -> str:
+        hi, h, at = min(lo + step, size), xxhash.xxh3_128(), lo
+        first = max(0, bisect.bisect_right(starts, lo) - 1)
+        for start, n, view in placed[first:]:
+            if start >= hi:
+                break
+            if start + n <= at:
+                continue
+            if at < start:                   # zip headers and the pickle between records
+                h.update(_pread(fd, at, start - at))
+                at = start
+            end = min(start + n, hi)
+            while at < end:                  # a piece at a time, hashed while it is in the cache
+                piece = view[at - start:min(end, at + _PIECE) - start]
+                _pread_view(fd, piece, at)
+                h.update(piece)
+                at += len(piece)
+        if at < hi:
+            h.update(_pread(fd, at, hi - at))
+        return str(h.hexdigest())
+
+    try:
+        got = list(pool.map(chunk, range(0, size, step)))
+    except (EOFError, OSError):
+        return None
+    if got != entry["quick"]["chunks"] or _stamp(f) != stamp or _stamp(source) != stamp:
+        return None
+    for k in storages.mapped:
+        if k[1] == 0:
+            fresh[k] = torch.empty(0, dtype=torch.uint8)
+    with torch.no_grad():
+        for t, key in storages.keys:
+            t.set_(fresh[key].untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    return obj, entry
+
+
+_PIECE = 1 << 20   # bytes read then hashed at once: they are still in the CPU's cache when hashed
+
+
+def _pread(fd: int, offset: int, n: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise EOFError(f"{len(data)} of {n} bytes at offset {offset}")
+    return data
+
+
+def _pread_view(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)   # releases the GIL
+        if n <= 0:
+            raise EOFError(f"{done} of {len(view)} bytes at offset {offset}")
+        done += n
+
+
+class _Storages:
+    """The CPU tensors of a loaded object and their storages, each storage once (tied weights share one)."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[torch.Tensor, tuple[int, int]]] = []   # (tensor, its storage's key)
+        self.mapped: dict[tuple[int, int], torch.UntypedStorage] = {}  # (data_ptr, nbytes) -> storage
+
+
+def _storages(obj: Any) -> _Storages:
+    tensors: dict[int, torch.Tensor] = {}  # by id: one tensor may appear under several keys
+    todo: list[Any] = [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu" and x.layout == torch.strided:
+                tensors[id(x)] = x
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    out = _Storages()
+    for t in tensors.values():
+        s = t.untyped_storage()
+        out.keys.append((t, (s.data_ptr(), s.nbytes())))
+        out.mapped.setdefault(out.keys[-1][1], s)
+    return out
 
 
 def _record_offsets(f: io.BufferedReader) -> list[tuple[int, int]]:
@@ -475,12 +606,7 @@ def _record_offsets(f: io.BufferedReader) -> list[tuple[int, int]]:
 
 
 def _pread_into(fd: int, out: torch.Tensor, offset: int) -> None:
-    view, done = memoryview(cast("ReadableBuffer", out.numpy())).cast("B"), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)   # releases the GIL
-        if n <= 0:
-            raise EOFError(f"{done} of {len(view)} bytes at offset {offset}")
-        done += n
+    _pread_view(fd, memoryview(cast("ReadableBuffer", out.numpy())).cast("B"), offset)
 
 
 def _into_memory(obj: Any, pool: ThreadPoolExecutor, f: io.BufferedReader | None = None) -> None:
@@ -492,23 +618,8 @@ def _into_memory(obj: Any, pool: ThreadPoolExecutor, f: io.BufferedReader | None
     faulting in the mapping's pages one by one, which cost as much as the copy itself); a storage
     whose place in the file is not certain is copied from the mapping instead.
     """
-    tensors: dict[int, torch.Tensor] = {}  # by id: one tensor may appear under several keys
-    todo: list[Any] = [obj]
-    while todo:
-        x = todo.pop()
-        if isinstance(x, torch.Tensor):
-            if x.device.type == "cpu" and x.layout == torch.strided:
-                tensors[id(x)] = x
-        elif isinstance(x, dict):
-            todo.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            todo.extend(x)
-    mapped: dict[tuple[int, int], torch.UntypedStorage] = {}   # one copy per storage
-    keys = []
-    for t in tensors.values():
-        s = t.untyped_storage()
-        keys.append((t, (s.data_ptr(), s.nbytes())))
-        mapped.setdefault(keys[-1][1], s)
+    storages = _storages(obj)
+    mapped, keys = storages.mapped, storages.keys   # one copy per storage
     # where each storage lies in the file: storages and records in the same order, at one base address
     offsets: dict[tuple[int, int], int] = {}
     if f is not None:
