@@ -6,6 +6,7 @@ check by hand on every change:
   and the package ``__init__`` that importing a submodule runs; ``if TYPE_CHECKING:`` imports are not
   imports at run time and do not count;
 - no module but the trainer's own (``loop.py``) reads or writes ``trainer._anything``;
+- no module calls or reads another torchkeel module's private names (``dcp._read_manifest``);
 - only ``torchkeel.parallel`` asks how a model is held (``isinstance`` against DDP or FSDP2, or
   ``parallel.sharded.is_sharded``): everything else asks the trainer's strategy.
 """
@@ -125,3 +126,22 @@ def test_only_the_parallel_package_asks_how_a_model_is_held() -> None:
             if isinstance(node, ast.Attribute) and node.attr == "is_sharded" and ast.unparse(node.value).endswith("sharded"):
                 offenders.append(f"{path.relative_to(SRC)}:{node.lineno}: {ast.unparse(node)}")
     assert offenders == []
+
+
+def test_no_module_reaches_into_another_modules_private_names() -> None:
+    """``dcp._read_manifest`` from the store, ``io._entries`` from discovery: a private name is its module's
+    own; another module that needs it gets a public one (or the seam that owns the question)."""
+    found = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        aliases = set()       # names this module binds to a torchkeel module
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("torchkeel"):
+                aliases |= {a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in MODULES}
+            elif isinstance(node, ast.Import):
+                aliases |= {a.asname for a in node.names if a.asname and a.name in MODULES}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not found, "\n".join(found)

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
     Error: TypeAlias = "str | tuple[int, str]"
 
-__all__ = ["clean_temporaries", "is_sharded", "load", "load_full", "load_local", "remove", "save",
+__all__ = ["clean_temporaries", "is_sharded", "load", "load_full", "load_local", "read_manifest", "remove", "save",
            "verify"]
 
 FORMAT = 1
@@ -257,7 +257,8 @@ def save(state: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = Non
 
 
 # ------------------------------------------------------------------------------ verification
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The sharded checkpoint directory's manifest (its meta, files and hashes); raise if it is not valid."""
     where = path / MANIFEST
     if not path.is_dir():
         raise _fail(path, "not a directory" if path.exists() else "missing")
@@ -292,7 +293,7 @@ def verify(path: StrPath) -> dict[str, Any]:
         {'step': 120}
     """
     folder = Path(path)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     files: dict[str, dict[str, Any]] = manifest["files"]
     on_disk = set(os.listdir(folder)) - {MANIFEST}
     if on_disk != set(files):
@@ -315,7 +316,7 @@ def verify(path: StrPath) -> dict[str, Any]:
 def is_sharded(path: StrPath) -> bool:
     """True when ``path`` is a directory with a torchkeel sharded-checkpoint manifest (not hashed)."""
     try:
-        _read_manifest(Path(path))
+        read_manifest(Path(path))
     except CheckpointError:
         return False
     return True

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     MapLocation: TypeAlias = "str | torch.device | dict[str, str] | Callable[..., Any] | None"
     StrPath: TypeAlias = "str | os.PathLike[str]"
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "clean_temporaries", "load", "load_verified", "remove", "save",
+__all__ = ["CheckpointError", "CheckpointWriteError", "clean_temporaries", "entries", "load", "load_verified", "remove", "save",
            "verify", "write_text_atomic"]
 
 __version__ = "0.1.0"  # used only when ``torchkeel.__version__`` cannot be read
@@ -302,16 +302,16 @@ def save(obj: dict[str, Any], path: StrPath, meta: dict[str, Any] | None = None,
 def _previous_entry(final: Path) -> dict[str, Any] | None:
     """The entry of the manifest now at ``final`` that the payload on disk matches, if any."""
     try:
-        entries = _entries(final)
+        listed = entries(final)
         # Usually one entry, and it describes the payload. Two: an earlier overwrite was cut short
         # between its renames; hash the payload to learn which one is on disk.
-        return entries[0] if len(entries) == 1 else verify(final)
+        return listed[0] if len(listed) == 1 else verify(final)
     except CheckpointError:
         return None
 
 
 # ------------------------------------------------------------------------------ verification
-def _entries(path: Path) -> list[dict[str, Any]]:
+def entries(path: Path) -> list[dict[str, Any]]:
     """The manifest's entry, then its ``previous`` entry if any; raise if it is not valid."""
     try:
         data = json.loads(manifest_of(path).read_bytes())
@@ -323,8 +323,8 @@ def _entries(path: Path) -> list[dict[str, Any]]:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise _fail(path, f"unknown manifest format {found!r}",
                     f"This torchkeel reads formats {FORMATS}; a newer torchkeel may read it.")
-    entries = [data] + ([data["previous"]] if isinstance(data.get("previous"), dict) else [])
-    for e in entries:
+    found = [data] + ([data["previous"]] if isinstance(data.get("previous"), dict) else [])
+    for e in found:
         if e.get("format", 1) == 1 and isinstance(e.get("size"), int):  # one chunk: the file
             e.update(chunk_bytes=max(e["size"], 1), chunks=[e.get("sha256")] if e["size"] else [])
         size, step, chunks = e.get("size"), e.get("chunk_bytes"), e.get("chunks")
@@ -336,7 +336,7 @@ def _entries(path: Path) -> list[dict[str, Any]]:
         if not (isinstance(quick, dict) and quick.get("hash") in HASHES and isinstance(quick.get("chunks"), list)
                 and len(quick["chunks"]) == len(chunks)):
             e["quick"] = None
-    return [{"meta": {}} | {k: v for k, v in e.items() if k != "previous"} for e in entries]
+    return [{"meta": {}} | {k: v for k, v in e.items() if k != "previous"} for e in found]
 
 
 def _stamp(f: io.BufferedReader | Path) -> tuple[int, int, int]:
@@ -352,10 +352,10 @@ def _verify_open(path: Path, f: io.BufferedReader, pool: ThreadPoolExecutor) -> 
     second form) is checked with it: the hash guards against corruption, not forgery (the manifest
     sits beside the file). Older entries, and any mismatch, are settled by the sha256 chunks.
     """
-    entries, size = _entries(path), _stamp(f)[1]
-    sized = [e for e in entries if e["size"] == size]
+    listed, size = entries(path), _stamp(f)[1]
+    sized = [e for e in listed if e["size"] == size]
     if not sized:
-        raise _fail(path, f"size mismatch: the manifest says {entries[0]['size']} bytes, the file "
+        raise _fail(path, f"size mismatch: the manifest says {listed[0]['size']} bytes, the file "
                     f"has {size} (truncated or extended)")
     got: dict[tuple[int, str], list[str]] = {}  # (chunk size, hash) -> the file's digests
 
@@ -474,10 +474,10 @@ def _load_checking_quick(file: Path, f: io.BufferedReader, source: Path, stamp: 
     if map_location not in (None, "cpu") and map_location != torch.device("cpu"):
         return None
     try:
-        entries = _entries(file)
+        listed = entries(file)
     except CheckpointError:
         return None
-    entry = next((e for e in entries if e["size"] == stamp[1] and e["quick"] is not None
+    entry = next((e for e in listed if e["size"] == stamp[1] and e["quick"] is not None
                   and e["quick"]["hash"] == QUICK), None)
     if entry is None:
         return None
@@ -655,8 +655,8 @@ def clean_temporaries(folder: StrPath) -> list[Path]:
         [PosixPath('ckpt/.step-000120.pt.tmp-1f2e3d4c')]
     """
     removed = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
+    with os.scandir(folder) as listing:
+        for entry in listing:
             if _TEMP.match(entry.name) and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)

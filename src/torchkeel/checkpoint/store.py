@@ -153,7 +153,7 @@ class FileStore:
                 path = folder / name.removesuffix(io.MANIFEST_SUFFIX)
                 if name.endswith(io.MANIFEST_SUFFIX):
                     try:
-                        entry = io._entries(path)[0]
+                        entry = io.entries(path)[0]
                         found.append(Candidate(path, entry["meta"].get("step"), entry.get("created"),
                                                _outside(path, within or folder)))
                         continue
@@ -209,7 +209,7 @@ class ShardedStore:
                     then()
                 except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they hang
                     error = f"{type(exc).__name__}: {exc}"
-            dcp._agree(error, f"sharded save({str(path)!r})", group=group)
+            raise_together(error or None, f"sharded save({str(path)!r})", group=group, kind=io.CheckpointWriteError)
         return final
 
     def verify(self, path: StrPath) -> dict[str, Any]:
@@ -255,7 +255,7 @@ class ShardedStore:
                     if path.is_symlink():
                         raise io.CheckpointError(str(path), reason="a symlinked directory (refused: only checkpoints "
                                                  "torchkeel wrote in the searched folder are loaded)")
-                    manifest = dcp._read_manifest(path)
+                    manifest = dcp.read_manifest(path)
                     found.append(Candidate(path, manifest["meta"].get("step"), manifest.get("created")))
                 except io.CheckpointError as exc:
                     if (when := _mtime(path)) is not None:

@@ -80,7 +80,7 @@ def _inspect_dir(folder: Path) -> str:
     from torchkeel.checkpoint import dcp, shardstate
 
     try:
-        entry = dcp._read_manifest(folder)
+        entry = dcp.read_manifest(folder)
     except io.CheckpointError as exc:
         raise ValueError(f"inspect: {str(folder)!r} is not a readable sharded checkpoint: {exc.reason}.") from None
     bad = state = None
