@@ -39,18 +39,19 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
-# The peers measured beside us (not part of `make test`): .venv-peers holds the same torch as .venv
-# plus these pinned releases; the torch already there is pinned again so that no peer can move it.
+# The peers measured beside us (not part of `make test`): .venv-peers holds the same torch as .venv,
+# torchkeel with its own dependencies (-e .), and these pinned releases; the torch already there is
+# pinned again so that no peer can move it.
 PEERS_VENV  := .venv-peers
 PEERS_PY    := $(PEERS_VENV)/bin/python
 PEERS_STAMP := $(PEERS_VENV)/.installed
 PEERS       := pytorch-lightning==2.6.6 accelerate==1.15.0 pytorch-ignite==0.5.5
 
-$(PEERS_STAMP): Makefile
+$(PEERS_STAMP): pyproject.toml Makefile
 	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_PY) -m pip install --quiet --upgrade pip
 	if [ "$(TORCH)" != "skip" ]; then $(PEERS_PY) -m pip install --quiet "$(TORCH)"; fi
-	$(PEERS_PY) -m pip install --quiet $(PEERS) numpy \
+	$(PEERS_PY) -m pip install --quiet $(PEERS) -e . \
 		"torch==$$($(PEERS_PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 	touch $(PEERS_STAMP)
 
