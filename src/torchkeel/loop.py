@@ -627,7 +627,7 @@ class Stepper:
             batch = batching.to_device(batch, self.device)
         self.log_context.count = n = batching.batch_size(batch)
         loss: Any                           # training_step's loss, or (loss, count)
-        if self.bare:                      # one process, no AMP: no context to enter
+        if self.bare:                       # one process, no AMP: no context to enter
             loss = self.training_step(batch)
         else:                               # the epoch's last batch syncs a short window's grads
             total = self.plan.num_batches
@@ -687,7 +687,7 @@ class Stepper:
         if (accum.nonfinite or guard.lazy) and \
                 guard.window(self.trainer, loss, accum.nonfinite, state.batch - accum.window_micro_batches):
             return agreement.skipped("the loss was non-finite on every one (nan_policy='skip'): check the data "
-                                 "(inf/NaN inputs or labels) and the learning rate")
+                                     "(inf/NaN inputs or labels) and the learning rate")
         if state.epoch_loss is None:
             state.epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         state.epoch_loss.add_(loss, alpha=accum.window_ref)
@@ -696,9 +696,9 @@ class Stepper:
         if not stepped:
             state.skipped_steps += 1
             return agreement.skipped(f"GradScaler overflowed on every one (loss scale now {accum.scaler.get_scale():.3g}): "
-                                 "check the loss scale, the data and the learning rate, or use bfloat16")
+                                     "check the loss scale, the data and the learning rate, or use bfloat16")
         state.step += 1
         state.consecutive_skipped_steps = 0
         if self.world_size > 1 and state.step % agreement.every == 0:
-            agreement.agree(self.trainer)            # stop, signal, non-finite: acted on after this step's hooks
+            agreement.agree(self.trainer)   # stop, signal, non-finite: acted on after this step's hooks
         return True
