@@ -488,14 +488,12 @@ def _load_checking_quick(file: Path, f: io.BufferedReader, source: Path, stamp: 
     if not isinstance(obj, dict):
         return None
     storages = _storages(obj)
-    records = [r for r in _record_offsets(f) if r[1] > 0]
-    held = sorted(k for k in storages.mapped if k[1] > 0)
-    if len(held) != len(records) or any(k[1] != n for k, (_, n) in zip(held, records)) \
-            or len({k[0] - start for k, (start, _) in zip(held, records)}) > 1:
+    offsets = storages.offsets_in(f)
+    if offsets is None:
         return None
     fresh = {k: torch.empty(k[1], dtype=torch.uint8) for k in storages.mapped}
-    placed = [(start, n, memoryview(cast("ReadableBuffer", fresh[k].numpy())).cast("B"))
-              for k, (start, n) in zip(held, records)]
+    placed = [(start, k[1], memoryview(cast("ReadableBuffer", fresh[k].numpy())).cast("B"))
+              for k, start in offsets.items()]
     starts = [p[0] for p in placed]
     size, step, fd = stamp[1], entry["chunk_bytes"], f.fileno()
 
@@ -561,6 +559,19 @@ class _Storages:
         self.keys: list[tuple[torch.Tensor, tuple[int, int]]] = []   # (tensor, its storage's key)
         self.mapped: dict[tuple[int, int], torch.UntypedStorage] = {}  # (data_ptr, nbytes) -> storage
 
+    def offsets_in(self, f: io.BufferedReader) -> dict[tuple[int, int], int] | None:
+        """Where each storage with bytes lies in ``f``, the payload they were mapped from, in file order.
+
+        Certain only when the storages, by address, and the zip's tensor records, by offset, pair up
+        one to one with equal sizes at one base address; ``None`` otherwise.
+        """
+        records = [r for r in _record_offsets(f) if r[1] > 0]
+        held = sorted(k for k in self.mapped if k[1] > 0)
+        if len(held) != len(records) or any(k[1] != n for k, (_, n) in zip(held, records)) \
+                or len({k[0] - start for k, (start, _) in zip(held, records)}) > 1:
+            return None
+        return {k: start for k, (start, _) in zip(held, records)}
+
 
 def _storages(obj: Any) -> _Storages:
     tensors: dict[int, torch.Tensor] = {}  # by id: one tensor may appear under several keys
@@ -620,14 +631,7 @@ def _into_memory(obj: Any, pool: ThreadPoolExecutor, f: io.BufferedReader | None
     """
     storages = _storages(obj)
     mapped, keys = storages.mapped, storages.keys   # one copy per storage
-    # where each storage lies in the file: storages and records in the same order, at one base address
-    offsets: dict[tuple[int, int], int] = {}
-    if f is not None:
-        records = [r for r in _record_offsets(f) if r[1] > 0]
-        held = sorted(k for k in mapped if k[1] > 0)
-        if len(held) == len(records) and all(k[1] == size for k, (_, size) in zip(held, records)) \
-                and len({k[0] - start for k, (start, _) in zip(held, records)}) <= 1:
-            offsets = {k: start for k, (start, _) in zip(held, records)}
+    offsets = (storages.offsets_in(f) if f is not None else None) or {}
 
     def copy(key: tuple[int, int]) -> torch.UntypedStorage:
         out = torch.empty(key[1], dtype=torch.uint8)
