@@ -524,9 +524,6 @@ def _load_checking_quick(file: Path, f: io.BufferedReader, source: Path, stamp: 
         return None
     if got != entry["quick"]["chunks"] or _stamp(f) != stamp or _stamp(source) != stamp:
         return None
-    for k in storages.mapped:
-        if k[1] == 0:
-            fresh[k] = torch.empty(0, dtype=torch.uint8)
     with torch.no_grad():
         for t, key in storages.keys:
             t.set_(fresh[key].untyped_storage(), t.storage_offset(), t.size(), t.stride())
