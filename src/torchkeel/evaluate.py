@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -19,8 +18,6 @@ from torchkeel import batching, dataorder, logged
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
-
-log = logging.getLogger("torchkeel")
 
 
 # ------------------------------------------------------------------------------ one batch
