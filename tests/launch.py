@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -210,6 +211,8 @@ class _RankServer:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+        if self.proc.returncode == 0:           # else its log stays, for whoever reads why
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 _SERVER: list[_RankServer] = []
