@@ -148,6 +148,23 @@ def ranks(script: str | Path, *args: object, env: Mapping[str, str] | None, time
                               dict(os.environ if env is None else env), nproc, timeout)
 
 
+def process(script: str | Path, *args: object, env: Mapping[str, str] | None,
+            timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` as ``python script args`` would, as one process forked by the warm rank server.
+
+    No rank variables in its environment; the return code is the process's own (minus the signal
+    that killed it). For the one-process baselines of multi-process tests.
+
+    Args:
+        script: the script.
+        *args: its arguments.
+        env: its environment (None: this process's).
+        timeout: seconds before it is killed and ``subprocess.TimeoutExpired`` is raised.
+    """
+    return _rank_server().run(Path(script).resolve(), [str(a) for a in args],
+                              dict(os.environ if env is None else env), 1, timeout, plain=True)
+
+
 class _RankServer:
     """The client of tests/rank_server.py: one per test process, started on first use, ended at exit."""
 
@@ -181,13 +198,13 @@ class _RankServer:
             self.proc.stdin.flush()
 
     def run(self, script: Path, argv: list[str], env: dict[str, str], nproc: int,
-            timeout: float) -> subprocess.CompletedProcess[str]:
+            timeout: float, plain: bool = False) -> subprocess.CompletedProcess[str]:
         with self.lock:
             self.count += 1
             rid = f"j{self.count}"
         out, err = self.dir / f"{rid}.out", self.dir / f"{rid}.err"
         self._send(json.dumps({"id": rid, "script": str(script), "argv": argv, "env": env, "nproc": nproc,
-                               "port": free_port(), "stdout": str(out), "stderr": str(err)}))
+                               "port": free_port(), "stdout": str(out), "stderr": str(err), "plain": plain}))
         cmd = ["rank_server", str(script), *argv]
         with self.changed:
             done = self.changed.wait_for(lambda: rid in self.exits or self.proc.poll() is not None, timeout)

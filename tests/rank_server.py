@@ -16,7 +16,10 @@ else 1.
 Requests on stdin, one JSON object a line::
 
   {"id": "j1", "script": "/abs/worker.py", "argv": [...], "env": {...}, "nproc": 2, "port": 29500,
-   "stdout": "/path/out.txt", "stderr": "/path/err.txt"}
+   "stdout": "/path/out.txt", "stderr": "/path/err.txt", "plain": false}
+
+``"plain": true`` (with ``"nproc": 1``) starts one process as ``python script`` would, without the ranks'
+environment; its code is the process's own.
 
 Every rank appends to those two files (interleaved, as torchrun's workers share its streams). Lines
 on stdout: ``EXIT <id> <code> <rank codes, comma-separated>`` once every rank of the job has ended
@@ -65,8 +68,9 @@ def rank(request: dict, r: int) -> None:
     n = request["nproc"]
     os.environ.clear()
     os.environ.update(request["env"])
-    os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(request["port"]))
+    if not request.get("plain"):            # a rank; else one process as `python script` starts it
+        os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(request["port"]))
     torch.seed()                            # a seed of its own, as each new interpreter draws one
     random.seed()
     script = request["script"]
@@ -101,7 +105,8 @@ def serve() -> None:
                     continue
                 request = json.loads(line)
                 sys.stdout.flush()
-                job = jobs[request["id"]] = {"codes": [None] * request["nproc"], "pids": [], "kill_at": None}
+                job = jobs[request["id"]] = {"codes": [None] * request["nproc"], "pids": [], "kill_at": None,
+                                             "plain": bool(request.get("plain"))}
                 for r in range(request["nproc"]):
                     pid = os.fork()
                     if pid == 0:
@@ -124,7 +129,8 @@ def serve() -> None:
                 job["kill_at"] = time.monotonic() + GRACE
             if not alive:
                 codes = job["codes"]
-                print(f"EXIT {rid} {int(any(codes))} {','.join(map(str, codes))}", flush=True)
+                job_code = codes[0] if job["plain"] else int(any(codes))   # a plain process: its own code
+                print(f"EXIT {rid} {job_code} {','.join(map(str, codes))}", flush=True)
                 del jobs[rid]
         now = time.monotonic()
         for job in jobs.values():

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,8 +35,7 @@ def ranks(out: Path, *args: str, nproc: int = 2, script: Path = SCRIPT) -> subpr
 
 
 def single(out: Path, *args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(script), "--out", str(out), *args], env=_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    return launch.process(script, "--out", out, *args, env=_env(), timeout=TIMEOUT)
 
 
 def result(out: Path, rank: int = 0) -> dict:

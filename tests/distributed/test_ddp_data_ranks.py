@@ -7,14 +7,12 @@ tests/fit/test_ddp_data.py (a rank's share in one process)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from launch import ranks
+from launch import process, ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "distributed" / "scripts" / "ddp_data.py"
@@ -32,18 +30,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "terminate called" not in proc.stderr
-
-
 # -------------------------------------------------------------------------------- two ranks
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """{"one": rank 0 of one process, "ddp": [rank 0, rank 1] of 2 ranks}."""
     out = tmp_path_factory.mktemp("ddp_data")
-    _run([sys.executable, str(SCRIPT), "--out", str(out / "one")])
+    one = process(SCRIPT, "--out", out / "one", env=_env(), timeout=TIMEOUT)
+    assert one.returncode == 0 and "terminate called" not in one.stderr, one.stderr[-4000:]
     proc = ranks(SCRIPT, "--out", out / "ddp", env=_env(), timeout=TIMEOUT)
     assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-4000:]
     load = lambda p: torch.load(p, weights_only=True)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch import child_env, ranks
+from launch import child_env, process, ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -50,3 +50,10 @@ def test_a_job_past_its_timeout_is_killed_and_raises(tmp_path: Path) -> None:
     pid = _reports(tmp_path, 2)[0]["pid"]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)                                    # the hanging rank is gone (and reaped)
+
+
+def test_a_plain_process_gets_no_rank_variables_and_keeps_its_own_exit_code(tmp_path: Path) -> None:
+    proc = process(PROBE, tmp_path, "--exit-code", "7", env=child_env(PROBE="one"), timeout=120)
+    assert proc.returncode == 7, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "rank-1.json").read_text())
+    assert rep["RANK"] is None and rep["WORLD_SIZE"] is None and rep["PROBE"] == "one" and rep["main"] == "__main__"

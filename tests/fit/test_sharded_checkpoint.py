@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -56,17 +55,16 @@ def _env() -> dict[str, str]:
 
 
 def _cmd(nproc: int) -> list[str]:
+    """torchrun, for the test that kills the job."""
     from launch import torchrun_command
-    if nproc == 1:
-        return [sys.executable, str(WORKER), "--plain"]
     return torchrun_command(WORKER, nproc=nproc)
 
 
 def _run(nproc: int, out: Path, ckpt: Path, *args: str) -> tuple[dict[str, Any], str]:
-    from launch import ranks
+    from launch import process, ranks
     argv = ["--out", str(out), "--ckpt", str(ckpt), *args]
-    proc = subprocess.run([*_cmd(1), *argv], env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
-                          check=False) if nproc == 1 else ranks(WORKER, *argv, env=_env(), timeout=TIMEOUT, nproc=nproc)
+    proc = process(WORKER, "--plain", *argv, env=_env(), timeout=TIMEOUT) if nproc == 1 else \
+        ranks(WORKER, *argv, env=_env(), timeout=TIMEOUT, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out / "result.pt", weights_only=True), proc.stderr
 

@@ -11,7 +11,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -198,16 +197,15 @@ def _env() -> dict[str, str]:
 
 
 def _cmd(nproc: int) -> list[str]:
+    """torchrun, for the test that kills the job."""
     from launch import torchrun_command
-    if nproc == 1:
-        return [sys.executable, str(WORKER)]
     return torchrun_command(WORKER, nproc=nproc)
 
 
 def _run(nproc: int, *args: str) -> None:
-    from launch import ranks
-    proc = subprocess.run([*_cmd(1), *args], env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
-                          check=False) if nproc == 1 else ranks(WORKER, *args, env=_env(), timeout=TIMEOUT, nproc=nproc)
+    from launch import process, ranks
+    proc = process(WORKER, *args, env=_env(), timeout=TIMEOUT) if nproc == 1 else \
+        ranks(WORKER, *args, env=_env(), timeout=TIMEOUT, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -3,7 +3,8 @@
 Usage: rank_probe.py OUT [--all-reduce] [--fail-rank R] [--hang-rank R]. With --all-reduce, every rank
 first sums its rank + 1 over gloo. Each writes OUT/rank<R>.json (its environment's rank variables,
 sys.argv, the default generator's first draw, its threads, its pid), then: the failing rank exits 3,
-a hanging rank sleeps (until the launcher ends it).
+a hanging rank sleeps (until the launcher ends it); --exit-code N: exit N. Started with no RANK (one
+plain process), it reports as rank -1.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import torch.distributed as dist
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out", type=Path)
-parser.add_argument("--fail-rank", type=int, default=-1)
-parser.add_argument("--hang-rank", type=int, default=-1)
+parser.add_argument("--fail-rank", type=int)
+parser.add_argument("--hang-rank", type=int)
 parser.add_argument("--all-reduce", action="store_true")
+parser.add_argument("--exit-code", type=int, default=0)
 args = parser.parse_args()
-rank = int(os.environ["RANK"])
+rank = int(os.environ.get("RANK", "-1"))     # -1: started as one plain process
 args.out.mkdir(parents=True, exist_ok=True)
 total = None
 if args.all_reduce:
@@ -42,5 +44,7 @@ report |= {"argv": sys.argv[1:], "draw": torch.rand(1).item(), "threads": thread
 print(f"rank {rank} reported", flush=True)
 if rank == args.fail_rank:
     sys.exit(3)
+if args.exit_code:
+    sys.exit(args.exit_code)
 if rank == args.hang_rank:
     time.sleep(600)
