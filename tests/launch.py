@@ -175,7 +175,7 @@ class _RankServer:
         self.log = open(self.dir / "server.err", "w")  # noqa: SIM115 - open for the server's lifetime
         self.proc = subprocess.Popen([sys.executable, str(RANK_SERVER)], cwd=SRC.parent, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.exits: dict[str, tuple[int, str]] = {}
+        self.exits: dict[str, int] = {}         # job id -> the job's code
         self.changed = threading.Condition()
         self.lock = threading.Lock()
         self.count = 0
@@ -184,9 +184,9 @@ class _RankServer:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            _, rid, code, codes = line.split()
+            _, rid, code, _ = line.split()
             with self.changed:
-                self.exits[rid] = (int(code), codes)
+                self.exits[rid] = int(code)
                 self.changed.notify_all()
         with self.changed:
             self.changed.notify_all()
@@ -213,7 +213,7 @@ class _RankServer:
             raise subprocess.TimeoutExpired(cmd, timeout, output=_read(out), stderr=_read(err))
         if rid not in self.exits:
             raise AssertionError(f"the rank server died ({self.proc.returncode}); see {self.log.name}")
-        code, _ = self.exits.pop(rid)
+        code = self.exits.pop(rid)
         proc = subprocess.CompletedProcess(cmd, code, _read(out), _read(err))
         out.unlink(missing_ok=True)
         err.unlink(missing_ok=True)
