@@ -8,7 +8,9 @@ loss kept on the device. Each trainer block is one more epoch of the same ``fit`
 fit's per-epoch cost: the cross-rank reductions of losses and decisions).
 
 Every rank alternates trainer and raw blocks (order flipped every repeat), with a barrier before
-each block; a block's time is the slowest rank's. Rank 0 prints the median µs/step of each side and
+each block; a block's time is the slowest rank's. Between blocks (untimed) the hand-written side frees
+its gradients, as ``fit`` does at each epoch's end, so neither side's block runs beside the other's live
+gradients (benchmarks/fsdp.py measured what that asymmetry costs: 2.1x the page faults, 1.15x). Rank 0 prints the median µs/step of each side and
 the median of the paired ratios, and appends one JSON line to
 ``benchmarks/results/<date>-<host>.jsonl`` (earlier lines are never rewritten).
 
@@ -87,6 +89,11 @@ class RawLoop:
         self.loader = DataLoader(dataset, batch_size=BATCH, sampler=self.sampler)
         self.epoch = 0
 
+    def end_block(self) -> None:
+        """Untimed, between blocks: free the gradients, as the trainer does at each epoch's end (before
+        its validation point), so each block starts with none live on either side of the shared heap."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def run(self) -> float:
         model, optimizer, criterion = self.model, self.optimizer, self.criterion
         self.sampler.set_epoch(self.epoch)
@@ -140,9 +147,11 @@ def worker(quick: bool, save: bool, malloc: str = "pinned", control: bool = Fals
     dataset = make_dataset(steps)
     trainer = TrainerLoop(copy.deepcopy(base), dataset)   # initializes the process group (gloo)
     raw = RawLoop(copy.deepcopy(base), dataset)
+    resets = [raw.end_block]
     if control:    # A/A: the "trainer" side is a second hand-written loop; its ratio is the noise floor
         twin = RawLoop(copy.deepcopy(base), dataset)
         trainer.run = twin.run    # type: ignore[method-assign]
+        resets.append(twin.end_block)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != NPROC:
         raise RuntimeError(f"benchmarks/ddp.py: expected {NPROC} ranks, got WORLD_SIZE={world}.")
@@ -152,6 +161,8 @@ def worker(quick: bool, save: bool, malloc: str = "pinned", control: bool = Fals
     try:
         for run in sides.values():    # warm-up: allocator, Adam state, gloo buffers, lazy imports
             run()
+        for reset in resets:
+            reset()
         wall: dict[str, list[float]] = {k: [] for k in sides}
         faults: dict[str, list[float]] = {k: [] for k in sides}   # rank 0's minor page faults
         order = list(sides)
@@ -163,6 +174,8 @@ def worker(quick: bool, save: bool, malloc: str = "pinned", control: bool = Fals
                 sides[side]()
                 faults[side].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps)
                 seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                for reset in resets:
+                    reset()
                 dist.all_reduce(seconds, op=dist.ReduceOp.MAX)    # a block lasts as long as its slowest rank
                 wall[side].append(seconds.item() / steps * 1e6)
         agreement_us = small_all_reduce_cost()
