@@ -1,4 +1,4 @@
-"""Loggers: progress display, TensorBoard and CSV. Rank 0 only; tensorboard and tqdm load lazily.
+"""Loggers: progress display, TensorBoard, CSV and MLflow. Rank 0 only; tensorboard and tqdm load lazily.
 
 ``LoggerCallback`` (``base``) decides what is logged when: the cadence, rank 0, the validation points,
 hparams, and what a resumed run keeps of the points written before. TensorBoard and CSV are sinks
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torchkeel.loggers.base import FitStart, LoggerCallback, Sink
 from torchkeel.loggers.csv_logger import CSVLogger, CSVSink
+from torchkeel.loggers.mlflow_logger import MLFLOW_MISSING, MLflowLogger, MLflowSink
 from torchkeel.loggers.progress import (
     TQDM_MISSING,
     ProgressBar,
@@ -27,12 +28,15 @@ from torchkeel.loggers.progress import (
 from torchkeel.loggers.tensorboard import TENSORBOARD_MISSING, TensorBoardLogger, TensorBoardSink
 
 __all__ = [
+    "MLFLOW_MISSING",
     "TENSORBOARD_MISSING",
     "TQDM_MISSING",
     "CSVLogger",
     "CSVSink",
     "FitStart",
     "LoggerCallback",
+    "MLflowLogger",
+    "MLflowSink",
     "ProgressBar",
     "Sink",
     "TensorBoardLogger",

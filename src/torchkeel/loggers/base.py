@@ -14,7 +14,13 @@ The values a sink receives (the names of the history and of ``metrics.csv``):
 - ``write_validation``: ``state.metrics`` (``train_loss``, ``val_*``, ``lr``, ``epoch_time`` ...),
   the other groups' ``lr/<group>``, and ``samples_per_sec`` where the point ends an epoch.
 - ``write_hparams``: ``trainer.hparams`` as plain values (``None`` dropped, others ``str``), and the
-  final metrics, once, when ``fit`` ends (not when it fails).
+  final metrics, once, when ``fit`` ends (not when it fails). ``FitStart.hparams`` holds them at the start.
+
+Two optional methods make a tracker's run continue across a resume: ``state_dict()`` returns what names
+the run (an MLflow or W&B run id) and ``load_state_dict(state)`` takes it back. ``LoggerCallback`` saves
+them in every checkpoint (its callback state) and a resumed fit, in a new process too, hands them back
+before ``open``. An optional ``write_checkpoint(step, paths)`` receives the ``last``/``best`` checkpoint
+paths when they change.
 
 On steps that do not log, ``on_step_end`` costs a few attribute reads; the loss, the LRs and the
 ``trainer.log`` values are read to the host only on logging steps, once for all the sinks.
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from torchkeel.callbacks import Callback
@@ -77,6 +83,7 @@ class FitStart:
         validated: the checkpoint includes the validation at ``step``.
         revalidates: this fit first runs the validation due at ``step`` (a checkpoint written before it).
         lr_names: one series per param group at fit start (``lr``, ``lr/<name>`` or ``lr/group<i>``).
+        hparams: ``trainer.hparams`` as plain values, as ``write_hparams`` receives them at the end.
 
     Example:
         >>> FitStart(step=7, validated=False, revalidates=True).keeps(7, "validation")
@@ -87,6 +94,7 @@ class FitStart:
     validated: bool = False
     revalidates: bool = False
     lr_names: tuple[str, ...] = ("lr",)
+    hparams: Mapping[str, HParam] = field(default_factory=dict)
 
     def keeps(self, step: int, kind: str) -> bool:
         """True when an earlier run's point stays: for sinks that can drop single points (CSV, files).
@@ -156,6 +164,24 @@ class Sink(Protocol):
 SINK_METHODS = ("open", "write_step", "write_validation", "write_hparams", "close")
 
 
+def plain_hparams(trainer: AdvancedTrainer) -> dict[str, HParam]:
+    """``trainer.hparams`` as a sink receives them: ``None`` dropped, other non-plain values as ``str``."""
+    given: Mapping[str, Any] = getattr(trainer, "hparams", None) or {}
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in dict(given).items()
+            if v is not None}
+
+
+def checkpoint_paths(trainer: AdvancedTrainer) -> dict[str, str]:
+    """The ``last`` and ``best`` checkpoint paths of the trainer's ModelCheckpoints, where they exist."""
+    paths: dict[str, str] = {}
+    for cb in (trainer.checkpoint, *trainer.callbacks):
+        for key in ("last", "best"):
+            path = getattr(cb, f"{key}_model_path", None)
+            if isinstance(path, str) and path:
+                paths.setdefault(key, path)
+    return paths
+
+
 class LoggerCallback(Callback):
     """Decide what is logged when, and hand it to sinks that write it. Rank 0 only.
 
@@ -187,6 +213,24 @@ class LoggerCallback(Callback):
         self._every = 1
         self._samples_before = 0            # state.epoch_samples when this process began the epoch
         self._lr_names: list[str] = []
+        self._paths: dict[str, str] = {}    # the checkpoint paths last written to the sinks
+
+    def state_dict(self) -> dict[str, Any]:
+        """What names each sink's tracker run (``{}`` for a sink without one), saved in every checkpoint."""
+        return {"sinks": [sink.state_dict() if callable(getattr(sink, "state_dict", None)) else {}  # type: ignore[attr-defined]
+                          for sink in self.sinks]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Hand each sink its run back (a resumed fit logs into the run the checkpoint's fit logged into)."""
+        parts = state_dict.get("sinks", [])
+        if parts and len(parts) != len(self.sinks):
+            log.warning("%s: the checkpoint holds %d sinks' runs and this logger has %d sinks; their runs are "
+                        "not continued: each sink opens a new one.", type(self).__name__, len(parts), len(self.sinks))
+            return
+        for sink, part in zip(self.sinks, parts):
+            load = getattr(sink, "load_state_dict", None)
+            if part and callable(load):
+                load(part)
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         if not trainer.is_global_zero:
@@ -195,8 +239,10 @@ class LoggerCallback(Callback):
         self._lr_names = lr_names(trainer.optimizer)
         state = trainer.state
         self._samples_before = state.epoch_samples
+        self._paths = checkpoint_paths(trainer)    # a resumed fit's paths are not news
         start = FitStart(step=state.step, validated=state.last_val_step == state.step,
-                         revalidates=validation_due(trainer), lr_names=tuple(self._lr_names))
+                         revalidates=validation_due(trainer), lr_names=tuple(self._lr_names),
+                         hparams=plain_hparams(trainer))
         for sink in self.sinks:
             sink.open(start)
             self._open = (*self._open, sink)     # opened: closed again even if a later one fails to open
@@ -230,16 +276,26 @@ class LoggerCallback(Callback):
         kind: ValidationKind = "epoch" if state.epoch_finished else "validation"
         for sink in self._open:
             sink.write_validation(state.step, state.epoch, kind, values)
+        self._write_paths(trainer)
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:
         if self._open:
-            given: Mapping[str, Any] = getattr(trainer, "hparams", None) or {}
-            hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
-                       for k, v in dict(given).items() if v is not None}
-            state = trainer.state
+            hparams, state = plain_hparams(trainer), trainer.state
+            self._write_paths(trainer)
             for sink in self._open:
                 sink.write_hparams(hparams, dict(state.metrics), state.step)
         self._close()
+
+    def _write_paths(self, trainer: AdvancedTrainer) -> None:
+        """Hand the checkpoint paths to the sinks that take them, when they changed (a validation's save)."""
+        paths = checkpoint_paths(trainer)
+        if paths == self._paths:
+            return
+        self._paths = paths
+        for sink in self._open:
+            write = getattr(sink, "write_checkpoint", None)
+            if callable(write):
+                write(trainer.state.step, dict(paths))
 
     def on_exception(self, trainer: AdvancedTrainer, exc: BaseException) -> None:
         self._close()
