@@ -311,3 +311,41 @@ class NanAt:
             loss = loss * float("nan")
         self.n += 1
         return loss
+
+
+# ------------------------------------------------------------------------------ trackers, read back
+WALL_CLOCK = ("epoch_time", "samples_per_sec")   # series whose values are times: equal runs differ there
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series TensorBoard shows for ``log_dir`` (purged points hidden), as (step, value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+def mlflow_runs(tracking_uri: str, experiment: str) -> list[Any]:
+    """The runs of ``experiment`` in the MLflow store at ``tracking_uri``, read with MLflow's own client."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+def mlflow_series(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric's whole history in an MLflow run, as (step, value) in the order MLflow returns them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    return {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key),
+                                                     key=lambda m: (m.step, m.timestamp))]
+            for key in run.data.metrics}
+
+
+def without_wall_clock(series: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``series`` less the ones that hold times (their names end with a ``WALL_CLOCK`` name)."""
+    return {k: v for k, v in series.items() if not k.endswith(WALL_CLOCK)}

@@ -1,0 +1,80 @@
+"""Every tracker across a kill -9: `train_tracked.py OUT [--kill-step K] [--kill-rank R]`, plain or under torchrun.
+
+Trains with ModelCheckpoint(every_n_steps=2) into OUT/ckpt and fit(resume_from='auto'), logging every step
+to TensorBoard (OUT/tb), CSV (OUT/metrics.csv) and MLflow (OUT/mlflow.db, experiment "tracked"). With
+--kill-step, rank --kill-rank sends itself SIGKILL right after optimizer step K (after the loggers wrote
+it) of the first attempt: under torchrun the attempt TORCHELASTIC_RESTART_COUNT=0, in one process the run
+that finds no OUT/killed marker (it writes the marker first), so running the script again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint
+from torchkeel.distributed import DistributedTrainer
+from torchkeel.loggers import CSVLogger, MLflowLogger, TensorBoardLogger
+
+torch.set_num_threads(1)
+
+
+class KillAt(Callback):
+    """SIGKILL (no cleanup, no save) of one rank right after optimizer step ``step``, first attempt only."""
+
+    def __init__(self, rank: int, step: int, marker: Path) -> None:
+        self.rank, self.step, self.marker = rank, step, marker
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        if trainer.rank != self.rank or trainer.state.step != self.step:
+            return
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            first = os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
+        else:
+            first = not self.marker.exists()
+            self.marker.touch()
+        if first:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out", type=Path)
+    p.add_argument("--kill-step", type=int)
+    p.add_argument("--kill-rank", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=2)
+    args = p.parse_args(argv)
+    out: Path = args.out
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g))
+    val = TensorDataset(torch.randn(20, 6, generator=g), torch.randint(0, 3, (20,), generator=g))
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    dt = DistributedTrainer(model=model, backend="gloo")
+    batch = 4 // dt.world_size            # 12 optimizer steps per epoch at any world size
+    loader = dt.create_dataloader(data, batch_size=batch, shuffle=True, seed=0)
+    val_loader = dt.create_dataloader(val, batch_size=5, shuffle=False)
+    callbacks: list[Callback] = [
+        TensorBoardLogger(out / "tb", log_every_n_steps=1), CSVLogger(out / "metrics.csv", log_every_n_steps=1),
+        MLflowLogger(f"sqlite:///{out / 'mlflow.db'}", experiment_name="tracked", log_every_n_steps=1)]
+    if args.kill_step is not None:
+        callbacks.append(KillAt(args.kill_rank, args.kill_step, out / "killed"))
+    ckpt = ModelCheckpoint(save_dir=out / "ckpt", monitor=None, save_top_k=-1, every_n_steps=2)
+    trainer = AdvancedTrainer(model=dt, optimizer=torch.optim.SGD(dt.model.parameters(), lr=0.1, momentum=0.9),
+                              criterion=nn.CrossEntropyLoss(), callbacks=callbacks, checkpoint=ckpt, progress=False)
+    try:
+        trainer.fit(loader, val_loader, epochs=args.epochs, resume_from="auto")
+    finally:
+        dt.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
