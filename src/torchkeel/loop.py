@@ -19,6 +19,7 @@ from torchkeel.agreement import Agreement, even_shards
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.checkpoint import resume
 from torchkeel.distributed import unwrap_model
+from torchkeel.model_summary import ModelSummary, summarize
 from torchkeel.nonfinite import NanPolicy, NonFiniteGuard
 from torchkeel.parallel.strategy import strategy_of
 from torchkeel.runs import FitSummary
@@ -357,6 +358,14 @@ class AdvancedTrainer:
         """
         context = self.log_context
         self.logged.log(name, value, context.count if count is None else count, on_step, on_epoch, context.phase)
+
+    def model_summary(self) -> ModelSummary:
+        """The model's parameters (total, trainable, bytes by dtype) and top-level modules; ``print`` shows a table.
+
+        Example:
+            >>> print(trainer.model_summary())
+        """
+        return summarize(self.model)
 
     @property
     def unwrapped_model(self) -> nn.Module:

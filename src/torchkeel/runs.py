@@ -87,6 +87,8 @@ class FitSummary(Callback):
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         self._start, self._samples, self._epochs = time.perf_counter(), 0, 0
+        if trainer.is_global_zero and self.show:
+            log.info("model\n%s", trainer.model_summary())
 
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
         self._samples += trainer.state.epoch_samples
@@ -173,7 +175,8 @@ class RunFolder(Callback):
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         if trainer.is_global_zero:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            io.write_text_atomic(self.run_dir / "hparams.json", json.dumps(trainer.hparams, indent=2, default=str))
+            record = {**trainer.hparams, "model": trainer.model_summary().as_dict()}
+            io.write_text_atomic(self.run_dir / "hparams.json", json.dumps(record, indent=2, default=str))
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:
         self._write(trainer)

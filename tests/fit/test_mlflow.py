@@ -90,6 +90,8 @@ def test_series_params_and_tags_read_back_equal_tensorboard_and_history(tmp_path
     params = run.data.params
     assert params["batch_size"] == "8" and params["layers"] == "[16]" and "note" not in params
     assert params["optimizer"] == "SGD" and params["lr"] == "0.1" and params["max_grad_norm"] == "0.5"
+    assert params["model/params"] == str(8 * 16 + 16 + 16 * 3 + 3) and params["model/bytes"] == str(4 * 195)
+    assert params["model/trainable_params"] == "195"
     assert run.data.tags["checkpoint/best"] == ckpt.best_model_path
     assert run.data.tags["checkpoint/last"] == ckpt.last_model_path
     assert trainer.checkpoint is ckpt and Path(ckpt.best_model_path).exists()

@@ -14,7 +14,8 @@ The values a sink receives (the names of the history and of ``metrics.csv``):
 - ``write_validation``: ``state.metrics`` (``train_loss``, ``val_*``, ``lr``, ``epoch_time`` ...),
   the other groups' ``lr/<group>``, and ``samples_per_sec`` where the point ends an epoch.
 - ``write_hparams``: ``trainer.hparams`` as plain values (``None`` dropped, others ``str``), and the
-  final metrics, once, when ``fit`` ends (not when it fails). ``FitStart.hparams`` holds them at the start.
+  final metrics, once, when ``fit`` ends (not when it fails). ``FitStart.hparams`` holds them at the start, ``FitStart.model``
+  the model's totals.
 
 Two optional methods make a tracker's run continue across a resume: ``state_dict()`` returns what names
 the run (an MLflow or W&B run id) and ``load_state_dict(state)`` takes it back. ``LoggerCallback`` saves
@@ -84,6 +85,8 @@ class FitStart:
         revalidates: this fit first runs the validation due at ``step`` (a checkpoint written before it).
         lr_names: one series per param group at fit start (``lr``, ``lr/<name>`` or ``lr/group<i>``).
         hparams: ``trainer.hparams`` as plain values, as ``write_hparams`` receives them at the end.
+        model: the model's totals (``model/params``, ``model/trainable_params``, ``model/bytes``), from
+            ``trainer.model_summary()``: a tracker with params or a config records them.
 
     Example:
         >>> FitStart(step=7, validated=False, revalidates=True).keeps(7, "validation")
@@ -95,6 +98,7 @@ class FitStart:
     revalidates: bool = False
     lr_names: tuple[str, ...] = ("lr",)
     hparams: Mapping[str, HParam] = field(default_factory=dict)
+    model: Mapping[str, int] = field(default_factory=dict)
 
     def keeps(self, step: int, kind: str) -> bool:
         """True when an earlier run's point stays: for sinks that can drop single points (CSV, files).
@@ -242,7 +246,7 @@ class LoggerCallback(Callback):
         self._paths = checkpoint_paths(trainer)    # a resumed fit's paths are not news
         start = FitStart(step=state.step, validated=state.last_val_step == state.step,
                          revalidates=validation_due(trainer), lr_names=tuple(self._lr_names),
-                         hparams=plain_hparams(trainer))
+                         hparams=plain_hparams(trainer), model=trainer.model_summary().as_params())
         for sink in self.sinks:
             sink.open(start)
             self._open = (*self._open, sink)     # opened: closed again even if a later one fails to open

@@ -54,8 +54,8 @@ class MLflowSink:
     """Write to one MLflow run: the series TensorBoard has, under the same names, and the hparams as params.
 
     Step values go to ``train/<name>`` (``train_loss`` as ``train/loss``), validation values to
-    ``epoch/<name>``, both at the optimizer step; ``trainer.hparams`` become params when the fit opens
-    the run; the last and best checkpoint paths are the tags ``checkpoint/last`` and ``checkpoint/best``;
+    ``epoch/<name>``, both at the optimizer step; ``trainer.hparams`` and the model's totals
+    (``model/params``, ``model/trainable_params``, ``model/bytes``) become params when the fit opens the run; the last and best checkpoint paths are the tags ``checkpoint/last`` and ``checkpoint/best``;
     the run ends ``FINISHED`` when the fit does, ``FAILED`` when it raises, ``KILLED`` when interrupted.
 
     Args:
@@ -122,7 +122,7 @@ class MLflowSink:
             log.info("MLflowLogger: run %s in experiment %r at %s.", self.run_id, self.experiment_name,
                      client.tracking_uri)
         self.client, self._status = client, "FINISHED"
-        self._log_params(start.hparams)
+        self._log_params({**start.hparams, **start.model})
 
     def _continue(self, client: Any, start: FitStart) -> None:
         from mlflow.exceptions import MlflowException
