@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torchkeel.callbacks import Callback
+from torchkeel.callbacks.throughput import peak_memory_bytes
 from torchkeel.checkpoint import io
 from torchkeel.versions import agreed_version, version_dir_of
 
@@ -84,9 +85,11 @@ class FitSummary(Callback):
         self._start = 0.0
         self._samples = 0
         self._epochs = 0
+        self._steps = 0          # state.step at fit start
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         self._start, self._samples, self._epochs = time.perf_counter(), 0, 0
+        self._steps = trainer.state.step
         if trainer.is_global_zero and self.show:
             log.info("model\n%s", trainer.model_summary())
 
@@ -103,13 +106,14 @@ class FitSummary(Callback):
 
     def _finish(self, trainer: AdvancedTrainer, status: str, exc: BaseException | None = None) -> None:
         seconds = time.perf_counter() - self._start
-        self.summary = build_summary(trainer, status, seconds, self._samples, self._epochs, exc)
+        self.summary = build_summary(trainer, status, seconds, self._samples, self._epochs, exc,
+                                     trainer.state.step - self._steps)
         if trainer.is_global_zero and self.show:
             log.info(format_summary(self.summary))
 
 
 def build_summary(trainer: AdvancedTrainer, status: str, seconds: float, samples: int, epochs_run: int,
-                  exc: BaseException | None = None) -> dict[str, Any]:
+                  exc: BaseException | None = None, steps: int = 0) -> dict[str, Any]:
     """Plain, JSON-serializable facts about a finished (or ended) fit."""
     history, ckpt = trainer.history, trainer.checkpoint
     monitor = getattr(ckpt, "monitor", None) or getattr(trainer.early_stopping, "monitor", None)
@@ -131,6 +135,9 @@ def build_summary(trainer: AdvancedTrainer, status: str, seconds: float, samples
         "epochs_total": history.epochs(), "validations": history.validations(), "steps": trainer.state.step,
         "skipped_steps": trainer.state.skipped_steps, "seconds": round(seconds, 3),
         "samples_per_sec": round(samples / seconds, 1) if seconds > 0 else None,
+        "steps_per_sec": round(steps / seconds, 3) if seconds > 0 else None,
+        "data_wait": round(trainer.plan.data_wait / seconds, 4) if seconds > 0 else None,
+        "peak_memory_mib": round(peak_memory_bytes(trainer.device) / (1 << 20), 1),
         "best": best, "last": dict(trainer.state.metrics),
         "paths": {k: str(v) for k, v in paths.items() if v},
     }
@@ -153,7 +160,10 @@ def format_summary(s: dict[str, Any]) -> str:
             ("epochs", f"{s['epochs_run']} run, {s['epochs_total']} in total; {s['steps']} optimizer steps"
                        + (f", {s['skipped_steps']} skipped" if s["skipped_steps"] else "")
                        + validations_note(s["epochs_total"], s.get("validations"))),
-            ("time", f"{s['seconds']:.1f}s" + (f", {s['samples_per_sec']:.0f} samples/s" if s["samples_per_sec"] else ""))]
+            ("time", f"{s['seconds']:.1f}s" + (f", {s['samples_per_sec']:.0f} samples/s" if s["samples_per_sec"] else "")
+                     + (f", {s['steps_per_sec']:.3g} steps/s" if s.get("steps_per_sec") else "")
+                     + (f"; {100 * s['data_wait']:.1f}% waiting for data" if s.get("data_wait") is not None else "")),
+            ("peak memory", f"{s['peak_memory_mib']:.0f} MiB" if s.get("peak_memory_mib") is not None else "?")]
     if s["best"]:
         b = s["best"]
         mid = f" (step {b['step']}, mid-epoch)" if "step" in b else ""

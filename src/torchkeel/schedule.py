@@ -10,6 +10,7 @@ import itertools
 import logging
 import math
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -66,6 +67,7 @@ class FitPlan:
         self.batch_size: int | None = getattr(train_loader, "batch_size", None)
         self.pending_monitors: list[tuple[str, str]] = []   # monitors only trainer.log can give
         self.boundary = sys.maxsize       # the next step at which the loop validates or ends
+        self.data_wait = 0.0              # seconds this fit waited for training batches (the loader's next)
         self.cut = False                  # max_steps ended this epoch early
 
     @property
@@ -180,10 +182,30 @@ def begin_epoch(trainer: AdvancedTrainer, epoch: int) -> None:
 
 
 def batches(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any]:
-    """The epoch's batches from where it stands, up to ``limit_train_batches``."""
+    """The epoch's batches from where it stands, up to ``limit_train_batches``; the time spent waiting for
+    each is added to ``trainer.plan.data_wait``."""
     it = dataorder.epoch_batches(trainer, loader)
     limit = trainer.plan.limit_train
-    return it if limit is None else itertools.islice(it, max(0, limit - trainer.state.batch))
+    return _Waited(it if limit is None else itertools.islice(it, max(0, limit - trainer.state.batch)), trainer.plan)
+
+
+class _Waited:
+    """An iterator that adds the seconds each ``next`` takes (the loader's work) to ``plan.data_wait``."""
+
+    __slots__ = ("_next", "_plan")
+
+    def __init__(self, it: Iterator[Any], plan: FitPlan) -> None:
+        self._next, self._plan = iter(it).__next__, plan
+
+    def __iter__(self) -> _Waited:
+        return self
+
+    def __next__(self) -> Any:
+        t = time.perf_counter()
+        try:
+            return self._next()
+        finally:
+            self._plan.data_wait += time.perf_counter() - t
 
 
 def epoch_time(trainer: AdvancedTrainer, seconds: float, finished: bool) -> None:

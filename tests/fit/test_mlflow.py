@@ -44,8 +44,10 @@ def _trainer(lr: float = 0.1, **kw: Any) -> AdvancedTrainer:
                            criterion=nn.CrossEntropyLoss(), device="cpu", progress=False, **kw)
 
 
-def _uri(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the module (creating one costs seconds); each test has its own experiment."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
 class _Snapshot(Callback):
@@ -65,18 +67,18 @@ class _Crash(Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_series_params_and_tags_read_back_equal_tensorboard_and_history(tmp_path: Path) -> None:
+def test_series_params_and_tags_read_back_equal_tensorboard_and_history(tmp_path: Path, store: str) -> None:
     pytest.importorskip("tensorboard")
-    logger = MLflowLogger(_uri(tmp_path), experiment_name="exp", run_name="first", log_every_n_steps=2)
+    logger = MLflowLogger(store, experiment_name="series", run_name="first", log_every_n_steps=2)
     ckpt = ModelCheckpoint(save_dir=tmp_path / "ckpt", monitor="val_loss", save_top_k=1)
     trainer = _trainer(callbacks=[logger, TensorBoardLogger(tmp_path / "tb", log_every_n_steps=2)],
                        checkpoint=ckpt, max_grad_norm=0.5)
     trainer.hparams = {**trainer.hparams, "batch_size": 8, "layers": [16], "note": None}
     history = trainer.fit(*_loaders(), epochs=3)                          # 5 steps per epoch
 
-    (run,) = mlflow_runs(_uri(tmp_path), "exp")
+    (run,) = mlflow_runs(store, "series")
     assert run.info.run_id == logger.run_id and run.info.run_name == "first" and run.info.status == "FINISHED"
-    got = mlflow_series(_uri(tmp_path), logger.run_id)
+    got = mlflow_series(store, logger.run_id)
     tb = tensorboard_scalars(tmp_path / "tb")
     expected = {k: v for k, v in tb.items() if not k.startswith("hparam/")}
     assert sorted(got) == sorted(expected)                   # the same series, under the same names
@@ -97,18 +99,17 @@ def test_series_params_and_tags_read_back_equal_tensorboard_and_history(tmp_path
     assert trainer.checkpoint is ckpt and Path(ckpt.best_model_path).exists()
 
 
-def test_a_resumed_fit_continues_the_run_and_keeps_what_it_holds(tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_a_resumed_fit_continues_the_run_and_keeps_what_it_holds(store: str, caplog: pytest.LogCaptureFixture) -> None:
     def logger() -> MLflowLogger:
-        return MLflowLogger(_uri(tmp_path), experiment_name="exp", log_every_n_steps=1)
+        return MLflowLogger(store, experiment_name="resumed", log_every_n_steps=1)
 
     snapshot, first = _Snapshot(at=7), logger()
     with pytest.raises(RuntimeError, match="simulated crash"):     # steps 1..9 logged, epoch 1's point at 5
         _trainer(callbacks=[first, snapshot, _Crash()]).fit(*_loaders(), epochs=2)
     assert snapshot.state is not None
     assert snapshot.state["callbacks"]["MLflowLogger"] == {"sinks": [
-        {"run_id": first.run_id, "tracking_uri": _uri(tmp_path), "experiment_name": "exp"}]}
-    assert mlflow_runs(_uri(tmp_path), "exp")[0].info.status == "FAILED"
+        {"run_id": first.run_id, "tracking_uri": store, "experiment_name": "resumed"}]}
+    assert mlflow_runs(store, "resumed")[0].info.status == "FAILED"
 
     second = logger()
     resumed = _trainer(callbacks=[second])
@@ -119,9 +120,9 @@ def test_a_resumed_fit_continues_the_run_and_keeps_what_it_holds(tmp_path: Path,
         history = resumed.fit(*_loaders(), epochs=2)
     assert second.run_id == first.run_id
     assert f"continuing run {first.run_id} from step 7; it holds points up to step 9" in caplog.text
-    (run,) = mlflow_runs(_uri(tmp_path), "exp")
+    (run,) = mlflow_runs(store, "resumed")
     assert run.info.status == "FINISHED"
-    got = mlflow_series(_uri(tmp_path), first.run_id)
+    got = mlflow_series(store, first.run_id)
     assert [s for s, _ in got["train/loss"]] == list(range(1, 11))      # each step once
     # MLflow cannot delete points: steps 8 and 9 stay the crashed fit's, this fit's begin at 10
     assert [v for _, v in got["train/lr"]] == [0.1] * 9 + [0.05]
@@ -129,23 +130,22 @@ def test_a_resumed_fit_continues_the_run_and_keeps_what_it_holds(tmp_path: Path,
     assert got["epoch/val_loss"][1][1] == history["val_loss"][1]
 
 
-def test_a_changed_hparam_is_kept_as_first_logged_with_a_warning(tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    logger = MLflowLogger(_uri(tmp_path), experiment_name="exp")
+def test_a_changed_hparam_is_kept_as_first_logged_with_a_warning(store: str, caplog: pytest.LogCaptureFixture) -> None:
+    logger = MLflowLogger(store, experiment_name="hparams")
     trainer = _trainer(callbacks=[logger])
     trainer.fit(_loaders()[0], epochs=1)
     state = trainer.state_dict()
-    again = _trainer(lr=0.5, callbacks=[MLflowLogger(_uri(tmp_path), experiment_name="exp")])
+    again = _trainer(lr=0.5, callbacks=[MLflowLogger(store, experiment_name="hparams")])
     again.load_state_dict(state)
     with caplog.at_level(logging.WARNING, logger="torchkeel"):
         again.fit(_loaders()[0], epochs=2)
-    (run,) = mlflow_runs(_uri(tmp_path), "exp")
+    (run,) = mlflow_runs(store, "hparams")
     assert run.data.params["lr"] == "0.1"
     assert "keeps its params {'lr': '0.1'} as first logged" in caplog.text and "{'lr': '0.5'}" in caplog.text
 
 
-def test_a_checkpoint_naming_a_run_the_store_lacks_is_refused_before_training(tmp_path: Path) -> None:
-    trainer = _trainer(callbacks=[MLflowLogger(_uri(tmp_path), experiment_name="exp")])
+def test_a_checkpoint_naming_a_run_the_store_lacks_is_refused_before_training(tmp_path: Path, store: str) -> None:
+    trainer = _trainer(callbacks=[MLflowLogger(store, experiment_name="lacks")])
     trainer.fit(_loaders()[0], epochs=1)
     state = trainer.state_dict()
     elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
@@ -159,7 +159,7 @@ def test_a_checkpoint_naming_a_run_the_store_lacks_is_refused_before_training(tm
 
 
 def test_other_ranks_write_nothing(tmp_path: Path) -> None:
-    trainer = _trainer(callbacks=[MLflowLogger(_uri(tmp_path), experiment_name="exp")])
+    trainer = _trainer(callbacks=[MLflowLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_name="exp")])
     trainer.rank = 1
     trainer.fit(_loaders()[0], epochs=1)
     assert not (tmp_path / "mlflow.db").exists()
@@ -191,10 +191,11 @@ def test_import_does_not_load_mlflow() -> None:
 
 @pytest.mark.slow
 def test_a_fit_logs_to_a_real_tracking_server(tmp_path: Path) -> None:
+    served_store = f"sqlite:///{tmp_path / 'served.db'}"
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", _uri(tmp_path), "--default-artifact-root", str(tmp_path / "artifacts"),
+         "--backend-store-uri", served_store, "--default-artifact-root", str(tmp_path / "artifacts"),
          "--workers", "1"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),  # noqa: SIM115
         env=dict(os.environ, MLFLOW_TRACKING_URI=""))
     uri = f"http://127.0.0.1:{port}"
