@@ -6,6 +6,7 @@ from torchkeel.callbacks.base import HOOKS, Callback, Stateful, overrides
 from torchkeel.callbacks.early_stopping import EarlyStopping
 from torchkeel.callbacks.lr_scheduler import LRScheduler
 from torchkeel.callbacks.monitor import Mode, direction_of, infer_mode, is_improvement
+from torchkeel.callbacks.profiler import Profiler
 
-__all__ = ["HOOKS", "Callback", "EarlyStopping", "LRScheduler", "Mode", "Stateful", "direction_of", "infer_mode",
-           "is_improvement", "overrides"]
+__all__ = ["HOOKS", "Callback", "EarlyStopping", "LRScheduler", "Mode", "Profiler", "Stateful", "direction_of",
+           "infer_mode", "is_improvement", "overrides"]
