@@ -5,7 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from torchkeel.accumulate import GradientAccumulator
-from torchkeel.callbacks import Callback, EarlyStopping, LRScheduler, Stateful
+from torchkeel.callbacks import Callback, EarlyStopping, LRScheduler, Profiler, Stateful
 from torchkeel.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint
 from torchkeel.checkpoint.policy import ModelCheckpoint
 from torchkeel.loop import AdvancedTrainer
@@ -25,6 +25,7 @@ __all__ = [
     "LRScheduler",
     "ModelCheckpoint",
     "Preempted",
+    "Profiler",
     "State",
     "Stateful",
     "__version__",

@@ -22,7 +22,7 @@ from launch import torchrun
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint, load_checkpoint
+from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint, Profiler, load_checkpoint
 from torchkeel.distributed import MultiGPUTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,6 +205,19 @@ def test_pinned_non_blocking_batches_train_like_unpinned_ones() -> None:
         runs.append(trainer)
     assert_equal_params(runs[0].unwrapped_model, runs[1].unwrapped_model)
     assert runs[0].history["val_loss"] == runs[1].history["val_loss"]
+
+
+def test_profiler_on_cuda_traces_kernels_and_memory_by_default(tmp_path: Path) -> None:
+    profiler = Profiler(wait=1, warmup=1, active=2, dirpath=tmp_path)
+    trainer = trainer_for(make_net(), callbacks=[profiler])
+    trainer.fit(train_loader=DataLoader(make_data(), batch_size=8), epochs=1)
+    assert profiler.cycles == [(3, 4)] and not torch.autograd._profiler_enabled()
+    trace = json.loads((tmp_path / "rank0.steps3-4.pt.trace.json").read_text())
+    events = trace["traceEvents"]
+    assert sorted(e["name"] for e in events if e["name"].startswith("ProfilerStep#")) == ["ProfilerStep#3",
+                                                                                         "ProfilerStep#4"]
+    assert any(e.get("cat") == "kernel" for e in events)          # CUDA activity: the GPU's kernels
+    assert any(e["name"] == "[memory]" for e in events)           # profile_memory=None: on for CUDA
 
 
 # ----------------------------------------------------------------------- MultiGPUTrainer

@@ -28,6 +28,7 @@ EXPECTED_ALL = [
     "LRScheduler",
     "ModelCheckpoint",
     "Preempted",
+    "Profiler",
     "State",
     "Stateful",
     "__version__",
