@@ -5,7 +5,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from torchkeel.accumulate import GradientAccumulator
-from torchkeel.callbacks import Callback, EarlyStopping, LRScheduler, Profiler, Stateful
+from torchkeel.callbacks import (
+    Callback,
+    EarlyStopping,
+    LRScheduler,
+    Profiler,
+    Stateful,
+    ThroughputMonitor,
+)
 from torchkeel.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint
 from torchkeel.checkpoint.policy import ModelCheckpoint
 from torchkeel.loop import AdvancedTrainer
@@ -28,6 +35,7 @@ __all__ = [
     "Profiler",
     "State",
     "Stateful",
+    "ThroughputMonitor",
     "__version__",
     "load_checkpoint",
 ]

@@ -31,6 +31,7 @@ EXPECTED_ALL = [
     "Profiler",
     "State",
     "Stateful",
+    "ThroughputMonitor",
     "__version__",
     "load_checkpoint",
 ]
