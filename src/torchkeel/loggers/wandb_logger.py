@@ -22,7 +22,9 @@ lacks, up to its checkpoint's step, then goes on. A step's row is sent to W&B on
 later step is logged, or the fit ends), so a validation always joins its step's ``train/`` points;
 when a fit fails before its last step's validation was written, that step stays out of the run (a
 resumed fit writes it). On the CPU, where torchkeel resumes bit for bit, a resumed run then holds what
-an uninterrupted one would.
+an uninterrupted one would, with one gap: an epoch's checkpoint is written before the loggers write that
+epoch's validation (``LoggerCallback`` runs last), so a kill -9 within W&B's ~15 s after it loses that
+validation point, which the resumed fit does not compute again.
 
 Example:
     >>> AdvancedTrainer(..., callbacks=[WandbLogger(project="mnist")])
