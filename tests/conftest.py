@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -349,3 +351,45 @@ def mlflow_series(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, f
 def without_wall_clock(series: dict[str, list[Any]]) -> dict[str, list[Any]]:
     """``series`` less the ones that hold times (their names end with a ``WALL_CLOCK`` name)."""
     return {k: v for k, v in series.items() if not k.endswith(WALL_CLOCK)}
+
+
+# ------------------------------------------------------------ W&B's offline files, read by W&B's reader
+def wandb_inspect(path: Path, *flags: str) -> str:
+    """``wandb leet inspect --json`` of one ``.wandb`` file: the reader wandb ships (its wandb-core binary)."""
+    from wandb.util import get_core_path
+
+    return subprocess.run([get_core_path(), "leet", "inspect", "--json", "--no-observability", *flags,
+                           "--run-file", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def wandb_files(root: Path, run_id: str) -> list[Path]:
+    """The ``.wandb`` files of run ``run_id``'s offline folders under ``root`` (wandb.init's dir), oldest first."""
+    return sorted((root / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
+
+
+def wandb_rows(root: Path, run_id: str) -> list[dict[str, Any]]:
+    """Every history row of the run, folder after folder, as W&B stored it (``_step`` and the values)."""
+    return [json.loads(line)["history"]["item"] for path in wandb_files(root, run_id)
+            for line in wandb_inspect(path).splitlines() if '"type":"history"' in line]
+
+
+def wandb_series(rows: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> dict[str, list[tuple[int, float]]]:
+    """Each series of ``rows`` (but ``skip``) as ``[(step, value), ...]``."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if not key.startswith("_") and key not in skip:
+                series.setdefault(key, []).append((row["_step"], value))
+    return series
+
+
+def wandb_summary(path: Path) -> dict[str, Any]:
+    """W&B's summary of one ``.wandb`` file: state, exit code, project, config, the last values."""
+    return dict(json.loads(wandb_inspect(path, "--summary")))
+
+
+def assert_wandb_steps_increase(rows: list[dict[str, Any]]) -> None:
+    """The run's rows, across its folders, have strictly increasing steps: what W&B syncs as they are
+    (a row at a step the run has passed would be renumbered, shifting every later one)."""
+    steps = [row["_step"] for row in rows]
+    assert steps == sorted(set(steps)), f"W&B steps repeat or go back: {steps}"

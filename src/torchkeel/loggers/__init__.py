@@ -1,4 +1,4 @@
-"""Loggers: progress display, TensorBoard, CSV and MLflow. Rank 0 only; tensorboard and tqdm load lazily.
+"""Loggers: progress display, TensorBoard, CSV, MLflow and W&B. Rank 0 only; their libraries load lazily.
 
 ``LoggerCallback`` (``base``) decides what is logged when: the cadence, rank 0, the validation points,
 hparams, and what a resumed run keeps of the points written before. TensorBoard and CSV are sinks
@@ -26,11 +26,13 @@ from torchkeel.loggers.progress import (
     validation_line,
 )
 from torchkeel.loggers.tensorboard import TENSORBOARD_MISSING, TensorBoardLogger, TensorBoardSink
+from torchkeel.loggers.wandb_logger import WANDB_MISSING, WandbLogger, WandbSink
 
 __all__ = [
     "MLFLOW_MISSING",
     "TENSORBOARD_MISSING",
     "TQDM_MISSING",
+    "WANDB_MISSING",
     "CSVLogger",
     "CSVSink",
     "FitStart",
@@ -41,6 +43,8 @@ __all__ = [
     "Sink",
     "TensorBoardLogger",
     "TensorBoardSink",
+    "WandbLogger",
+    "WandbSink",
     "ensure_console_logging",
     "epoch_line",
     "validation_line",

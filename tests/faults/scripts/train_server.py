@@ -28,7 +28,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
 torch.optim.AdamW(nn.Linear(1, 1).parameters())      # import, once, what every optimizer needs
-SCRIPTS = {name: importlib.import_module(name) for name in ("train_resume", "train_kill", "sig_grace")}
+SCRIPTS = {name: importlib.import_module(name) for name in ("train_resume", "train_kill", "sig_grace", "wandb_kill")}
 
 
 def child(request: dict) -> None:
