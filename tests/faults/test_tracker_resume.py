@@ -3,9 +3,9 @@
 tests/faults/scripts/train_tracked.py logs every step to TensorBoard, CSV and MLflow with step
 checkpoints; one run is killed with SIGKILL right after a step past its last checkpoint and run again
 (resume_from='auto'), in a new process or by torchrun's restart. Each tracker is read back with its own
-reader (TensorBoard's EventAccumulator, csv, MLflow's client) and every series must equal the
+reader (TensorBoard's EventAccumulator, csv, MLflow's client, W&B's `leet inspect`) and every series must equal the
 uninterrupted run's: the same steps, once each, in order, with the same values (CPU resumes bit for bit),
-in one MLflow run. Only the series that hold wall-clock times are left out.
+in one MLflow run and one W&B run (offline). Only the series that hold wall-clock times are left out.
 """
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import WALL_CLOCK, mlflow_runs, mlflow_series, tensorboard_scalars, without_wall_clock
+from conftest import (
+    WALL_CLOCK,
+    assert_wandb_steps_increase,
+    mlflow_runs,
+    mlflow_series,
+    tensorboard_scalars,
+    wandb_rows,
+    wandb_series,
+    without_wall_clock,
+)
 from launch import fork_env, process, torchrun
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_tracked.py"
@@ -23,6 +32,7 @@ TIMEOUT = 180
 
 pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
+pytest.importorskip("wandb")
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -41,21 +51,28 @@ def _tracked(out: Path) -> dict[str, object]:
     for key, points in mlflow.items():
         steps = [s for s, _ in points]
         assert steps == sorted(set(steps)), f"MLflow {key}: steps {steps} repeat or go back"
+    ids = {path.name.removeprefix("run-").removesuffix(".wandb") for path in (out / "wandb").glob("offline-run-*/run-*.wandb")}
+    assert len(ids) == 1, ids                      # one W&B run, in one or more offline folders
+    rows = wandb_rows(out, ids.pop())
+    assert_wandb_steps_increase(rows)
     return {"tensorboard": without_wall_clock(tensorboard_scalars(out / "tb")), "csv": _csv(out / "metrics.csv"),
+            "wandb": without_wall_clock(wandb_series(rows)),
             "mlflow": mlflow, "params": run.data.params, "tags": {k: v for k, v in run.data.tags.items()
                                                                    if not k.startswith("mlflow.")}}
 
 
 def _assert_same(resumed: dict[str, object], whole: dict[str, object], out: Path, whole_out: Path) -> None:
     assert resumed["mlflow"] == whole["mlflow"]
+    assert resumed["wandb"] == whole["wandb"]
     assert resumed["tensorboard"] == whole["tensorboard"]
     assert resumed["csv"] == whole["csv"]
     assert resumed["params"] == whole["params"]
     tags = {k: v.replace(str(out), str(whole_out)) for k, v in resumed["tags"].items()}   # type: ignore[attr-defined]
     assert tags == whole["tags"]
-    series = resumed["mlflow"]
-    assert [s for s, _ in series["train/loss"]] == list(range(1, 25))    # type: ignore[index]
-    assert [s for s, _ in series["epoch/val_loss"]] == [12, 24]          # type: ignore[index]
+    for tracker in ("mlflow", "wandb"):
+        series = resumed[tracker]
+        assert [s for s, _ in series["train/loss"]] == list(range(1, 25)), tracker    # type: ignore[index]
+        assert [s for s, _ in series["epoch/val_loss"]] == [12, 24], tracker          # type: ignore[index]
 
 
 def test_every_tracker_continues_after_kill_9(tmp_path: Path) -> None:

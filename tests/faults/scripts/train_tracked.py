@@ -1,7 +1,8 @@
 """Every tracker across a kill -9: `train_tracked.py OUT [--kill-step K] [--kill-rank R]`, plain or under torchrun.
 
 Trains with ModelCheckpoint(every_n_steps=2) into OUT/ckpt and fit(resume_from='auto'), logging every step
-to TensorBoard (OUT/tb), CSV (OUT/metrics.csv) and MLflow (OUT/mlflow.db, experiment "tracked"). With
+to TensorBoard (OUT/tb), CSV (OUT/metrics.csv), MLflow (OUT/mlflow.db, experiment "tracked") and W&B
+(offline, OUT/wandb). With
 --kill-step, rank --kill-rank sends itself SIGKILL right after optimizer step K (after the loggers wrote
 it) of the first attempt: under torchrun the attempt TORCHELASTIC_RESTART_COUNT=0, in one process the run
 that finds no OUT/killed marker (it writes the marker first), so running the script again resumes.
@@ -21,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint
 from torchkeel.distributed import DistributedTrainer
-from torchkeel.loggers import CSVLogger, MLflowLogger, TensorBoardLogger
+from torchkeel.loggers import CSVLogger, MLflowLogger, TensorBoardLogger, WandbLogger
 
 torch.set_num_threads(1)
 
@@ -63,7 +64,8 @@ def main(argv: list[str]) -> int:
     val_loader = dt.create_dataloader(val, batch_size=5, shuffle=False)
     callbacks: list[Callback] = [
         TensorBoardLogger(out / "tb", log_every_n_steps=1), CSVLogger(out / "metrics.csv", log_every_n_steps=1),
-        MLflowLogger(f"sqlite:///{out / 'mlflow.db'}", experiment_name="tracked", log_every_n_steps=1)]
+        MLflowLogger(f"sqlite:///{out / 'mlflow.db'}", experiment_name="tracked", log_every_n_steps=1),
+        WandbLogger(project="tracked", mode="offline", dir=out, log_every_n_steps=1)]
     if args.kill_step is not None:
         callbacks.append(KillAt(args.kill_rank, args.kill_step, out / "killed"))
     ckpt = ModelCheckpoint(save_dir=out / "ckpt", monitor=None, save_top_k=-1, every_n_steps=2)
