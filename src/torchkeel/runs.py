@@ -185,7 +185,7 @@ class RunFolder(Callback):
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         if trainer.is_global_zero:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            record = {**trainer.hparams, "model": trainer.model_summary().as_dict()}
+            record = {**trainer.hparams, "fit": fit_record(trainer), "model": trainer.model_summary().as_dict()}
             io.write_text_atomic(self.run_dir / "hparams.json", json.dumps(record, indent=2, default=str))
 
     def on_fit_end(self, trainer: AdvancedTrainer) -> None:
@@ -198,6 +198,29 @@ class RunFolder(Callback):
         if trainer.is_global_zero and self._summary.summary:
             text = json.dumps(self._summary.summary, indent=2, default=str, allow_nan=True)
             io.write_text_atomic(self.run_dir / "summary.json", text)
+
+
+def fit_record(trainer: AdvancedTrainer) -> dict[str, Any]:
+    """What a reader of ``hparams.json`` needs to run this fit again, beside the trainer's configuration.
+
+    The batch size per rank and per optimizer step (all ranks, all micro-batches), the fit's epochs and
+    max_steps, the default generator's seed (``torch.initial_seed()``: the one ``torch.manual_seed`` set,
+    else the one torch drew), the step it starts from, and the versions.
+    """
+    import platform
+
+    import torch
+
+    import torchkeel
+
+    plan, accum = trainer.plan, trainer.accum
+    per_rank = plan.batch_size
+    return {"batch_size": per_rank,
+            "global_batch_size": per_rank * accum.accumulation_steps * trainer.world_size if per_rank else None,
+            "epochs": plan.max_epochs, "max_steps": plan.max_steps, "val_every_n_steps": plan.val_every_n_steps,
+            "start_step": trainer.state.step, "seed": torch.initial_seed(),
+            "versions": {"torchkeel": torchkeel.__version__, "torch": torch.__version__,
+                         "python": platform.python_version()}}
 
 
 def run_callbacks(trainer: AdvancedTrainer, run_dir: Path, summary: FitSummary) -> list[Callback]:

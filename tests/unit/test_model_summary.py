@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import torchkeel
 from torchkeel import AdvancedTrainer
 from torchkeel.model_summary import ModelSummary, summarize
 
@@ -83,6 +85,20 @@ def test_fit_shows_it_at_its_start_and_records_it_in_hparams_json(tmp_path: Path
     record = json.loads((tmp_path / "r" / "version_0" / "hparams.json").read_text())
     assert record["model"] == trainer.model_summary().as_dict()
     assert record["model"]["params"] == 58 and record["optimizer"] == "SGD"
+
+
+def test_hparams_json_records_what_it_takes_to_run_the_fit_again(tmp_path: Path) -> None:
+    torch.manual_seed(1234)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    data = TensorDataset(torch.randn(24, 4), torch.randint(0, 2, (24,)))
+    trainer = AdvancedTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                              log_dir=tmp_path, run_name="r", progress=False, gradient_accumulation_steps=2)
+    trainer.fit(DataLoader(data, batch_size=4), max_steps=2, val_every_n_steps=1)
+    fit = json.loads((tmp_path / "r" / "version_0" / "hparams.json").read_text())["fit"]
+    assert fit == {"batch_size": 4, "global_batch_size": 8, "epochs": None, "max_steps": 2, "val_every_n_steps": 1,
+                   "start_step": 0, "seed": 1234,
+                   "versions": {"torchkeel": torchkeel.__version__, "torch": torch.__version__,
+                                "python": platform.python_version()}}
 
 
 def test_progress_false_shows_nothing_but_still_records_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
