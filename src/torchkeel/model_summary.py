@@ -1,7 +1,7 @@
 """What the model is: parameters (total, trainable), their bytes by dtype, and its top-level modules.
 
-``AdvancedTrainer.model_summary()`` returns one; ``fit`` shows it at its start (rank 0, with the fit's
-progress output), writes it into a run folder's ``hparams.json`` (``"model"``) and hands its totals to
+``AdvancedTrainer.model_summary()`` returns one; a trainer's first ``fit`` shows it at its start (rank 0,
+with the fit's progress output); every fit writes it into a run folder's ``hparams.json`` (``"model"``) and hands its totals to
 the trackers as params (``model/params``, ``model/trainable_params``, ``model/bytes``).
 
 Counts are of the whole model: a parameter shared by two modules (tied embeddings) counts once, a

@@ -86,11 +86,13 @@ class FitSummary(Callback):
         self._samples = 0
         self._epochs = 0
         self._steps = 0          # state.step at fit start
+        self._model_shown = False
 
     def on_fit_begin(self, trainer: AdvancedTrainer) -> None:
         self._start, self._samples, self._epochs = time.perf_counter(), 0, 0
         self._steps = trainer.state.step
-        if trainer.is_global_zero and self.show:
+        if trainer.is_global_zero and self.show and not self._model_shown:   # once a trainer: a model's table
+            self._model_shown = True                                          # does not change between fits
             log.info("model\n%s", trainer.model_summary())
 
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None:

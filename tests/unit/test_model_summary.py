@@ -84,6 +84,10 @@ def test_fit_shows_it_at_its_start_and_records_it_in_hparams_json(tmp_path: Path
     assert caplog.text.index("58 total params") < caplog.text.index("fit summary")
     record = json.loads((tmp_path / "r" / "version_0" / "hparams.json").read_text())
     assert record["model"] == trainer.model_summary().as_dict()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="torchkeel"):
+        trainer.fit(DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), batch_size=8), epochs=2)
+    assert "total params" not in caplog.text and "fit summary" in caplog.text   # once a trainer
     assert record["model"]["params"] == 58 and record["optimizer"] == "SGD"
 
 
