@@ -25,7 +25,7 @@ from conftest import (
     wandb_series,
     without_wall_clock,
 )
-from launch import fork_env, process, torchrun
+from launch import fork_env, process, ranks, torchrun
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_tracked.py"
 TIMEOUT = 180
@@ -93,7 +93,7 @@ def test_every_tracker_continues_after_kill_9(tmp_path: Path) -> None:
 
 def test_every_tracker_continues_after_a_rank_is_killed_under_torchrun(tmp_path: Path) -> None:
     whole_out, out = tmp_path / "whole", tmp_path / "killed"
-    whole = torchrun(SCRIPT, whole_out, env=fork_env(), timeout=TIMEOUT)
+    whole = ranks(SCRIPT, whole_out, env=fork_env(), timeout=TIMEOUT)    # only the killed job needs torchrun's agent
     assert whole.returncode == 0, whole.stderr[-3000:]
     restarted = torchrun(SCRIPT, out, "--kill-step", 7, "--kill-rank", 1, env=fork_env(), timeout=TIMEOUT,
                          launcher_args=["--max-restarts", "1"])
