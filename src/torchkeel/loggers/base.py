@@ -50,7 +50,8 @@ from torchkeel.schedule import validation_due
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
-__all__ = ["FitStart", "HParam", "LoggerCallback", "Sink", "ValidationKind", "check_every"]
+__all__ = ["FitStart", "HParam", "LoggerCallback", "Sink", "ValidationKind", "check_every", "step_series",
+           "validation_series"]
 
 log = logging.getLogger("torchkeel")
 
@@ -166,6 +167,16 @@ class Sink(Protocol):
 
 
 SINK_METHODS = ("open", "write_step", "write_validation", "write_hparams", "close")
+
+
+def step_series(values: Mapping[str, float]) -> dict[str, float]:
+    """A step point's values under the trackers' series names: ``train/loss``, ``train/<name>``."""
+    return {"train/loss" if k == "train_loss" else f"train/{k}": v for k, v in values.items()}
+
+
+def validation_series(values: Mapping[str, float]) -> dict[str, float]:
+    """A validation point's values under the trackers' series names: ``epoch/<name>``."""
+    return {f"epoch/{k}": v for k, v in values.items()}
 
 
 def plain_hparams(trainer: AdvancedTrainer) -> dict[str, HParam]:

@@ -22,7 +22,15 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from torchkeel.loggers.base import FitStart, HParam, LoggerCallback, ValidationKind, check_every
+from torchkeel.loggers.base import (
+    FitStart,
+    HParam,
+    LoggerCallback,
+    ValidationKind,
+    check_every,
+    step_series,
+    validation_series,
+)
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -178,7 +186,7 @@ class MLflowSink:
             epoch: the 0-based epoch (not written).
             values: the step's values.
         """
-        self._log(step, {"train/loss" if k == "train_loss" else f"train/{k}": v for k, v in values.items()})
+        self._log(step, step_series(values))
 
     def write_validation(self, step: int, epoch: int, kind: ValidationKind, values: Mapping[str, float]) -> None:
         """Log ``epoch/<name>`` metrics at ``step``.
@@ -189,7 +197,7 @@ class MLflowSink:
             kind: epoch end or mid-epoch (not written).
             values: the validation point's values.
         """
-        self._log(step, {f"epoch/{k}": v for k, v in values.items()})
+        self._log(step, validation_series(values))
 
     def write_hparams(self, hparams: Mapping[str, HParam], metrics: Mapping[str, float], step: int) -> None:
         """Log params the run does not have yet (they were logged at ``open``); the metrics are in the series.

@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torchkeel.loggers.base import FitStart, HParam, LoggerCallback, ValidationKind, check_every
+from torchkeel.loggers.base import (
+    FitStart,
+    HParam,
+    LoggerCallback,
+    ValidationKind,
+    check_every,
+    step_series,
+    validation_series,
+)
 
 __all__ = ["TENSORBOARD_MISSING", "TensorBoardLogger", "TensorBoardSink"]
 
@@ -76,8 +84,8 @@ class TensorBoardSink:
             values: the step's values.
         """
         writer = self.writer
-        for name, value in values.items():
-            writer.add_scalar("train/loss" if name == "train_loss" else f"train/{name}", value, step)
+        for tag, value in step_series(values).items():
+            writer.add_scalar(tag, value, step)
 
     def write_validation(self, step: int, epoch: int, kind: ValidationKind, values: Mapping[str, float]) -> None:
         """Add ``epoch/<name>`` scalars at ``step`` and flush.
@@ -89,8 +97,8 @@ class TensorBoardSink:
             values: the validation point's values.
         """
         writer = self.writer
-        for name, value in values.items():
-            writer.add_scalar(f"epoch/{name}", float(value), step)
+        for tag, value in validation_series(values).items():
+            writer.add_scalar(tag, float(value), step)
         writer.flush()
 
     def write_hparams(self, hparams: Mapping[str, HParam], metrics: Mapping[str, float], step: int) -> None:

@@ -43,7 +43,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from torchkeel.loggers.base import FitStart, HParam, LoggerCallback, ValidationKind, check_every
+from torchkeel.loggers.base import (
+    FitStart,
+    HParam,
+    LoggerCallback,
+    ValidationKind,
+    check_every,
+    step_series,
+    validation_series,
+)
 from torchkeel.signals import EXIT_INTERRUPTED
 
 if TYPE_CHECKING:
@@ -273,7 +281,7 @@ class WandbSink:
             epoch: the 0-based epoch (not written).
             values: the step's values.
         """
-        self._add(step, {"train/loss" if k == "train_loss" else f"train/{k}": v for k, v in values.items()})
+        self._add(step, step_series(values))
 
     def write_validation(self, step: int, epoch: int, kind: ValidationKind, values: Mapping[str, float]) -> None:
         """Add ``epoch/<name>`` values to the row of ``step``.
@@ -284,7 +292,7 @@ class WandbSink:
             kind: epoch end or mid-epoch (not written).
             values: the validation point's values.
         """
-        self._add(step, {f"epoch/{k}": v for k, v in values.items()})
+        self._add(step, validation_series(values))
 
     def write_hparams(self, hparams: Mapping[str, HParam], metrics: Mapping[str, float], step: int) -> None:
         """Update ``run.config`` with the hparams (set at ``open`` already); the metrics are in the series.
