@@ -103,6 +103,18 @@ class Callback:
         return None
 
 
+def check_every(owner: str, n: int | None) -> None:
+    """Refuse a ``log_every_n_steps`` that is not an int >= 1 or None.
+
+    Args:
+        owner: the class named in the error.
+        n: the value given.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"{owner}(log_every_n_steps={n!r}): must be an int >= 1, "
+                         "or None for the trainer's.")
+
+
 def overrides(cb: Callback, hook: str) -> bool:
     """True when ``cb`` defines ``hook`` itself rather than inheriting the no-op."""
     return getattr(type(cb), hook) is not getattr(Callback, hook)

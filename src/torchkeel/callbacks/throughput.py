@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from torchkeel.callbacks.base import Callback
+from torchkeel.callbacks.base import Callback, check_every
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -112,10 +112,7 @@ class ThroughputMonitor(Callback):
 
     def __init__(self, log_every_n_steps: int | None = None, flops_per_sample: float | None = None,
                  peak_flops: float | None = None) -> None:
-        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int)
-                                              or log_every_n_steps < 1):
-            raise ValueError(f"ThroughputMonitor(log_every_n_steps={log_every_n_steps!r}): must be an int >= 1, "
-                             "or None for the trainer's.")
+        check_every(type(self).__name__, log_every_n_steps)
         _check("flops_per_sample", flops_per_sample)
         _check("peak_flops", peak_flops)
         self.log_every_n_steps, self.flops_per_sample, self.peak_flops = log_every_n_steps, flops_per_sample, peak_flops

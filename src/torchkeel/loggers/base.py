@@ -44,31 +44,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from torchkeel.callbacks import Callback
+from torchkeel.callbacks.base import check_every
 from torchkeel.logged import group_lrs, lr_names, step_values_of
 from torchkeel.schedule import validation_due
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
-__all__ = ["FitStart", "HParam", "LoggerCallback", "Sink", "ValidationKind", "check_every", "step_series",
+__all__ = ["FitStart", "HParam", "LoggerCallback", "Sink", "ValidationKind", "step_series",
            "validation_series"]
 
 log = logging.getLogger("torchkeel")
 
 HParam = bool | int | float | str
 ValidationKind = Literal["epoch", "validation"]
-
-
-def check_every(owner: str, n: int | None) -> None:
-    """Refuse a ``log_every_n_steps`` that is not an int >= 1 or None.
-
-    Args:
-        owner: the class named in the error.
-        n: the value given.
-    """
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"{owner}(log_every_n_steps={n!r}): must be an int >= 1, "
-                         "or None for the trainer's.")
 
 
 @dataclass(frozen=True)

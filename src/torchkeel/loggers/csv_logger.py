@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from torchkeel.loggers.base import FitStart, HParam, LoggerCallback, ValidationKind, check_every
+from torchkeel.callbacks.base import check_every
+from torchkeel.loggers.base import FitStart, HParam, LoggerCallback, ValidationKind
 
 __all__ = ["CSVLogger", "CSVSink"]
 

@@ -22,12 +22,12 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from torchkeel.callbacks.base import check_every
 from torchkeel.loggers.base import (
     FitStart,
     HParam,
     LoggerCallback,
     ValidationKind,
-    check_every,
     step_series,
     validation_series,
 )

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from torchkeel.callbacks.base import check_every
 from torchkeel.loggers.base import (
     FitStart,
     HParam,
     LoggerCallback,
     ValidationKind,
-    check_every,
     step_series,
     validation_series,
 )

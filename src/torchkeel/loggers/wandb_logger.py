@@ -43,12 +43,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from torchkeel.callbacks.base import check_every
 from torchkeel.loggers.base import (
     FitStart,
     HParam,
     LoggerCallback,
     ValidationKind,
-    check_every,
     step_series,
     validation_series,
 )
