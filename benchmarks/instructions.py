@@ -12,15 +12,16 @@ times slower, it would refresh every few steps instead of every few hundred; its
 ``overhead.py``.
 
 Each side runs in its own process under ``valgrind --tool=callgrind --instr-atstart=no`` (counting
-off, so the imports run fast): it warms up (two 50-step fits), then ``callgrind_control`` turns
-counting on and the child runs one block of N steps. Blocks of N1 and N2 steps give
-``(I2 - I1) / (N2 - N1)`` instructions per step: the warm-up, fit()'s fixed cost and the exit cancel.
+off, so the imports run fast): it warms up (two 50-step fits), then runs a block of N1 steps and a
+block of N2 steps, each with counting on (``callgrind_control --instr=on``, then ``--instr=off`` and
+``--dump`` once the block is done). The two blocks give ``(I2 - I1) / (N2 - N1)`` instructions per
+step: fit()'s fixed cost cancels; the warm-up and the exit are never counted.
 One JSON line per run is appended to ``benchmarks/results/<date>-<host>.jsonl``.
 
 Usage::
 
-    python benchmarks/instructions.py            # 200 and 700 steps per side (about 8 minutes)
-    python benchmarks/instructions.py --quick    # 50 and 150 steps (about 3 minutes)
+    python benchmarks/instructions.py            # 200 and 700 steps per side (about 5 minutes)
+    python benchmarks/instructions.py --quick    # 50 and 150 steps (about 2 minutes)
 
 Needs ``valgrind`` (with ``callgrind_control``) on the PATH; exits 2 naming it when missing.
 """
@@ -34,7 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,16 @@ SIDES = {   # name: what it runs (overhead.py's classes)
 }
 STEPS = {"full": (200, 700), "quick": (50, 150)}
 WAIT_S = 900   # the longest a child may take to warm up or to finish its block under valgrind
+MARK = "torchkeel-instructions:"   # the child's word to the parent, on a line of its own
 
 
-def child(side: str, steps: int, flag: str) -> None:
-    """In the valgrind process: warm up, say so, wait for counting to be on, run ``steps`` steps."""
+def child(side: str, blocks: list[int]) -> None:
+    """In the valgrind process: warm up, then run one block of steps each time the parent says ``go``.
+
+    It says ``ready`` / ``done`` on stdout and waits for the parent's word in a blocking read of stdin:
+    nothing runs while it waits, and the few instructions from a block's end to that read are the same
+    after every block, so they cancel in the difference of two blocks.
+    """
     sys.path.insert(0, str(HERE))
     import overhead as ob
     import torch
@@ -60,54 +67,84 @@ def child(side: str, steps: int, flag: str) -> None:
     torch.set_num_interop_threads(1)
     ob.pin_malloc()
     model = ob.make_model("tiny")
-    warm, batches = ob.make_batches("tiny", 50), ob.make_batches("tiny", steps)
+    warm, batches = ob.make_batches("tiny", 50), [ob.make_batches("tiny", n) for n in blocks]
     run = {"raw": lambda: ob.RawLoop(model).run, "raw_logged": lambda: ob.RawLoggedLoop(model).run,
            "trainer": lambda: ob.TrainerLoop(model, "lines").run,
            "logged": lambda: ob.TrainerLoop(model, "lines", "logged").run}[side]()
     run(warm)
     run(warm)
-    Path(flag + ".ready").touch()
-    deadline = time.monotonic() + WAIT_S
-    while not Path(flag + ".go").exists():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"instructions.py child: no go signal within {WAIT_S} s")
-        time.sleep(0.05)
-    run(batches)
+    say = "ready"
+    for block in batches:
+        print(f"{MARK} {say}", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            raise SystemExit("instructions.py child: the parent did not say go")
+        run(block)
+        say = "done"
+    print(f"{MARK} {say}", flush=True)
+    sys.stdin.readline()                        # the parent has dumped the last block: exit
 
 
-def count(side: str, steps: int, work: Path) -> int:
-    """Instructions the child executes from the go signal to its exit, for a block of ``steps``."""
-    flag, out = str(work / f"{side}-{steps}"), work / f"{side}-{steps}.callgrind"
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                             sys.executable, __file__, "--child", side, str(steps), flag],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def count(side: str, blocks: tuple[int, ...], work: Path) -> list[int]:
+    """Instructions one child executes in each block of steps (one process, one dump per block)."""
+    out, log = work / f"{side}.callgrind", work / f"{side}.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                                 sys.executable, __file__, "--child", side, *map(str, blocks)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def wait_for(word: str) -> None:
+        timer = threading.Timer(WAIT_S, proc.kill)   # a child that hangs ends the read with EOF
+        timer.start()
+        try:
+            for line in proc.stdout:
+                if line.strip() == f"{MARK} {word}":
+                    return
+        finally:
+            timer.cancel()
+        raise RuntimeError(f"{side}: the child ended (or hung {WAIT_S} s) before saying {word!r}; exit code "
+                           f"{proc.wait()}:\n{log.read_text()[-3000:]}")
+
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(proc.pid)], check=True, capture_output=True)
+
+    def say(word: str) -> None:
+        proc.stdin.write(word + "\n")
+        proc.stdin.flush()
+
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not Path(flag + ".ready").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{side}: the child ended or hung before warming up:\n{proc.communicate()[0][-3000:]}")
-            time.sleep(0.1)
-        subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, capture_output=True)
-        Path(flag + ".go").touch()
-        text = proc.communicate(timeout=WAIT_S)[0]
+        wait_for("ready")
+        for _ in blocks:
+            control("--instr=on")
+            say("go")
+            wait_for("done")
+            control("--instr=off")
+            control("--dump")                   # writes <out>.<n> and zeroes the counters
+        say("exit")
+        proc.stdin.close()
+        proc.wait(timeout=WAIT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     if proc.returncode != 0:
-        raise RuntimeError(f"{side} ({steps} steps) exited {proc.returncode}:\n{text[-3000:]}")
-    found = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
-    if not found:
-        raise RuntimeError(f"{side}: no instruction total in {out}")
-    return int(found.group(1))
+        raise RuntimeError(f"{side} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    totals = []
+    for part in range(1, len(blocks) + 1):
+        # "totals:" (the costs the dump holds); its "summary:" line reads 0 when counting was off at the dump
+        found = re.search(r"^totals: (\d+)", Path(f"{out}.{part}").read_text(), re.MULTILINE)
+        if not found:
+            raise RuntimeError(f"{side}: no instruction total in {out}.{part}")
+        totals.append(int(found.group(1)))
+    return totals
 
 
 def measure(quick: bool) -> dict[str, Any]:
     n1, n2 = STEPS["quick" if quick else "full"]
     with tempfile.TemporaryDirectory(prefix="torchkeel-instr-") as tmp, ThreadPoolExecutor(2) as pool:
-        jobs = {(side, n): pool.submit(count, side, n, Path(tmp)) for side in SIDES for n in (n1, n2)}
-        totals = {key: job.result() for key, job in jobs.items()}
-    per_step = {side: (totals[side, n2] - totals[side, n1]) / (n2 - n1) for side in SIDES}
+        jobs = {side: pool.submit(count, side, (n1, n2), Path(tmp)) for side in SIDES}
+        totals = {side: job.result() for side, job in jobs.items()}
+    per_step = {side: (totals[side][1] - totals[side][0]) / (n2 - n1) for side in SIDES}
     return {"steps": [n1, n2], "instructions_per_step": per_step,
             "trainer_to_raw": per_step["trainer"] / per_step["raw"],
             "logged_to_raw_logged": per_step["logged"] / per_step["raw_logged"],
@@ -136,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="50 and 150 steps per side instead of 200 and 700")
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        side, steps, flag = args.child
-        child(side, int(steps), flag)
+        side, *blocks = args.child
+        child(side, [int(n) for n in blocks])
         return 0
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing:

@@ -2,7 +2,7 @@
 
 Not ``serial`` like the other benchmarks: it counts instructions under valgrind, which another
 process on the machine does not change, so it runs beside the other tests on the xdist workers.
-It is the suite's longest test (a few minutes: eight valgrind children), so it is marked ``first``
+It is the suite's longest test (two minutes or more: four valgrind children), so it is marked ``first``
 and starts before the others, and the workers finish together.
 """
 
