@@ -49,16 +49,17 @@ class Agreement:
         signal_grace_seconds: see ``signals.SignalFlag``.
         max_consecutive_skipped_steps: stop after this many skipped optimizer steps in a row
             (``skipped()``); ``None`` never stops for that.
+        requeue_signal: Slurm's signal before a time limit (see ``signals.SignalFlag``).
     """
 
     def __init__(self, state: State, world_size: int, device: torch.device, nan_policy: NanPolicy,
                  sync_every_n_steps: int | None, log_every_n_steps: int, signal_grace_seconds: float | None,
-                 max_consecutive_skipped_steps: int | None = None) -> None:
+                 max_consecutive_skipped_steps: int | None = None, requeue_signal: int | None = None) -> None:
         self.every = check_cadence(sync_every_n_steps, log_every_n_steps)
         self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
         self.state, self.world_size, self.device = state, world_size, device
         self.guard = NonFiniteGuard(nan_policy, eager=device.type == "cpu", ranks=world_size)
-        self.signal = SignalFlag(grace_seconds=signal_grace_seconds)
+        self.signal = SignalFlag(grace_seconds=signal_grace_seconds, requeue_signal=requeue_signal)
         self.preempt = False        # every rank agreed that a signal arrived: save and exit
         self.stop_shared = False    # should_stop is a decision every rank shares (agreed or derived alike)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -64,6 +65,10 @@ class AdvancedTrainer:
         run_name: the experiment's folder name under ``log_dir``.
         signal_grace_seconds: after SIGTERM or Ctrl-C, exit with a clear message if the save has
             not started within this many seconds (e.g. a rank stuck in a collective); ``None``: wait.
+        requeue_signal: under Slurm (``SLURM_JOB_ID`` set), the signal ``sbatch --signal=USR1@90``
+            sends before the time limit: save as on SIGTERM, then rank 0 requeues the job
+            (``scontrol requeue``); the requeued job resumes with ``resume_from='auto'``. ``None``
+            leaves it alone; outside Slurm it is not caught.
         max_consecutive_skipped_steps: stop training, with a warning, after this many optimizer steps
             in a row were skipped (GradScaler overflow, or a non-finite loss under
             ``nan_policy='skip'``); ``None`` never stops for that.
@@ -108,6 +113,7 @@ class AdvancedTrainer:
         log_dir: str | os.PathLike[str] | None = None,
         run_name: str = "default",
         signal_grace_seconds: float | None = 10.0,
+        requeue_signal: int | None = signal.SIGUSR1,
         max_consecutive_skipped_steps: int | None = 25,
         replay_data: bool = True,
         sync_every_n_steps: int | None = None,
@@ -135,7 +141,8 @@ class AdvancedTrainer:
         self.state = State()
         self.history = History()
         self.agreement = Agreement(self.state, self.strategy.world_size, device, nan_policy, sync_every_n_steps,
-                                   log_every_n_steps, signal_grace_seconds, max_consecutive_skipped_steps)
+                                   log_every_n_steps, signal_grace_seconds, max_consecutive_skipped_steps,
+                                   requeue_signal)
         self.accum.check_finite = self.agreement.guard.eager
         self.plan = schedule.FitPlan(self.state)      # what a fit runs; fit makes its own
         self.data_order = dataorder.DataOrder(replay_data)   # where training is in its data

@@ -9,6 +9,12 @@ collective, a step that never ends), the process writes why to stderr and exits 
 code, saving nothing; the checkpoints already on disk are complete (io's commit protocol) and the
 newest one resumes. Under DDP the ranks act on a signal at their next agreement (within
 ``sync_every_n_steps`` steps, see ``torchkeel.agreement``); a rank that keeps stepping until then is not stuck.
+
+Under Slurm (``SLURM_JOB_ID`` set) one more signal is caught, ``requeue_signal`` (SIGUSR1 unless
+``AdvancedTrainer(requeue_signal=...)`` says otherwise): the one ``sbatch --signal=USR1@90`` sends
+before the job's time limit. It saves as SIGTERM does; then rank 0 requeues the job
+(``scontrol requeue``), whose next run resumes with ``fit(..., resume_from='auto')`` and logs into the
+same tracker runs. Outside Slurm that signal is left alone.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -43,7 +50,8 @@ def exit_code(signum: int) -> int:
 class Preempted(SystemExit):
     """Raised by ``fit`` after a signal: the state was saved (when a ModelCheckpoint is attached).
 
-    Its ``code`` is the process's exit code: 143 after SIGTERM, 130 after Ctrl-C (SIGINT).
+    Its ``code`` is the process's exit code: 143 after SIGTERM, 130 after Ctrl-C (SIGINT), 128 + the
+    signal after Slurm's requeue signal (138 for SIGUSR1).
     """
 
     def __init__(self, message: str, code: int = EXIT_PREEMPTED) -> None:
@@ -62,10 +70,12 @@ class SignalFlag:
         signals: the signals to catch while ``installed()``; SIGINT is left alone when it is ignored.
         grace_seconds: exit (code 128 + signal) when, this long after the first signal (or after the
             last ``beat()``), the save has not started; ``None`` waits without limit.
+        requeue_signal: caught too when running under Slurm: save, then requeue the job (``on_signal``).
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
-                 grace_seconds: float | None = None) -> None:
+                 grace_seconds: float | None = None, requeue_signal: int | None = None) -> None:
+        self.requeue_signal = check_requeue_signal(requeue_signal)
         if grace_seconds is not None and (isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float))
                                           or not math.isfinite(grace_seconds) or grace_seconds <= 0):
             raise ValueError(f"AdvancedTrainer(signal_grace_seconds={grace_seconds!r}): must be a number of seconds "
@@ -186,6 +196,8 @@ class SignalFlag:
         self._pid = os.getpid()
         self._once = _thread.allocate_lock()
         catch = [s for s in self.signals if not (s == signal.SIGINT and signal.getsignal(s) is signal.SIG_IGN)]
+        if self.requeue_signal is not None and slurm_job() is not None:
+            catch.append(self.requeue_signal)
         previous = {s: signal.signal(s, self._handler) for s in catch}
         wakeup = self._watch_wakeup_fd(frozenset(catch)) if self.grace_seconds is not None else None
         try:
@@ -242,10 +254,52 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def check_requeue_signal(requeue_signal: object) -> int | None:
+    """``AdvancedTrainer(requeue_signal=...)``: a catchable signal other than SIGTERM and SIGINT, or None."""
+    if requeue_signal is None:
+        return None
+    try:
+        sig = signal.Signals(requeue_signal) if not isinstance(requeue_signal, bool) else None   # type: ignore[arg-type]
+    except ValueError:
+        sig = None
+    if sig is None or sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGSTOP):
+        raise ValueError(f"AdvancedTrainer(requeue_signal={requeue_signal!r}): pass the signal Slurm sends before the "
+                         "job's time limit (signal.SIGUSR1, the default, for `sbatch --signal=USR1@90`; or e.g. "
+                         "signal.SIGUSR2), or None to leave it alone. SIGTERM and SIGINT already save and exit; "
+                         "SIGKILL and SIGSTOP cannot be caught.")
+    return int(sig)
+
+
+def slurm_job() -> str | None:
+    """This process's Slurm job as ``scontrol requeue`` names it (an array task: ``<array job>_<task>``); None outside."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def requeue(job: str) -> str:
+    """Put Slurm job ``job`` back in the queue (``scontrol requeue``); what happened, for the exit message."""
+    command = f"scontrol requeue {job}"
+    try:
+        proc = subprocess.run(command.split(), capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        said = str(e)
+    else:
+        if proc.returncode == 0:
+            return (f"requeued Slurm job {job} ({command}); its next run resumes with "
+                    "fit(..., resume_from='auto')")
+        said = (proc.stderr or proc.stdout).strip() or f"exit code {proc.returncode}"
+    return (f"could not requeue Slurm job {job}: `{command}` said {said!r}; submit the job again to resume from "
+            "the checkpoint (Slurm requeues a job submitted with `sbatch --requeue`, or any on a cluster with "
+            "JobRequeue=1)")
+
+
 def on_signal(trainer: AdvancedTrainer) -> None:
     """Every rank reaches this at the same optimizer step: save, then raise ``Preempted``.
 
-    Ranks agree on the exit code too (the highest signal number any rank received: SIGTERM over SIGINT).
+    Ranks agree on the exit code too (the highest signal number any rank received: SIGTERM over SIGINT
+    and over Slurm's SIGUSR1). After Slurm's requeue signal, rank 0 requeues the job once the save is done.
     """
     flag = trainer.signal_flag
     flag.cancel()                              # the save begins: the grace timer must never cut it
@@ -267,7 +321,11 @@ def on_signal(trainer: AdvancedTrainer) -> None:
             finish()                           # a background save: written before we say "saved"
     where = f"saved {saved}" if saved else "nothing saved (no ModelCheckpoint attached)"
     code = exit_code(signum)
+    then = "Resume with fit(..., resume_from='auto')."
+    job = slurm_job() if signum == flag.requeue_signal else None
+    if job is not None:
+        then = requeue(job) + "." if trainer.is_global_zero else f"Rank 0 requeues Slurm job {job}."
     message = (f"torchkeel: {name} received; stopped at epoch {trainer.state.epoch}, step {trainer.state.step}; "
-               f"{where}. Exit code {code}. Resume with fit(..., resume_from='auto').")
+               f"{where}. Exit code {code}. {then}")
     log.warning(message)
     raise Preempted(message, code)

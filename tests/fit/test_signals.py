@@ -118,6 +118,57 @@ def test_a_bad_grace_period_is_refused(grace: Any) -> None:
         AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), signal_grace_seconds=grace)
 
 
+@pytest.mark.parametrize("bad", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL, 0, 999, "USR1", True])
+def test_a_requeue_signal_that_cannot_serve_is_refused(bad: Any) -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match=re.escape(f"AdvancedTrainer(requeue_signal={bad!r}): pass the signal Slurm "
+                                                   "sends before the job's time limit (signal.SIGUSR1")):
+        AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), requeue_signal=bad)
+
+
+class HandlerDuringFit(Callback):
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        self.handler = signal.getsignal(signal.SIGUSR1)
+
+
+@pytest.mark.parametrize("slurm", [False, True], ids=["outside_slurm", "under_slurm"])
+def test_sigusr1_is_caught_during_fit_only_under_slurm(monkeypatch: pytest.MonkeyPatch, slurm: bool) -> None:
+    """Outside Slurm a SIGUSR1 keeps its meaning (it ends the process); under Slurm fit catches it, then restores it."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    before = signal.getsignal(signal.SIGUSR1)
+    seen = HandlerDuringFit()
+    fit(build(None, (seen,)), epochs=1)
+    assert (seen.handler is not before) == slurm
+    assert signal.getsignal(signal.SIGUSR1) is before
+    model = make_model()
+    trainer = AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.MSELoss(),
+                              callbacks=[seen := HandlerDuringFit()], progress=False, requeue_signal=None)
+    trainer.fit(DataLoader(make_dataset(), batch_size=8), epochs=1)
+    assert seen.handler is before, "requeue_signal=None caught SIGUSR1"
+
+
+def test_sigusr1_under_slurm_saves_and_says_when_the_job_cannot_be_requeued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scontrol`` is not on this PATH: the save stands and the message says to resubmit.
+
+    (A real requeue, by a real Slurm, is tested in tests/faults/test_slurm.py.)
+    """
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    trainer = build(tmp_path, (SendAt(2, signal.SIGUSR1),), every_n_epochs=0)
+    with pytest.raises(Preempted) as info:
+        fit(trainer)
+    assert info.value.code == 128 + signal.SIGUSR1 == 138
+    assert re.search(r"SIGUSR1 received; stopped at epoch 0, step 3; saved .*Exit code 138\. could not requeue Slurm "
+                     r"job 4242: `scontrol requeue 4242` said .*; submit the job again to resume from the checkpoint",
+                     str(info.value)), str(info.value)
+    (path, entry), = discovery.list_checkpoints(tmp_path, recursive=True)
+    assert str(path) in str(info.value)
+    assert entry["meta"]["reason"] == "preempted" and entry["meta"]["step"] == 3
+
+
 def test_an_ignored_sigint_stays_ignored() -> None:
     """A job started with SIGINT ignored (nohup-style, `cmd &` in a script) is not made interruptible."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

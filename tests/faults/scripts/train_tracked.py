@@ -6,6 +6,8 @@ to TensorBoard (OUT/tb), CSV (OUT/metrics.csv), MLflow (OUT/mlflow.db, experimen
 --kill-step, rank --kill-rank sends itself SIGKILL right after optimizer step K (after the loggers wrote
 it) of the first attempt: under torchrun the attempt TORCHELASTIC_RESTART_COUNT=0, in one process the run
 that finds no OUT/killed marker (it writes the marker first), so running the script again resumes.
+With --wait-for-signal K (a Slurm job's first run: SLURM_RESTART_COUNT unset or 0), the run waits after
+step K until a signal has reached the trainer (Slurm's `--signal`), which then saves and requeues the job.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,12 +48,31 @@ class KillAt(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class WaitForSignal(Callback):
+    """After optimizer step ``step`` of a Slurm job's first run, wait until a signal has reached the trainer."""
+
+    def __init__(self, step: int, out: Path) -> None:
+        self.step, self.out = step, out
+
+    def on_step_end(self, trainer: AdvancedTrainer) -> None:
+        if trainer.state.step != self.step or os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+            return
+        (self.out / "waiting").write_text(f"{time.time()}\n")
+        deadline = time.monotonic() + 300
+        while not trainer.signal_flag.received:
+            if time.monotonic() > deadline:
+                raise SystemExit("train_tracked.py: no signal within 300 s")
+            time.sleep(0.05)
+        (self.out / "signalled").write_text(f"{trainer.signal_flag.name} {time.time()}\n")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("out", type=Path)
     p.add_argument("--kill-step", type=int)
     p.add_argument("--kill-rank", type=int, default=0)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--wait-for-signal", type=int, metavar="K")
     args = p.parse_args(argv)
     out: Path = args.out
     torch.manual_seed(0)
@@ -68,6 +90,8 @@ def main(argv: list[str]) -> int:
         WandbLogger(project="tracked", mode="offline", dir=out, log_every_n_steps=1)]
     if args.kill_step is not None:
         callbacks.append(KillAt(args.kill_rank, args.kill_step, out / "killed"))
+    if args.wait_for_signal is not None:
+        callbacks.append(WaitForSignal(args.wait_for_signal, out))
     ckpt = ModelCheckpoint(save_dir=out / "ckpt", monitor=None, save_top_k=-1, every_n_steps=2)
     trainer = AdvancedTrainer(model=dt, optimizer=torch.optim.SGD(dt.model.parameters(), lr=0.1, momentum=0.9),
                               criterion=nn.CrossEntropyLoss(), callbacks=callbacks, checkpoint=ckpt, progress=False)
