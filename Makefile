@@ -20,11 +20,12 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m torchkeel demo
 
-# Tests marked serial (tests/distributed/ and tests/faults/ whole, every multi-process `distributed`
-# test elsewhere, the benchmarks that start ranks) run one at a time: two gloo jobs at once on 2 cores
-# only slow each other down; most start their ranks forked from one warm interpreter (tests/launch.py). The rest (in-process tests, and slow ones that start a single process) run first on 2
-# xdist workers (JOBS=1: in this process). Both parts run even if the first fails; `make test` fails
-# if either did. test-fast runs the tests not marked slow on the xdist workers.
+# Tests marked serial (tests/distributed/ whole, and every test that starts ranks: `distributed`,
+# the benchmarks among them) run one at a time: two gloo jobs at once on 2 cores only slow each other
+# down; most start their ranks forked from one warm interpreter (tests/launch.py). The rest
+# (in-process tests, and slow ones that start one process: kill -9, signals, the demo) run first on
+# 2 xdist workers (JOBS=1: in this process). Both parts run even if the first fails; `make test`
+# fails if either did. test-fast runs the tests not marked slow on the xdist workers.
 JOBS ?= 2
 XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS))
 

@@ -29,22 +29,25 @@ torch.set_num_threads(1)
 
 # Folders whose every test starts processes (torchrun, kill -9, real signals): `make test-fast` skips them.
 SLOW_FOLDERS = ("distributed", "faults")
+SERIAL_FOLDERS = ("distributed",)   # every test there starts ranks
 TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test under a slow folder ``slow`` (other folders mark their slow tests one by one).
 
-    Those, and every multi-process test (``distributed``) wherever it is, are also marked ``serial``:
-    `make test` runs them one at a time, after the rest ran on 2 xdist workers. Tests marked
-    ``first`` (long ones that measure no time) are moved to the front.
+    Every test that starts ranks (tests/distributed/, and each test marked ``distributed`` wherever
+    it is) is also marked ``serial``: `make test` runs those one at a time, after the rest ran on 2
+    xdist workers (a fault test of one process, such as a kill -9 and its resume, runs there too).
+    Tests marked ``first`` (long ones that measure no time) are moved to the front.
     """
     slow = tuple(TESTS / name for name in SLOW_FOLDERS)
+    serial = tuple(TESTS / name for name in SERIAL_FOLDERS)
     for item in items:
         if any(item.path.is_relative_to(folder) for folder in slow):
             item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.serial)
-        elif item.get_closest_marker("distributed") or item.get_closest_marker("serial"):
+        if (any(item.path.is_relative_to(folder) for folder in serial) or item.get_closest_marker("distributed")
+                or item.get_closest_marker("serial")):
             item.add_marker(pytest.mark.serial)
     # the longest tests first, so that the xdist workers do not wait for one at the end
     items.sort(key=lambda item: item.get_closest_marker("first") is None)

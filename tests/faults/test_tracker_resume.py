@@ -91,6 +91,7 @@ def test_every_tracker_continues_after_kill_9(tmp_path: Path) -> None:
     _assert_same(_tracked(out), _tracked(whole_out), out, whole_out)
 
 
+@pytest.mark.distributed
 def test_every_tracker_continues_after_a_rank_is_killed_under_torchrun(tmp_path: Path) -> None:
     whole_out, out = tmp_path / "whole", tmp_path / "killed"
     whole = ranks(SCRIPT, whole_out, env=fork_env(), timeout=TIMEOUT)    # only the killed job needs torchrun's agent
