@@ -196,8 +196,12 @@ class AdvancedTrainer:
         for this fit only: see ``runs.console``).
         """
         with runs.console(self.is_global_zero):
-            return self._fit(train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
-                             limit_val_batches, resume_from)
+            try:
+                return self._fit(train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
+                                 limit_val_batches, resume_from)
+            except signals.Preempted as stop:
+                stop.requeue()              # Slurm's requeue signal: the save is done, the trackers' runs ended
+                raise
 
     def _fit(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, epochs: int | None,
              max_steps: int | None, val_every_n_steps: int | None, limit_train_batches: float | None,

@@ -54,9 +54,19 @@ class Preempted(SystemExit):
     signal after Slurm's requeue signal (138 for SIGUSR1).
     """
 
-    def __init__(self, message: str, code: int = EXIT_PREEMPTED) -> None:
+    def __init__(self, message: str, code: int = EXIT_PREEMPTED, requeue_job: str | None = None) -> None:
         super().__init__(code)
         self.message = message
+        self.requeue_job = requeue_job   # the Slurm job rank 0 requeues once fit has closed everything
+
+    def requeue(self) -> None:
+        """Requeue the Slurm job this stop names (``fit`` calls it last, after every callback ended its run)."""
+        if self.requeue_job is None:
+            return
+        said = requeue(self.requeue_job)
+        self.requeue_job = None
+        self.message = f"{self.message} {said}."
+        log.warning("torchkeel: %s.", said)
 
     def __str__(self) -> str:
         return self.message
@@ -299,7 +309,9 @@ def on_signal(trainer: AdvancedTrainer) -> None:
     """Every rank reaches this at the same optimizer step: save, then raise ``Preempted``.
 
     Ranks agree on the exit code too (the highest signal number any rank received: SIGTERM over SIGINT
-    and over Slurm's SIGUSR1). After Slurm's requeue signal, rank 0 requeues the job once the save is done.
+    and over Slurm's SIGUSR1). After Slurm's requeue signal, rank 0's ``Preempted`` names the job:
+    ``fit`` requeues it (``Preempted.requeue``) after every callback has ended its run, since Slurm ends
+    the job's processes at once.
     """
     flag = trainer.signal_flag
     flag.cancel()                              # the save begins: the grace timer must never cut it
@@ -323,9 +335,9 @@ def on_signal(trainer: AdvancedTrainer) -> None:
     code = exit_code(signum)
     then = "Resume with fit(..., resume_from='auto')."
     job = slurm_job() if signum == flag.requeue_signal else None
-    if job is not None:
-        then = requeue(job) + "." if trainer.is_global_zero else f"Rank 0 requeues Slurm job {job}."
+    if job is not None:                        # requeued by fit, last: the trackers' runs are closed by then
+        then = f"{'This rank' if trainer.is_global_zero else 'Rank 0'} requeues Slurm job {job} once fit has ended."
     message = (f"torchkeel: {name} received; stopped at epoch {trainer.state.epoch}, step {trainer.state.step}; "
                f"{where}. Exit code {code}. {then}")
     log.warning(message)
-    raise Preempted(message, code)
+    raise Preempted(message, code, requeue_job=job if trainer.is_global_zero else None)

@@ -161,9 +161,9 @@ def test_sigusr1_under_slurm_saves_and_says_when_the_job_cannot_be_requeued(
     with pytest.raises(Preempted) as info:
         fit(trainer)
     assert info.value.code == 128 + signal.SIGUSR1 == 138
-    assert re.search(r"SIGUSR1 received; stopped at epoch 0, step 3; saved .*Exit code 138\. could not requeue Slurm "
-                     r"job 4242: `scontrol requeue 4242` said .*; submit the job again to resume from the checkpoint",
-                     str(info.value)), str(info.value)
+    assert re.search(r"SIGUSR1 received; stopped at epoch 0, step 3; saved .*Exit code 138\. This rank requeues Slurm "
+                     r"job 4242 once fit has ended\. could not requeue Slurm job 4242: `scontrol requeue 4242` said "
+                     r".*; submit the job again to resume from the checkpoint", str(info.value)), str(info.value)
     (path, entry), = discovery.list_checkpoints(tmp_path, recursive=True)
     assert str(path) in str(info.value)
     assert entry["meta"]["reason"] == "preempted" and entry["meta"]["step"] == 3
