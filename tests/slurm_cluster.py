@@ -9,18 +9,22 @@ binaries are Debian's ``slurm-wlm`` and ``munge`` (Slurm 22.05 on bookworm), whi
 without them the fixture fails, saying how to install them.
 
 The configuration suits a 2-core machine without cgroup delegation (proctrack/linuxproc, task/none, no
-accounting), and its timers make a test fast. What each one does, measured on this 2-core machine:
+accounting), and its timers make a test fast. What each one does, measured on a 2-core machine:
 
-- ``AuthInfo=...,cred_expire=5``: a requeued job may start again only ``cred_expire + 1`` s after it was
-  requeued (the default is 120, so 121 s); 5 is the least Slurm takes. With ``SchedulerParameters=
-  sched_interval=1`` the requeued job starts 5-6 s after its first run ended.
-- ``KillWait=5``: the seconds between the SIGTERM (time limit, requeue, scancel) and the SIGKILL to the
-  job's processes (default 30).
+- ``AuthInfo=...,cred_expire=5``: a requeued job may start again only ``cred_expire + 1`` s after its
+  processes ended (Slurm 22.05 sets its begin time so; 26.05 adds ``SchedulerParameters=requeue_delay``).
+  The default 120 makes that 121 s; 5 is the least Slurm takes. With ``sched_interval=1`` the rerun's
+  Python starts 5.9-6.0 s after a ``scontrol requeue`` whose process then exits.
+- ``KillWait=5``: the SIGTERM that a time limit, a requeue or ``scancel`` sends the job's processes (after
+  a SIGCONT) is followed by SIGKILL 4.7 s later (default 30), and only then does the requeue delay start.
 - ``--signal=[B:]SIG@N`` (sbatch): slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT, fixed when
-  Slurm is built; no slurm.conf knob changes it), counted from slurmctld's start, and sends the signal
-  at the first check where the job has at most N + 30 s left. With ``--time=1`` and N >= 30 that is the
-  first check after the job started: 0 to 30 s into the job. The job then ends at the first check after
-  its time limit (up to 30 s late), with SIGTERM, and SIGKILL ``KillWait`` later.
+  Slurm is built: no slurm.conf knob changes it), counted from slurmctld's start, and sends the signal
+  (SIGCONT first) at the first check where the job has at most N + 30 s left. With ``--time=1`` and
+  N >= 30 that is the first check after the job started: 0 to 30 s into the job (measured 2.9-29 s).
+  Without ``B:`` only the steps (``srun``) get it; with ``B:`` only the batch shell (``exec python``
+  makes Python that shell). The job itself ends at the first check after its limit (up to 30 s late).
+- ``scancel --signal=USR1`` reaches an srun step's Python in 10-35 ms; ``--batch`` sends it to the batch
+  shell only (an ``exec``'d Python gets it; a bash running srun dies of it, no trap set); ``--full`` to both.
 - ``MinJobAge=60``: a finished job stays visible to ``scontrol show job`` for about a minute.
 """
 

@@ -61,7 +61,7 @@ def runs(log: Path) -> list[list[dict[str, Any]]]:
     return sorted(by_pid.values(), key=lambda run: run[0]["t"])
 
 
-def assert_requeued_once(slurm: Slurm, job: int, log: Path, out: Path, info: dict[str, str]) -> None:
+def assert_requeued_once(job: int, log: Path, out: Path, info: dict[str, str]) -> None:
     """Two runs of the same job: the first got SIGUSR1 and requeued the job, the rerun saw
     SLURM_RESTART_COUNT=1 and ended; Slurm counts one restart and both runs' output is in the file."""
     found = runs(log)
@@ -103,7 +103,7 @@ def test_scancel_signals_the_srun_step_and_the_job_requeues_itself(slurm: Slurm,
         time.sleep(0.05)
     slurm.scancel(job, "--signal=USR1")
     info = slurm.wait_state(job, "COMPLETED", timeout=TIMEOUT)
-    assert_requeued_once(slurm, job, log, out, info)
+    assert_requeued_once(job, log, out, info)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,6 @@ def warned(slurm: Slurm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 
 @pytest.mark.parametrize("launch", ["srun", "exec"])
 def test_the_time_limit_warning_reaches_python_and_the_job_requeues_itself(
-        slurm: Slurm, warned: dict[str, tuple[int, Path, Path, dict[str, str]]], launch: str) -> None:
+        warned: dict[str, tuple[int, Path, Path, dict[str, str]]], launch: str) -> None:
     job, log, out, info = warned[launch]
-    assert_requeued_once(slurm, job, log, out, info)
+    assert_requeued_once(job, log, out, info)
