@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from torchkeel import AdvancedTrainer, Callback
 
+# the `slurm` fixture: a real one-node Slurm cluster, one for the session (tests/slurm_cluster.py)
+pytest_plugins = ["slurm_cluster"]
+
 # bash without job control (a CI runner starting the suite in the background) starts it with SIGINT
 # ignored, and an ignored signal stays ignored in every child: torchkeel then rightly leaves Ctrl-C
 # alone, and the Ctrl-C tests could not deliver one. Their children get SIGINT's default instead.
