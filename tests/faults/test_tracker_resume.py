@@ -1,8 +1,11 @@
-"""Every tracker's run continues across a real kill -9 and equals the uninterrupted run's.
+"""Every tracker's run continues across a real kill -9, and across a Slurm requeue, and equals the uninterrupted run's.
 
 tests/faults/scripts/train_tracked.py logs every step to TensorBoard, CSV and MLflow with step
 checkpoints; one run is killed with SIGKILL right after a step past its last checkpoint and run again
-(resume_from='auto'), in a new process or by torchrun's restart. Each tracker is read back with its own
+(resume_from='auto'), in a new process or by torchrun's restart. Under a real one-node Slurm
+(tests/slurm_cluster.py) a job gets SIGUSR1 from Slurm (``sbatch --signal=USR1@15`` before its time
+limit, or ``scancel --signal=USR1`` to two torchrun ranks), saves, requeues itself and its rerun resumes.
+Each tracker is read back with its own
 reader (TensorBoard's EventAccumulator, csv, MLflow's client, W&B's `leet inspect`) and every series must equal the
 uninterrupted run's: the same steps, once each, in order, with the same values (CPU resumes bit for bit),
 in one MLflow run and one W&B run (offline). Only the series that hold wall-clock times are left out.
@@ -11,7 +14,11 @@ in one MLflow run and one W&B run (offline). Only the series that hold wall-cloc
 from __future__ import annotations
 
 import csv
+import os
+import re
 import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +33,7 @@ from conftest import (
     without_wall_clock,
 )
 from launch import fork_env, process, ranks, torchrun
+from slurm_cluster import Slurm
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_tracked.py"
 TIMEOUT = 180
@@ -100,4 +108,76 @@ def test_every_tracker_continues_after_a_rank_is_killed_under_torchrun(tmp_path:
                          launcher_args=["--max-restarts", "1"])
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "MLflowLogger: continuing run" in restarted.stderr
+    _assert_same(_tracked(out), _tracked(whole_out), out, whole_out)
+
+
+# A job that trains into OUT, resuming from OUT's checkpoints; its first run (SLURM_RESTART_COUNT unset)
+# waits after step 7 until Slurm's signal has reached the trainer (train_tracked.py --wait-for-signal).
+# {launch}: one process under srun, or two torchrun ranks under srun; torchrun passes SIGUSR1 on to its
+# workers only when told to (its default --signals-to-handle lacks it; the workers get Slurm's own too).
+SLURM_JOB = """#!/bin/bash
+#SBATCH --job-name=tracked
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output={out}/job.out
+#SBATCH --cpus-per-task=1
+{options}
+export PYTHONPATH={pythonpath} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+echo "run ${{SLURM_RESTART_COUNT:-0}} of job $SLURM_JOB_ID"
+srun {launch} {script} {out} --wait-for-signal 7
+"""
+TORCHRUN = (f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 2 "
+            "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+
+
+def _submit(slurm: Slurm, out: Path, launch: str, options: str = "") -> int:
+    out.mkdir(parents=True)
+    script = out / "job.sh"
+    script.write_text(SLURM_JOB.format(out=out, options=options, pythonpath=fork_env()["PYTHONPATH"], launch=launch,
+                                       script=SCRIPT))
+    return slurm.sbatch(script)
+
+
+@pytest.fixture(scope="module")
+def requeued(slurm: Slurm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, int, dict[str, str]]]:
+    """Two Slurm jobs at once and their uninterrupted twins: {name: (job's folder, twin's folder, job id, job info)}.
+
+    ``one``: one process; Slurm's own warning before the 1-minute time limit (``--signal=USR1@15``:
+    slurmctld checks limits every 30 s, so it comes 15 to 45 s into the job). ``two``: two torchrun
+    ranks; ``scancel --signal=USR1`` once they wait at step 7.
+    """
+    base = tmp_path_factory.mktemp("requeued")
+    jobs = {"one": _submit(slurm, base / "one", sys.executable, "#SBATCH --time=1\n#SBATCH --signal=USR1@15"),
+            "two": _submit(slurm, base / "two", TORCHRUN)}
+    # the uninterrupted runs train while the jobs wait for their signal
+    whole = {"one": process(SCRIPT, base / "one-whole", env=fork_env(), timeout=TIMEOUT),
+             "two": ranks(SCRIPT, base / "two-whole", env=fork_env(), timeout=TIMEOUT)}
+    for name, proc in whole.items():
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    deadline = time.monotonic() + TIMEOUT
+    while not (base / "two" / "waiting").exists():
+        assert time.monotonic() < deadline, f"job two never reached step 7: {slurm.job_info(jobs['two'])}"
+        time.sleep(0.1)
+    slurm.scancel(jobs["two"], "--signal=USR1")
+    return {name: (base / name, base / f"{name}-whole", job, slurm.wait_state(job, "COMPLETED", timeout=TIMEOUT))
+            for name, job in jobs.items()}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["one", "two"])
+def test_slurms_signal_saves_requeues_and_the_rerun_continues_every_tracker(
+        requeued: dict[str, tuple[Path, Path, int, dict[str, str]]], name: str) -> None:
+    out, whole_out, job, info = requeued[name]
+    log = (out / "job.out").read_text()
+    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", (info, log[-4000:])
+    first, rerun = log.split(f"run 1 of job {job}\n")
+    assert first.startswith(f"run 0 of job {job}\n"), log[-4000:]
+    assert (out / "signalled").read_text().startswith("SIGUSR1 "), log[-4000:]
+    saved = re.search(r"torchkeel: SIGUSR1 received; stopped at epoch 0, step (\d+); saved (\S+)\. Exit code 138\. "
+                      rf"This rank requeues Slurm job {job} once fit has ended\.", first)
+    assert saved, first[-4000:]
+    assert f"torchkeel: requeued Slurm job {job} (scontrol requeue {job}); its next run resumes" in first, first[-4000:]
+    assert first.count("requeued Slurm job") == 1, first[-4000:]     # rank 0 alone requeues
+    assert os.path.basename(saved.group(2)) in rerun and "MLflowLogger: continuing run" in rerun, rerun[-4000:]
+    assert "SIGUSR1" not in rerun, rerun[-4000:]
     _assert_same(_tracked(out), _tracked(whole_out), out, whole_out)
