@@ -159,12 +159,51 @@ def test_lazy_nonfinite_check_makes_no_host_sync_between_logging_steps() -> None
     trainer = AdvancedTrainer(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
                               criterion=nn.CrossEntropyLoss(), device="cuda", nan_policy="raise",
                               log_every_n_steps=50, progress=False, callbacks=[guard])
-    assert not trainer._nonfinite.eager, "one process on CUDA with nan_policy='raise' checks lazily"
+    assert not trainer.agreement.guard.eager, "one process on CUDA with nan_policy='raise' checks lazily"
     try:
         trainer.fit(train_loader=batches, epochs=1)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert guard.covered == 19 and trainer.state.step == 64
+
+
+def test_throughput_monitor_on_cuda_reads_nothing_between_logging_steps_and_reports_mfu(tmp_path: Path) -> None:
+    """ThroughputMonitor with a token-counted loss: no host sync in steps 3..22 (logging every 25), and on
+    its logging steps CUDA's allocator peak and, on a GPU of known peak, MFU = FLOP/s / that peak."""
+    import csv
+
+    from torchkeel.callbacks import ThroughputMonitor, measure_flops
+    from torchkeel.callbacks.throughput import peak_flops_of
+    from torchkeel.loggers import CSVLogger
+
+    class Counted(AdvancedTrainer):
+        def training_step(self, batch: Any) -> Any:
+            x, y = batch
+            return nn.functional.cross_entropy(self.model(x), y), (y >= 0).sum()   # a device count: read lazily
+
+    x, y = make_data(512).tensors
+    batches = [(x[i:i + 8].pin_memory(), y[i:i + 8].pin_memory()) for i in range(0, 512, 8)]
+    model = make_net().cuda()
+    flops = measure_flops(model, (batches[0][0].cuda(), batches[0][1].cuda()), nn.CrossEntropyLoss())
+    guard = SyncErrorsBetween(start=2, stop=22)
+    peak = peak_flops_of(torch.device("cuda")) or 1e14        # a GPU not in PEAK_FLOPS: an explicit peak
+    trainer = Counted(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), device="cuda",
+                      log_every_n_steps=25, progress=False,
+                      callbacks=[guard, ThroughputMonitor(flops_per_sample=flops, peak_flops=peak),
+                                 CSVLogger(tmp_path / "m.csv")])
+    try:
+        trainer.fit(train_loader=batches, epochs=1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert guard.covered == 19 and trainer.state.step == 64
+    with open(tmp_path / "m.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "step"]
+    assert [int(r["step"]) for r in rows] == [25, 50]
+    for row in rows:
+        samples = float(row["throughput/samples_per_sec"])
+        assert float(row["throughput/tokens_per_sec"]) == pytest.approx(samples, rel=1e-9)   # one token a sample
+        assert float(row["throughput/mfu"]) == pytest.approx(flops * samples / peak, rel=1e-9)
+        assert 0 < float(row["memory/peak_mib"]) * (1 << 20) <= torch.cuda.max_memory_allocated()
 
 
 def test_logged_cuda_tensors_are_queued_unread_and_summed_exactly() -> None:
