@@ -219,9 +219,11 @@ class AdvancedTrainer:
         agreement.begin_fit()
         callbacks = self.callbacks + self.runs.open(self, resumed)
         hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in HOOKS}   # only overridden hooks run
-        # loggers write a validation point's row after every other callback's on_validation_end has run,
-        # so values trainer.log'ed there are in it
-        hooks["on_validation_end"].sort(key=lambda cb: bool(getattr(cb, "writes_rows", False)))
+        # a validation point's row is written after every other callback ran (values trainer.log'ed there
+        # are in it); at a step's end and a validation point a checkpoint is saved last, covering the rows
+        # written (a run resumed from it writes nothing twice and loses nothing, whatever killed the process)
+        hooks["on_step_end"].sort(key=lambda cb: bool(getattr(cb, "saves_checkpoints", False)))
+        hooks["on_validation_end"].sort(key=row_order)
         stepper = self.stepper
         stepper.begin_fit(plan, hooks)
         step = stepper.run
@@ -587,6 +589,11 @@ class AdvancedTrainer:
     @property
     def _val_batch(self) -> int | None:
         return self.log_context.val_batch
+
+
+def row_order(cb: Callback) -> int:
+    """At a validation point: other callbacks (0), then the row writers (1), then the checkpoints (2)."""
+    return 2 if getattr(cb, "saves_checkpoints", False) else int(bool(getattr(cb, "writes_rows", False)))
 
 
 class Stepper:

@@ -99,6 +99,21 @@ def test_every_tracker_continues_after_kill_9(tmp_path: Path) -> None:
     _assert_same(_tracked(out), _tracked(whole_out), out, whole_out)
 
 
+def test_every_tracker_continues_after_kill_9_right_after_an_epochs_checkpoint(tmp_path: Path) -> None:
+    """The kill lands as epoch 1 begins, within W&B's ~15 s between writes: the checkpoint of epoch 0's end
+    was written after the loggers wrote that epoch's rows, so it carries them, and the validation at
+    step 12 is in every tracker once (before, W&B lost it: the checkpoint came first)."""
+    whole_out, out = tmp_path / "whole", tmp_path / "killed"
+    whole = process(SCRIPT, whole_out, env=fork_env(), timeout=TIMEOUT)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = process(SCRIPT, out, "--kill-step", -1, env=fork_env(), timeout=TIMEOUT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = process(SCRIPT, out, "--kill-step", -1, env=fork_env(), timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"Resumed from \S+epoch=0-step=12\S*\.pt at epoch 0, step 12", resumed.stderr), resumed.stderr[-3000:]
+    _assert_same(_tracked(out), _tracked(whole_out), out, whole_out)
+
+
 @pytest.mark.distributed
 def test_every_tracker_continues_after_a_rank_is_killed_under_torchrun(tmp_path: Path) -> None:
     whole_out, out = tmp_path / "whole", tmp_path / "killed"

@@ -92,6 +92,8 @@ class ModelCheckpoint(Callback):
         >>> ckpt.best_model_path
     """
 
+    saves_checkpoints = True   # fit runs this at a step's end and a validation point after the other callbacks
+
     def __init__(
         self,
         save_dir: str | os.PathLike[str] | None = None,

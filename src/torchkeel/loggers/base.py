@@ -21,7 +21,8 @@ Two optional methods make a tracker's run continue across a resume: ``state_dict
 the run (an MLflow or W&B run id) and ``load_state_dict(state)`` takes it back. ``LoggerCallback`` saves
 them in every checkpoint (its callback state) and a resumed fit, in a new process too, hands them back
 before ``open``. An optional ``write_checkpoint(step, paths)`` receives the ``last``/``best`` checkpoint
-paths when they change.
+paths when they change; an optional ``flush()`` is called before each checkpoint is written. The rows a
+checkpoint covers are written before it (``fit`` runs the loggers' hooks before ``ModelCheckpoint``'s).
 
 On steps that do not log, ``on_step_end`` costs a few attribute reads; the loss, the LRs and the
 ``trainer.log`` values are read to the host only on logging steps, once for all the sinks.
@@ -202,7 +203,8 @@ class LoggerCallback(Callback):
         >>> AdvancedTrainer(..., callbacks=[LoggerCallback(CSVSink("runs/a/metrics.csv"), log_every_n_steps=10)])
     """
 
-    writes_rows = True   # fit runs this on_validation_end after the other callbacks': their trainer.log is in
+    writes_rows = True   # fit runs this on_validation_end after the other callbacks' (their trainer.log values
+                         # are in the row) and before ModelCheckpoint's (it covers the row), as on_step_end
 
     def __init__(self, *sinks: Sink, log_every_n_steps: int | None = None) -> None:
         check_every(type(self).__name__, log_every_n_steps)
@@ -220,7 +222,15 @@ class LoggerCallback(Callback):
         self._paths: dict[str, str] = {}    # the checkpoint paths last written to the sinks
 
     def state_dict(self) -> dict[str, Any]:
-        """What names each sink's tracker run (``{}`` for a sink without one), saved in every checkpoint."""
+        """What names each sink's tracker run (``{}`` for a sink without one), saved in every checkpoint.
+
+        A checkpoint is being written: first each open sink with a ``flush()`` makes what it wrote durable
+        (TensorBoard's queued events), so the tracker holds every point the checkpoint covers.
+        """
+        for sink in self._open:
+            flush = getattr(sink, "flush", None)
+            if callable(flush):
+                flush()
         return {"sinks": [sink.state_dict() if callable(getattr(sink, "state_dict", None)) else {}  # type: ignore[attr-defined]
                           for sink in self.sinks]}
 

@@ -87,6 +87,10 @@ class TensorBoardSink:
         for tag, value in step_series(values).items():
             writer.add_scalar(tag, value, step)
 
+    def flush(self) -> None:
+        """Write the queued events to the file (a checkpoint is about to cover them)."""
+        self.writer.flush()
+
     def write_validation(self, step: int, epoch: int, kind: ValidationKind, values: Mapping[str, float]) -> None:
         """Add ``epoch/<name>`` scalars at ``step`` and flush.
 

@@ -21,10 +21,9 @@ before it (``RECENT_SECONDS``, at most ``MAX_RECENT`` rows): a resumed fit first
 lacks, up to its checkpoint's step, then goes on. A step's row is sent to W&B once complete (when a
 later step is logged, or the fit ends), so a validation always joins its step's ``train/`` points;
 when a fit fails before its last step's validation was written, that step stays out of the run (a
-resumed fit writes it). On the CPU, where torchkeel resumes bit for bit, a resumed run then holds what
-an uninterrupted one would, with one gap: an epoch's checkpoint is written before the loggers write that
-epoch's validation (``LoggerCallback`` runs last), so a kill -9 within W&B's ~15 s after it loses that
-validation point, which the resumed fit does not compute again.
+resumed fit writes it). A checkpoint is written after the loggers wrote the rows it covers (its step's
+point, its validation), so its recent rows hold them. On the CPU, where torchkeel resumes bit for bit, a
+resumed run then holds what an uninterrupted one would.
 
 Example:
     >>> AdvancedTrainer(..., callbacks=[WandbLogger(project="mnist")])

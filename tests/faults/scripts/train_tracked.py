@@ -4,7 +4,7 @@ Trains with ModelCheckpoint(every_n_steps=2) into OUT/ckpt and fit(resume_from='
 to TensorBoard (OUT/tb), CSV (OUT/metrics.csv), MLflow (OUT/mlflow.db, experiment "tracked") and W&B
 (offline, OUT/wandb). With
 --kill-step, rank --kill-rank sends itself SIGKILL right after optimizer step K (after the loggers wrote
-it) of the first attempt: under torchrun the attempt TORCHELASTIC_RESTART_COUNT=0, in one process the run
+it; -E: as epoch E begins, right after epoch E-1's checkpoint) of the first attempt: under torchrun the attempt TORCHELASTIC_RESTART_COUNT=0, in one process the run
 that finds no OUT/killed marker (it writes the marker first), so running the script again resumes.
 With --wait-for-signal K (a Slurm job's first run: SLURM_RESTART_COUNT unset or 0), the run waits after
 step K until a signal has reached the trainer (Slurm's `--signal`), which then saves and requeues the job.
@@ -31,13 +31,22 @@ torch.set_num_threads(1)
 
 
 class KillAt(Callback):
-    """SIGKILL (no cleanup, no save) of one rank right after optimizer step ``step``, first attempt only."""
+    """SIGKILL (no cleanup, no save) of one rank right after optimizer step ``step`` (``-E``: as epoch E
+    begins, right after the previous epoch's checkpoint), first attempt only."""
 
     def __init__(self, rank: int, step: int, marker: Path) -> None:
         self.rank, self.step, self.marker = rank, step, marker
 
     def on_step_end(self, trainer: AdvancedTrainer) -> None:
-        if trainer.rank != self.rank or trainer.state.step != self.step:
+        if trainer.state.step == self.step:
+            self.kill(trainer)
+
+    def on_epoch_begin(self, trainer: AdvancedTrainer) -> None:
+        if self.step < 0 and trainer.state.epoch == -self.step:   # -E: as epoch E begins
+            self.kill(trainer)
+
+    def kill(self, trainer: AdvancedTrainer) -> None:
+        if trainer.rank != self.rank:
             return
         if "TORCHELASTIC_RESTART_COUNT" in os.environ:
             first = os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
