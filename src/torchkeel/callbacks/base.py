@@ -50,7 +50,13 @@ optimizer step and so no hook; under a GradScaler, one whose gradients overflowe
 scaler skips the step after).
 
 Only hooks a callback overrides are called: ``fit`` builds one list per hook; a trainer with no
-``on_before_optimizer_step`` callback steps exactly as one without the hook.
+``on_before_optimizer_step`` callback steps exactly as one without the hook. Within a hook the callbacks
+run in the trainer's order (the scheduler, ``callbacks``, the progress display, early stopping, the
+checkpoint), with two exceptions: in ``on_validation_end`` the loggers (``writes_rows``) write their
+row after every other callback (what those ``trainer.log`` there is in it), and in ``on_step_end`` and
+``on_validation_end`` a ``ModelCheckpoint`` (``saves_checkpoints``) saves last, so its checkpoint covers
+what the trackers hold: a run resumed from it writes no point twice and lacks none, whatever killed
+the process after the save.
 """
 
 from __future__ import annotations
