@@ -230,3 +230,49 @@ def test_validation_begin_comes_before_validate() -> None:
     assert history["train_loss"] == expected["train_loss"]          # training saw its own weights
     for a, b in zip(swapped.model.parameters(), plain.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_within_a_hook_the_loggers_write_after_the_other_callbacks_and_the_checkpoint_saves_last(
+        tmp_path: Path) -> None:
+    """Whatever the order of ``callbacks``: at a validation point the CSV row comes after the user's
+    callback, and the checkpoint (step and validation saves) after the row; at a step's end the
+    checkpoint saves after every callback. The checkpoint so covers what the trackers hold."""
+    from torchkeel.loggers import CSVLogger
+
+    order: list[tuple[str, str, int]] = []
+
+    class Saves(ModelCheckpoint):
+        def on_step_end(self, trainer: AdvancedTrainer) -> None:
+            order.append(("step_end", "checkpoint", trainer.state.step))
+            super().on_step_end(trainer)
+
+        def on_validation_end(self, trainer: AdvancedTrainer) -> None:
+            order.append(("validation_end", "checkpoint", trainer.state.step))
+            super().on_validation_end(trainer)
+
+    class Writes(CSVLogger):
+        def on_step_end(self, trainer: AdvancedTrainer) -> None:
+            order.append(("step_end", "logger", trainer.state.step))
+            super().on_step_end(trainer)
+
+        def on_validation_end(self, trainer: AdvancedTrainer) -> None:
+            order.append(("validation_end", "logger", trainer.state.step))
+            super().on_validation_end(trainer)
+
+    class Mine(Callback):
+        def on_step_end(self, trainer: AdvancedTrainer) -> None:
+            order.append(("step_end", "mine", trainer.state.step))
+
+        def on_validation_end(self, trainer: AdvancedTrainer) -> None:
+            order.append(("validation_end", "mine", trainer.state.step))
+
+    model = make_model()
+    trainer = AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.MSELoss(),
+                              callbacks=[Saves(tmp_path / "ck", monitor="val_loss", every_n_steps=2),
+                                         Writes(tmp_path / "m.csv", log_every_n_steps=1), Mine()], progress=False)
+    trainer.fit(loader(make_dataset(16), batch_size=8), loader(make_dataset(8), batch_size=8), epochs=1,
+                val_every_n_steps=1)
+    assert order == [("step_end", "logger", 1), ("step_end", "mine", 1), ("step_end", "checkpoint", 1),
+                     ("validation_end", "mine", 1), ("validation_end", "logger", 1), ("validation_end", "checkpoint", 1),
+                     ("step_end", "logger", 2), ("step_end", "mine", 2), ("step_end", "checkpoint", 2),
+                     ("validation_end", "mine", 2), ("validation_end", "logger", 2), ("validation_end", "checkpoint", 2)]
