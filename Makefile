@@ -21,18 +21,17 @@ demo: $(STAMP)
 	$(PY) -m torchkeel demo
 
 # Tests marked serial (tests/distributed/ whole, and every test that starts ranks: `distributed`,
-# the benchmarks among them) run one at a time: two gloo jobs at once on 2 cores only slow each other
-# down; most start their ranks forked from one warm interpreter (tests/launch.py). The rest
-# (in-process tests, and slow ones that start one process: kill -9, signals, the demo) run first on
-# 2 xdist workers (JOBS=1: in this process). Both parts run even if the first fails; `make test`
-# fails if either did. test-fast runs the tests not marked slow on the xdist workers.
+# the benchmarks among them) run one at a time, on one xdist worker of their own (the xdist_group
+# "serial"): two gloo jobs at once on 2 cores only slow each other down, and most of their time is
+# spent waiting for processes. The other JOBS workers take the rest (in-process tests, and slow ones
+# that start one process: kill -9, signals, the demo) beside them. JOBS=1 runs everything in this
+# process, one test at a time. test-fast runs the tests not marked slow on the JOBS workers.
 JOBS ?= 2
 XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS))
+XDIST_SERIAL = $(if $(filter-out 1,$(JOBS)),-n $(shell expr $(JOBS) + 1) --dist loadgroup)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) -m "not serial"; parallel=$$?; \
-	$(PY) -m pytest -q -m serial; serial=$$?; \
-	[ $$parallel -eq 0 ] && [ $$serial -eq 0 ]
+	$(PY) -m pytest -q $(XDIST_SERIAL)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) -m "not slow"

@@ -3,7 +3,7 @@
 tests/faults/scripts/train_tracked.py logs every step to TensorBoard, CSV and MLflow with step
 checkpoints; one run is killed with SIGKILL right after a step past its last checkpoint and run again
 (resume_from='auto'), in a new process or by torchrun's restart. Under a real one-node Slurm
-(tests/slurm_cluster.py) a job gets SIGUSR1 from Slurm (``sbatch --signal=USR1@15`` before its time
+(tests/slurm_cluster.py) a job gets SIGUSR1 from Slurm (``sbatch --signal=USR1@10`` before its time
 limit, or ``scancel --signal=USR1`` to two torchrun ranks), saves, requeues itself and its rerun resumes.
 Each tracker is read back with its own
 reader (TensorBoard's EventAccumulator, csv, MLflow's client, W&B's `leet inspect`) and every series must equal the
@@ -157,12 +157,13 @@ def _submit(slurm: Slurm, out: Path, launch: str, options: str = "") -> int:
 def requeued(slurm: Slurm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, int, dict[str, str]]]:
     """Two Slurm jobs at once and their uninterrupted twins: {name: (job's folder, twin's folder, job id, job info)}.
 
-    ``one``: one process; Slurm's own warning before the 1-minute time limit (``--signal=USR1@15``:
-    slurmctld checks limits every 30 s, so it comes 15 to 45 s into the job). ``two``: two torchrun
+    ``one``: one process; Slurm's own warning before the 1-minute time limit (``--signal=USR1@10``:
+    slurmctld checks limits every 30 s and sends it at the first check with at most 10 + 30 s left, so
+    it comes 20 to 50 s into the job, when Python is long in ``fit`` even on a busy machine). ``two``: two torchrun
     ranks; ``scancel --signal=USR1`` once they wait at step 7.
     """
     base = tmp_path_factory.mktemp("requeued")
-    jobs = {"one": _submit(slurm, base / "one", sys.executable, "#SBATCH --time=1\n#SBATCH --signal=USR1@15"),
+    jobs = {"one": _submit(slurm, base / "one", sys.executable, "#SBATCH --time=1\n#SBATCH --signal=USR1@10"),
             "two": _submit(slurm, base / "two", TORCHRUN)}
     # the uninterrupted runs train while the jobs wait for their signal
     whole = {"one": process(SCRIPT, base / "one-whole", env=fork_env(), timeout=TIMEOUT),
