@@ -21,17 +21,22 @@ demo: $(STAMP)
 	$(PY) -m torchkeel demo
 
 # Tests marked serial (tests/distributed/ whole, and every test that starts ranks: `distributed`,
-# the benchmarks among them) run one at a time, on one xdist worker of their own (the xdist_group
-# "serial"): two gloo jobs at once on 2 cores only slow each other down, and most of their time is
-# spent waiting for processes. The other JOBS workers take the rest (in-process tests, and slow ones
-# that start one process: kill -9, signals, the demo) beside them. JOBS=1 runs everything in this
-# process, one test at a time. test-fast runs the tests not marked slow on the JOBS workers.
+# the benchmarks among them) run one at a time, in a pytest of their own: two gloo jobs at once on 2
+# cores only slow each other down, and much of their time goes to waiting for processes. Beside it,
+# JOBS xdist workers take the rest (in-process tests, and slow ones that start one process: kill -9,
+# signals, the demo); the serial part's report follows theirs (its output is kept in SERIAL_LOG
+# meanwhile). `make test` fails if either part did. JOBS=1: the rest in this process.
+# test-fast runs the tests not marked slow on the JOBS workers.
 JOBS ?= 2
 XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS))
-XDIST_SERIAL = $(if $(filter-out 1,$(JOBS)),-n $(shell expr $(JOBS) + 1) --dist loadgroup)
+SERIAL_LOG := .test-serial.log
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(XDIST_SERIAL)
+	$(PY) -m pytest -q -m serial > $(SERIAL_LOG) 2>&1 & serial_pid=$$!; \
+	$(PY) -m pytest -q $(XDIST) -m "not serial"; parallel=$$?; \
+	wait $$serial_pid; serial=$$?; \
+	echo "---- the serial part (tests that start ranks), run beside the above:"; cat $(SERIAL_LOG); \
+	[ $$parallel -eq 0 ] && [ $$serial -eq 0 ]
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) -m "not slow"

@@ -40,11 +40,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark every test under a slow folder ``slow`` (other folders mark their slow tests one by one).
 
     Every test that starts ranks (tests/distributed/, and each test marked ``distributed`` wherever
-    it is) is also marked ``serial`` and put in the xdist group ``serial``: `make test`
-    (``--dist loadgroup``) runs those one at a time on one worker, beside the workers that take the
-    rest (a fault test of one process, such as a kill -9 and its resume, runs there). The serial
-    group goes first, so that its worker starts it at once, then the tests marked ``first`` (long
-    ones that measure no time).
+    it is) is also marked ``serial``: `make test` runs those one at a time in a pytest of their own,
+    beside the 2 xdist workers that take the rest (a fault test of one process, such as a kill -9 and
+    its resume, runs there). Tests marked ``first`` (long ones that measure no time) are moved to the front.
     """
     slow = tuple(TESTS / name for name in SLOW_FOLDERS)
     serial = tuple(TESTS / name for name in SERIAL_FOLDERS)
@@ -54,9 +52,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if (any(item.path.is_relative_to(folder) for folder in serial) or item.get_closest_marker("distributed")
                 or item.get_closest_marker("serial")):
             item.add_marker(pytest.mark.serial)
-            item.add_marker(pytest.mark.xdist_group("serial"))
-    # the serial group, then the longest tests, first: no xdist worker waits for one of them at the end
-    items.sort(key=lambda item: (item.get_closest_marker("serial") is None, item.get_closest_marker("first") is None))
+    # the longest tests first, so that the xdist workers do not wait for one at the end
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)
 
 N_SAMPLES = 64
 IN_FEATURES = 4
