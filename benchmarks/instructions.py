@@ -22,6 +22,7 @@ Usage::
 
     python benchmarks/instructions.py            # 200 and 700 steps per side (about 5 minutes)
     python benchmarks/instructions.py --quick    # 50 and 150 steps (about 2 minutes)
+    python benchmarks/instructions.py --smoke    # 5 and 15 steps: runs end to end, numbers too rough to quote
 
 Needs ``valgrind`` (with ``callgrind_control``) on the PATH; exits 2 naming it when missing.
 """
@@ -47,12 +48,13 @@ SIDES = {   # name: what it runs (overhead.py's classes)
     "trainer": "AdvancedTrainer, fit(epochs=...)",
     "logged": "AdvancedTrainer, fit(epochs=...), trainer.log() in training_step",
 }
-STEPS = {"full": (200, 700), "quick": (50, 150)}
+STEPS = {"full": (200, 700), "quick": (50, 150), "smoke": (5, 15)}   # the two blocks of steps per side
+WARM = {"full": 50, "quick": 50, "smoke": 10}                          # steps of each of the two warm-up fits
 WAIT_S = 900   # the longest a child may take to warm up or to finish its block under valgrind
 MARK = "torchkeel-instructions:"   # the child's word to the parent, on a line of its own
 
 
-def child(side: str, blocks: list[int]) -> None:
+def child(side: str, warm_steps: int, blocks: list[int]) -> None:
     """In the valgrind process: warm up, then run one block of steps each time the parent says ``go``.
 
     It says ``ready`` / ``done`` on stdout and waits for the parent's word in a blocking read of stdin:
@@ -67,7 +69,7 @@ def child(side: str, blocks: list[int]) -> None:
     torch.set_num_interop_threads(1)
     ob.pin_malloc()
     model = ob.make_model("tiny")
-    warm, batches = ob.make_batches("tiny", 50), [ob.make_batches("tiny", n) for n in blocks]
+    warm, batches = ob.make_batches("tiny", warm_steps), [ob.make_batches("tiny", n) for n in blocks]
     run = {"raw": lambda: ob.RawLoop(model).run, "raw_logged": lambda: ob.RawLoggedLoop(model).run,
            "trainer": lambda: ob.TrainerLoop(model, "lines").run,
            "logged": lambda: ob.TrainerLoop(model, "lines", "logged").run}[side]()
@@ -84,12 +86,12 @@ def child(side: str, blocks: list[int]) -> None:
     sys.stdin.readline()                        # the parent has dumped the last block: exit
 
 
-def count(side: str, blocks: tuple[int, ...], work: Path) -> list[int]:
+def count(side: str, warm_steps: int, blocks: tuple[int, ...], work: Path) -> list[int]:
     """Instructions one child executes in each block of steps (one process, one dump per block)."""
     out, log = work / f"{side}.callgrind", work / f"{side}.log"
     with log.open("w") as err:
         proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                                 sys.executable, __file__, "--child", side, *map(str, blocks)],
+                                 sys.executable, __file__, "--child", side, str(warm_steps), *map(str, blocks)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
     assert proc.stdin is not None and proc.stdout is not None
 
@@ -139,10 +141,10 @@ def count(side: str, blocks: tuple[int, ...], work: Path) -> list[int]:
     return totals
 
 
-def measure(quick: bool) -> dict[str, Any]:
-    n1, n2 = STEPS["quick" if quick else "full"]
+def measure(mode: str) -> dict[str, Any]:
+    n1, n2 = STEPS[mode]
     with tempfile.TemporaryDirectory(prefix="torchkeel-instr-") as tmp, ThreadPoolExecutor(2) as pool:
-        jobs = {side: pool.submit(count, side, (n1, n2), Path(tmp)) for side in SIDES}
+        jobs = {side: pool.submit(count, side, WARM[mode], (n1, n2), Path(tmp)) for side in SIDES}
         totals = {side: job.result() for side, job in jobs.items()}
     per_step = {side: (totals[side][1] - totals[side][0]) / (n2 - n1) for side in SIDES}
     return {"steps": [n1, n2], "instructions_per_step": per_step,
@@ -172,12 +174,13 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="50 and 150 steps per side instead of 200 and 700")
+    parser.add_argument("--smoke", action="store_true", help="5 and 15 steps per side: end to end, not for quoting")
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        side, *blocks = args.child
-        child(side, [int(n) for n in blocks])
+        side, warm_steps, *blocks = args.child
+        child(side, int(warm_steps), [int(n) for n in blocks])
         return 0
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing:
@@ -187,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     import overhead as ob
 
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     result: dict[str, Any] = {"bench": "instructions", "date": dt.datetime.now().isoformat(timespec="seconds"),
-                              "machine": ob.machine(), "mode": "quick" if args.quick else "full"}
+                              "machine": ob.machine(), "mode": mode}
     result["commit"] = result["machine"]["commit"]
-    result |= measure(args.quick)
+    result |= measure(mode)
     if not args.no_save:
         print(f"appended to {ob.append_result(result).relative_to(ob.ROOT)}", file=sys.stderr)
     print(markdown(result))

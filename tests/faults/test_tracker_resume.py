@@ -3,7 +3,7 @@
 tests/faults/scripts/train_tracked.py logs every step to TensorBoard, CSV and MLflow with step
 checkpoints; one run is killed with SIGKILL right after a step past its last checkpoint and run again
 (resume_from='auto'), in a new process or by torchrun's restart. Under a real one-node Slurm
-(tests/slurm_cluster.py) a job gets SIGUSR1 from Slurm (``sbatch --signal=USR1@10`` before its time
+(tests/slurm_cluster.py) a job gets SIGUSR1 from Slurm (``sbatch --signal=USR1@60`` before its time
 limit, or ``scancel --signal=USR1`` to two torchrun ranks), saves, requeues itself and its rerun resumes.
 Each tracker is read back with its own
 reader (TensorBoard's EventAccumulator, csv, MLflow's client, W&B's `leet inspect`) and every series must equal the
@@ -14,7 +14,6 @@ in one MLflow run and one W&B run (offline). Only the series that hold wall-cloc
 from __future__ import annotations
 
 import csv
-import os
 import re
 import signal
 import sys
@@ -153,47 +152,40 @@ def _submit(slurm: Slurm, out: Path, launch: str, options: str = "") -> int:
     return slurm.sbatch(script)
 
 
-@pytest.fixture(scope="module")
-def requeued(slurm: Slurm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, int, dict[str, str]]]:
-    """Two Slurm jobs at once and their uninterrupted twins: {name: (job's folder, twin's folder, job id, job info)}.
+def test_slurms_signal_saves_requeues_and_the_rerun_continues_every_tracker(
+        slurm: Slurm, tmp_path: Path) -> None:
+    """Two Slurm jobs at once, each compared with its uninterrupted twin.
 
-    ``one``: one process; Slurm's own warning before the 1-minute time limit (``--signal=USR1@10``:
-    slurmctld checks limits every 30 s and sends it at the first check with at most 10 + 30 s left, so
-    it comes 20 to 50 s into the job, when Python is long in ``fit`` even on a busy machine). ``two``: two torchrun
-    ranks; ``scancel --signal=USR1`` once they wait at step 7.
+    ``one``: one process; Slurm's own warning before the 2-minute time limit (``--signal=USR1@60``:
+    slurmctld checks limits every 30 s and sends it at the first check with at most 60 + 30 s left,
+    30 to 60 s into the job, once Python is in ``fit`` even on a busy machine: wherever it lands, at
+    the wait after step 7 or before). ``two``: two torchrun ranks; ``scancel --signal=USR1`` once they
+    wait at step 7. One test, not one per job: the session's cluster then runs on one xdist worker.
     """
-    base = tmp_path_factory.mktemp("requeued")
-    jobs = {"one": _submit(slurm, base / "one", sys.executable, "#SBATCH --time=1\n#SBATCH --signal=USR1@10"),
-            "two": _submit(slurm, base / "two", TORCHRUN)}
+    jobs = {"one": _submit(slurm, tmp_path / "one", sys.executable, "#SBATCH --time=2\n#SBATCH --signal=USR1@60"),
+            "two": _submit(slurm, tmp_path / "two", TORCHRUN)}
     # the uninterrupted runs train while the jobs wait for their signal
-    whole = {"one": process(SCRIPT, base / "one-whole", env=fork_env(), timeout=TIMEOUT),
-             "two": ranks(SCRIPT, base / "two-whole", env=fork_env(), timeout=TIMEOUT)}
+    whole = {"one": process(SCRIPT, tmp_path / "one-whole", env=fork_env(), timeout=TIMEOUT),
+             "two": ranks(SCRIPT, tmp_path / "two-whole", env=fork_env(), timeout=TIMEOUT)}
     for name, proc in whole.items():
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
     deadline = time.monotonic() + TIMEOUT
-    while not (base / "two" / "waiting").exists():
+    while not (tmp_path / "two" / "waiting").exists():
         assert time.monotonic() < deadline, f"job two never reached step 7: {slurm.job_info(jobs['two'])}"
         time.sleep(0.1)
     slurm.scancel(jobs["two"], "--signal=USR1")
-    return {name: (base / name, base / f"{name}-whole", job, slurm.wait_state(job, "COMPLETED", timeout=TIMEOUT))
-            for name, job in jobs.items()}
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("name", ["one", "two"])
-def test_slurms_signal_saves_requeues_and_the_rerun_continues_every_tracker(
-        requeued: dict[str, tuple[Path, Path, int, dict[str, str]]], name: str) -> None:
-    out, whole_out, job, info = requeued[name]
-    log = (out / "job.out").read_text()
-    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", (info, log[-4000:])
-    first, rerun = log.split(f"run 1 of job {job}\n")
-    assert first.startswith(f"run 0 of job {job}\n"), log[-4000:]
-    assert (out / "signalled").read_text().startswith("SIGUSR1 "), log[-4000:]
-    saved = re.search(r"torchkeel: SIGUSR1 received; stopped at epoch 0, step (\d+); saved (\S+)\. Exit code 138\. "
-                      rf"This rank requeues Slurm job {job} once fit has ended\.", first)
-    assert saved, first[-4000:]
-    assert f"torchkeel: requeued Slurm job {job} (scontrol requeue {job}); its next run resumes" in first, first[-4000:]
-    assert first.count("requeued Slurm job") == 1, first[-4000:]     # rank 0 alone requeues
-    assert os.path.basename(saved.group(2)) in rerun and "MLflowLogger: continuing run" in rerun, rerun[-4000:]
-    assert "SIGUSR1" not in rerun, rerun[-4000:]
-    _assert_same(_tracked(out), _tracked(whole_out), out, whole_out)
+    for name, job in jobs.items():
+        info = slurm.wait_state(job, "COMPLETED", timeout=TIMEOUT)
+        out, whole_out = tmp_path / name, tmp_path / f"{name}-whole"
+        log = (out / "job.out").read_text()
+        assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", (name, info, log[-4000:])
+        first, rerun = log.split(f"run 1 of job {job}\n")
+        assert first.startswith(f"run 0 of job {job}\n"), log[-4000:]
+        saved = re.search(r"torchkeel: SIGUSR1 received; stopped at epoch 0, step (\d+); saved (\S+)\. Exit code 138\. "
+                          rf"This rank requeues Slurm job {job} once fit has ended\.", first)
+        assert saved, first[-4000:]
+        assert f"torchkeel: requeued Slurm job {job} (scontrol requeue {job}); its next run resumes" in first, first[-4000:]
+        assert first.count("requeued Slurm job") == 1, first[-4000:]     # rank 0 alone requeues
+        assert f"Resumed from {saved.group(2)} at epoch 0, step {saved.group(1)}" in rerun, rerun[-4000:]
+        assert "MLflowLogger: continuing run" in rerun and "SIGUSR1" not in rerun, rerun[-4000:]
+        _assert_same(_tracked(out), _tracked(whole_out), out, whole_out)

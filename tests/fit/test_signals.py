@@ -153,7 +153,7 @@ def test_sigusr1_under_slurm_saves_and_says_when_the_job_cannot_be_requeued(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``scontrol`` is not on this PATH: the save stands and the message says to resubmit.
 
-    (A real requeue, by a real Slurm, is tested in tests/faults/test_slurm.py.)
+    (A real requeue, by a real Slurm, is tested in tests/faults/test_tracker_resume.py.)
     """
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("PATH", str(tmp_path))
