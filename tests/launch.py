@@ -58,6 +58,16 @@ def fork_env() -> dict[str, str]:
     return env
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """End a server a test started: SIGTERM, and SIGKILL if it has not exited within ``timeout`` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now, for a test's torchrun or spawn rendezvous."""
     with socket.socket() as s:

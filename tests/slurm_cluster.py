@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from launch import terminate
 
 INSTALL = "apt-get install -y --no-install-recommends slurm-wlm munge"
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -242,12 +243,7 @@ class Slurm:
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, timeout=10)
         for pid in self.strays():
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import mlflow_runs, mlflow_series, tensorboard_scalars, without_wall_clock
-from launch import free_port
+from launch import free_port, terminate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -220,9 +220,4 @@ def test_a_fit_logs_to_a_real_tracking_server(tmp_path: Path) -> None:
         assert [v for _, v in got["epoch/val_loss"]] == history["val_loss"]
         assert run.data.params["optimizer"] == "SGD"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        terminate(server, timeout=30)
