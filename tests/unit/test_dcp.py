@@ -305,6 +305,25 @@ def test_remove_deletes_only_sharded_checkpoints(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["link", "other"]
 
 
+def test_a_removal_killed_midway_leaves_no_directory_under_a_checkpoints_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Top-k pruning killed inside the deletion: the name holds the whole checkpoint or nothing."""
+    keep, doomed = dcp.save(_state(), tmp_path / "step-1"), dcp.save(_state(), tmp_path / "step-2")
+
+    def killed(folder: Path) -> None:   # the process dies after the first file is gone
+        os.unlink(next(p for p in sorted(folder.iterdir()) if p.name.endswith(".distcp")))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcp, "_remove_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dcp.remove(doomed, folder=tmp_path)
+    monkeypatch.undo()
+    assert not doomed.exists() and dcp.verify(keep)
+    assert [name for name in os.listdir(tmp_path) if not name.startswith(".")] == ["step-1"]
+    assert [p.name.split(".tmp-")[0] for p in dcp.clean_temporaries(tmp_path)] == [".step-2"]
+    assert os.listdir(tmp_path) == ["step-1"]
+
+
 class _Tied(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -428,8 +428,11 @@ def clean_temporaries(folder: StrPath) -> list[Path]:
 
 
 def remove(path: StrPath, folder: StrPath | None = None) -> None:
-    """Delete a sharded checkpoint: its manifest first (from then on it is no checkpoint), then the rest.
+    """Delete a sharded checkpoint: renamed to an unfinished write's name first, then deleted.
 
+    The rename is atomic: whatever kills the process, the checkpoint's name holds the whole
+    checkpoint or nothing, and what is left under the temporary name is an unfinished write that
+    ``clean_temporaries`` removes (``ModelCheckpoint`` runs it when it starts).
     Raises ``ValueError``, deleting nothing, for a symlink, a directory that is not a sharded
     checkpoint, or one not directly in ``folder`` when given.
     Example:
@@ -441,7 +444,7 @@ def remove(path: StrPath, folder: StrPath | None = None) -> None:
     if target.is_symlink() or not is_sharded(target):
         raise ValueError(f"remove(path={str(path)!r}): not a sharded torchkeel checkpoint (or a "
                          "symlink); torchkeel deletes only directories it wrote.")
-    (target / MANIFEST).unlink()
-    _fsync_dir(target)
-    _remove_tree(target)
+    aside = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+    os.rename(target, aside)
     _fsync_dir(target.parent)
+    _remove_tree(aside)

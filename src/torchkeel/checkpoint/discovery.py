@@ -141,7 +141,7 @@ def clean_temporaries(folder: StrPath) -> list[Path]:
 
 
 def remove(path: StrPath, folder: StrPath | None = None, missing_ok: bool = False) -> None:
-    """Delete a checkpoint through its store: its manifest first, then its payload or directory.
+    """Delete a checkpoint through its store (a file: its manifest first; a directory: renamed aside first).
 
     Raises ``ValueError``, deleting nothing, for a symlink, something torchkeel did not write, or
     a checkpoint not directly in ``folder`` when given.

@@ -192,7 +192,7 @@ class ModelCheckpoint(Callback):
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             for tmp in discovery.clean_temporaries(self.dirpath):
-                log.info("ModelCheckpoint: removed an unfinished write %s", tmp)
+                log.info("ModelCheckpoint: removed an unfinished write or deletion %s", tmp)
         if self.async_save and self._saver is None:     # a sharded store's gloo group: every rank, here
             self._saver = AsyncStore(self._store)
 

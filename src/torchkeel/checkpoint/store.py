@@ -232,7 +232,7 @@ class ShardedStore:
         return state
 
     def remove(self, path: StrPath, folder: StrPath | None = None, missing_ok: bool = False) -> None:
-        """``dcp.remove``: the manifest first, then the directory."""
+        """``dcp.remove``: renamed to a temporary name (atomic), then deleted."""
         from torchkeel.checkpoint import dcp  # lazy: see _LAZY
 
         if missing_ok and not os.path.lexists(path):
