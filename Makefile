@@ -32,8 +32,8 @@ XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS))
 SERIAL_LOG := .test-serial.log
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m serial > $(SERIAL_LOG) 2>&1 & serial_pid=$$!; \
-	$(PY) -m pytest -q $(XDIST) -m "not serial"; parallel=$$?; \
+	$(PY) -m pytest -q --durations=15 -m serial > $(SERIAL_LOG) 2>&1 & serial_pid=$$!; \
+	$(PY) -m pytest -q --durations=15 $(XDIST) -m "not serial"; parallel=$$?; \
 	wait $$serial_pid; serial=$$?; \
 	echo "---- the serial part (tests that start ranks), run beside the above:"; cat $(SERIAL_LOG); \
 	[ $$parallel -eq 0 ] && [ $$serial -eq 0 ]

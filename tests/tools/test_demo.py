@@ -98,7 +98,7 @@ def test_demo_command_on_two_processes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run([sys.executable, "-m", "torchkeel", "demo", "--nproc", "2", "--out", str(out),
-                           "--epochs", "30", "--no-progress"],
+                           "--epochs", "3", "--no-progress"],   # the 1-process run reads 0.975 at 3
                           check=False, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "terminate called" not in proc.stderr
@@ -106,4 +106,4 @@ def test_demo_command_on_two_processes(tmp_path: Path) -> None:
     assert proc.stdout.count("final: ") == 1                # rank 0 only
     history = json.loads((out / "history.json").read_text())
     assert history["val_acc"][-1] > 0.95
-    assert 1 <= len(history["epoch"]) <= 30
+    assert len(history["epoch"]) == 3
