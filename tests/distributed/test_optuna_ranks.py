@@ -1,6 +1,7 @@
 """An Optuna study whose trials train on 2 gloo ranks under torchrun (tests/distributed/scripts/optuna_study.py).
 
-One launch: four trials (two pruned for certain), then two errors every rank must raise alike. Real
+One launch: four trials (two pruned for certain), a study stopped early by rank 0, then two errors
+every rank must raise alike. Real
 torchrun, not forked ranks: trials 0 and 2 close the process group inside the objective, and optimize
 joins it again through torchrun's store (a fresh prefix of the agent's store, ``init_process_group``).
 """
@@ -59,6 +60,7 @@ def test_pruned_trials_stop_every_rank_at_the_same_step(tmp_path: Path) -> None:
 
     errors = [json.loads((tmp_path / f"errors-rank{r}.json").read_text()) for r in (0, 1)]
     assert errors[0] == errors[1]                       # the same exception on every rank
+    assert len(errors[0]["stopped_after"]) == 1         # study.stop() on rank 0 ended every rank's loop
     multi = ("OptunaPruning (trial 0) failed on rank 0: NotImplementedError: Trial.report is not supported for "
              "multi-objective optimization.")
     assert errors[0]["multi"] == ["NotImplementedError", multi]

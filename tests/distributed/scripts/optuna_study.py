@@ -7,7 +7,8 @@ step 4 (n_warmup_steps=4) on; a shift of 0 gives one near 1. Trials 0 and 2 trai
 trials 1 and 3 keep it open. Each rank appends one JSON line per trial to OUT/rank<R>.jsonl (its final
 step, whether it learned of the prune, the suggested params) and writes its pid to OUT/pid-rank<R>.
 
-Then two errors every rank must raise alike, written to OUT/errors-rank<R>.json: a multi-objective
+Then a study that a callback of rank 0's stops after its first trial of 50 (every rank must return),
+and two errors every rank must raise alike, written with it to OUT/errors-rank<R>.json: a multi-objective
 study, whose trials Optuna refuses reports to (rank 0's error, raised from fit on every rank), and a
 plain optuna Trial of each rank's own in a 2-rank fit (refused at fit start).
 """
@@ -87,6 +88,14 @@ def main() -> None:
     study = optimize(make_study, objective, n_trials=len(SHIFTS), backend="gloo")
     assert (study is not None) == (RANK == 0)
     errors: dict[str, Any] = {}
+    ran: list[int] = []                     # the trials this rank ran in a study stopped early
+
+    def guess(trial: DistributedTrial) -> float:
+        ran.append(trial.suggest_int("n", 0, 9))
+        return float(ran[-1])
+
+    optimize(optuna.create_study, guess, n_trials=50, callbacks=[lambda study, _: study.stop()], backend="gloo")
+    errors["stopped_after"] = ran
     try:
         optimize(lambda: optuna.create_study(study_name="multi", storage=STORAGE, directions=["minimize", "minimize"]),
                  multi_objective, n_trials=1, backend="gloo")
