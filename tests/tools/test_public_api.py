@@ -44,6 +44,19 @@ def test_all_is_pinned():
         assert hasattr(torchkeel, name), name
 
 
+# torchkeel.integrations: each name imports its library when first used (optuna: torchkeel[optuna])
+EXPECTED_INTEGRATIONS = ["DistributedTrial", "OptunaPruning", "optimize"]
+
+
+def test_integrations_all_is_pinned():
+    from torchkeel import integrations
+
+    assert sorted(integrations.__all__) == sorted(EXPECTED_INTEGRATIONS)
+    pytest.importorskip("optuna", reason="needs optuna: pip install 'torchkeel[optuna]'")
+    for name in integrations.__all__:
+        assert getattr(integrations, name).__module__ == "torchkeel.integrations.optuna", name
+
+
 def test_version():
     assert torchkeel.__version__ == "0.1.0"
 
@@ -74,7 +87,7 @@ def test_seed_signature_is_accepted():
     assert list(fit.parameters)[1:4] == ["train_loader", "val_loader", "epochs"]
 
 
-HEAVY = ("tensorboard", "tqdm", "matplotlib")
+HEAVY = ("tensorboard", "tqdm", "matplotlib", "optuna")
 
 
 def heavy_modules_added_by(statement: str) -> tuple[list[str], list[str]]:
@@ -93,14 +106,15 @@ def heavy_modules_added_by(statement: str) -> tuple[list[str], list[str]]:
 
 def test_import_is_light():
     # torch 2.13's own torch.hub imports tqdm when it is installed; torchkeel must add nothing on top,
-    # and never tensorboard or matplotlib.
-    before, added = heavy_modules_added_by("import torchkeel")
+    # and never tensorboard or matplotlib; torchkeel.integrations imports optuna only when a name is used.
+    before, added = heavy_modules_added_by("import torchkeel, torchkeel.integrations")
     assert added == []
     assert not [m for m in before if m.split(".")[0] in ("tensorboard", "matplotlib")]
 
 
 def test_import_check_can_see_heavy_modules():
-    """The check above would notice a module-level import of tensorboard or matplotlib."""
+    """The check above would notice a module-level import of tensorboard or matplotlib (or of optuna)."""
     pytest.importorskip("matplotlib", reason="needs matplotlib: pip install 'torchkeel[plot]'")
-    _, added = heavy_modules_added_by("import torchkeel, matplotlib")
-    assert "matplotlib" in added
+    pytest.importorskip("optuna", reason="needs optuna: pip install 'torchkeel[optuna]'")
+    _, added = heavy_modules_added_by("import torchkeel, matplotlib\nfrom torchkeel.integrations import OptunaPruning")
+    assert "matplotlib" in added and "optuna" in added
