@@ -17,7 +17,15 @@ from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from torch.utils.data import DataLoader
 
-from torchkeel import EMA, SWA, AdvancedTrainer, Callback, EarlyStopping, ModelCheckpoint, load_checkpoint
+from torchkeel import (
+    EMA,
+    SWA,
+    AdvancedTrainer,
+    Callback,
+    EarlyStopping,
+    ModelCheckpoint,
+    load_checkpoint,
+)
 
 
 class BNNet(nn.Module):

@@ -211,6 +211,10 @@ def ema_fit(kind: str, loader: Any, val: Any, ckpt: Path | None = None, resume: 
     return out
 
 
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def all_ranks(flag: bool) -> bool:
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -222,9 +226,8 @@ def ema_case(out: Path, rank: int, world: int, loader: Any, one: dict[str, Any] 
     whole = ema_fit("fsdp", loader, val, ckpt=out / "ema_ckpt")
     plain = ema_fit("fsdp", loader, val, with_ema=False)
     bare = ema_fit("fsdp", loader, val)       # no checkpoint: its save (a state dict) would reshard the root
-    first = sorted((out / "ema_ckpt").rglob("epoch=0-step=*"))[0]
+    first = min((out / "ema_ckpt").rglob("epoch=0-step=*"))   # the one directory of epoch 0
     resumed = ema_fit("fsdp", loader, val, ckpt=out / "ema_resumed", resume=str(first))
-    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     dt = DistributedTrainer(Net(width=5), strategy="fsdp")
     swa = AdvancedTrainer(dt, torch.optim.SGD(dt.model.parameters(), lr=0.1), criterion=nn.MSELoss(), progress=False,
                           callbacks=[SWA(swa_lrs=0.1)])
@@ -241,7 +244,7 @@ def ema_case(out: Path, rank: int, world: int, loader: Any, one: dict[str, Any] 
         "shards_uneven": all_ranks(whole["ema_local"]["inp.weight"].shape[0] == (3, 2)[rank]),
         "full_equal_on_ranks": all_ranks(same(whole["ema_full"], resumed["ema_full"])),
         "updates": [whole["updates"], resumed["updates"]], "swa_error": swa_error,
-        "first_checkpoint": str(first), "last_checkpoint": str(sorted((out / "ema_ckpt").rglob("epoch=1-step=*"))[0]),
+        "first_checkpoint": str(first), "last_checkpoint": str(min((out / "ema_ckpt").rglob("epoch=1-step=*"))),
     }
     if rank == 0 and one is not None:
         result |= {"fsdp_vs_one": max_diff(whole["ema_full"], one["ema_full"]),
