@@ -77,8 +77,8 @@ def test_ema_on_a_sharded_model_averages_each_ranks_shards_and_resumes_from_a_sh
     val_loss that of one process's EMA) and puts the training weights back exactly (equal, bit for bit, to
     the same sharded training without EMA, with or without checkpoints, whose state dicts would reshard a
     root left gathered by validation); a fresh trainer resumed from the first epoch's checkpoint
-    directory ends with every rank's shards of the average equal, bit for bit. SWA refuses the sharded
-    model. ``torchkeel export --ema`` of the last directory writes the gathered average."""
+    directory ends with every rank's shards of the average equal, bit for bit, and one resumed from one
+    process's single file equals the one-process EMA. SWA refuses the sharded model. ``torchkeel export --ema`` of the last directory writes the gathered average."""
     from safetensors.torch import load_file
 
     from torchkeel import load_checkpoint
@@ -86,6 +86,7 @@ def test_ema_on_a_sharded_model_averages_each_ranks_shards_and_resumes_from_a_sh
     r = result["ema"]
     assert r["shards_uneven"] and r["updates"] == [4, 4], r
     assert r["fsdp_vs_one"] <= 1e-5 and r["weights_vs_one"] <= 1e-5 and r["moved"] > 1e-2, r
+    assert r["from_file_vs_one"] <= 1e-5, r      # one process's .pt resumed sharded: its average, in shards
     assert max(abs(a - b) for a, b in zip(r["val_fsdp"], r["val_one"])) <= 1e-5, r
     assert all(abs(a - b) > 1e-4 for a, b in zip(r["val_fsdp"], r["val_plain"])), r      # the average's metrics
     assert r["training_unaffected"] and r["resumed_training_equal"] and r["bare_equal"], r

@@ -179,6 +179,34 @@ def test_ema_metrics_rank_checkpoints_which_hold_the_training_weights(tmp_path: 
     assert early.best_epoch == best and equal(early.best_weights or {}, probe.by_epoch[best]["model"])
 
 
+class Boom(RuntimeError):
+    pass
+
+
+def test_an_error_inside_validation_puts_the_training_weights_back_before_the_emergency_save(tmp_path: Path) -> None:
+    """ModelCheckpoint(save_on_exception=True) is called before the EMA in the trainer's order; ``fit`` runs the
+    EMA's on_exception first, so the model is the training weights again, and so is the emergency checkpoint."""
+    calls = []
+
+    def failing(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        calls.append(1)
+        if len(calls) == 3:            # the first batch of the second validation
+            raise Boom("a metric failed")
+        return 0.0
+
+    ema = EMA(decay=0.5)
+    probe = Probe(ema)
+    ckpt = ModelCheckpoint(save_dir=tmp_path, monitor=None, save_on_exception=True)
+    trainer = make_trainer(callbacks=[probe, ema], checkpoint=ckpt, metrics={"m": failing})
+    trainer.callbacks.insert(0, trainer.callbacks.pop(trainer.callbacks.index(ckpt)))   # the checkpoint first
+    with pytest.raises(Boom):
+        trainer.fit(train_loader(), val_loader(), epochs=2)
+    assert equal(weights(trainer.model), probe.training)
+    saved = load_checkpoint(ckpt.last_model_path)
+    assert saved["state"]["step"] == 16 and equal(saved["model"], probe.training)
+    assert equal(saved["callbacks"]["EMA[0.5]"]["averaged"], ema.averaged_state_dict())
+
+
 def ema_run(save_dir: Path, epochs: int, resume: str | None = None, trainer: AdvancedTrainer | None = None,
             ema: EMA | None = None) -> tuple[AdvancedTrainer, EMA]:
     ema = ema or EMA(decay=0.9, every_n_steps=2)

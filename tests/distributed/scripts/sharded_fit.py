@@ -13,7 +13,8 @@ stopping and predict.
 EMA (``ema`` in result.json): a model of width 5 (uneven shards: 3 and 2 rows) trained with EMA(decay=0.7)
 and a ModelCheckpoint every epoch, sharded and (rank 0, before the process group) in one process; the
 same sharded training without the EMA; a fresh sharded trainer resumed from the first epoch's checkpoint
-directory; SWA refused on the sharded model. OUT/ema_full.pt holds the gathered average, for the export.
+directory, and another from one process's single-file checkpoint (the average's full tensors, cut into
+shards); SWA refused on the sharded model. OUT/ema_full.pt holds the gathered average, for the export.
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def ema_case(out: Path, rank: int, world: int, loader: Any, one: dict[str, Any] 
     bare = ema_fit("fsdp", loader, val)       # no checkpoint: its save (a state dict) would reshard the root
     first = min((out / "ema_ckpt").rglob("epoch=0-step=*"))   # the one directory of epoch 0
     resumed = ema_fit("fsdp", loader, val, ckpt=out / "ema_resumed", resume=str(first))
+    one_file = min((out / "ema_one").rglob("epoch=0-step=*.pt"))     # one process's checkpoint: full tensors
+    from_file = ema_fit("fsdp", loader, val, resume=str(one_file))
     dt = DistributedTrainer(Net(width=5), strategy="fsdp")
     swa = AdvancedTrainer(dt, torch.optim.SGD(dt.model.parameters(), lr=0.1), criterion=nn.MSELoss(), progress=False,
                           callbacks=[SWA(swa_lrs=0.1)])
@@ -249,6 +252,7 @@ def ema_case(out: Path, rank: int, world: int, loader: Any, one: dict[str, Any] 
     if rank == 0 and one is not None:
         result |= {"fsdp_vs_one": max_diff(whole["ema_full"], one["ema_full"]),
                    "weights_vs_one": max_diff(whole["weights"], one["weights"]),
+                   "from_file_vs_one": max_diff(from_file["ema_full"], one["ema_full"]),
                    "moved": max_diff(whole["ema_full"], whole["weights"]),
                    "val_fsdp": whole["val_loss"], "val_one": one["val_loss"], "val_plain": plain["val_loss"],
                    "val_resumed": resumed["val_loss"]}
@@ -272,7 +276,7 @@ def main() -> None:
     ones = {case: train("one", case, one_loaders[case], val_whole if case == "validate" else None)
             for case in CASES} if rank == 0 else {}
     by_hand = by_hand_one(whole)
-    one_ema = ema_fit("one", whole, val_whole) if rank == 0 else None
+    one_ema = ema_fit("one", whole, val_whole, ckpt=args.out / "ema_one") if rank == 0 else None
     dist.init_process_group("gloo")
     dt = DistributedTrainer(make())  # only for its create_dataloader (a DistributedSampler)
     sampled = dt.create_dataloader(ds, batch_size=BATCH, shuffle=False)
