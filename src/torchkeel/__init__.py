@@ -6,6 +6,8 @@ __version__ = "0.1.0"
 
 from torchkeel.accumulate import GradientAccumulator
 from torchkeel.callbacks import (
+    EMA,
+    SWA,
     Callback,
     EarlyStopping,
     LRScheduler,
@@ -20,8 +22,10 @@ from torchkeel.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
 from torchkeel.state import History, State
 
 __all__ = [
+    "EMA",
     "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
+    "SWA",
     "AdvancedTrainer",
     "Callback",
     "CheckpointError",

@@ -224,6 +224,8 @@ class AdvancedTrainer:
         # written (a run resumed from it writes nothing twice and loses nothing, whatever killed the process)
         hooks["on_step_end"].sort(key=lambda cb: bool(getattr(cb, "saves_checkpoints", False)))
         hooks["on_validation_end"].sort(key=row_order)
+        for name in ("on_epoch_end", "on_exception"):   # weights swapped for validation go back first
+            hooks[name].sort(key=lambda cb: not getattr(cb, "swaps_weights", False))
         stepper = self.stepper
         stepper.begin_fit(plan, hooks)
         step = stepper.run
@@ -513,6 +515,11 @@ class AdvancedTrainer:
         self.plan.val_every_n_steps = value
 
     @property
+    def train_loader(self) -> Iterable[Any] | None:
+        """This fit's train loader (``None`` before a fit); SWA recomputes BatchNorm statistics over it."""
+        return self.plan.train_loader
+
+    @property
     def num_batches(self) -> int | None:
         """Batches per epoch of this fit (after ``limit_train_batches``); ``None`` for a loader without ``len()``."""
         return self.plan.num_batches
@@ -592,7 +599,10 @@ class AdvancedTrainer:
 
 
 def row_order(cb: Callback) -> int:
-    """At a validation point: other callbacks (0), then the row writers (1), then the checkpoints (2)."""
+    """At a validation point: weight swappers (-1: the EMA puts the training weights back), other callbacks
+    (0), then the row writers (1), then the checkpoints (2)."""
+    if getattr(cb, "swaps_weights", False):
+        return -1
     return 2 if getattr(cb, "saves_checkpoints", False) else int(bool(getattr(cb, "writes_rows", False)))
 
 

@@ -53,6 +53,7 @@ class FitPlan:
         if train_loader is not None and epochs is None and max_steps is None:
             epochs = 1                       # the seed's fit(loader): one epoch
         self.state = state
+        self.train_loader = train_loader
         self.max_epochs = check_count("epochs", epochs)
         self.max_steps = check_count("max_steps", max_steps)
         self.val_every_n_steps = check_count("val_every_n_steps", val_every_n_steps)

@@ -284,6 +284,26 @@ def test_second_ctrl_c_during_the_save_aborts_it_and_the_newest_valid_checkpoint
     assert_same_run(references["w0.pt"], tmp_path / "d.pt", resumed_after=step)
 
 
+def test_an_ema_resumed_after_kill_9_equals_the_uninterrupted_runs(server: Server, tmp_path: Path) -> None:
+    """EMA with validation on the average, bf16 autocast, accumulation, dropout and a short last window: killed
+    with SIGKILL in step 10 (after the checkpoint of step 9, before its own), resumed from 'last'."""
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    (run,) = train_resume(server, ("--save-dir", ref, "--out", tmp_path / "ref.pt", "--ema"))
+    run.ok()
+    (run,) = train_resume(server, ("--save-dir", killed, "--ema", "--kill-after", 9))
+    run.ok(-signal.SIGKILL)
+    (run,) = train_resume(server, ("--save-dir", killed, "--out", tmp_path / "resumed.pt", "--ema", "--resume",
+                                   "last"))
+    run.ok()
+    assert "Resumed from" in run.stderr and "step 9." in run.stderr, run.stderr[-3000:]
+    assert_same_run(tmp_path / "ref.pt", tmp_path / "resumed.pt", 9)
+    ref_ema = torch.load(tmp_path / "ref.pt", weights_only=True)
+    got = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert got["ema_updates"] == ref_ema["ema_updates"] == 12      # 3 epochs of 4 optimizer steps
+    assert_state_equal(ref_ema["ema"], got["ema"], "ema")
+    assert not all(torch.equal(ref_ema["ema"][k], ref_ema["model"][k]) for k in ref_ema["model"])
+
+
 # ------------------------------------------------------------------------------ kill -9 (slow)
 KILLS = 21
 

@@ -87,6 +87,37 @@ def test_export_writes_the_checkpoints_weights_as_safetensors(run_dir: Path, tmp
     assert proc.returncode == 2 and "key= one of those" in proc.stderr, proc.stderr
 
 
+def test_export_ema_writes_the_average_instead_of_the_model(run_dir: Path, tmp_path: Path) -> None:
+    """A real fit with two EMAs: ``--ema-decay`` picks one (``ema=True`` alone is refused, naming both); a
+    checkpoint without an EMA says so. (``--ema`` of a sharded directory: tests/distributed/test_sharded_fit.py.)"""
+    from safetensors.torch import load_file
+
+    from torchkeel import EMA, load_checkpoint
+    from torchkeel.tools.export import export_safetensors
+
+    model = make_model()
+    emas = [EMA(decay=0.9), EMA(decay=0.5, every_n_steps=2)]
+    trainer = AdvancedTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                              criterion=nn.MSELoss(), callbacks=emas, progress=False,
+                              checkpoint=ModelCheckpoint(save_dir=tmp_path / "ckpt", monitor=None))
+    trainer.fit(train_loader=loader(make_dataset(), 16), epochs=2)
+    last = Path(trainer.checkpoint.last_model_path)  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"holds 2 EMA averages \(EMA\[0.5\], EMA\[0.9\]\); pick one by its decay"):
+        export_safetensors(last, tmp_path / "ema.safetensors", ema=True)
+    proc = cli("export", str(last), str(tmp_path / "ema.safetensors"), "--ema-decay", "0.9")
+    assert proc.returncode == 0, proc.stderr
+    exported, average = load_file(str(tmp_path / "ema.safetensors")), emas[0].averaged_state_dict()
+    assert exported.keys() == average.keys() and all(torch.equal(exported[k], v) for k, v in average.items())
+    assert not all(torch.equal(v, model.state_dict()[k]) for k, v in average.items())
+    assert all(torch.equal(v, load_checkpoint(last)["callbacks"]["EMA[0.9]"]["averaged"][k]) for k, v in average.items())
+    with pytest.raises(ValueError, match=r"no EMA of decay 0.7 in the checkpoint; it holds \['EMA\[0.5\]', 'EMA\[0.9\]'\]"):
+        export_safetensors(last, tmp_path / "x.safetensors", ema=0.7)
+    plain = run_dir / "checkpoints" / json.loads((run_dir / "checkpoints" / "last.json").read_text())["last"]
+    with pytest.raises(ValueError, match="holds no EMA average"):
+        export_safetensors(plain, tmp_path / "x.safetensors", ema=True)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_inspect_and_export_read_a_sharded_directory(tmp_path: Path) -> None:
     import io as stdio
 

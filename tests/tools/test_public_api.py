@@ -18,6 +18,8 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 EXPECTED_ALL = [
     "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
+    "EMA",
+    "SWA",
     "AdvancedTrainer",
     "Callback",
     "CheckpointError",

@@ -52,11 +52,19 @@ scaler skips the step after).
 Only hooks a callback overrides are called: ``fit`` builds one list per hook; a trainer with no
 ``on_before_optimizer_step`` callback steps exactly as one without the hook. Within a hook the callbacks
 run in the trainer's order (the scheduler, ``callbacks``, the progress display, early stopping, the
-checkpoint), with two exceptions: in ``on_validation_end`` the loggers (``writes_rows``) write their
+checkpoint), with three exceptions: in ``on_validation_end`` the loggers (``writes_rows``) write their
 row after every other callback (what those ``trainer.log`` there is in it), and in ``on_step_end`` and
 ``on_validation_end`` a ``ModelCheckpoint`` (``saves_checkpoints``) saves last, so its checkpoint covers
 what the trackers hold: a run resumed from it writes no point twice and lacks none, whatever killed
-the process after the save.
+the process after the save. A callback that swaps other weights into the model for validation
+(``swaps_weights``, the ``EMA``) runs first in ``on_epoch_end``, ``on_validation_end`` and
+``on_exception``: it puts the training weights back before any other callback there reads or saves the
+model, so the model holds the swapped weights exactly while the validation pass runs, and the metrics
+every callback ranks by are the ones measured with them.
+
+A callback whose state holds tensors sharded like the model (DTensors under FSDP2, the EMA's) also
+implements ``ShardedStateful``: a sharded checkpoint saves those tensors as every rank's shards (DCP),
+not in rank 0's blob of plain values, and a sharded resume loads them in place.
 """
 
 from __future__ import annotations
@@ -76,6 +84,20 @@ class Stateful(Protocol):
 
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class ShardedStateful(Protocol):
+    """A callback whose state holds tensors sharded like the model's (DTensors, one shard per rank).
+
+    ``sharded_state_dict(trainer)`` returns those tensors (a nest of dicts): a sharded checkpoint saves
+    them under ``callbacks/<state_key>`` as every rank's shards, and a sharded resume loads into them in
+    place, so a callback that holds none yet allocates them, laid out as the model's state, when asked.
+    Its ``state_dict()`` then holds only the rest (plain values); the consolidated checkpoint
+    (``torchkeel.load_checkpoint`` of the directory) merges both into one dict, as a single file holds it.
+    """
+
+    def sharded_state_dict(self, trainer: AdvancedTrainer) -> dict[str, Any]: ...
 
 
 class Callback:

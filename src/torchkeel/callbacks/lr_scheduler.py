@@ -17,7 +17,8 @@ class LRScheduler(Callback):
 
     ``ReduceLROnPlateau`` is stepped with ``trainer.state.metrics[monitor]`` at each epoch's end
     (the epoch's fresh metrics; mid-epoch validations do not step it).
-    The scheduler's own state is saved by the trainer under ``"scheduler"``.
+    The scheduler's own state is saved by the trainer under ``"scheduler"``. ``hand_over`` stops it
+    for good in this fit (``SWA`` does, from its first epoch on: its ``SWALR`` sets the LR then).
 
     Args:
         scheduler: a ``torch.optim.lr_scheduler`` instance.
@@ -44,14 +45,23 @@ class LRScheduler(Callback):
             raise ValueError("AdvancedTrainer(scheduler_interval='step'): ReduceLROnPlateau needs a metric, "
                              "so it steps per epoch. Use scheduler_interval='epoch'.")
         self.monitor: str | None = monitor if self.plateau else None
+        self.handed_over_to: str | None = None   # who sets the LR instead, once this one stopped stepping
+
+    def hand_over(self, to: str) -> None:
+        """Stop stepping the scheduler from now on: ``to`` (named in the log) sets the learning rate.
+
+        Args:
+            to: who takes over, e.g. ``"SWA's SWALR"``.
+        """
+        self.handed_over_to = to
 
     def on_step_end(self, trainer: AdvancedTrainer) -> None:
-        if self.interval == "step":
+        if self.interval == "step" and self.handed_over_to is None:
             self.scheduler.step()
 
     def on_epoch_end(self, trainer: AdvancedTrainer) -> None:
-        if self.interval != "epoch" or not trainer.state.epoch_finished:   # a max_steps cut: the epoch goes on
-            return
+        if self.interval != "epoch" or not trainer.state.epoch_finished or self.handed_over_to is not None:
+            return                          # a max_steps cut: the epoch goes on
         if self.monitor is not None:
             self.scheduler.step(trainer.state.metrics[self.monitor])
         else:

@@ -24,6 +24,7 @@ from torchkeel.checkpoint import discovery, io, resume_choice
 from torchkeel.checkpoint.store import for_strategy
 
 if TYPE_CHECKING:
+    from torchkeel.callbacks import Callback
     from torchkeel.loop import AdvancedTrainer
 
 log = logging.getLogger("torchkeel")
@@ -473,8 +474,9 @@ def sharded_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None,
                   weights_only: bool = False) -> dict[str, Any]:
     """The DCP state of a sharded trainer (every rank calls it: it gathers every rank's RNG).
 
-    ``model`` and ``optimizer`` as shards (``get_state_dict``); everything else of
-    ``trainer_state`` as one blob under ``shardstate.TRAINER``, from rank 0.
+    ``model`` and ``optimizer`` as shards (``get_state_dict``); the sharded tensors of callbacks that
+    hold some (``ShardedStateful``: an EMA's average) as shards under ``callbacks/<state_key>``;
+    everything else of ``trainer_state`` as one blob under ``shardstate.TRAINER``, from rank 0.
     Args: trainer: a trainer over a sharded model. rng: as for ``trainer_state``.
         weights_only: the model's shards only.
     """
@@ -489,11 +491,20 @@ def sharded_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None,
     else:
         msd, osd = get_state_dict(model, trainer.optimizer)
         state = {"model": msd, "optimizer": osd}
+        if shards := _callback_shards(trainer, trainer.callbacks):
+            state[shardstate.CALLBACKS] = shards
         rest = trainer_state(trainer, rng, weights=False)
         rest[shardstate.GROUPS] = osd["param_groups"]
     if trainer.rank == 0:    # one writer of the blob (the other ranks' copies are the same)
         state[shardstate.TRAINER] = shardstate.pack(rest)
     return state
+
+
+def _callback_shards(trainer: AdvancedTrainer, callbacks: list[Callback]) -> dict[str, Any]:
+    """``{state_key: sharded_state_dict}`` of the callbacks among ``callbacks`` that hold sharded tensors."""
+    from torchkeel.callbacks import ShardedStateful
+
+    return {cb.state_key: cb.sharded_state_dict(trainer) for cb in callbacks if isinstance(cb, ShardedStateful)}
 
 
 def _load_sharded(trainer: AdvancedTrainer, path: str | Path, head: dict[str, Any], source: str) -> None:
@@ -508,6 +519,9 @@ def _load_sharded(trainer: AdvancedTrainer, path: str | Path, head: dict[str, An
 
     msd, osd = get_state_dict(trainer.unwrapped_model, trainer.optimizer)   # the layout to fill
     state = {"model": msd, "optimizer": osd}
+    saved = head["callbacks"]      # callbacks whose state was saved: their shards are loaded in place
+    if shards := _callback_shards(trainer, [cb for cb in trainer.callbacks if cb.state_key in saved]):
+        state[shardstate.CALLBACKS] = shards
     head = dict(head)
     dcp.load(path, state, head.pop(shardstate.MANIFEST, None))
     ckpt = {**head, "model": state["model"], "optimizer": state["optimizer"]}

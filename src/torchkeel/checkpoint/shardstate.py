@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
 
 __all__ = [
+    "CALLBACKS",
     "full_loaders",
     "load_consolidated",
     "manifest_sha256",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 TRAINER = "trainer"   # the key of the plain-value blob in the DCP state
+CALLBACKS = "callbacks"   # callbacks' sharded tensors (``ShardedStateful``), merged into the blob's on reading
 GROUPS = "optimizer_groups"   # in the blob: the optimizer's param_groups (names), to check a load
 MANIFEST = "_manifest"        # in read_head's result: the manifest this rank verified
 
@@ -112,6 +114,8 @@ def read_consolidated(path: StrPath) -> tuple[dict[str, Any], dict[str, Any]]:
     out = _unpack(full.pop(TRAINER), folder)
     out.pop(GROUPS, None)
     out["model"] = full["model"]
+    for key, tensors in full.get(CALLBACKS, {}).items():    # the blob holds the rest of each one's state
+        out.setdefault("callbacks", {})[key] = {**out.get("callbacks", {}).get(key, {}), **tensors}
     if isinstance(full.get("optimizer"), dict):
         out["optimizer"] = to_index_keys(full["optimizer"])
     return out, manifest

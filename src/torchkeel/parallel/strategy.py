@@ -188,6 +188,14 @@ class Strategy:
         """
         return torch.amp.GradScaler(device.type, enabled=enabled)
 
+    def reshard(self) -> None:
+        """Free parameters gathered for a forward, so the next forward gathers the shards as they are now.
+
+        Call it after writing the model's parameters outside the optimizer (an EMA swapping its average
+        in for validation): a sharded root keeps its gathered copy after a forward without backward
+        (validation), and would compute with it. Nothing to do where nothing is sharded.
+        """
+
     # ------------------------------------------------------------------------------ state
     def model_state_dict(self, full: bool = True) -> dict[str, Any]:
         """The unwrapped model's state; ``full=False``: this rank's shards where the model is sharded.
@@ -445,6 +453,14 @@ class FSDPStrategy(Strategy):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         return ShardedGradScaler(device.type, enabled=True)
+
+    def reshard(self) -> None:
+        """Reshard every FSDP unit (the root keeps its parameters gathered after a forward without backward)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.module.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def model_state_dict(self, full: bool = True) -> dict[str, Any]:
         """``get_model_state_dict``: full (rank 0, CPU; ``{}`` elsewhere) or this rank's shards.

@@ -171,10 +171,15 @@ def _add_export(sub: Any) -> None:
         "export", help="write a checkpoint's model weights as safetensors",
         description="Verify a torchkeel checkpoint (a .pt file or a sharded directory) and write its "
                     "full model weights to OUT as safetensors, loadable with safetensors.torch.load_file "
-                    "into the plain model. Needs safetensors.")
+                    "into the plain model; with --ema, the EMA callback's averaged weights instead. Needs "
+                    "safetensors.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file or a sharded checkpoint directory")
     p.add_argument("out", metavar="OUT", help="the file to write, e.g. model.safetensors")
     p.add_argument("--key", default="model", help="the state dict to export (default: model)")
+    p.add_argument("--ema", action="store_true",
+                   help="export the EMA callback's averaged weights instead of the model's (same keys)")
+    p.add_argument("--ema-decay", type=float, metavar="DECAY",
+                   help="with several EMAs in the checkpoint: the decay of the one to export (implies --ema)")
     p.set_defaults(func=_run_export)
 
 
@@ -182,8 +187,11 @@ def _run_export(args: argparse.Namespace) -> int:
     from torchkeel.checkpoint.io import CheckpointError
     from torchkeel.tools.export import export_safetensors
 
+    ema = args.ema_decay if args.ema_decay is not None else args.ema
+    if ema is not False and args.key != "model":
+        return _fail(ValueError(f"export: --key {args.key} and --ema both name what to export; pass one."))
     try:
-        print(export_safetensors(args.checkpoint, args.out, key=args.key))
+        print(export_safetensors(args.checkpoint, args.out, key=args.key, ema=ema))
     except (OSError, ValueError, ImportError, CheckpointError) as exc:
         return _fail(exc)
     return 0

@@ -9,6 +9,12 @@ a norm clip that binds; the same with value clipping and with sync_every_micro_b
 from training_step that differ by rank; uneven shards (5 and 11 samples per batch) from a list of
 batches; a stream without len(); nan_policy='skip' with a NaN on rank 1 only; validation, early
 stopping and predict.
+
+EMA (``ema`` in result.json): a model of width 5 (uneven shards: 3 and 2 rows) trained with EMA(decay=0.7)
+and a ModelCheckpoint every epoch, sharded and (rank 0, before the process group) in one process; the
+same sharded training without the EMA; a fresh sharded trainer resumed from the first epoch's checkpoint
+directory, and another from one process's single-file checkpoint (the average's full tensors, cut into
+shards); SWA refused on the sharded model. OUT/ema_full.pt holds the gathered average, for the export.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from fsdp_equiv import Block, Net, max_diff  # its script folder is on sys.path
 from torch import nn
 from torch.utils.data import IterableDataset, TensorDataset
 
-from torchkeel import AdvancedTrainer, EarlyStopping, GradientAccumulator
+from torchkeel import EMA, SWA, AdvancedTrainer, EarlyStopping, GradientAccumulator, ModelCheckpoint
 from torchkeel.distributed import DistributedTrainer
 from torchkeel.parallel import sharded
 from torchkeel.parallel.process_group import shutdown
@@ -180,6 +186,80 @@ def gathered_after_forward() -> dict[str, bool]:
     return kept
 
 
+def ema_fit(kind: str, loader: Any, val: Any, ckpt: Path | None = None, resume: str | None = None,
+            with_ema: bool = True) -> dict[str, Any]:
+    """Two epochs of a width-5 model with EMA(decay=0.7) (accumulation 2: two optimizer steps per epoch)."""
+    torch.manual_seed(0)
+    model: nn.Module | DistributedTrainer = Net(width=5)
+    if kind == "fsdp":
+        model = DistributedTrainer(model, strategy="fsdp", shard_modules=(Block,))
+    target = model.model if isinstance(model, DistributedTrainer) else model
+    ema = EMA(decay=0.7) if with_ema else None
+    saver = ModelCheckpoint(save_dir=ckpt, monitor="val_loss", save_top_k=-1) if ckpt is not None else None
+    trainer = AdvancedTrainer(model, torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9),
+                              criterion=nn.MSELoss(), gradient_accumulation_steps=2, progress=False,
+                              sync_every_n_steps=1, callbacks=[ema] if ema else [], checkpoint=saver)
+    history = trainer.fit(loader, val, epochs=2, resume_from=resume)
+    out: dict[str, Any] = {"val_loss": history["val_loss"], "step": trainer.state.step,
+                           "local": {k: v.to_local().clone() if hasattr(v, "to_local") else v.clone()
+                                     for k, v in target.state_dict().items()}}
+    out["weights"] = sharded.full_state_dict(target) if kind == "fsdp" else target.state_dict()
+    if ema is not None:
+        out["ema_full"] = ema.averaged_state_dict()        # every rank: gathered
+        out["ema_local"] = {k: v.to_local().clone() if hasattr(v, "to_local") else v.clone()
+                            for k, v in ema.sharded_state_dict(trainer)["averaged"].items()} if kind == "fsdp" else {}
+        out["updates"] = ema.updates
+    return out
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def all_ranks(flag: bool) -> bool:
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def ema_case(out: Path, rank: int, world: int, loader: Any, one: dict[str, Any] | None) -> dict[str, Any]:
+    val = rank_batches(dataset(), rank, world, (5, 5))
+    whole = ema_fit("fsdp", loader, val, ckpt=out / "ema_ckpt")
+    plain = ema_fit("fsdp", loader, val, with_ema=False)
+    bare = ema_fit("fsdp", loader, val)       # no checkpoint: its save (a state dict) would reshard the root
+    first = min((out / "ema_ckpt").rglob("epoch=0-step=*"))   # the one directory of epoch 0
+    resumed = ema_fit("fsdp", loader, val, ckpt=out / "ema_resumed", resume=str(first))
+    one_file = min((out / "ema_one").rglob("epoch=0-step=*.pt"))     # one process's checkpoint: full tensors
+    from_file = ema_fit("fsdp", loader, val, resume=str(one_file))
+    dt = DistributedTrainer(Net(width=5), strategy="fsdp")
+    swa = AdvancedTrainer(dt, torch.optim.SGD(dt.model.parameters(), lr=0.1), criterion=nn.MSELoss(), progress=False,
+                          callbacks=[SWA(swa_lrs=0.1)])
+    try:
+        swa.fit(loader, epochs=1)
+        swa_error = ""
+    except ValueError as exc:
+        swa_error = str(exc)
+    result = {
+        "resumed_local_equal": all_ranks(same(whole["ema_local"], resumed["ema_local"])),
+        "training_unaffected": all_ranks(same(bare["local"], plain["local"]) and same(whole["local"], plain["local"])),
+        "bare_equal": all_ranks(same(bare["ema_local"], whole["ema_local"])),
+        "resumed_training_equal": all_ranks(same(whole["local"], resumed["local"])),
+        "shards_uneven": all_ranks(whole["ema_local"]["inp.weight"].shape[0] == (3, 2)[rank]),
+        "full_equal_on_ranks": all_ranks(same(whole["ema_full"], resumed["ema_full"])),
+        "updates": [whole["updates"], resumed["updates"]], "swa_error": swa_error,
+        "first_checkpoint": str(first), "last_checkpoint": str(min((out / "ema_ckpt").rglob("epoch=1-step=*"))),
+    }
+    if rank == 0 and one is not None:
+        result |= {"fsdp_vs_one": max_diff(whole["ema_full"], one["ema_full"]),
+                   "weights_vs_one": max_diff(whole["weights"], one["weights"]),
+                   "from_file_vs_one": max_diff(from_file["ema_full"], one["ema_full"]),
+                   "moved": max_diff(whole["ema_full"], whole["weights"]),
+                   "val_fsdp": whole["val_loss"], "val_one": one["val_loss"], "val_plain": plain["val_loss"],
+                   "val_resumed": resumed["val_loss"]}
+        torch.save(whole["ema_full"], out / "ema_full.pt")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
@@ -196,6 +276,7 @@ def main() -> None:
     ones = {case: train("one", case, one_loaders[case], val_whole if case == "validate" else None)
             for case in CASES} if rank == 0 else {}
     by_hand = by_hand_one(whole)
+    one_ema = ema_fit("one", whole, val_whole, ckpt=args.out / "ema_one") if rank == 0 else None
     dist.init_process_group("gloo")
     dt = DistributedTrainer(make())  # only for its create_dataloader (a DistributedSampler)
     sampled = dt.create_dataloader(ds, batch_size=BATCH, shuffle=False)
@@ -224,6 +305,7 @@ def main() -> None:
             }
     result["hand_written"] = hand_written(mine, by_hand, rank)
     result["reshard"] = gathered_after_forward()
+    result["ema"] = ema_case(args.out, rank, world, sampled, one_ema)
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(result, default=lambda v: None if math.isnan(v) else v))

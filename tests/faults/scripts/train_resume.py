@@ -6,12 +6,14 @@ StepLR scheduler stepped per optimizer step, bf16 autocast on CPU, one intra-op 
 
 Ways to stop early, each leaving the newest checkpoint at a known optimizer step:
   --crash-after K        raise Crash at the first optimizer step after K (before ModelCheckpoint saves it)
+  --kill-after K         the process sends itself SIGKILL there instead (kill -9: no hook, no cleanup runs)
   --epochs E             plain shorter run
   --sigterm-at train:M   the model sends SIGTERM to this process in training micro-batch M (1-based),
   --sigterm-at val:M     or in validation batch M (counted over all epochs); --signal INT sends SIGINT
                          (Ctrl-C) instead; --worker-sigint: each DataLoader worker sends itself SIGINT
+With --ema, an EMA(decay=0.9) callback averages the weights and validation uses the average.
 With --out, the final weights, optimizer and scheduler state, history and per-step losses are saved
-there (plain torch.save) for the test to compare. tests/faults/scripts/train_server.py runs main() in forked
+there (plain torch.save) for the test to compare, and with --ema the average and its update count. tests/faults/scripts/train_server.py runs main() in forked
 children too.
 """
 
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from torchkeel import AdvancedTrainer, Callback
+from torchkeel import EMA, AdvancedTrainer, Callback
 from torchkeel.checkpoint import ModelCheckpoint
 
 torch.set_num_threads(1)
@@ -84,13 +86,16 @@ class Crash(RuntimeError):
 
 
 class CrashAfter(Callback):
-    """Raise at the first optimizer step after ``k``: ModelCheckpoint (called last) never saves it."""
+    """Raise (or, with ``kill``, SIGKILL this process) at the first optimizer step after ``k``: ModelCheckpoint
+    (called last) never saves it."""
 
-    def __init__(self, k: int) -> None:
-        self.k = k
+    def __init__(self, k: int, kill: bool = False) -> None:
+        self.k, self.kill = k, kill
 
     def on_step_end(self, trainer: AdvancedTrainer) -> None:
         if trainer.state.step > self.k:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise Crash(f"stopping after step {self.k}")
 
 
@@ -146,6 +151,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--every-n-steps", type=int, default=1)
     p.add_argument("--every-n-epochs", type=int, default=1)
     p.add_argument("--crash-after", type=int)
+    p.add_argument("--kill-after", type=int)
+    p.add_argument("--ema", action="store_true")
     p.add_argument("--sigterm-at")
     p.add_argument("--signal", choices=["TERM", "INT"], default="TERM")
     p.add_argument("--worker-sigint", action="store_true")
@@ -172,6 +179,11 @@ def main(argv: list[str]) -> int:
         callbacks.append(Ballast(args.ballast_mb, args.save_marker))
     if args.crash_after is not None:
         callbacks.append(CrashAfter(args.crash_after))
+    if args.kill_after is not None:
+        callbacks.append(CrashAfter(args.kill_after, kill=True))
+    ema = EMA(decay=0.9) if args.ema else None
+    if ema is not None:
+        callbacks.append(ema)
     trainer = AdvancedTrainer(model=model, optimizer=opt, criterion=nn.MSELoss(), scheduler=sched,
                               scheduler_interval="step", use_amp=True, gradient_accumulation_steps=2,
                               checkpoint=ckpt, callbacks=callbacks, progress=False, device="cpu")
@@ -183,7 +195,8 @@ def main(argv: list[str]) -> int:
     if args.out:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "history": {k: history[k] for k in ("epoch", "train_loss", "val_loss", "lr")},
-                    "steps": losses.losses, "state": trainer.state.state_dict()}, args.out)
+                    "steps": losses.losses, "state": trainer.state.state_dict(),
+                    **({"ema": ema.averaged_state_dict(), "ema_updates": ema.updates} if ema else {})}, args.out)
     return 0
 
 
