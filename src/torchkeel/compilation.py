@@ -12,6 +12,12 @@ leaves a ``torch.nn`` container such as ``nn.Sequential`` uncompiled, silently.)
 Nothing compiles until the first forward; the graphs of training (with and without autocast) and of
 evaluation are compiled once each and reused by every later step, fit and trainer sharing the model.
 
+Measured with torch 2.13: under DDP or FSDP2, ``torch.compile`` of the wrapper compiles the model's
+forward only when that forward is code of the user's (a subclass of ``nn.Module``): dynamo breaks
+the graph inside DDP's forward (FSDP2's hooks) and then skips frames of ``torch.nn`` itself, so one of
+torch's own containers (``nn.Sequential``) runs eager, silently. The trainer warns in that case; the
+fix is a model class with its own ``forward``, or ``torch.compile`` on the module before it is wrapped.
+
 Example:
     >>> trainer = AdvancedTrainer(model, optimizer, criterion, compile=True)
     >>> trainer = AdvancedTrainer(model, optimizer, criterion, compile={"mode": "max-autotune"})
@@ -27,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkeel.parallel.strategy import is_compiled
+from torchkeel.parallel.strategy import is_compiled, strategy_of
 
 __all__ = ["compile_model", "compile_options"]
 
@@ -73,4 +79,13 @@ def compile_model(model: Any, compile: object) -> Any:
                          "compile=False (the default) or pass the uncompiled model.")
     log.info("torch.compile(%s%s): the first steps compile the model's graphs (training, evaluation)",
              type(model).__name__, "".join(f", {k}={v!r}" for k, v in options.items()))
+    strategy = strategy_of(model)
+    forward = getattr(type(strategy.module).forward, "__module__", None) or ""
+    if strategy.kind in ("ddp", "fsdp") and forward.startswith("torch."):
+        log.warning("AdvancedTrainer(compile=...): the model's forward is torch's own (%s.forward, in %s), held by "
+                    "%s: torch.compile of the wrapper leaves it eager (torch %s skips torch.nn's frames after the "
+                    "wrapper's graph break), so nothing would be compiled. Give the model a class of its own with a "
+                    "forward, or torch.compile the module before wrapping it and leave compile=False.",
+                    type(strategy.module).__name__, forward, "DDP" if strategy.kind == "ddp" else "FSDP2",
+                    torch.__version__)
     return torch.compile(model, **options)
