@@ -17,6 +17,7 @@ from torchkeel.callbacks import (
 )
 from torchkeel.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint
 from torchkeel.checkpoint.policy import ModelCheckpoint
+from torchkeel.determinism import seed_everything
 from torchkeel.loop import AdvancedTrainer
 from torchkeel.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
 from torchkeel.state import History, State
@@ -42,4 +43,5 @@ __all__ = [
     "ThroughputMonitor",
     "__version__",
     "load_checkpoint",
+    "seed_everything",
 ]

@@ -14,11 +14,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from torchkeel import batching, dataorder, evaluate, logged, runs, schedule, signals
+from torchkeel import batching, compilation, dataorder, evaluate, logged, runs, schedule, signals
 from torchkeel.accumulate import GradientAccumulator, as_count
 from torchkeel.agreement import Agreement, even_shards
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
 from torchkeel.checkpoint import resume
+from torchkeel.determinism import Determinism
 from torchkeel.distributed import unwrap_model
 from torchkeel.model_summary import ModelSummary, summarize
 from torchkeel.nonfinite import NanPolicy, NonFiniteGuard
@@ -75,6 +76,12 @@ class AdvancedTrainer:
         replay_data: on a mid-epoch resume, a train loader that cannot restore its position (no
             ``state_dict()``, no index sampler) is fast-forwarded by loading and dropping the
             consumed batches; ``False`` refuses that with an error before training.
+        deterministic: while ``fit``, ``validate`` or ``predict`` runs, use torch's deterministic
+            algorithms (an op without one raises) and deterministic cuDNN; the previous settings
+            are put back after (see ``torchkeel.determinism``). Pair it with ``seed_everything``.
+        compile: ``torch.compile`` the model once (``True``, or a dict of ``torch.compile`` keyword
+            arguments), around its DDP or FSDP2 wrapper; checkpoints keep plain keys (see
+            ``torchkeel.compilation``).
 
     ``training_step`` may return ``(loss, count)``: ``loss`` is the mean over ``count`` items
     (tokens...), and a window then weighs its micro-batches by items (across ranks too), as one
@@ -118,8 +125,12 @@ class AdvancedTrainer:
         replay_data: bool = True,
         sync_every_n_steps: int | None = None,
         sync_every_micro_batch: bool = False,
+        deterministic: bool = False,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
+        self.determinism = Determinism(deterministic)   # before any CUDA work: it may set CUBLAS_WORKSPACE_CONFIG
         model, device = batching.resolve_model(model, device)
+        model = compilation.compile_model(model, compile)   # on its device, around its DDP/FSDP2 wrapper
         schedule.check_trainer(
             model, optimizer, gradient_accumulation_steps, scheduler_interval, log_every_n_steps,
             max_consecutive_skipped_steps, criterion=criterion, max_grad_norm=max_grad_norm,
@@ -195,7 +206,7 @@ class AdvancedTrainer:
         the ``torchkeel`` logger at INFO; where the application configured no logging, on stderr (rank 0,
         for this fit only: see ``runs.console``).
         """
-        with runs.console(self.is_global_zero):
+        with runs.console(self.is_global_zero), self.determinism.applied():
             try:
                 return self._fit(train_loader, val_loader, epochs, max_steps, val_every_n_steps, limit_train_batches,
                                  limit_val_batches, resume_from)
@@ -341,11 +352,13 @@ class AdvancedTrainer:
 
     def validate(self, loader: Iterable[Any], limit_batches: int | None = None) -> dict[str, float]:
         """Mean validation loss and metrics over ``loader`` (reduced across ranks); training's RNG is kept."""
-        return evaluate.validate(self, loader, limit_batches)
+        with self.determinism.applied():
+            return evaluate.validate(self, loader, limit_batches)
 
     def predict(self, loader: Iterable[Any]) -> Any:
         """Model outputs (a model output's ``logits``) for every batch, concatenated on the CPU when tensors."""
-        return evaluate.predict(self, loader)
+        with self.determinism.applied():
+            return evaluate.predict(self, loader)
 
     # --------------------------------------------------------------------------- helpers
     def log(self, name: str, value: float | torch.Tensor, on_step: bool = True, on_epoch: bool = True,
@@ -467,6 +480,11 @@ class AdvancedTrainer:
     def sync_every_micro_batch(self) -> bool:
         """``AdvancedTrainer(sync_every_micro_batch=...)``: how a sharded model's step syncs."""
         return self.stepper.sync_every_micro_batch
+
+    @property
+    def deterministic(self) -> bool:
+        """``AdvancedTrainer(deterministic=...)``: torch's deterministic algorithms while it runs (``self.determinism``)."""
+        return self.determinism.enabled
 
     @property
     def max_consecutive_skipped_steps(self) -> int | None:

@@ -134,3 +134,14 @@ def test_fsdp_benchmark_halves_the_per_rank_state_and_pairs_the_trainer_with_ful
     numbers(rf"hand-written fully_shard loop\s+{NUMBER} us/step", out)
     numbers(rf"DistributedTrainer\+AdvancedTrainer\s+{NUMBER} us/step", out)
     numbers(rf"ratio \(median of pairs\)\s+{NUMBER}\s+budget 1.05", out)
+
+
+def test_compile_benchmark_quick() -> None:
+    """compile.py: eager and compiled, each trainer/hand-written ratio, the speed-ups, an A/A control."""
+    out = run_bench("compile.py", "--quick")
+    numbers(rf"eager\s+hand-written loop\s+{NUMBER} us/step\s+AdvancedTrainer\s+{NUMBER} us/step\s+ratio {NUMBER}", out)
+    numbers(rf"compiled\s+hand-written loop\s+{NUMBER} us/step\s+AdvancedTrainer\s+{NUMBER} us/step\s+"
+            rf"ratio {NUMBER}\s+budget 1.02 (?:ok|OVER)", out)
+    numbers(rf"A/A control .*: ratio {NUMBER}", out)
+    numbers(rf"speed-up of compiled over eager: hand-written loop {NUMBER}x\s+AdvancedTrainer {NUMBER}x", out)
+    numbers(rf"compile time {NUMBER} s", out)

@@ -36,6 +36,7 @@ EXPECTED_ALL = [
     "ThroughputMonitor",
     "__version__",
     "load_checkpoint",
+    "seed_everything",
 ]
 
 

@@ -34,8 +34,8 @@ from torchkeel.parallel import sharded
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["DDPStrategy", "DataParallelStrategy", "FSDPStrategy", "SingleDevice", "Strategy", "strategy_of",
-           "unwrap_model"]
+__all__ = ["DDPStrategy", "DataParallelStrategy", "FSDPStrategy", "SingleDevice", "Strategy", "is_compiled",
+           "strategy_of", "unwrap_model"]
 
 _NO_CONTEXT = nullcontext()   # reusable: entering it costs nothing
 
@@ -54,15 +54,27 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (DataParallel, DistributedDataParallel)):
             model = model.module
-        elif _is_compiled(model) and isinstance(model._orig_mod, nn.Module):
+        elif is_compiled(model) and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
             return model
 
 
-def _is_compiled(model: nn.Module) -> bool:
+def is_compiled(model: nn.Module) -> bool:
+    """True for ``torch.compile``'s wrapper of a module (an ``OptimizedModule``).
+
+    Args:
+        model: any module.
+    """
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded once torch.compile ran
     return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def _held(model: nn.Module) -> nn.Module:
+    """``model`` without torch.compile's wrappers: the module that says how it is held (DDP, DataParallel)."""
+    while is_compiled(model) and isinstance(model._orig_mod, nn.Module):
+        model = model._orig_mod
+    return model
 
 
 def strategy_of(model: nn.Module) -> Strategy:
@@ -79,9 +91,10 @@ def strategy_of(model: nn.Module) -> Strategy:
         raise TypeError(f"strategy_of: model is a {type(model).__name__}; pass an nn.Module.")
     if sharded.is_sharded(unwrap_model(model)):
         return FSDPStrategy(model)
-    if isinstance(model, DistributedDataParallel):
+    held = _held(model)     # torch.compile(ddp_model) is DDP inside: its no_sync goes through the wrapper
+    if isinstance(held, DistributedDataParallel):
         return DDPStrategy(model)
-    if isinstance(model, DataParallel):
+    if isinstance(held, DataParallel):
         return DataParallelStrategy(model)
     return SingleDevice(model)
 
