@@ -12,6 +12,8 @@ alone; Sybil's skip marker takes no reason. Here:
   block just above it prints on stdout (``...`` matches anything, as doctest's ELLIPSIS does).
 - ``<!-- fragment: REASON -->`` on the line before a block: not run, and REASON says why (it needs
   torchrun, a GPU, a download, an hour). ``python tests/tools/docs_blocks.py`` lists them all.
+- ``<!-- file: NAME -->`` on the line before a block: the block is written to NAME in the working
+  directory, for the shell blocks below it (a script that ``torchrun`` starts).
 - Any other language (``text``, ``yaml``, ``console``...) is shown, not run.
 
 Used by ``tests/tools/test_docs_blocks.py``.
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ("python", "py", "python3")
 SHELL = ("bash", "sh", "shell")
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)")
-_MARK = re.compile(r"^\s*<!--\s*(?P<kind>fragment|output)\s*(?::\s*(?P<reason>.*?))?\s*-->\s*$")
+_MARK = re.compile(r"^\s*<!--\s*(?P<kind>fragment|output|file)\s*(?::\s*(?P<reason>.*?))?\s*-->\s*$")
 
 
 @dataclass
@@ -93,18 +95,21 @@ def check_marks(page: list[Block]) -> list[str]:
     for k, block in enumerate(page):
         if block.mark == "fragment" and len(block.reason) < 8:
             problems.append(f"{block.where}: a fragment must say why it does not run")
+        if block.mark == "file" and not re.fullmatch(r"[\w.-]+", block.reason):
+            problems.append(f"{block.where}: <!-- file: NAME --> needs a plain file name")
         if block.mark == "output" and (k == 0 or not page[k - 1].runs):
             problems.append(f"{block.where}: <!-- output --> must follow a block that runs")
     return problems
 
 
 def _bin_dir(tmp: Path) -> Path:
-    """``python`` and ``torchkeel`` for shell blocks: this interpreter, this checkout's sources."""
+    """``python``, ``torchkeel`` and ``torchrun`` for shell blocks: this interpreter, this checkout's sources."""
     bin_dir = tmp / ".docs-bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (bin_dir / "torchkeel").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m torchkeel "$@"\n')
-    for name in ("python", "torchkeel"):
+    (bin_dir / "torchrun").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
+    for name in ("python", "torchkeel", "torchrun"):
         (bin_dir / name).chmod(0o755)
     return bin_dir
 
@@ -134,6 +139,9 @@ def run_page(path: Path, workdir: Path) -> list[Block]:
                     raise AssertionError(f"{block.where}: the page shows\n{block.code}\nbut the block above "
                                          f"printed\n{printed}")
                 continue
+            if block.mark == "file":
+                (workdir / block.reason).write_text(block.code)
+                continue
             if not block.runs:
                 continue
             if block.lang in PYTHON:
@@ -159,19 +167,20 @@ def run_page(path: Path, workdir: Path) -> list[Block]:
 
 def main() -> int:
     """List every block: what runs, what is compared, and each fragment with its reason."""
-    counts = {"run": 0, "output": 0, "fragment": 0, "shown": 0}
+    counts = {"run": 0, "output": 0, "fragment": 0, "file": 0, "shown": 0}
     for path in pages():
         for block in blocks(path):
             if block.mark == "fragment":
                 counts["fragment"] += 1
                 print(f"fragment  {block.where:<40} {block.lang:<7} {block.reason}")
-            elif block.mark == "output":
-                counts["output"] += 1
+            elif block.mark in ("output", "file"):
+                counts[block.mark] += 1
             elif block.runs:
                 counts["run"] += 1
             else:
                 counts["shown"] += 1
-    print(f"{counts['run']} blocks run, {counts['output']} outputs compared, {counts['fragment']} fragments, "
+    print(f"{counts['run']} blocks run, {counts['output']} outputs compared, {counts['file']} files written, "
+          f"{counts['fragment']} fragments, "
           f"{counts['shown']} shown only (text, yaml...)")
     return 0
 

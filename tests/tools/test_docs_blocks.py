@@ -2,7 +2,8 @@
 
 ``docs_blocks.py`` beside this file says how blocks are found and marked. One test per page: its
 blocks share a namespace and a temporary working directory, in order. Pages whose blocks start
-processes (shell blocks) are marked slow; the others run in ``make test-fast`` too.
+processes (shell blocks) are marked slow, and those that start torchrun ``distributed`` (serial); the
+others run in ``make test-fast`` too.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from docs_blocks import ROOT, SHELL, blocks, check_marks, pages, run_page
 
 
 def _param(path: Path) -> object:
-    slow = any(b.runs and b.lang in SHELL for b in blocks(path))
-    return pytest.param(path, id=str(path.relative_to(ROOT)), marks=[pytest.mark.slow] if slow else [])
+    shell = [b for b in blocks(path) if b.runs and b.lang in SHELL]
+    marks = [pytest.mark.slow] if shell else []
+    if any("torchrun" in b.code for b in shell):
+        marks.append(pytest.mark.distributed)    # starts ranks: the serial part of `make test`
+    return pytest.param(path, id=str(path.relative_to(ROOT)), marks=marks)
 
 
 @pytest.mark.parametrize("page", [_param(p) for p in pages() if any(b.runs for b in blocks(p))])
