@@ -6,11 +6,12 @@ reduced across ranks, checkpoints written once by rank 0, ``resume_from="auto"``
 freeing the process group. Prints, on rank 0, the world size and each rank's checksum of its
 weights: DDP keeps them equal.
 
-    torchrun --standalone --nproc_per_node 2 examples/ddp.py            # 8 epochs: ~15 s on a 2-core CPU
-    torchrun --standalone --nproc_per_node 2 examples/ddp.py --quick    # 2 epochs: ~10 s (what the test runs)
+    torchrun --standalone --nproc_per_node 2 examples/ddp.py            # 8 epochs: 23 s on a 2-core CPU
+    torchrun --standalone --nproc_per_node 2 examples/ddp.py --quick    # 2 epochs: 15 s on a 2-core CPU (the test)
     python examples/ddp.py --quick                                      # the same script, one process
 
-Timings measured on the project's 2-core AMD EPYC VM while other jobs ran (see docs/examples.md).
+Timings: wall clock on the project's 2-core AMD EPYC VM while other jobs kept its load average at
+5-9 (docs/examples.md); an idle machine is faster.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import argparse
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from torchkeel import AdvancedTrainer, ModelCheckpoint
 from torchkeel.distributed import DistributedTrainer

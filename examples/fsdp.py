@@ -7,10 +7,11 @@ async_save=True)`` writing sharded checkpoint directories in a background thread
 ``export_safetensors`` consolidating the best one into a ``model.safetensors`` that loads into
 the plain model.
 
-    torchrun --standalone --nproc_per_node 2 examples/fsdp.py            # 40 steps: ~20 s on a 2-core CPU
-    torchrun --standalone --nproc_per_node 2 examples/fsdp.py --quick    # 8 steps: ~12 s (what the test runs)
+    torchrun --standalone --nproc_per_node 2 examples/fsdp.py            # 40 steps: 37 s on a 2-core CPU
+    torchrun --standalone --nproc_per_node 2 examples/fsdp.py --quick    # 8 steps: 19 s on a 2-core CPU (the test)
 
-Timings measured on the project's 2-core AMD EPYC VM while other jobs ran (see docs/examples.md).
+Timings: wall clock on the project's 2-core AMD EPYC VM while other jobs kept its load average at
+5-9 (docs/examples.md); an idle machine is faster.
 Needs ``safetensors`` (``pip install 'torchkeel[all]'``).
 """
 

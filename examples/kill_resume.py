@@ -8,10 +8,11 @@ the RNG and the optimizer state restored; the final weights are ``torch.equal`` 
 uninterrupted run's. This script is the parent: it starts the training as a child process, kills
 it with SIGKILL once its first checkpoint is on disk, starts it again, and compares.
 
-    python examples/kill_resume.py            # 60 steps: ~20 s on a 2-core CPU
-    python examples/kill_resume.py --quick    # 30 steps: ~12 s (what the test runs)
+    python examples/kill_resume.py            # 60 steps: 49 s on a 2-core CPU
+    python examples/kill_resume.py --quick    # 30 steps: 35 s on a 2-core CPU (the test)
 
-Timings measured on the project's 2-core AMD EPYC VM while other jobs ran (see docs/examples.md).
+Timings: wall clock on the project's 2-core AMD EPYC VM while other jobs kept its load average at
+5-9 (docs/examples.md); an idle machine is faster.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ a dataset with ``state_dict()``/``load_state_dict()`` (torchdata's ``Stateful`` 
 position goes into every checkpoint, and a run interrupted at step 20 and resumed to step 40 that
 ends with the weights of an uninterrupted 40-step run, without reading the stream again.
 
-    python examples/stream.py            # 2 x 200 steps: ~10 s on a 2-core CPU
-    python examples/stream.py --quick    # 2 x 20 steps: ~4 s (what the test runs)
+    python examples/stream.py            # 2 x 200 steps: 26 s on a 2-core CPU
+    python examples/stream.py --quick    # 2 x 20 steps: 9 s on a 2-core CPU (the test)
 
-Timings measured on the project's 2-core AMD EPYC VM while other jobs ran (see docs/examples.md).
+Timings: wall clock on the project's 2-core AMD EPYC VM while other jobs kept its load average at
+5-9 (docs/examples.md); an idle machine is faster.
 """
 
 from __future__ import annotations

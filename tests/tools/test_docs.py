@@ -33,7 +33,7 @@ def test_every_test_id_on_the_reliability_page_exists() -> None:
     ids = re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)`", page)
     assert len(ids) >= 50
     missing = [f"{f}::{t}" for f, t in ids
-               if not (ROOT / f).is_file() or not re.search(rf"^def {t}\(", (ROOT / f).read_text(), re.M)]
+               if not (ROOT / f).is_file() or not re.search(rf"^def {t}\(", (ROOT / f).read_text(), re.MULTILINE)]
     assert missing == []
 
 
@@ -84,7 +84,7 @@ def served(site: Path) -> Iterator[str]:
 def test_a_real_browser_renders_navigates_searches_and_shows_the_api(served: str, tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run installs it)")
-    from playwright.sync_api import sync_playwright   # pip install playwright (in the dev extra)
+    from playwright.sync_api import sync_playwright  # pip install playwright (in the dev extra)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
