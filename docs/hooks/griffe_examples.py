@@ -4,7 +4,8 @@ torchkeel's docstrings write ``Example:`` followed by indented code, with or wit
 (STYLE.md: "one summary line, ``Args:``, and a short example"). Griffe's Google parser reads a
 singular ``Example:`` as an admonition whose body is Markdown, where ``>>>`` lines render as nested
 block quotes and ``x[-1]`` reads as a cross-reference. This rewrites the body as a fenced Python
-block (prompts stripped) before the docstring is parsed, so the source keeps its plain-text form.
+block (prompts stripped) before the docstring is parsed, so the source keeps its plain-text form, and
+a reST ``::`` that introduces an indented block (an indented block is code in Markdown too) becomes ``:``.
 """
 
 from __future__ import annotations
@@ -52,5 +53,10 @@ class ExampleFences(griffe.Extension):
     """Fence the ``Example:`` sections of every docstring griffe loads."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
-        if obj.docstring is not None and "Example" in obj.docstring.value:
-            obj.docstring.value = fence_examples(obj.docstring.value)
+        if obj.docstring is None:
+            return
+        text = obj.docstring.value
+        if "Example" in text:
+            text = fence_examples(text)
+        # a reST literal-block marker ("...::" then an indented block) reads as ":" in Markdown
+        obj.docstring.value = re.sub(r"(?<=[^:\s]):: *$", ":", text, flags=re.M)
