@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench bench-peers lint clean
+.PHONY: demo test test-fast bench bench-peers lint docs docs-serve clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,5 +67,14 @@ lint: $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m ruff check src tests benchmarks
 
+# The site (docs/, mkdocs.yml): MkDocs Material + mkdocstrings. --strict: a broken link, anchor or API
+# reference fails the build. The docs packages come with the dev extra (and the docs extra).
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+	$(PY) tests/tools/docs_blocks.py
+
+docs-serve: $(STAMP)
+	$(PY) -m mkdocs serve --dev-addr 127.0.0.1:8000
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) build dist site src/*.egg-info

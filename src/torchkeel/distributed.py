@@ -136,15 +136,22 @@ class DistributedTrainer:
 
     Args:
         model: the plain module; it is moved to `device` and wrapped.
-        rank, world_size: explicit ranks under torch.multiprocessing.spawn (set MASTER_PORT).
+        rank: this process's rank, explicit under torch.multiprocessing.spawn (set MASTER_PORT);
+            default: torchrun's ``RANK``.
+        world_size: the number of processes, explicit under spawn; default: torchrun's ``WORLD_SIZE``.
         backend: default nccl with CUDA, else gloo.
         device: default cuda:LOCAL_RANK with CUDA, else cpu.
         timeout: collective timeout.
-        find_unused_parameters, ddp_kwargs: passed to DistributedDataParallel.
+        find_unused_parameters: passed to DistributedDataParallel.
+        ddp_kwargs: more keyword arguments for DistributedDataParallel.
         strategy: "ddp" (replicate the model) or "fsdp" (shard parameters, gradients and
             optimizer state with FSDP2's fully_shard; see torchkeel.parallel.sharded.shard_model).
-        shard_modules, min_params, reshard_after_forward, amp_dtype, activation_checkpointing,
-            cpu_offload: for "fsdp" only, as in torchkeel.parallel.sharded.shard_model.
+        shard_modules: for "fsdp" only, as in torchkeel.parallel.sharded.shard_model.
+        min_params: for "fsdp" only, as in shard_model.
+        reshard_after_forward: for "fsdp" only, as in shard_model.
+        amp_dtype: for "fsdp" only, as in shard_model.
+        activation_checkpointing: for "fsdp" only, as in shard_model.
+        cpu_offload: for "fsdp" only, as in shard_model.
 
     Example:
         with DistributedTrainer(model) as dt:
@@ -208,7 +215,10 @@ class DistributedTrainer:
         Args:
             dataset: a map-style dataset.
             batch_size: samples per rank per batch.
-            shuffle, seed, drop_last: as in DistributedSampler (a plain loader in one process).
+            shuffle: as in DistributedSampler (a plain loader in one process).
+            drop_last: as in DistributedSampler.
+            seed: as in DistributedSampler.
+            dataloader_kwargs: more keyword arguments for the DataLoader.
 
         Example:
             loader = dt.create_dataloader(train_set, batch_size=32)

@@ -142,7 +142,8 @@ def lr_find(trainer: AdvancedTrainer, train_loader: Iterable[Any], min_lr: float
     Args:
         trainer: the trainer, before (or between) fits; it is not changed (see the module's doc).
         train_loader: batches to train on; cycled when it has fewer than ``num_steps`` windows.
-        min_lr, max_lr: the first and the last learning rate (every param group gets the same).
+        min_lr: the first learning rate (every param group gets the same).
+        max_lr: the last learning rate.
         num_steps: optimizer steps of the sweep (>= 2).
         mode: ``'exponential'`` (geometric, the usual) or ``'linear'`` growth of the learning rate.
         early_stop_threshold: stop once the smoothed loss exceeds this many times its lowest value so

@@ -292,7 +292,9 @@ def optimize(study: optuna.Study | Callable[[], optuna.Study], objective: Object
             function runs on rank 0 only (only rank 0 touches the storage: the ranks do not race to
             create the same study) and a study given is used by rank 0 only.
         objective: ``objective(trial) -> value``, called with a ``DistributedTrial``.
-        n_trials, timeout, **kwargs: as ``Study.optimize`` (``catch``, ``callbacks``, ``gc_after_trial``,
+        n_trials: as ``Study.optimize``.
+        timeout: as ``Study.optimize``.
+        **kwargs: as ``Study.optimize`` (``catch``, ``callbacks``, ``gc_after_trial``,
             ``show_progress_bar``); ``n_jobs`` must be 1: every rank trains each trial.
         backend: the process group's backend under torchrun (default nccl with CUDA, else gloo).
 

@@ -331,8 +331,10 @@ class DDPStrategy(Strategy):
         """Wrap ``module`` in ``DistributedDataParallel`` (what ``DistributedTrainer`` does); needs a group.
 
         Args:
-            module: the plain model, on ``device``. device: this rank's device.
-            find_unused_parameters, ddp_kwargs: passed to ``DistributedDataParallel``.
+            module: the plain model, on ``device``.
+            device: this rank's device.
+            find_unused_parameters: passed to ``DistributedDataParallel``.
+            ddp_kwargs: more keyword arguments for ``DistributedDataParallel``.
         """
         ids = [device] if device.type == "cuda" else None
         return cls(DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters,
