@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from torchkeel.elastic import ElasticSampler
-
 from torchkeel.parallel.process_group import (
     all_reduce_sum,
     broadcast_object,

@@ -73,3 +73,22 @@ def test_global_batch_size_refuses_an_indivisible_size_and_a_disagreeing_accumul
     assert t.state.step == 1 and t.accum.accumulation_steps == 3
     with pytest.raises(ValueError, match=r"AdvancedTrainer\(global_batch_size=0\): pass an int >= 1"):
         trainer(4, global_batch_size=0)
+
+
+def test_a_checkpoint_without_a_global_position_resumes_from_its_per_rank_samples(tmp_path: Path) -> None:
+    """Written before checkpoints saved global positions: its ``samples`` (this rank's) x its world size."""
+    from torchkeel.checkpoint import discovery, io
+
+    whole, loader = trainer(4, global_batch_size=12)
+    whole.fit(loader, epochs=2)
+    first, loader = trainer(4, tmp_path / "ck", global_batch_size=12)
+    first.fit(loader, max_steps=2)                       # mid-epoch 0: 24 samples
+    (path, _), = discovery.list_checkpoints(tmp_path / "ck" / "version_0")
+    old = io.load(path)
+    assert old["data"].pop("global_samples") == 24 and old["loop"].pop("dp_size") == 1
+    io.save(old, tmp_path / "old" / "before.pt")
+    second, loader = trainer(6, global_batch_size=12)
+    second.fit(loader, epochs=2, resume_from=str(tmp_path / "old" / "before.pt"))
+    assert second.state.step == 6
+    for a, b in zip(whole.unwrapped_model.state_dict().values(), second.unwrapped_model.state_dict().values()):
+        assert (a - b).abs().max().item() <= 1e-6

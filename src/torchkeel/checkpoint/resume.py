@@ -218,15 +218,16 @@ def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: s
     loop = ckpt["loop"]
     same = _same_global_batch(trainer, ckpt)   # global_batch_size: a resume at another size is the supported path
     if same:
-        before = (loop.get("dp_size", loop["world_size"]), loop["batch_size"], loop["accumulation_steps"])
-        now = (trainer.strategy.dp_size, trainer.batch_size, trainer.accum.accumulation_steps)
-        if before != now:
+        g = trainer.plan.global_batch_size
+        assert g is not None and trainer.batch_size is not None   # _same_global_batch: both known
+        written = (loop.get("dp_size", loop["world_size"]), loop["batch_size"], loop["accumulation_steps"])
+        sizes = (trainer.strategy.dp_size, trainer.batch_size, trainer.accum.accumulation_steps)
+        if written != sizes:
+            data = "; the data continues from the next unseen global sample" if trainer.plan.elastic else ""
             rng = "" if loop["world_size"] == trainer.world_size else (
                 "; every rank's RNG streams (dropout, augmentation) continue from rank 0's")
-            log.info("Resuming at %s; the checkpoint was written at %s: the accumulation was re-derived, the data "
-                     "continues from the next unseen global sample%s.",
-                     elastic.describe(trainer.plan.global_batch_size, *now),   # type: ignore[arg-type]
-                     elastic.describe(trainer.plan.global_batch_size, *before), rng)   # type: ignore[arg-type]
+            log.info("Resuming at %s; the checkpoint was written at %s: the accumulation was re-derived%s%s.",
+                     elastic.describe(g, *sizes), elastic.describe(g, *written), data, rng)
     else:
         for key, now in (("accumulation_steps", trainer.accum.accumulation_steps), ("batch_size", trainer.batch_size)):
             if loop[key] != now:
