@@ -175,8 +175,8 @@ class AdvancedTrainer:
                 raise TypeError(f"AdvancedTrainer(callbacks=...): {cb!r} is not a torchkeel.Callback.")
         self.stepper = Stepper(self, amp, sync_every_micro_batch)   # a micro-batch; at a window's end, the step
         self.runs.hparams = runs.hparams(
-            self, gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
-            gradient_clip_value=gradient_clip_value, scheduler_interval=scheduler_interval)
+            self, gradient_accumulation_steps=self._given_accumulation if global_batch_size else gradient_accumulation_steps,
+            max_grad_norm=max_grad_norm, gradient_clip_value=gradient_clip_value, scheduler_interval=scheduler_interval)
 
     # ----------------------------------------------------------------------------- the loop
     def fit(

@@ -69,7 +69,8 @@ def assert_same_run(full: Path, *legs: Path) -> None:
     for epoch in range(EPOCHS):       # every sample exactly once an epoch
         union = sum((s for e, s in got.values() if e == epoch), Counter())
         assert union == Counter(range(SAMPLES)), f"epoch {epoch}: {union}"
-    last = legs[-1]
+    last = legs[-1]      # an epoch's train loss adds the ranks' sums of the legs it spans
+    assert result(last)["train_loss"] == pytest.approx(result(full)["train_loss"], rel=1e-6, abs=0)
     for rank in range(result(last)["world_size"]):
         mine = result(last, rank)
         assert mine["step"] == EPOCHS * SAMPLES // GLOBAL

@@ -89,7 +89,8 @@ def build(args: argparse.Namespace, callbacks: list[Callback]) -> tuple[Distribu
 
 def save_result(trainer: AdvancedTrainer, out: Path, start_step: int | None) -> None:
     torch.save({"model": trainer.unwrapped_model.state_dict(), "attempt": ATTEMPT, "start_step": start_step,
-                "step": trainer.state.step, "world_size": trainer.world_size}, out / f"result-rank{trainer.rank}.pt")
+                "step": trainer.state.step, "world_size": trainer.world_size,
+                "train_loss": trainer.history.get("train_loss", [])}, out / f"result-rank{trainer.rank}.pt")
 
 
 def parser() -> argparse.ArgumentParser:
