@@ -29,6 +29,10 @@ def test_at_a_constant_world_size_the_order_is_distributed_samplers(n: int, worl
             assert list(ours) == list(theirs), (rank, epoch)
             assert len(ours) == len(theirs) == len(list(theirs))
             assert ours.total_size == theirs.total_size      # what validation reads to drop the padding
+            for k in range(len(theirs) + 1):                  # resumed after k samples a rank: the same rest
+                ours.set_position(k * world)
+                assert list(ours) == list(theirs)[k:], (rank, epoch, k)
+            ours.set_position(0)
 
 
 def global_order(n: int, world: int, start: int, epoch: int = 2) -> list[int]:
