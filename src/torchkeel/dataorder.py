@@ -35,7 +35,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from torchkeel import streams
+from torchkeel import elastic, streams
 from torchkeel.streams import agreed_batches
 
 if TYPE_CHECKING:
@@ -366,6 +366,10 @@ def _epoch_iter(trainer: AdvancedTrainer, loader: Iterable[Any]) -> Iterator[Any
     why = streams.why_replay(loader)
     check_resume(trainer, loader, pending)
     set_data_state(loader, pending["epoch_data"])      # the loader draws this epoch's order again
+    if pending.get("global_samples") is not None:     # an ElasticSampler, at another world size
+        sampler = elastic.sampler_of(loader)
+        assert sampler is not None       # restore chose this path for the plan's ElasticSampler
+        sampler.set_position(pending["global_samples"])
     return _skipping_iter(loader, pending["batch"], then, pending["drop"], pending["resized"], why,
                           replay=trainer.data_order.replay)
 
@@ -417,7 +421,10 @@ def saved(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None) -> dict[s
         dist.all_gather_object(ranks, here)
     batch, size = trainer.state.batch_at_step, trainer.batch_size
     return {"ranks": ranks, "data": {"batch": batch, "batch_size": size,
-                                     "samples": batch * size if size is not None else None}}
+                                     "samples": batch * size if size is not None else None,   # this rank's
+                                     # all ranks' together: where an ElasticSampler continues at any world size
+                                     "global_samples": batch * size * trainer.world_size if size is not None
+                                     else None}}
 
 
 def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
@@ -434,12 +441,28 @@ def restore(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> None:
         return
     trainer.data_order.pending = None
     epoch_loss = mine["epoch_loss"] if "epoch_loss" in mine else loop["epoch_loss"]
+    if len(ranks) != trainer.world_size and all("epoch_loss" in r for r in ranks):   # another world size:
+        parts = [r["epoch_loss"] for r in ranks if r["epoch_loss"] is not None]      # rank 0 holds the epoch's sum
+        epoch_loss = None if not parts else sum(parts) if trainer.rank == 0 else torch.zeros_like(parts[0])
     state.epoch_loss = epoch_loss.to(trainer.device) if epoch_loss is not None else None
     state.epoch_items = loop["epoch_samples"]
     if "logged" in mine:
         trainer.logged.load_state_dict(mine["logged"])
     old, new = data.get("batch_size", loop.get("batch_size")), trainer.batch_size
     skip, drop, samples = state.batch, 0, state.batch * old if old is not None else None
+    if trainer.plan.elastic and old is not None and new is not None and mine.get("loader") is None \
+            and (loop["world_size"], old) != (trainer.world_size, new):
+        # another world size (or micro-batch) with an ElasticSampler: continue at the next unseen global sample.
+        # A checkpoint written before global positions were saved holds this rank's samples: x its world size
+        position = data.get("global_samples") or state.batch * old * loop["world_size"]
+        state.batch = state.batch_at_step = position // (new * trainer.world_size)   # in batches of this world
+        state.resume = {"epoch_data": mine["epoch_data"], "batch": 0, "rng": mine["rng"], "drop": 0,
+                        "samples": samples, "batch_size": old, "resized": True, "global_samples": position,
+                        "loader": None, "dataset": None}
+        log.info("Resuming mid-epoch %d at global sample %d (written by %d rank(s) x batch_size %d, read by %d x "
+                 "%d): every rank continues on the next unseen sample of the epoch's order.", state.epoch,
+                 position, loop["world_size"], old, trainer.world_size, new)
+        return
     resized = old is not None and new is not None and old != new and mine.get("loader") is None \
         and mine.get("dataset") is None
     if resized and samples is not None and new is not None:   # from the first unseen sample, at the new size

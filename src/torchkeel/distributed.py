@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from torchkeel.elastic import ElasticSampler
 from torchkeel.parallel.process_group import (
     all_reduce_sum,
     broadcast_object,
@@ -210,7 +211,9 @@ class DistributedTrainer:
         """A DataLoader over this rank's shard; ``AdvancedTrainer.fit`` calls its ``set_epoch``.
 
         ``fit`` calls ``loader.sampler.set_epoch(epoch)`` at the start of every epoch (a resumed
-        epoch too), so each epoch shuffles anew; in a loop of your own, call it yourself.
+        epoch too), so each epoch shuffles anew; in a loop of your own, call it yourself. Under DDP the
+        sampler is an ``ElasticSampler``: the order of ``DistributedSampler`` (the same samples, padding
+        included), which a run resumed at another world size continues on the next unseen global sample.
 
         Args:
             dataset: a map-style dataset.
@@ -232,8 +235,7 @@ class DistributedTrainer:
         kwargs = {"drop_last": drop_last, **dataloader_kwargs}
         if not is_distributed():
             return DataLoader(dataset, batch_size, shuffle=shuffle, **kwargs)
-        sampler: DistributedSampler[Any] = DistributedSampler(
-            dataset, self.world_size, self.rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        sampler = ElasticSampler(dataset, self.world_size, self.rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         return DataLoader(dataset, batch_size, sampler=sampler, **kwargs)
 
     def save_checkpoint(self, path: PathLike, **extra: Any) -> Path:
@@ -356,6 +358,6 @@ class MultiGPUTrainer:
 # The seed's API imports all three from here: one implementation, shared with AdvancedTrainer.
 from torchkeel.accumulate import GradientAccumulator
 
-__all__ = ["DistributedTrainer", "GradientAccumulator", "MultiGPUTrainer", "all_reduce_sum", "broadcast_object",
+__all__ = ["DistributedTrainer", "ElasticSampler", "GradientAccumulator", "MultiGPUTrainer", "all_reduce_sum", "broadcast_object",
            "get_local_rank", "get_rank", "get_world_size", "init_process_group", "is_distributed",
            "is_main_process", "save_on_main", "shutdown", "unwrap_model"]

@@ -14,7 +14,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from torchkeel import batching, compilation, dataorder, evaluate, logged, runs, schedule, signals
+from torchkeel import (
+    batching,
+    compilation,
+    dataorder,
+    elastic,
+    evaluate,
+    logged,
+    runs,
+    schedule,
+    signals,
+)
 from torchkeel.accumulate import GradientAccumulator, as_count
 from torchkeel.agreement import Agreement, even_shards
 from torchkeel.callbacks import HOOKS, Callback, EarlyStopping, LRScheduler, overrides
@@ -41,7 +51,12 @@ class AdvancedTrainer:
         criterion: ``loss = criterion(outputs, targets)``; ``None`` when the model returns its loss.
         scheduler: an LR scheduler, stepped per ``scheduler_interval``.
         use_amp: autocast (bfloat16 on CPU, float16 + ``GradScaler`` on CUDA unless ``amp_dtype``).
-        gradient_accumulation_steps: micro-batches per optimizer step.
+        gradient_accumulation_steps: micro-batches per optimizer step (default 1, or derived from
+            ``global_batch_size``; given with it, the two must agree).
+        global_batch_size: samples per optimizer step, all data-parallel ranks and micro-batches together:
+            each fit derives ``gradient_accumulation_steps`` from it, the train loader's ``batch_size`` and
+            the data-parallel size when it starts (it needs the loader), also when it resumes at another
+            world size, and refuses a size that cannot divide it (see ``torchkeel.elastic``).
         early_stopping: an ``EarlyStopping`` callback.
         checkpoint: a ``ModelCheckpoint`` callback.
         callbacks: more callbacks, called in order after the scheduler and before the above.
@@ -103,7 +118,7 @@ class AdvancedTrainer:
         criterion: Callable[..., torch.Tensor] | None = None,
         scheduler: Any | None = None,
         use_amp: bool = False,
-        gradient_accumulation_steps: int = 1,
+        gradient_accumulation_steps: int | None = None,
         early_stopping: EarlyStopping | None = None,
         checkpoint: Callback | None = None,
         callbacks: Sequence[Callback] = (),
@@ -127,10 +142,14 @@ class AdvancedTrainer:
         sync_every_micro_batch: bool = False,
         deterministic: bool = False,
         compile: bool | Mapping[str, Any] = False,
+        global_batch_size: int | None = None,
     ) -> None:
         self.determinism = Determinism(deterministic)   # before any CUDA work: it may set CUBLAS_WORKSPACE_CONFIG
         model, device = batching.resolve_model(model, device)
         model = compilation.compile_model(model, compile)   # on its device, around its DDP/FSDP2 wrapper
+        self.global_batch_size = elastic.check_global_batch_size(global_batch_size)
+        self._given_accumulation = gradient_accumulation_steps    # None: 1, or derived from global_batch_size
+        gradient_accumulation_steps = 1 if gradient_accumulation_steps is None else gradient_accumulation_steps
         schedule.check_trainer(
             model, optimizer, gradient_accumulation_steps, scheduler_interval, log_every_n_steps,
             max_consecutive_skipped_steps, criterion=criterion, max_grad_norm=max_grad_norm,
@@ -177,8 +196,8 @@ class AdvancedTrainer:
                 raise TypeError(f"AdvancedTrainer(callbacks=...): {cb!r} is not a torchkeel.Callback.")
         self.stepper = Stepper(self, amp, sync_every_micro_batch)   # a micro-batch; at a window's end, the step
         self.runs.hparams = runs.hparams(
-            self, gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
-            gradient_clip_value=gradient_clip_value, scheduler_interval=scheduler_interval)
+            self, gradient_accumulation_steps=self._given_accumulation if global_batch_size else gradient_accumulation_steps,
+            max_grad_norm=max_grad_norm, gradient_clip_value=gradient_clip_value, scheduler_interval=scheduler_interval)
 
     # ----------------------------------------------------------------------------- the loop
     def fit(
@@ -221,6 +240,7 @@ class AdvancedTrainer:
         plan = self.plan = schedule.FitPlan(state, train_loader, val_loader, epochs, max_steps, val_every_n_steps,
                                             limit_train_batches, limit_val_batches)   # checks fit's arguments
         dataorder.check_sharded(self, train_loader)   # every rank alike, before any collective
+        schedule.derive_accumulation(self, self.global_batch_size, self._given_accumulation)   # before a resume
         plan.pending_monitors = logged.check_monitors(self, val_loader)
         self.accum.even_shards = even_shards(self, train_loader)   # refuses uneven batch counts
         resumed = resume.resume(self, resume_from) if resume_from is not None else None

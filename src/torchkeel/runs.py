@@ -279,6 +279,7 @@ def hparams(trainer: AdvancedTrainer, **given: Any) -> dict[str, Any]:
     group = opt.param_groups[0]     # a scheduler keeps the configured LR as initial_lr (a warm-up lowers lr)
     return {"optimizer": type(opt).__name__, "lr": float(group.get("initial_lr", group["lr"])),
             "gradient_accumulation_steps": given["gradient_accumulation_steps"],
+            "global_batch_size": getattr(trainer, "global_batch_size", None),
             "max_grad_norm": given["max_grad_norm"], "gradient_clip_value": given["gradient_clip_value"],
             "amp_dtype": str(trainer.amp_dtype), "scheduler": type(scheduler).__name__ if scheduler is not None else None,
             "scheduler_interval": given["scheduler_interval"], "nan_policy": trainer.nan_policy,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from torchkeel import accumulate, batching, dataorder, logged
+from torchkeel import accumulate, batching, dataorder, elastic, logged
 
 if TYPE_CHECKING:
     from torchkeel.loop import AdvancedTrainer
@@ -66,6 +66,8 @@ class FitPlan:
         n = batching.num_batches(train_loader) if train_loader is not None else None
         self.num_batches = n if self.limit_train is None or n is None else min(n, self.limit_train)
         self.batch_size: int | None = getattr(train_loader, "batch_size", None)
+        self.elastic = elastic.sampler_of(train_loader) is not None   # an ElasticSampler orders the data
+        self.global_batch_size: int | None = None   # AdvancedTrainer(global_batch_size=...), for this fit
         self.pending_monitors: list[tuple[str, str]] = []   # monitors only trainer.log can give
         self.boundary = sys.maxsize       # the next step at which the loop validates or ends
         self.data_wait = 0.0              # seconds this fit waited for training batches (the loader's next)
@@ -151,6 +153,22 @@ class FitPlan:
         if warn:
             warnings.warn(f"{message} The history is returned unchanged.", UserWarning, stacklevel=3)
         return True
+
+
+def derive_accumulation(trainer: AdvancedTrainer, global_batch_size: int | None, given: int | None) -> None:
+    """``AdvancedTrainer(global_batch_size=G)``: at fit start, the accumulation steps that make ``G`` from the train
+    loader's ``batch_size`` and the strategy's ``dp_size`` (before a resume loads, so a resume at another size
+    re-derives them); refuses, naming the numbers, a size that cannot divide ``G`` or a ``given``
+    ``gradient_accumulation_steps`` that disagrees. Without ``G``, nothing changes.
+    """
+    if global_batch_size is None:
+        return
+    plan, dp = trainer.plan, trainer.strategy.dp_size
+    steps = elastic.accumulation_for(global_batch_size, plan.batch_size, dp, given)
+    trainer.accum.accumulation_steps = steps
+    plan.global_batch_size = global_batch_size
+    assert plan.batch_size is not None   # accumulation_for refused a loader without one
+    log.info("AdvancedTrainer: %s.", elastic.describe(global_batch_size, dp, plan.batch_size, steps))
 
 
 def continue_run(trainer: AdvancedTrainer, resumed: Path | None, loader: Iterable[Any]) -> None:

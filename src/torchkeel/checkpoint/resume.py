@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchkeel import dataorder
+from torchkeel import dataorder, elastic
 from torchkeel.checkpoint import discovery, io, resume_choice
 from torchkeel.checkpoint.store import for_strategy
 
@@ -57,7 +57,8 @@ def trainer_state(trainer: AdvancedTrainer, rng: dict[str, Any] | None = None,
         **dataorder.saved(trainer, rng),            # "ranks" (RNG, epoch order), "data" (position)
         "loop": {"epoch_loss": state.epoch_loss, "epoch_samples": state.epoch_items,   # read by older files' loads
                  "accumulation_steps": trainer.accum.accumulation_steps,
-                 "batch_size": trainer.batch_size, "world_size": trainer.world_size},
+                 "batch_size": trainer.batch_size, "world_size": trainer.world_size,
+                 "dp_size": trainer.strategy.dp_size},
         "history": dict(trainer.history),
         "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
     }
@@ -216,19 +217,46 @@ def load_trainer_state(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: s
     if check:
         check_trainer_state(trainer, ckpt, source)
     loop = ckpt["loop"]
-    for key, now in (("accumulation_steps", trainer.accum.accumulation_steps), ("batch_size", trainer.batch_size)):
-        if loop[key] != now:
-            log.warning("Resuming with %s=%s, the checkpoint was written with %s=%s: the run will not equal "
-                        "an uninterrupted one.", key, now, key, loop[key])
-    if loop["world_size"] != trainer.world_size:
-        mid = "" if ckpt["state"].get("epoch_finished", True) else (
+    same = _same_global_batch(trainer, ckpt)   # global_batch_size: a resume at another size is the supported path
+    if same:
+        g = trainer.plan.global_batch_size
+        assert g is not None and trainer.batch_size is not None   # _same_global_batch: both known
+        written = (loop.get("dp_size", loop["world_size"]), loop["batch_size"], loop["accumulation_steps"])
+        sizes = (trainer.strategy.dp_size, trainer.batch_size, trainer.accum.accumulation_steps)
+        if written != sizes:
+            data = "; the data continues from the next unseen global sample" if trainer.plan.elastic else ""
+            rng = "" if loop["world_size"] == trainer.world_size else (
+                "; every rank's RNG streams (dropout, augmentation) continue from rank 0's")
+            log.info("Resuming at %s; the checkpoint was written at %s: the accumulation was re-derived%s%s.",
+                     elastic.describe(g, *sizes), elastic.describe(g, *written), data, rng)
+    else:
+        for key, now in (("accumulation_steps", trainer.accum.accumulation_steps), ("batch_size", trainer.batch_size)):
+            if loop[key] != now:
+                log.warning("Resuming with %s=%s, the checkpoint was written with %s=%s: the run will not equal "
+                            "an uninterrupted one.", key, now, key, loop[key])
+    if loop["world_size"] != trainer.world_size and not (same and trainer.plan.elastic):
+        mid = "" if ckpt["state"].get("epoch_finished", True) or trainer.plan.elastic else (
             " and the data position mid-epoch (a DistributedSampler splits the data another way: the rest of "
-            "this epoch is not the samples the old run had left)")
+            "this epoch is not the samples the old run had left; an ElasticSampler continues it)")
+        mid += "" if trainer.plan.global_batch_size is not None else (
+            "; the global batch is now world_size x batch_size x gradient_accumulation_steps = "
+            f"{trainer.world_size} x {trainer.batch_size} x {trainer.accum.accumulation_steps} (pass "
+            "global_batch_size to keep it)")
         log.warning("Resuming with world_size=%d, the checkpoint was written with world_size=%d: what cannot be "
                     "exact is every rank's RNG stream (dropout, augmentation: rank 0's states seed every rank)%s. "
                     "The weights, optimizer and schedule are loaded exactly; training goes on, but will not equal "
                     "an uninterrupted run bit for bit.", trainer.world_size, loop["world_size"], mid)
     _apply(trainer, ckpt, source, load_model, load_optimizer)
+
+
+def _same_global_batch(trainer: AdvancedTrainer, ckpt: dict[str, Any]) -> bool:
+    """``AdvancedTrainer(global_batch_size=G)`` and the checkpoint's global batch is ``G`` too: another world
+    size, micro-batch or accumulation is then the supported path (``torchkeel.elastic``)."""
+    g, loop = trainer.plan.global_batch_size, ckpt["loop"]
+    if g is None or loop.get("batch_size") is None:
+        return False
+    dp = loop.get("dp_size", loop["world_size"])
+    return bool(loop["batch_size"] * loop["accumulation_steps"] * dp == g)
 
 
 def _apply(trainer: AdvancedTrainer, ckpt: dict[str, Any], source: str,

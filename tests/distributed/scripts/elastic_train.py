@@ -7,6 +7,11 @@ newest verified checkpoint. Plain `python elastic_train.py` is the one-process r
 order (a DistributedSampler with one replica). With --per-node, each node (GROUP_RANK) works in its
 own folder OUT/node<G>/ and saves to the relative "ckpt", as on machines that share no disk.
 Each rank writes OUT/result-rank<R>.pt: final weights, the step each attempt started from, attempts.
+
+Elastic legs (tests/distributed/test_elastic_resume.py): --global-batch G sets
+AdvancedTrainer(global_batch_size=G); --max-steps ends a leg mid-epoch; --record DIR appends to DIR/rank<R>.txt, for
+every micro-batch this rank trains, a line "epoch step rank index index ..." (the dataset's sample indices) and
+flushes it, so a leg killed with SIGKILL has recorded what it trained.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from torchkeel import AdvancedTrainer, Callback, ModelCheckpoint
-from torchkeel.distributed import DistributedTrainer
+from torchkeel.distributed import DistributedTrainer, ElasticSampler
 
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
@@ -45,28 +50,47 @@ class StartStep(Callback):
         self.step = trainer.state.step
 
 
+class Recording(AdvancedTrainer):
+    """Trains on (x, y, index) batches and appends the indices of each micro-batch to a file."""
+
+    record: Path
+
+    def training_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y, index = batch
+        with open(self.record / f"rank{self.rank}.txt", "a") as f:
+            f.write(f"{self.state.epoch} {self.state.step + 1} {self.rank} {' '.join(map(str, index.tolist()))}\n")
+        assert self.criterion is not None
+        return self.criterion(self.model(x), y)
+
+
 def build(args: argparse.Namespace, callbacks: list[Callback]) -> tuple[DistributedTrainer, AdvancedTrainer, DataLoader]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(args.samples, 6, generator=g), torch.randint(0, 3, (args.samples,), generator=g))
+    tensors = (torch.randn(args.samples, 6, generator=g), torch.randint(0, 3, (args.samples,), generator=g))
+    data = TensorDataset(*tensors, torch.arange(args.samples)) if args.record else TensorDataset(*tensors)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(args.dropout), nn.Linear(16, 3))
     dt = DistributedTrainer(model=model, backend="gloo")
     if dt.world_size > 1:
         loader = dt.create_dataloader(data, batch_size=args.batch, shuffle=True, seed=0)
     else:
-        loader = DataLoader(data, batch_size=args.batch,
-                            sampler=DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0))
+        loader = DataLoader(data, batch_size=args.batch,   # DistributedSampler's order with one replica
+                            sampler=ElasticSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0))
     optimizer = torch.optim.SGD(dt.model.parameters(), lr=0.1, momentum=0.9)
     ckpt = ModelCheckpoint(save_dir=args.ckpt, monitor=None, save_top_k=-1, every_n_epochs=0,
                            every_n_steps=args.every_n_steps) if args.ckpt else None
-    trainer = AdvancedTrainer(model=dt, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), callbacks=callbacks,
-                              checkpoint=ckpt, progress=False)
+    kind = Recording if args.record else AdvancedTrainer
+    trainer = kind(model=dt, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), callbacks=callbacks,
+                   checkpoint=ckpt, progress=False, global_batch_size=args.global_batch)
+    if args.record:
+        args.record.mkdir(parents=True, exist_ok=True)
+        trainer.record = args.record
     return dt, trainer, loader
 
 
 def save_result(trainer: AdvancedTrainer, out: Path, start_step: int | None) -> None:
     torch.save({"model": trainer.unwrapped_model.state_dict(), "attempt": ATTEMPT, "start_step": start_step,
-                "step": trainer.state.step, "world_size": trainer.world_size}, out / f"result-rank{trainer.rank}.pt")
+                "step": trainer.state.step, "world_size": trainer.world_size,
+                "train_loss": trainer.history.get("train_loss", [])}, out / f"result-rank{trainer.rank}.pt")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,6 +105,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0, help="0 for the 1-process comparison")
     p.add_argument("--kill-rank", type=int, default=1)
     p.add_argument("--kill-step", type=int)
+    p.add_argument("--global-batch", type=int, help="AdvancedTrainer(global_batch_size=...)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--record", type=Path, help="a folder: each rank appends its micro-batches' sample indices")
     return p
 
 
@@ -98,7 +125,7 @@ def main() -> None:
         callbacks.append(KillAt(args.kill_rank, args.kill_step))
     dt, trainer, loader = build(args, callbacks)
     try:
-        trainer.fit(loader, epochs=args.epochs, resume_from="auto" if args.ckpt else None)
+        trainer.fit(loader, epochs=args.epochs, max_steps=args.max_steps, resume_from="auto" if args.ckpt else None)
         save_result(trainer, out, start.step)
     finally:
         dt.close()
