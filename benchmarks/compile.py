@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/compile.py            # the full run (minutes on the 2-core VM)
     python benchmarks/compile.py --quick    # a short check that it runs
+    python benchmarks/compile.py --steps 30 --repeats 11    # a shorter full run
     python benchmarks/compile.py --mode max-autotune-no-cudagraphs   # torch.compile's mode
 """
 
@@ -138,12 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
                         help="pinned: fix glibc's adaptive mmap/trim thresholds (default), as overhead.py")
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/")
+    parser.add_argument("--steps", type=int, help="steps per block (default: the plan's, 100; --quick 10)")
+    parser.add_argument("--repeats", type=int, help="blocks per side (default: the plan's, 21; --quick 3)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     pinned = args.malloc == "pinned" and pin_malloc()
     options = {k: v for k, v in (("mode", args.mode), ("backend", args.backend)) if v is not None}
     steps, repeats = PLAN["quick" if args.quick else "full"]
+    steps, repeats = args.steps or steps, args.repeats or repeats
     load = os.getloadavg()[0]
     if load > 1.5:
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other work shares the CPU; "

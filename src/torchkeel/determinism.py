@@ -29,9 +29,12 @@ import os
 import random
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from torchkeel.parallel.strategy import Strategy
 
 __all__ = ["CUBLAS_DETERMINISTIC", "Determinism", "seed_everything"]
 
@@ -113,6 +116,21 @@ class Determinism:
 
     def __repr__(self) -> str:
         return f"Determinism(enabled={self.enabled})"
+
+    def fix(self, strategy: Strategy) -> None:
+        """Enabled: the reduction of gradients adds in one order at every step of every process.
+
+        Under DDP with more than 2 ranks that order follows DDP's bucket layout, which DDP changes after
+        its first step (a resumed process would all-reduce its first step in the other one): the
+        strategy fixes the layout before the first step, for any model size (by default only where it
+        costs nothing; see ``parallel.strategy.fix_bucket_layout``). Call it before the first forward.
+
+        Args:
+            strategy: how the trainer's model is held.
+        """
+        if self.enabled and strategy.fix_reduction_order():
+            log.info("deterministic=True: DDP's gradient buckets keep one layout from the first step (parameter "
+                     "order; all-reduced once the backward is done), so a resumed run adds as the uninterrupted one.")
 
     def applied(self) -> AbstractContextManager[Any]:
         """A context that holds torch's deterministic settings while it is entered (nothing when disabled)."""

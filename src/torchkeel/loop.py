@@ -163,6 +163,7 @@ class AdvancedTrainer:
         self.log_every_n_steps = log_every_n_steps
         # the parts, each the owner of its state (see DESIGN.md, "Architecture: owners and seams")
         self.strategy = strategy_of(model)    # how the model is held, and the topology (ranks, groups)
+        self.determinism.fix(self.strategy)   # deterministic=True: one reduction order (DDP's bucket layout)
         amp = batching.resolve_amp(use_amp, amp_dtype, device)
         self.accum = GradientAccumulator(
             model, optimizer, gradient_accumulation_steps, max_grad_norm,

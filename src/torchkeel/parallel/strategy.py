@@ -201,6 +201,14 @@ class Strategy:
         """
         return torch.amp.GradScaler(device.type, enabled=enabled)
 
+    def fix_reduction_order(self) -> bool:
+        """Make the float order of the gradients' reduction the same at every step of every process.
+
+        What ``deterministic=True`` asks of the strategy (``torchkeel.determinism``). Returns True where
+        something changed; nothing to do in one process.
+        """
+        return False
+
     def reshard(self) -> None:
         """Free parameters gathered for a forward, so the next forward gathers the shards as they are now.
 
@@ -282,7 +290,7 @@ class DataParallelStrategy(Strategy):
         """
 
 
-def fix_bucket_layout(ddp: DistributedDataParallel) -> bool:
+def fix_bucket_layout(ddp: DistributedDataParallel, any_size: bool = False) -> bool:
     """Give DDP's gradient buckets, before its first backward, the layout they keep for the whole run.
 
     DDP all-reduces its first backward as one bucket in parameter order, then rebuilds its buckets in
@@ -293,13 +301,15 @@ def fix_bucket_layout(ddp: DistributedDataParallel) -> bool:
     Rebuilt here, at wrap time, in parameter order, the layout is the same at every step of every
     process. Done only where that costs nothing: gradients that fit DDP's first bucket (1 MiB by
     default), one bucket either way, all-reduced once the backward is done; larger models keep DDP's
-    buckets in ready order, which overlap the all-reduce with the backward. Returns True if it did.
+    buckets in ready order, which overlap the all-reduce with the backward. ``any_size`` (the
+    trainer's ``deterministic=True``) fixes them too: their buckets, in parameter order, are then
+    all-reduced once the backward is done, not while it runs. Returns True if it did.
     A no-op once DDP rebuilt its buckets, for ``static_graph``, and for ``find_unused_parameters``.
     """
     config = getattr(ddp, "_bucket_config", None)
     first_cap = getattr(config, "first_bucket_bytes_cap", None)
     grads = sum(p.numel() * p.element_size() for p in ddp.parameters() if p.requires_grad)
-    if (first_cap is None or grads > first_cap or getattr(ddp, "static_graph", False)
+    if (first_cap is None or (grads > first_cap and not any_size) or getattr(ddp, "static_graph", False)
             or ddp.find_unused_parameters or getattr(ddp, "_has_rebuilt_buckets", True)):
         return False
     ddp.reducer._push_all_rebuilt_params()
@@ -321,9 +331,13 @@ class DDPStrategy(Strategy):
         self.dp_group = getattr(model, "process_group", None)
         self.dp_size = dist.get_world_size(self.dp_group)
         self.dp_rank = dist.get_rank(self.dp_group)
-        ddp = next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
-        if ddp is not None:
-            fix_bucket_layout(ddp)
+        self._ddp = next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
+        if self._ddp is not None:
+            fix_bucket_layout(self._ddp)
+
+    def fix_reduction_order(self) -> bool:
+        """DDP's buckets in parameter order from the first step (``fix_bucket_layout``), whatever the size."""
+        return self._ddp is not None and fix_bucket_layout(self._ddp, any_size=True)
 
     @classmethod
     def wrap(cls, module: nn.Module, device: torch.device, find_unused_parameters: bool = False,

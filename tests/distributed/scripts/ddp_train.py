@@ -112,6 +112,8 @@ def main() -> None:
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--crash-at", type=int)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--hidden", type=int, default=16, help="hidden width (45000: gradients past DDP's 1 MiB first bucket)")
+    p.add_argument("--deterministic", action="store_true", help="AdvancedTrainer(deterministic=True)")
     p.add_argument("--count-collectives", action="store_true")
     p.add_argument("--bucket-view", action="store_true", help="DDP(gradient_as_bucket_view=True)")
     p.add_argument("--own-comm-hook", action="store_true", help="the model has the user's DDP comm hook")
@@ -127,7 +129,7 @@ def main() -> None:
     x = torch.randn(args.samples, 6, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 3, (args.samples,), generator=torch.Generator().manual_seed(2))
     dataset = TensorDataset(x, y)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(args.dropout), nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(6, args.hidden), nn.Tanh(), nn.Dropout(args.dropout), nn.Linear(args.hidden, 3))
 
     dt = DistributedTrainer(model=model, **({"gradient_as_bucket_view": True} if args.bucket_view else {}))
     if args.own_comm_hook:
@@ -182,7 +184,7 @@ def main() -> None:
         model=dt, optimizer=optimizer, criterion=criterion, scheduler=scheduler, scheduler_interval="step",
         gradient_accumulation_steps=args.accum, nan_policy=args.nan_policy, callbacks=callbacks,
         checkpoint=ckpt, early_stopping=EarlyStopping(patience=50), progress=False,
-        sync_every_n_steps=args.sync_every, signal_grace_seconds=args.grace,
+        sync_every_n_steps=args.sync_every, signal_grace_seconds=args.grace, deterministic=args.deterministic,
     )
     try:
         history = trainer.fit(train_loader=loader, val_loader=val, epochs=args.epochs, resume_from=args.resume)
