@@ -40,7 +40,8 @@ class ElasticSampler(DistributedSampler[int]):
 
     Args:
         dataset: a map-style dataset (with ``len()``).
-        num_replicas, rank: the world size and this process's rank (default: the process group's).
+        num_replicas: the world size (default: the process group's).
+        rank: this process's rank (default: the process group's).
         shuffle: shuffle each epoch (by ``seed + epoch``), as ``DistributedSampler``.
         seed: the shuffle's base seed; every rank must pass the same.
         drop_last: cut the order to a multiple of ``num_replicas`` instead of padding it.
