@@ -246,6 +246,7 @@ class AdvancedTrainer:
         self.accum.even_shards = even_shards(self, train_loader)   # refuses uneven batch counts
         resumed = resume.resume(self, resume_from) if resume_from is not None else None
         if plan.nothing_to_do(resumed, warn=self.is_global_zero):     # epochs / max_steps already done: warned
+            self.runs.note_resumed(resumed)        # trainer.run_dir: the run that had already ended
             return self.history
         schedule.continue_run(self, resumed, train_loader)
         agreement.begin_fit()

@@ -272,6 +272,15 @@ class RunFolders:
             ckpt.dirpath = run_dir / "checkpoints"   # type: ignore[union-attr]
         return run_callbacks(trainer, run_dir, self.summary)
 
+    def note_resumed(self, resumed: Path | None) -> None:
+        """A fit with nothing left to do: ``run_dir`` names the resumed run's folder; nothing is written.
+
+        Args:
+            resumed: the checkpoint the fit resumed from, if any.
+        """
+        if self.log_dir is not None and resumed is not None:
+            self.run_dir = version_dir_of(resumed, self.log_dir / self.run_name)
+
 
 def hparams(trainer: AdvancedTrainer, **given: Any) -> dict[str, Any]:
     """The trainer's configuration as ``hparams.json`` records it (plain values)."""
