@@ -109,9 +109,15 @@ def test_a_real_browser_renders_navigates_searches_and_shows_the_api(served: str
             assert title, guide
 
         page.goto(served + "/")
-        page.locator("input.md-search__input").fill("ModelCheckpoint")
+        search = page.locator("input.md-search__input")
+        search.click()
+        # Material builds the index in a web worker ("Initializing search" until then), and a query set
+        # at once (fill) before or as it becomes ready was sometimes never run: wait, then type it
+        page.wait_for_function("document.querySelector('.md-search-result__meta')"
+                               ".textContent.includes('Type to start')", timeout=120_000)
+        search.press_sequentially("ModelCheckpoint", delay=20)
         results = page.locator(".md-search-result__item")
-        results.first.wait_for(timeout=20_000)
+        results.first.wait_for(timeout=60_000)
         assert results.count() >= 3
         page.screenshot(path=str(tmp_path / "search.png"))
 
