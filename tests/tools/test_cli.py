@@ -20,6 +20,9 @@ from torchkeel.runs import format_summary
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# every test here runs the torchkeel command in a subprocess: process-level, so `slow` (not in test-fast)
+pytestmark = pytest.mark.slow
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     return subprocess.run([sys.executable, "-m", "torchkeel", *args], env=env, capture_output=True,
