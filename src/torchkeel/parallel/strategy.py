@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -331,13 +331,13 @@ class DDPStrategy(Strategy):
         self.dp_group = getattr(model, "process_group", None)
         self.dp_size = dist.get_world_size(self.dp_group)
         self.dp_rank = dist.get_rank(self.dp_group)
-        self._ddp = next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
-        if self._ddp is not None:
-            fix_bucket_layout(self._ddp)
+        # the DDP itself: model is one, or torch.compile's wrapper of one (strategy_of and wrap see to it)
+        self._ddp = cast(DistributedDataParallel, _held(model))
+        fix_bucket_layout(self._ddp)
 
     def fix_reduction_order(self) -> bool:
         """DDP's buckets in parameter order from the first step (``fix_bucket_layout``), whatever the size."""
-        return self._ddp is not None and fix_bucket_layout(self._ddp, any_size=True)
+        return fix_bucket_layout(self._ddp, any_size=True)
 
     @classmethod
     def wrap(cls, module: nn.Module, device: torch.device, find_unused_parameters: bool = False,
